@@ -1,0 +1,11 @@
+"""Attention backends, in the order ``auto`` considers them."""
+
+from attnzoo.ops.backends.base import Backend, Result
+from attnzoo.ops.backends.blocksparse import BlockSparse
+from attnzoo.ops.backends.flex import Flex
+from attnzoo.ops.backends.reference import Reference
+from attnzoo.ops.backends.sdpa import SDPA
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), SDPA(), Flex(), BlockSparse())}
+
+__all__ = ["BACKENDS", "Backend", "BlockSparse", "Flex", "Reference", "Result", "SDPA"]

@@ -1,0 +1,45 @@
+"""The backend protocol: say why a problem cannot run here, or run it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from attnzoo.ops.problem import Problem
+
+
+class Result(NamedTuple):
+    """``out`` ``[B, H, N, D_v]``; ``weights`` ``[B, H, N, M]`` and ``lse`` ``[B, H, N]`` when asked for."""
+
+    out: torch.Tensor
+    weights: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+
+
+class Backend:
+    """A way to compute attention. ``why_not`` returns None when the backend can run ``p``."""
+
+    name: str = ""
+
+    def why_not(self, p: Problem) -> str | None:
+        raise NotImplementedError
+
+    def run(self, p: Problem) -> Result:
+        raise NotImplementedError
+
+
+def index_grid(p: Problem, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Broadcasting ``b [B,1,1,1]``, ``h [1,H,1,1]``, ``q [1,1,N,1]``, ``kv [1,1,1,M]``."""
+    s = p.shape
+    return (
+        torch.arange(s.batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(s.heads, device=device).view(1, -1, 1, 1),
+        torch.arange(s.n_q, device=device).view(1, 1, -1, 1),
+        torch.arange(s.n_kv, device=device).view(1, 1, 1, -1),
+    )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types are computed in float32 by the PyTorch-level backends."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

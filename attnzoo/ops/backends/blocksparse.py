@@ -1,0 +1,279 @@
+"""Chunked block-sparse attention in plain PyTorch: visits only a pattern's active blocks.
+
+Query blocks are grouped into buckets that visit the same number ``K`` of key blocks; a
+chunk of query blocks gathers its ``K`` key blocks and runs one batched softmax over them.
+The backward is FlashAttention-style: it saves only ``q, k, v, out, lse`` and recomputes
+each chunk's scores, so memory stays linear in N for a fixed window, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attnzoo.ops.backends.base import Backend, Result, compute_dtype
+from attnzoo.ops.layout import FULL, BlockLayout, Bucket, Shape
+from attnzoo.ops.problem import Problem
+
+# Score elements (per chunk, over batch and heads) computed at once.
+CHUNK_ELEMENTS = 1 << 23
+# Tile masks are cached per layout when they take fewer bytes than this.
+MASK_CACHE_BYTES = 256 << 20
+
+
+def default_block(device: torch.device) -> int:
+    return 128 if device.type == "cuda" else 64
+
+
+@dataclass
+class _Plan:
+    """Everything the forward and backward share for one call."""
+
+    layout: BlockLayout
+    pattern: Any
+    score_mod: Any
+    shape: Shape
+    scale: float
+    groups: int
+    masks: list[torch.Tensor | None]
+
+    @property
+    def block(self) -> int:
+        return self.layout.block_q
+
+
+def full_layout(shape: Shape, block: int, device: torch.device) -> BlockLayout:
+    nqb, nkb = math.ceil(shape.n_q / block), math.ceil(shape.n_kv / block)
+    state = torch.full((1, 1, nqb, nkb), FULL, dtype=torch.int8, device=device)
+    return BlockLayout.from_state(state, block, block, shape.n_q, shape.n_kv)
+
+
+class _Indices:
+    """Broadcasting index tensors for a chunk, laid out as ``[B, H_kv, c, G, bs, K*bs]``."""
+
+    def __init__(self, plan: _Plan, bucket: Bucket, rows: slice, device: torch.device) -> None:
+        s, bs, g = plan.shape, plan.block, plan.groups
+        q_blocks, kv_blocks = bucket.q_blocks[rows].to(device), bucket.kv_blocks[rows].to(device)
+        c, k = kv_blocks.shape
+        offs = torch.arange(bs, device=device)
+        q_pos = (q_blocks.view(-1, 1) * bs + offs).view(1, 1, c, 1, bs, 1)
+        kv_pos = (kv_blocks.view(c, k, 1) * bs + offs).view(1, 1, c, 1, 1, k * bs)
+        self.q_blocks, self.kv_blocks = q_blocks, kv_blocks
+        self.b = torch.arange(s.batch, device=device).view(-1, 1, 1, 1, 1, 1)
+        hkv = s.heads // g
+        self.h = (torch.arange(hkv, device=device).view(-1, 1) * g + torch.arange(g, device=device)).view(
+            1, hkv, 1, g, 1, 1
+        )
+        self.kv_real = kv_pos
+        self.q = q_pos.clamp(max=s.n_q - 1)
+        self.kv = kv_pos.clamp(max=s.n_kv - 1)
+
+
+def _allowed(plan: _Plan, bucket: Bucket, rows: slice, idx: _Indices) -> torch.Tensor | None:
+    """Bool mask ``[B'|1, H_kv'|1, c, G'|1, bs, K*bs]`` or None when every score counts."""
+    bs, k = plan.block, bucket.kv_blocks.shape[1]
+    valid = bucket.valid[rows].to(idx.q.device)
+    ragged = plan.shape.n_kv % bs != 0
+    if plan.pattern is None and bool(valid.all()) and not ragged:
+        return None
+    slot_ok = valid.repeat_interleave(bs, dim=1).view(1, 1, -1, 1, 1, k * bs)
+    ok = slot_ok & (idx.kv_real < plan.shape.n_kv)
+    if plan.pattern is not None and bool((bucket.valid[rows] & ~bucket.full[rows]).any()):
+        ok = ok & plan.pattern.allow(idx.b, idx.h, idx.q, idx.kv, plan.shape)
+    return ok
+
+
+def _masks(plan: _Plan, device: torch.device) -> list[torch.Tensor | None]:
+    """Per-bucket tile masks, built once per layout when small enough, else on the fly (None)."""
+    key = ("tile_masks", plan.shape, plan.block, plan.groups, str(device))
+    if plan.pattern is not None:
+        cached = plan.pattern._cache_get(key)
+        if cached is not None:
+            return cached
+    masks: list[torch.Tensor | None] = []
+    for bucket in plan.layout.buckets:
+        n, k = bucket.kv_blocks.shape
+        bsz = plan.shape.batch if getattr(plan.pattern, "per_batch", False) else 1
+        hsz = plan.shape.heads if getattr(plan.pattern, "per_head", False) else 1
+        if bsz * hsz * n * plan.block * k * plan.block > MASK_CACHE_BYTES:
+            masks.append(None)
+            continue
+        rows = slice(0, n)
+        masks.append(_allowed(plan, bucket, rows, _Indices(plan, bucket, rows, device)))
+    if plan.pattern is not None:
+        plan.pattern._cache_put(key, masks)
+    return masks
+
+
+def _chunks(plan: _Plan, bucket: Bucket, q_rows_per_block: int) -> list[slice]:
+    n, k = bucket.kv_blocks.shape
+    per_block = plan.shape.batch * (plan.shape.heads // plan.groups) * q_rows_per_block * k * plan.block
+    step = max(1, CHUNK_ELEMENTS // max(per_block, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _chunk_mask(plan: _Plan, b_i: int, bucket: Bucket, rows: slice, idx: _Indices) -> torch.Tensor | None:
+    cached = plan.masks[b_i]
+    if cached is not None:
+        return cached[:, :, rows]
+    return _allowed(plan, bucket, rows, idx)
+
+
+def _scores(plan: _Plan, qc: torch.Tensor, kc: torch.Tensor, idx: _Indices, mask: torch.Tensor | None, track=False):
+    """Raw and modified, masked scores of a chunk, viewed as ``[B, H_kv, c, G, bs, K*bs]``.
+
+    ``track``: make the raw scores a leaf that requires grad, to chain gradients through the
+    score modifier.
+    """
+    b, hkv, c = qc.shape[:3]
+    raw = torch.matmul(qc, kc.transpose(-1, -2)).mul_(plan.scale)
+    raw = raw.view(b, hkv, c, plan.groups, plan.block, -1)
+    if track:
+        raw.requires_grad_()
+    mod = plan.score_mod(raw, idx.b, idx.h, idx.q, idx.kv, plan.shape) if plan.score_mod is not None else raw
+    masked = mod.masked_fill(~mask, float("-inf")) if mask is not None else mod
+    return raw, mod, masked
+
+
+def _fold_q(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``[B, H, N, D]`` -> padded, grouped ``[B, H_kv, nqb, G*bs, D]``."""
+    b, h, n, d = t.shape
+    bs, g = plan.block, plan.groups
+    nqb = math.ceil(n / bs)
+    t = torch.nn.functional.pad(t, (0, 0, 0, nqb * bs - n))
+    return t.view(b, h // g, g, nqb, bs, d).permute(0, 1, 3, 2, 4, 5).reshape(b, h // g, nqb, g * bs, d)
+
+
+def _unfold_q(t: torch.Tensor, plan: _Plan, n: int) -> torch.Tensor:
+    """Inverse of :func:`_fold_q` (also for ``[..., G*bs]`` tensors without a last dim)."""
+    b, hkv, nqb = t.shape[:3]
+    bs, g = plan.block, plan.groups
+    rest = t.shape[4:]
+    t = t.view(b, hkv, nqb, g, bs, *rest).movedim(3, 2).reshape(b, hkv * g, nqb * bs, *rest)
+    return t[:, :, :n]
+
+
+def _fold_kv(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``[B, H_kv, M, D]`` -> padded ``[B, H_kv, nkb, bs, D]``."""
+    b, hkv, m, d = t.shape
+    bs = plan.block
+    nkb = math.ceil(m / bs)
+    return torch.nn.functional.pad(t, (0, 0, 0, nkb * bs - m)).view(b, hkv, nkb, bs, d)
+
+
+def _gather_kv(t: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
+    b, hkv, _, bs, d = t.shape
+    c, k = kv_blocks.shape
+    return t[:, :, kv_blocks.flatten()].view(b, hkv, c, k * bs, d)
+
+
+def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded ``out [B, H_kv, nqb, G*bs, D_v]`` and ``lse [B, H_kv, nqb, G*bs]``."""
+    qf, kf, vf = _fold_q(q, plan), _fold_kv(k, plan), _fold_kv(v, plan)
+    out = qf.new_zeros(*qf.shape[:-1], v.shape[-1])
+    lse = qf.new_full(qf.shape[:-1], float("-inf"))
+    for b_i, bucket in enumerate(plan.layout.buckets):
+        for rows in _chunks(plan, bucket, qf.shape[3]):
+            idx = _Indices(plan, bucket, rows, q.device)
+            qc = qf[:, :, idx.q_blocks]
+            kc, vc = _gather_kv(kf, idx.kv_blocks), _gather_kv(vf, idx.kv_blocks)
+            _, _, s = _scores(plan, qc, kc, idx, _chunk_mask(plan, b_i, bucket, rows, idx))
+            s = s.flatten(3, 4)
+            m = s.amax(-1, keepdim=True)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            p = torch.exp(s - m)
+            denom = p.sum(-1, keepdim=True)
+            o = torch.matmul(p, vc) / denom.clamp_min(torch.finfo(p.dtype).tiny)
+            out[:, :, idx.q_blocks] = o
+            lse[:, :, idx.q_blocks] = (m + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors):
+    qf, kf, vf = _fold_q(q, plan), _fold_kv(k, plan), _fold_kv(v, plan)
+    do_f = _fold_q(dout, plan)
+    delta = (do_f * out_f).sum(-1)
+    lse_safe = torch.where(torch.isinf(lse_f), torch.zeros_like(lse_f), lse_f)
+    dq_f = torch.zeros_like(qf)
+    dk_f, dv_f = torch.zeros_like(kf), torch.zeros_like(vf)
+    tracked = [i for i, t in enumerate(mod_tensors) if t.requires_grad]
+    mod_grads: list[torch.Tensor | None] = [None] * len(mod_tensors)
+    for b_i, bucket in enumerate(plan.layout.buckets):
+        for rows in _chunks(plan, bucket, qf.shape[3]):
+            idx = _Indices(plan, bucket, rows, q.device)
+            qc, doc = qf[:, :, idx.q_blocks], do_f[:, :, idx.q_blocks]
+            kc, vc = _gather_kv(kf, idx.kv_blocks), _gather_kv(vf, idx.kv_blocks)
+            mask = _chunk_mask(plan, b_i, bucket, rows, idx)
+            with torch.enable_grad():
+                raw, mod, s = _scores(plan, qc, kc, idx, mask, track=plan.score_mod is not None)
+            s = s.detach().flatten(3, 4)
+            p = torch.exp(s - lse_safe[:, :, idx.q_blocks].unsqueeze(-1))
+            dv = torch.matmul(p.transpose(-1, -2), doc)
+            dp = torch.matmul(doc, vc.transpose(-1, -2))
+            ds = p * (dp - delta[:, :, idx.q_blocks].unsqueeze(-1))
+            if plan.score_mod is not None:
+                grads = torch.autograd.grad(mod, [raw, *(mod_tensors[i] for i in tracked)], ds.view_as(mod))
+                ds = grads[0].flatten(3, 4)
+                for i, g in zip(tracked, grads[1:]):
+                    mod_grads[i] = g if mod_grads[i] is None else mod_grads[i] + g
+            ds = ds * plan.scale
+            dq_f[:, :, idx.q_blocks] = torch.matmul(ds, kc)
+            dk = torch.matmul(ds.transpose(-1, -2), qc)
+            flat = idx.kv_blocks.flatten()
+            dk_f.index_add_(2, flat, dk.view(*dk.shape[:2], flat.numel(), plan.block, -1))
+            dv_f.index_add_(2, flat, dv.view(*dv.shape[:2], flat.numel(), plan.block, -1))
+    return dq_f, dk_f, dv_f, mod_grads
+
+
+class _BlockSparseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, q, k, v, *mod_tensors):
+        out_f, lse_f = _forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out_f, lse_f, *mod_tensors)
+        n = q.shape[2]
+        return _unfold_q(out_f, plan, n), _unfold_q(lse_f, plan, n)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out_f, lse_f, *mod_tensors = ctx.saved_tensors
+        plan = ctx.plan
+        dq_f, dk_f, dv_f, mod_grads = _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors)
+        m = k.shape[2]
+        dq = _unfold_q(dq_f, plan, q.shape[2])
+        dk = dk_f.flatten(2, 3)[:, :, :m]
+        dv = dv_f.flatten(2, 3)[:, :, :m]
+        return (None, dq, dk, dv, *mod_grads)
+
+
+class BlockSparse(Backend):
+    """Runs any pattern and score modifier, forward and backward, on any device."""
+
+    name = "blocksparse"
+
+    def __init__(self, block: int | None = None) -> None:
+        self.block = block
+
+    def why_not(self, p: Problem) -> str | None:
+        if p.return_weights:
+            return "blocksparse never materialises the attention weights"
+        return None
+
+    def layout(self, p: Problem) -> BlockLayout:
+        block = self.block or default_block(p.device)
+        if p.pattern is None:
+            return full_layout(p.shape, block, p.device)
+        return p.pattern.block_layout(p.shape, block, block, device=p.device)
+
+    def run(self, p: Problem) -> Result:
+        dtype = compute_dtype(p.q.dtype)
+        layout = self.layout(p)
+        plan = _Plan(layout, p.pattern, p.score_mod, p.shape, p.scale, p.groups, [])
+        plan.masks = _masks(plan, p.device) if p.pattern is not None else [None] * len(layout.buckets)
+        mod_tensors = p.score_mod.tensors() if p.score_mod is not None else []
+        q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
+        out, lse = _BlockSparseFn.apply(plan, q, k, v, *mod_tensors)
+        return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)

@@ -1,0 +1,80 @@
+"""FlexAttention: compiled kernels driven by a pattern's ``mask_mod`` and cached block mask."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from attnzoo.ops.backends.base import Backend, Result
+from attnzoo.ops.problem import Problem
+
+FLEX_BLOCK = 128
+
+
+@functools.cache
+def _flex() -> Any:
+    """The flex module, or the reason it cannot be imported."""
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError as err:  # pragma: no cover - depends on the torch build
+        return f"torch.nn.attention.flex_attention cannot be imported: {err}"
+    return flex
+
+
+@functools.cache
+def _compiled() -> Any:
+    return torch.compile(_flex().flex_attention, dynamic=False)
+
+
+def block_mask(p: Problem) -> Any:
+    """The pattern's FlexAttention block mask for this shape and device, cached on the pattern."""
+    if p.pattern is None:
+        return None
+    s = p.shape
+    key = ("flex_block_mask", s, str(p.device))
+    cached = p.pattern._cache_get(key)
+    if cached is None:
+        cached = _flex().create_block_mask(
+            p.pattern.mask_mod(s),
+            s.batch if p.pattern.per_batch else None,
+            s.heads if p.pattern.per_head else None,
+            s.n_q,
+            s.n_kv,
+            device=p.device,
+            BLOCK_SIZE=FLEX_BLOCK,
+        )
+        p.pattern._cache_put(key, cached)
+    return cached
+
+
+class Flex(Backend):
+    name = "flex"
+
+    def why_not(self, p: Problem) -> str | None:
+        flex = _flex()
+        if isinstance(flex, str):
+            return flex
+        if p.return_weights:
+            return "FlexAttention does not return attention weights"
+        if p.device.type == "cpu" and p.needs_grad:
+            return "FlexAttention has no CPU backward in PyTorch (it raises NotImplementedError); use blocksparse"
+        if p.device.type not in ("cpu", "cuda"):
+            return f"FlexAttention runs on CPU and CUDA, got device {p.device}"
+        if p.q.shape[-1] < 16 or p.v.shape[-1] < 16:
+            return f"FlexAttention needs head dims >= 16, got D={p.q.shape[-1]}, D_v={p.v.shape[-1]}"
+        return None
+
+    def run(self, p: Problem) -> Result:
+        score_mod = p.score_mod.flex(p.shape) if p.score_mod is not None else None
+        flex = _flex()
+        out, aux = _compiled()(
+            p.q, p.k, p.v,
+            score_mod=score_mod,
+            block_mask=block_mask(p),
+            scale=p.scale,
+            enable_gqa=p.groups > 1,
+            return_aux=flex.AuxRequest(lse=True),
+        )
+        return Result(out, None, aux.lse if p.return_lse else None)

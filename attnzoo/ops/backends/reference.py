@@ -1,0 +1,47 @@
+"""The oracle: materialise every score, softmax in the input precision (float64 stays float64)."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.ops.backends.base import Backend, Result, compute_dtype, index_grid
+from attnzoo.ops.config import limits
+from attnzoo.ops.problem import Problem
+
+
+class Reference(Backend):
+    name = "reference"
+
+    def why_not(self, p: Problem) -> str | None:
+        s = p.shape
+        need = s.batch * s.heads * s.n_q * s.n_kv * torch.finfo(compute_dtype(p.q.dtype)).bits // 8
+        if need > limits.max_weights_bytes:
+            return (
+                f"materialising [B, H, N, M] = [{s.batch}, {s.heads}, {s.n_q}, {s.n_kv}] scores needs "
+                f"{need / 2**30:.2f} GiB, over attnzoo.ops.config.limits.max_weights_bytes = "
+                f"{limits.max_weights_bytes / 2**30:.2f} GiB"
+            )
+        return None
+
+    def run(self, p: Problem) -> Result:
+        dtype = compute_dtype(p.q.dtype)
+        q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
+        if p.groups > 1:
+            k, v = k.repeat_interleave(p.groups, dim=1), v.repeat_interleave(p.groups, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * p.scale
+        b, h, qi, kvi = index_grid(p, q.device)
+        if p.score_mod is not None:
+            scores = p.score_mod(scores, b, h, qi, kvi, p.shape)
+        if p.pattern is not None:
+            allowed = p.pattern.dense_mask(p.shape, q.device)
+            row_any = allowed.any(-1, keepdim=True)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            # Fully masked rows: softmax over zeros, then zeroed, so no NaN in values or gradients.
+            scores = torch.where(row_any, scores, torch.zeros_like(scores))
+            weights = torch.softmax(scores, dim=-1) * row_any
+            lse = torch.where(row_any[..., 0], torch.logsumexp(scores, dim=-1), float("-inf"))
+        else:
+            weights = torch.softmax(scores, dim=-1)
+            lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(weights, v).to(p.q.dtype)
+        return Result(out, weights.to(p.q.dtype) if p.return_weights else None, lse if p.return_lse else None)

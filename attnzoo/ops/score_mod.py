@@ -1,0 +1,90 @@
+"""The score-modifier protocol: a change to the logits ``s = q.k * scale`` before the softmax.
+
+A score modifier is called as ``mod(score, b, h, q_idx, kv_idx, shape)`` with broadcasting
+index tensors, like a FlexAttention ``score_mod`` with the problem shape added.
+``tensors()`` lists the tensors it reads that may need gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from attnzoo.ops.layout import Shape
+
+
+class ScoreMod:
+    """Base class: override :meth:`__call__`."""
+
+    per_batch: bool = False
+    per_head: bool = False
+    additive: bool = False  # True when mod(s) = s + f(b, h, q, kv): SDPA can take f as a float mask
+
+    def __call__(self, score, b, h, q, kv, shape: Shape) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def check(self, shape: Shape) -> None:
+        """Raise ``ValueError`` if the modifier cannot apply to ``shape``."""
+
+    def flex(self, shape: Shape) -> Callable[..., torch.Tensor]:
+        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` bound to ``shape``."""
+        return lambda score, b, h, q, kv: self(score, b, h, q, kv, shape)
+
+
+class Chain(ScoreMod):
+    """Apply modifiers in order (e.g. ``[ALiBi(...), SoftCap(30.0)]``)."""
+
+    def __init__(self, mods: Sequence[ScoreMod]) -> None:
+        self.mods = tuple(as_score_mod(m) for m in mods)
+        self.additive = all(m.additive for m in self.mods)
+        self.per_batch = any(m.per_batch for m in self.mods)
+        self.per_head = any(m.per_head for m in self.mods)
+
+    def __call__(self, score, b, h, q, kv, shape):
+        for mod in self.mods:
+            score = mod(score, b, h, q, kv, shape)
+        return score
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for m in self.mods for t in m.tensors()]
+
+    def check(self, shape: Shape) -> None:
+        for m in self.mods:
+            m.check(shape)
+
+
+class CustomScore(ScoreMod):
+    """Wrap a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``.
+
+    Tensors it captures get gradients on the ``reference`` backend; list them in
+    ``tensors`` so the ``blocksparse`` and ``flex`` backends propagate them too.
+    """
+
+    per_batch = True
+    per_head = True
+
+    def __init__(self, fn: Callable[..., torch.Tensor], *, tensors: Sequence[torch.Tensor] = ()) -> None:
+        if not callable(fn):
+            raise TypeError(f"score_mod: expected a callable (score, b, h, q_idx, kv_idx), got {fn!r}")
+        self.fn, self._tensors = fn, list(tensors)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self._tensors
+
+    def __call__(self, score, b, h, q, kv, shape):
+        return self.fn(score, b, h, q, kv)
+
+
+def as_score_mod(mod: object) -> ScoreMod:
+    """Accept a ScoreMod, a list of them (chained), or a plain flex-style callable."""
+    if isinstance(mod, ScoreMod):
+        return mod
+    if isinstance(mod, (list, tuple)):
+        return Chain(mod)
+    if callable(mod):
+        return CustomScore(mod)
+    raise TypeError(f"score_mod: expected a ScoreMod, a list of them or a callable, got {type(mod).__name__}")

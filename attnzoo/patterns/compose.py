@@ -1,0 +1,119 @@
+"""Composition of patterns: ``&``, ``|``, ``~`` and per-head patterns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from attnzoo.patterns.base import Pattern, Shape, _as_pattern
+
+
+class And(Pattern):
+    """Allowed where both patterns allow."""
+
+    def __init__(self, a: Pattern, b: Pattern) -> None:
+        self.a, self.b = _as_pattern(a, "a"), _as_pattern(b, "b")
+        self.per_batch = a.per_batch or b.per_batch
+        self.per_head = a.per_head or b.per_head
+
+    def allow(self, b, h, q, kv, shape):
+        return self.a.allow(b, h, q, kv, shape) & self.b.allow(b, h, q, kv, shape)
+
+    def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
+        ba, bb = self.a.bounds(q_lo, q_hi, k_lo, k_hi, shape), self.b.bounds(q_lo, q_hi, k_lo, k_hi, shape)
+        if ba is None or bb is None:
+            return None
+        return ba[0] & bb[0], ba[1] & bb[1]
+
+    def check(self, shape: Shape) -> None:
+        self.a.check(shape)
+        self.b.check(shape)
+
+
+class Or(Pattern):
+    """Allowed where either pattern allows."""
+
+    def __init__(self, a: Pattern, b: Pattern) -> None:
+        self.a, self.b = _as_pattern(a, "a"), _as_pattern(b, "b")
+        self.per_batch = a.per_batch or b.per_batch
+        self.per_head = a.per_head or b.per_head
+
+    def allow(self, b, h, q, kv, shape):
+        return self.a.allow(b, h, q, kv, shape) | self.b.allow(b, h, q, kv, shape)
+
+    def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
+        ba, bb = self.a.bounds(q_lo, q_hi, k_lo, k_hi, shape), self.b.bounds(q_lo, q_hi, k_lo, k_hi, shape)
+        if ba is None or bb is None:
+            return None
+        return ba[0] | bb[0], ba[1] | bb[1]
+
+    def check(self, shape: Shape) -> None:
+        self.a.check(shape)
+        self.b.check(shape)
+
+
+class Not(Pattern):
+    """Allowed where the pattern forbids."""
+
+    def __init__(self, a: Pattern) -> None:
+        self.a = _as_pattern(a, "a")
+        self.per_batch, self.per_head = a.per_batch, a.per_head
+
+    def allow(self, b, h, q, kv, shape):
+        return ~self.a.allow(b, h, q, kv, shape)
+
+    def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
+        inner = self.a.bounds(q_lo, q_hi, k_lo, k_hi, shape)
+        if inner is None:
+            return None
+        return ~inner[1], ~inner[0]
+
+    def check(self, shape: Shape) -> None:
+        self.a.check(shape)
+
+
+class PerHead(Pattern):
+    """One pattern per head group: head ``h`` uses ``patterns[h // (H // len(patterns))]``.
+
+    ``len(patterns)`` must divide the number of query heads.
+    """
+
+    per_head = True
+
+    def __init__(self, patterns: Sequence[Pattern]) -> None:
+        if len(patterns) == 0:
+            raise ValueError("patterns: expected at least one pattern, got an empty list")
+        self.patterns = tuple(_as_pattern(p, f"patterns[{i}]") for i, p in enumerate(patterns))
+        self.per_batch = any(p.per_batch for p in self.patterns)
+
+    def _group(self, h: torch.Tensor, shape: Shape) -> torch.Tensor:
+        return h // (shape.heads // len(self.patterns))
+
+    def allow(self, b, h, q, kv, shape):
+        group = self._group(h, shape)
+        out = self.patterns[0].allow(b, h, q, kv, shape)
+        for i, p in enumerate(self.patterns[1:], start=1):
+            out = torch.where(group == i, p.allow(b, h, q, kv, shape), out)
+        return out
+
+    def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
+        parts = [p.bounds(q_lo, q_hi, k_lo, k_hi, shape) for p in self.patterns]
+        if any(p is None for p in parts):
+            return None
+        group = self._group(torch.arange(shape.heads, device=q_lo.device), shape).view(1, -1, 1, 1)
+        any_, all_ = parts[0]
+        for i, (part_any, part_all) in enumerate(parts[1:], start=1):
+            any_ = torch.where(group == i, part_any, any_)
+            all_ = torch.where(group == i, part_all, all_)
+        return any_, all_
+
+    def check(self, shape: Shape) -> None:
+        if shape.heads % len(self.patterns):
+            raise ValueError(
+                f"patterns: {len(self.patterns)} per-head patterns must divide the number of heads, "
+                f"got heads={shape.heads}"
+            )
+        for p in self.patterns:
+            p.check(shape)
+
