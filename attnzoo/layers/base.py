@@ -1,0 +1,266 @@
+"""Shared machinery of the attention token mixers: validation, masks, KV cache, capture.
+
+Token-mixer contract: ``forward(x [B, N, C], *, mask=None, causal=False, context=None,
+cache=None) -> [B, N, C]``. ``mask`` is bool ``[B, N]`` (True = keep) over ``x``;
+``context`` ``[B, M, C_ctx]`` turns self-attention into cross-attention (``context_mask``
+bool ``[B, M]`` pads it); ``cache`` is a :class:`~attnzoo.layers.cache.KVCache`. Output
+rows at padded positions are zero, so a fully padded sequence gives zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.layers.cache import KVCache, window_of
+from attnzoo.ops import attention
+from attnzoo.patterns import And, Causal, KeyPadding
+
+__all__ = ["AttentionMixer", "MultiHeadAttention", "check_int", "check_choice", "build_pattern"]
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_divides(name: str, value: int, other_name: str, other: int) -> None:
+    if other % value:
+        raise ValueError(f"{name}: must divide {other_name}={other}, got {name}={value}")
+
+
+def check_mixer_input(
+    x: torch.Tensor, mask: torch.Tensor | None, context: torch.Tensor | None, dim: int
+) -> None:
+    """Validate ``x`` ``[B, N, dim]``, ``mask`` bool ``[B, N]`` and ``context`` ``[B, M, *]``."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a tensor [B, N, {dim}], got {got}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
+        raise ValueError(
+            f"mask: expected a bool tensor [{x.shape[0]}, {x.shape[1]}], got {mask.dtype} {list(mask.shape)}"
+        )
+    if context is not None and (context.dim() != 3 or context.shape[0] != x.shape[0]):
+        raise ValueError(f"context: expected a tensor [{x.shape[0]}, M, C], got {list(context.shape)}")
+
+
+def build_pattern(user: Any, causal: bool, keep: torch.Tensor | None) -> Any:
+    """``user & Causal() & KeyPadding(keep)``, leaving out the parts that are absent."""
+    parts = [p for p in (user, Causal() if causal else None) if p is not None]
+    if keep is not None and not bool(keep.all()):
+        parts.append(KeyPadding(keep))
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = And(out, p)
+    return out
+
+
+def zero_padded(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero rows of ``y`` ``[B, N, C]`` where ``mask`` ``[B, N]`` is False."""
+    return y if mask is None else y * mask.unsqueeze(-1).to(y.dtype)
+
+
+class AttentionMixer(nn.Module):
+    """Base class of the softmax-attention token mixers.
+
+    Subclasses implement :meth:`project` (``q`` ``[B, H, N, D]``, ``k``/``v``
+    ``[B, H_kv, M, D(_v)]``) and :meth:`output` (``z`` ``[B, H, N, D_v]`` -> ``[B, N, C]``)
+    and may override :meth:`post_attention` (gates), :meth:`score_mod_for` and
+    :meth:`attend`. The base handles rotary / q-k transforms, the KV cache, causal and
+    padding masks, the per-head multiplier ``head_mask`` (ξ, applied before W_O) and capture.
+
+    Capture: set ``layer.capture = True``; each forward then stores ``layer.captured``
+    with ``"weights"`` ``[B, H, N, M]`` (reference backend) and ``"z"`` (per-head outputs
+    before W_O, after gates and ξ).
+    """
+
+    dim: int
+    causal_ok: bool = True
+    cross_ok: bool = True
+
+    def __init__(self, dim: int, *, pattern: Any = None, score_mod: Any = None, qk_transform: Any = None,
+                 scale: float | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim)
+        if qk_transform is not None and not callable(qk_transform):
+            raise ValueError(
+                f"rope/qk_transform: expected a module (q, k, q_offset=, k_offset=) -> (q, k), got {qk_transform!r}"
+            )
+        self.pattern = pattern
+        self.score_mod = score_mod
+        self.qk_transform = qk_transform
+        self.scale = scale
+        self.backend = backend
+        self.capture = False
+        self.captured: dict[str, torch.Tensor] = {}
+
+    # Hooks ---------------------------------------------------------------------------------
+    def project(self, x: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def output(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def post_attention(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def score_mod_for(self, q: torch.Tensor, k: torch.Tensor) -> Any:
+        return self.score_mod
+
+    def attention_scale(self, q: torch.Tensor) -> float | None:
+        return self.scale
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Any,
+               want_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        res = attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k),
+                        scale=self.attention_scale(q), backend=self.backend if not want_weights else "reference",
+                        return_weights=want_weights)
+        return (res[0], res[1]) if want_weights else (res, None)
+
+    # Forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        head_mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and weights ``[B, H, N, M]`` if ``return_weights``).
+
+        ``head_mask``: ξ, ``[H]`` or ``[B, H]``, multiplies each head's output before W_O.
+        """
+        check_mixer_input(x, mask, context, self.dim)
+        if causal and not self.causal_ok:
+            raise ValueError(f"causal: {type(self).__name__} does not support causal attention")
+        if context is not None and not self.cross_ok:
+            raise ValueError(f"context: {type(self).__name__} does not support cross-attention")
+        if context is not None and cache is not None:
+            raise ValueError("cache: KV-cache decoding is for self-attention; got a context too")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise ValueError(f"cache: expected an attnzoo.layers.KVCache, got {type(cache).__name__}")
+        src = x if context is None else context
+        q, k, v = self.project(x, src)
+        pos = cache.position if cache is not None else 0
+        if self.qk_transform is not None and context is None:
+            q, k = self.qk_transform(q, k, q_offset=pos, k_offset=pos)
+        keep = mask if context is None else context_mask
+        if cache is not None:
+            k, v, keep = cache.append(k, v, keep)
+        pattern = build_pattern(self.pattern, causal, keep)
+        want = return_weights or self.capture
+        z, weights = self.attend(q, k, v, pattern, want)
+        if cache is not None:
+            cache.advance(x.shape[1])
+            bound = window_of(self.pattern)
+            if bound is not None:
+                cache.trim(*bound)
+        z = self.post_attention(z, x)
+        if head_mask is not None:
+            xi = head_mask.to(z.dtype)
+            z = z * (xi.view(1, -1, 1, 1) if xi.dim() == 1 else xi.view(xi.shape[0], -1, 1, 1))
+        if self.capture:
+            self.captured = {"weights": weights, "z": z}
+        y = zero_padded(self.output(z, x), mask)
+        return (y, weights) if return_weights else y
+
+
+class MultiHeadAttention(AttentionMixer):
+    """Multi-head (and grouped-query) scaled-dot-product attention, self or cross.
+
+    ``O_h = softmax(Q_h K_hᵀ / √d_h + B) V_h``, ``Y = Σ_h O_h W_O^h``, with
+    ``Q = X W_Q``, ``K, V = C W_K, C W_V`` (``C = X`` for self-attention).
+
+    Args:
+        dim: model width C.
+        n_heads: query heads H.
+        head_dim: per-head width (default ``dim // n_heads``; decoupled from ``dim``).
+        n_kv_heads: key/value heads (GQA; must divide ``n_heads``; default ``n_heads``).
+        bias: biases in the projections.
+        context_dim: width of ``context`` for cross-attention (default ``dim``).
+        pattern: an :mod:`attnzoo.patterns` pattern applied on every call.
+        score_mod: a score modifier (e.g. ``ALiBi``, ``RelativePositionBias``).
+        rope: a :class:`~attnzoo.layers.positional.RotaryEmbedding` (or ``True`` for the default one).
+        scale: logit scale (default ``1/√head_dim``).
+        backend: the :func:`attnzoo.attention` backend.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int = 8,
+        *,
+        head_dim: int | None = None,
+        n_kv_heads: int | None = None,
+        bias: bool = True,
+        context_dim: int | None = None,
+        pattern: Any = None,
+        score_mod: Any = None,
+        rope: Any = None,
+        scale: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        check_int("dim", dim)
+        check_int("n_heads", n_heads)
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"dim: must be divisible by n_heads={n_heads} (or pass head_dim), got dim={dim}")
+            head_dim = dim // n_heads
+        check_int("head_dim", head_dim)
+        n_kv_heads = n_heads if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads)
+        check_divides("n_kv_heads", n_kv_heads, "n_heads", n_heads)
+        if rope is True:
+            from attnzoo.layers.positional import RotaryEmbedding
+
+            rope = RotaryEmbedding(head_dim)
+        super().__init__(dim, pattern=pattern, score_mod=score_mod, qk_transform=rope or None, scale=scale,
+                         backend=backend)
+        self.n_heads, self.head_dim, self.n_kv_heads = n_heads, head_dim, n_kv_heads
+        ctx = dim if context_dim is None else check_int("context_dim", context_dim)
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(ctx, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(ctx, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+
+    @staticmethod
+    def split(t: torch.Tensor, heads: int) -> torch.Tensor:
+        """``[B, N, H*D]`` -> ``[B, H, N, D]``."""
+        b, n, _ = t.shape
+        return t.view(b, n, heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def merge(z: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, D]`` -> ``[B, N, H*D]``."""
+        b, h, n, d = z.shape
+        return z.transpose(1, 2).reshape(b, n, h * d)
+
+    def project(self, x, src):
+        return (self.split(self.q_proj(x), self.n_heads), self.split(self.k_proj(src), self.n_kv_heads),
+                self.split(self.v_proj(src), self.n_kv_heads))
+
+    def output(self, z, x):
+        return self.o_proj(self.merge(z))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_heads={self.n_heads}, head_dim={self.head_dim}, n_kv_heads={self.n_kv_heads}"
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

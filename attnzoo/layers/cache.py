@@ -1,0 +1,94 @@
+"""KV cache for incremental (token-by-token or chunked) decoding of causal token mixers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnzoo.patterns import And, SlidingWindow
+
+__all__ = ["KVCache", "window_of"]
+
+
+def window_of(pattern: Any) -> tuple[int, int] | None:
+    """``(window, n_sink)`` when ``pattern`` only ever needs the last ``window`` keys (+ sinks), else None.
+
+    Recognises :class:`~attnzoo.patterns.SlidingWindow` (per-head windows: their maximum),
+    also inside an ``And``.
+    """
+    if isinstance(pattern, SlidingWindow):
+        w = pattern.window if isinstance(pattern.window, int) else max(pattern.window)
+        return w, pattern.n_sink
+    if isinstance(pattern, And):
+        found = [x for x in (window_of(pattern.a), window_of(pattern.b)) if x is not None]
+        if found:
+            return min(found, key=lambda t: t[0] + t[1])
+    return None
+
+
+class KVCache:
+    """Keys and values seen so far by one attention layer (one cache per layer).
+
+    Use: ``cache = KVCache()``, then ``layer(x_t, causal=True, cache=cache)`` for each new
+    chunk ``x_t`` ``[B, n_t, C]``; the concatenated outputs equal ``layer(x, causal=True)``.
+    ``position`` counts the tokens seen (rotary embeddings use it as the offset of the new
+    chunk). When the layer's pattern is a sliding window the layer calls :meth:`trim`
+    after each step, so at most ``window + n_sink`` entries are stored (bounded memory);
+    position-dependent score modifiers then see compressed indices: exact for relative
+    ones (ALiBi, relative bias) on the window part, not on the sink tokens.
+
+    ``k``: ``[B, H_kv, M, D]``, ``v``: ``[B, H_kv, M, D_v]``, ``keep``: bool ``[B, M]`` or None.
+    ``state`` is a free dict for layers that need other per-step state.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+        self.position = 0
+        self.state: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.__init__()
+
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append new ``k``, ``v`` (``keep``: bool ``[B, n_new]``); return everything stored."""
+        if self.k is not None and (self.k.shape[0] != k.shape[0] or self.k.shape[1] != k.shape[1]):
+            raise ValueError(
+                f"cache: holds batch {self.k.shape[0]} x {self.k.shape[1]} kv heads, got {k.shape[0]} x {k.shape[1]}"
+            )
+        old_len = len(self)
+        if keep is None and self.keep is not None:
+            keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        if keep is not None and self.keep is None and old_len:
+            self.keep = torch.ones(k.shape[0], old_len, dtype=torch.bool, device=k.device)
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        if keep is not None:
+            self.keep = keep if self.keep is None else torch.cat([self.keep, keep], dim=1)
+        return self.k, self.v, self.keep
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` more tokens as seen."""
+        self.position += n
+
+    def trim(self, window: int, n_sink: int = 0) -> None:
+        """Keep the first ``n_sink`` entries and the last ``window`` entries."""
+        m = len(self)
+        if m <= window + n_sink:
+            return
+        idx = torch.cat([torch.arange(n_sink), torch.arange(m - window, m)]).to(self.k.device)
+        self.k, self.v = self.k.index_select(2, idx), self.v.index_select(2, idx)
+        if self.keep is not None:
+            self.keep = self.keep.index_select(1, idx)
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored keys and values."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)

@@ -1,0 +1,179 @@
+"""The registry: every attnzoo entry by its catalogue slug, with a :class:`Spec` describing it.
+
+``create(slug, **kwargs)`` builds the module, ``list(family=..., type=..., priority=...)``
+lists specs, ``spec(slug)`` returns one. Entries register themselves with :func:`register`
+when :mod:`attnzoo.layers` is imported.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Reduction", "Spec", "create", "list", "register", "spec", "SUPPORTS", "INPUT_KINDS", "TYPES"]
+
+SUPPORTS = ("self", "cross", "causal", "padding", "varlen", "decoding", "gqa")
+INPUT_KINDS = ("sequence", "grid1d", "grid2d", "grid3d", "set", "feature_map")
+TYPES = ("mixer", "pattern", "score_mod", "pooler", "channel", "memory", "metric", "steering", "task")
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """An exact-reduction property from the catalogue's "Tests" lines.
+
+    ``check()`` builds its own float64 modules and inputs and returns ``(got, expected)``;
+    the conformance suite asserts they agree to float64 precision.
+    """
+
+    name: str
+    description: str
+    check: Callable[[], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What an entry is, what it supports and how it is checked.
+
+    ``reference`` says in words how the float64 oracle is computed; ``reference_kwargs``
+    are the constructor arguments that turn the default module into that oracle (the same
+    weights are loaded into both). ``test_kwargs`` is a small configuration the
+    conformance suite builds (``dim`` 32). For ``score_mod`` entries ``host`` maps the
+    built module to :class:`attnzoo.layers.MultiHeadAttention` keyword arguments, so
+    the suite checks the entry inside a host mixer.
+    """
+
+    slug: str
+    family: str
+    type: str
+    factory: Callable[..., nn.Module]
+    papers: tuple[str, ...] = ()
+    priority: int = 3
+    input_kind: str = "sequence"
+    supports: frozenset[str] = frozenset({"self"})
+    complexity: str = "O(N^2)"
+    backends: tuple[str, ...] = ("reference", "sdpa", "flex", "blocksparse")
+    reference: str = "the same module with backend='reference' in float64"
+    reference_kwargs: dict[str, Any] = field(default_factory=lambda: {"backend": "reference"})
+    reductions: tuple[Reduction, ...] = ()
+    test_kwargs: dict[str, Any] = field(default_factory=dict)
+    host: Callable[[nn.Module], dict[str, Any]] | None = None
+    aliases: tuple[str, ...] = ()
+    summary: str = ""
+
+    def accepted_arguments(self) -> builtins.list[str] | None:
+        """Keyword arguments the factory accepts (None when it takes ``**kwargs``)."""
+        sig = inspect.signature(self.factory)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            return None
+        return [n for n, p in sig.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description (no callables)."""
+        return {
+            "slug": self.slug, "family": self.family, "type": self.type, "papers": builtins.list(self.papers),
+            "priority": self.priority, "input_kind": self.input_kind, "supports": sorted(self.supports),
+            "complexity": self.complexity, "backends": builtins.list(self.backends), "reference": self.reference,
+            "reductions": [{"name": r.name, "description": r.description} for r in self.reductions],
+            "aliases": builtins.list(self.aliases), "arguments": self.accepted_arguments(), "summary": self.summary,
+        }
+
+
+_REGISTRY: dict[str, Spec] = {}
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register(
+    slug: str,
+    *,
+    family: str,
+    type: str,
+    aliases: dict[str, dict[str, Any]] | None = None,
+    **fields: Any,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class/function decorator registering ``slug``; ``fields`` are :class:`Spec` fields.
+
+    ``aliases`` maps an alias slug to preset keyword arguments (``{"mqa": {"n_kv_heads": 1}}``).
+    """
+    if type not in TYPES:
+        raise ValueError(f"type: expected one of {TYPES}, got {type!r}")
+    bad = set(fields.get("supports", ())) - set(SUPPORTS)
+    if bad:
+        raise ValueError(f"supports: unknown capabilities {sorted(bad)}; expected a subset of {SUPPORTS}")
+    if fields.get("input_kind", "sequence") not in INPUT_KINDS:
+        raise ValueError(f"input_kind: expected one of {INPUT_KINDS}, got {fields['input_kind']!r}")
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if slug in _REGISTRY or slug in _ALIASES:
+            raise ValueError(f"slug {slug!r} is already registered")
+        extra = dict(fields)
+        extra["supports"] = frozenset(extra.get("supports", {"self"}))
+        extra["papers"] = tuple(extra.get("papers", ()))
+        extra["reductions"] = tuple(extra.get("reductions", ()))
+        s = Spec(slug=slug, family=family, type=type, factory=factory, aliases=tuple(aliases or {}), **extra)
+        _REGISTRY[slug] = s
+        for alias, preset in (aliases or {}).items():
+            _ALIASES[alias] = (slug, dict(preset))
+        return factory
+
+    return deco
+
+
+def _load() -> None:
+    import attnzoo.layers  # noqa: F401  (registers the built-in entries)
+
+
+def _resolve(slug: str) -> tuple[Spec, dict[str, Any]]:
+    _load()
+    if not isinstance(slug, str):
+        raise TypeError(f"slug: expected a string, got {type(slug).__name__}")
+    if slug in _REGISTRY:
+        return _REGISTRY[slug], {}
+    if slug in _ALIASES:
+        target, preset = _ALIASES[slug]
+        return _REGISTRY[target], preset
+    names = sorted([*_REGISTRY, *_ALIASES])
+    close = difflib.get_close_matches(slug, names, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise KeyError(f"unknown attnzoo slug {slug!r}{hint} (attnzoo.list() shows all {len(names)} entries)")
+
+
+def spec(slug: str) -> Spec:
+    """The :class:`Spec` of ``slug`` (or of the entry an alias points to)."""
+    return _resolve(slug)[0]
+
+
+def create(slug: str, *args: Any, **kwargs: Any) -> nn.Module:
+    """Build entry ``slug`` (e.g. ``create("mha", dim=64, n_heads=4)``)."""
+    s, preset = _resolve(slug)
+    accepted = s.accepted_arguments()
+    if accepted is not None:
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"{slug}: unknown argument(s) {unknown}; accepted arguments: {', '.join(accepted)}"
+            )
+    clash = sorted(set(kwargs) & set(preset))
+    if clash:
+        raise TypeError(f"{slug}: argument(s) {clash} are fixed by the alias {slug!r} ({preset})")
+    return s.factory(*args, **preset, **kwargs)
+
+
+def list(family: str | None = None, type: str | None = None, priority: int | None = None) -> builtins.list[Spec]:  # noqa: A001
+    """Registered specs, sorted by slug, optionally filtered by family, type and priority."""
+    _load()
+    out = [s for s in _REGISTRY.values()
+           if (family is None or s.family == family) and (type is None or s.type == type)
+           and (priority is None or s.priority == int(priority))]
+    return sorted(out, key=lambda s: s.slug)
+
+
+def aliases() -> dict[str, str]:
+    """Alias slug -> the slug it points to."""
+    _load()
+    return {a: t for a, (t, _) in _ALIASES.items()}

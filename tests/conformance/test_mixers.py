@@ -1,0 +1,167 @@
+"""The conformance suite: every registered token mixer (and hosted score modifier) against one contract.
+
+A new entry is checked the moment it is registered: nothing here names an entry.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from attnzoo.layers import KVCache
+from tests.conformance._build import build, build_pair, inputs, mixer_specs, pad_mask, supports
+
+SPECS = mixer_specs()
+IDS = [s.slug for s in SPECS]
+
+
+def by(what: str) -> list:
+    return [pytest.param(s, id=s.slug) for s in SPECS if supports(s, what)]
+
+
+def run(m, x, **kw):
+    out = m(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+def test_shape_dtype_finite(spec, dtype):
+    m = build(spec).to(dtype)
+    for scale in (1.0, 30.0) if dtype == torch.bfloat16 else (1.0,):
+        x = inputs(dtype=dtype) * scale
+        y = run(m, x)
+        assert y.shape == x.shape and y.dtype == dtype
+        assert torch.isfinite(y).all(), f"{spec.slug}: non-finite output in {dtype} at input scale {scale}"
+
+
+def _modes(spec):
+    modes = [{}]
+    if supports(spec, "causal"):
+        modes.append({"causal": True})
+    if supports(spec, "padding"):
+        modes.append({"mask": pad_mask()})
+    return modes
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_matches_float64_reference(spec):
+    m, ref = build_pair(spec)
+    for kw in _modes(spec):
+        x = inputs(seed=3)
+        x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+        y, y_ref = run(m, x32, **kw), run(ref, x64, **kw)
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=2e-5,
+                                   msg=lambda s, kw=kw: f"{spec.slug} {kw}: {s}")
+        g = torch.randn_like(y_ref)
+        y.backward(g.float())
+        y_ref.backward(g)
+        torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-3, atol=1e-4)
+        for (name, p), (_, p_ref) in zip(m.named_parameters(), ref.named_parameters(), strict=True):
+            if p.grad is not None or p_ref.grad is not None:
+                torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-3, atol=1e-4,
+                                           msg=lambda s, name=name: f"{spec.slug} grad of {name}: {s}")
+        m.zero_grad()
+        ref.zero_grad()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_every_parameter_gets_a_gradient(spec):
+    m = build(spec).double()
+    if not any(p.requires_grad for p in m.parameters()):
+        pytest.skip(f"{spec.slug} has no trainable parameters")
+    kw = {"causal": True} if supports(spec, "causal") else {}
+    run(m, inputs(dtype=torch.float64), **kw).pow(2).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, f"{spec.slug}: no gradient for {missing}"
+
+
+@pytest.mark.parametrize("spec", by("causal"))
+def test_causal_prefix(spec):
+    m = build(spec).double()
+    x = inputs(dtype=torch.float64)
+    y = run(m, x, causal=True)
+    for t in (0, 5, 10):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+        torch.testing.assert_close(run(m, x2, causal=True)[:, : t + 1], y[:, : t + 1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", by("decoding"))
+def test_cache_decoding_equals_full_forward(spec):
+    m = build(spec).double()
+    x = inputs(n=11, dtype=torch.float64)
+    full = run(m, x, causal=True)
+    for chunks in ([1] * 11, [4, 1, 3, 2, 1]):
+        cache, outs, start = KVCache(), [], 0
+        for c in chunks:
+            outs.append(run(m, x[:, start:start + c], causal=True, cache=cache))
+            start += c
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-12)
+        assert cache.position == 11
+
+
+@pytest.mark.parametrize("spec", by("padding"))
+def test_padding_invariance_and_fully_padded(spec):
+    m = build(spec).double()
+    x, keep = inputs(dtype=torch.float64), pad_mask()
+    for kw in ({}, {"causal": True}) if supports(spec, "causal") else ({},):
+        y = run(m, x, mask=keep, **kw)
+        x2 = torch.where(keep.unsqueeze(-1), x, torch.randn_like(x) * 5)
+        y2 = run(m, x2, mask=keep, **kw)
+        torch.testing.assert_close(y2[keep], y[keep], rtol=1e-10, atol=1e-12)
+        assert (y[~keep] == 0).all()
+    none = torch.zeros_like(keep)
+    x = inputs(dtype=torch.float64).requires_grad_()
+    y = run(m, x, mask=none)
+    assert (y == 0).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_batch_independence(spec):
+    m = build(spec).double()
+    x = inputs(b=3, dtype=torch.float64)
+    y = run(m, x)
+    torch.testing.assert_close(run(m, x[1:2]), y[1:2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_determinism_under_seed(spec):
+    x = inputs()
+    torch.testing.assert_close(run(build(spec, seed=7), x), run(build(spec, seed=7), x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_state_dict_safetensors_round_trip(spec):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    m = build(spec, seed=1)
+    blob = safetensors_torch.save({k: v.contiguous() for k, v in m.state_dict().items()})
+    other = build(spec, seed=2)
+    other.load_state_dict(safetensors_torch.load(io.BytesIO(blob).getvalue()))
+    x = inputs()
+    torch.testing.assert_close(run(other, x), run(m, x), rtol=0, atol=0)
+
+
+REDUCTIONS = [pytest.param(r, id=f"{s.slug}-{r.name}") for s in SPECS for r in s.reductions]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_exact_reduction(reduction):
+    got, want = reduction.check()
+    got, want = torch.as_tensor(got), torch.as_tensor(want)
+    assert got.dtype == torch.float64, "exact reductions are checked in float64"
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_torch_compile_smoke(spec):
+    m = build(spec)
+    x = inputs()
+    eager = run(m, x)
+    compiled = torch.compile(m, backend="eager" if spec.slug in () else "inductor")
+    torch.testing.assert_close(run(compiled, x), eager, rtol=1e-4, atol=1e-5)
