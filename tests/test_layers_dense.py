@@ -1,0 +1,163 @@
+"""Features of the dense mixers beyond the conformance contract: options, capture, cache, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo import patterns as P
+from attnzoo.layers import GatedAttention, KVCache, MultiHeadAttention
+from attnzoo.layers.dense import copy_mha
+
+
+def _x(b=2, n=10, c=32, seed=0):
+    return torch.randn(b, n, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _mha(**kw):
+    torch.manual_seed(0)
+    return MultiHeadAttention(32, 4, **kw).double()
+
+
+def test_mha_matches_manual_formula():
+    m = _mha()
+    x = _x()
+    q, k, v = (MultiHeadAttention.split(p(x), 4) for p in (m.q_proj, m.k_proj, m.v_proj))
+    a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+    torch.testing.assert_close(m(x), m.o_proj(MultiHeadAttention.merge(a @ v)), rtol=1e-12, atol=1e-12)
+
+
+def test_head_dim_decoupled_and_single_head():
+    m = MultiHeadAttention(32, 1, head_dim=32).double()
+    assert m.q_proj.out_features == 32 and m(_x()).shape == (2, 10, 32)
+    m = MultiHeadAttention(32, 2, head_dim=64).double()
+    assert m.q_proj.out_features == 128 and m(_x()).shape == (2, 10, 32)
+
+
+def test_head_mask_scales_heads_before_wo():
+    m = _mha(bias=False)
+    x = _x()
+    m.capture = True
+    m(x)
+    z = m.captured["z"]
+    xi = torch.tensor([1.0, 0.0, 0.5, 2.0], dtype=torch.float64)
+    want = m.o_proj(MultiHeadAttention.merge(z * xi.view(1, -1, 1, 1)))
+    torch.testing.assert_close(m(x, head_mask=xi), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m(x, head_mask=xi.expand(2, 4)), want, rtol=1e-12, atol=1e-12)
+
+
+def test_return_weights_and_capture():
+    m = _mha()
+    y, w = m(_x(), causal=True, return_weights=True)
+    assert w.shape == (2, 4, 10, 10)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 10, dtype=torch.float64))
+    assert (w.triu(1) == 0).all()
+    torch.testing.assert_close(y, m(_x(), causal=True))
+
+
+def test_cross_attention_with_context_mask():
+    m = MultiHeadAttention(32, 4, context_dim=16).double()
+    x, ctx = _x(), torch.randn(2, 7, 16, dtype=torch.float64)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[:, 5:] = False
+    y = m(x, context=ctx, context_mask=keep)
+    torch.testing.assert_close(y, m(x, context=ctx[:, :5]), rtol=1e-12, atol=1e-12)
+
+
+def test_pattern_and_score_mod_passthrough():
+    m = _mha(score_mod=P.ALiBi(4), pattern=P.SlidingWindow(3, causal=True))
+    x = _x()
+    ref = _mha(score_mod=P.ALiBi(4), pattern=P.SlidingWindow(3, causal=True), backend="reference")
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(m(x), _mha()(x))
+
+
+@pytest.mark.parametrize("n_sink", [0, 2])
+def test_sliding_window_cache_is_bounded(n_sink):
+    window = 4
+    m = _mha(pattern=P.SlidingWindow(window, causal=True, n_sink=n_sink))
+    x = _x(n=30)
+    full = m(x, causal=True)
+    cache, outs = KVCache(), []
+    for t in range(30):
+        outs.append(m(x[:, t:t + 1], causal=True, cache=cache))
+        assert len(cache) <= window + n_sink
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-12)
+    assert cache.nbytes() == 2 * 2 * 4 * (window + n_sink) * 8 * 8
+
+
+def test_gqa_cache_holds_kv_heads_only():
+    m = attnzoo.create("mqa", dim=32, n_heads=4).double()
+    cache = KVCache()
+    m(_x(), causal=True, cache=cache)
+    assert cache.k.shape == (2, 1, 10, 8)
+
+
+def test_cache_with_rope_and_padding():
+    torch.manual_seed(0)
+    m = MultiHeadAttention(32, 4, rope=True).double()
+    x, keep = _x(n=8), torch.ones(2, 8, dtype=torch.bool)
+    keep[0, 3] = False
+    full = m(x, causal=True, mask=keep)
+    cache = KVCache()
+    outs = [m(x[:, t:t + 1], causal=True, cache=cache, mask=keep[:, t:t + 1]) for t in range(8)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_gated_output_norm_bounded():
+    torch.manual_seed(0)
+    for gran in ("elementwise", "headwise"):
+        g = GatedAttention(32, 4, granularity=gran).double()
+        x = _x()
+        g.capture = True
+        g(x)
+        gated = g.captured["z"]
+        m = MultiHeadAttention(32, 4).double()
+        copy_mha(g, m)
+        m.capture = True
+        m(x)
+        assert (gated.norm(dim=-1) <= m.captured["z"].norm(dim=-1) + 1e-12).all()
+
+
+def test_moh_gates_and_aux_loss():
+    m = attnzoo.create("moh", dim=32, n_heads=4, n_shared=1, top_k=2).double()
+    y = m(_x())
+    assert m.aux_loss.requires_grad and torch.isfinite(m.aux_loss)
+    (y.sum() + m.aux_loss).backward()
+
+
+@pytest.mark.parametrize(
+    ("slug", "kwargs", "needle"),
+    [
+        ("mha", {"dim": 30, "n_heads": 4}, "dim"),
+        ("mha", {"dim": 32, "n_heads": 0}, "n_heads"),
+        ("gqa", {"dim": 32, "n_heads": 4, "n_kv_heads": 3}, "n_kv_heads"),
+        ("gated_attention", {"dim": 32, "n_heads": 4, "granularity": "rowwise"}, "granularity"),
+        ("moh", {"dim": 32, "n_heads": 4, "n_shared": 1, "top_k": 4}, "top_k"),
+        ("moh", {"dim": 32, "n_heads": 4, "router": "nope"}, "router"),
+        ("shsa", {"dim": 32, "ratio": 0.5}, "ratio"),
+        ("cascaded_group_attention", {"dim": 30, "n_heads": 4}, "dim"),
+        ("context_broadcast", {"dim": 32, "alpha": 2.0}, "alpha"),
+        ("rope", {"head_dim": 8, "rotary_dim": 3}, "rotary_dim"),
+        ("relative_position_bias", {"heads": 4, "max_distance": 0}, "max_distance"),
+    ],
+)
+def test_bad_constructor_arguments(slug, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        attnzoo.create(slug, **kwargs)
+
+
+def test_sliding_window_must_be_positive():
+    with pytest.raises(ValueError, match="window"):
+        attnzoo.create("mha", dim=32, n_heads=4, pattern=P.SlidingWindow(0))
+
+
+def test_bad_forward_inputs():
+    m = attnzoo.create("mha", dim=32, n_heads=4)
+    with pytest.raises(ValueError, match="x"):
+        m(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="mask"):
+        m(torch.randn(2, 5, 32), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="causal"):
+        attnzoo.create("reversed_attention", dim=32, n_heads=4)(torch.randn(1, 3, 32), causal=True)
