@@ -118,7 +118,13 @@ class AttentionMixer(nn.Module):
         return z
 
     def score_mod_for(self, q: torch.Tensor, k: torch.Tensor) -> Any:
-        return self.score_mod
+        """The score modifier of this call; a modifier with ``from_qk(q, k, keep, scale)`` is built per call."""
+        mod = self.score_mod
+        if mod is not None and hasattr(mod, "from_qk"):
+            scale = self.attention_scale(q)
+            return mod.from_qk(q, k, getattr(self, "_kv_keep", None), 1.0 / math.sqrt(q.shape[-1]) if scale is None
+                               else scale)
+        return mod
 
     def attention_scale(self, q: torch.Tensor) -> float | None:
         return self.scale
@@ -166,7 +172,11 @@ class AttentionMixer(nn.Module):
             k, v, keep = cache.append(k, v, keep)
         pattern = build_pattern(self.pattern, causal, keep)
         want = return_weights or self.capture
-        z, weights = self.attend(q, k, v, pattern, want)
+        self._kv_keep = keep
+        try:
+            z, weights = self.attend(q, k, v, pattern, want)
+        finally:
+            self._kv_keep = None
         if cache is not None:
             cache.advance(x.shape[1])
             bound = window_of(self.pattern)

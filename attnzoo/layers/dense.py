@@ -886,3 +886,214 @@ def gin_attention(dim: int, n_heads: int = 8, *, mlp: bool = True, threshold: fl
 
 
 __all__ += ["copy_mha", "gqa", "mha"]
+
+
+# ----------------------------------------------------------------------------------- kdgqa
+def allocate_heads(ratios: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Integer head counts ``[..., G]`` summing to ``n_heads``, ∝ ``ratios`` (largest remainder)."""
+    raw = ratios / ratios.sum(-1, keepdim=True) * n_heads
+    raw = torch.round(raw * 1e6) / 1e6  # equal ratios give exact integers despite rounding noise
+    base = raw.floor()
+    rest = (n_heads - base.sum(-1, keepdim=True)).long()
+    order = torch.argsort(raw - base, dim=-1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=-1, stable=True)
+    return (base + (rank < rest).to(base.dtype)).long()
+
+
+class KeyDrivenGQA(MultiHeadAttention):
+    """KDGQA / DGQA: grouped-query attention with key-norm-driven head allocation.
+
+    ``mode="kdgqa"``: in each forward pass (per batch element) group g gets a number of
+    query heads ∝ the norm ratio of key head g (mean key norm over kept tokens), by the
+    largest-remainder rule; heads are assigned to groups in order. ``mode="dgqa"``: the
+    ratios are an EMA (``momentum``) updated in training and used as is in eval. PGQA
+    (noise subtraction) is not implemented: its noise form is not in the abstract. The
+    allocation uses the whole sequence, so the layer is not causal.
+    """
+
+    causal_ok = False
+
+    def __init__(self, dim: int, n_heads: int = 8, n_kv_heads: int = 2, *, mode: str = "kdgqa",
+                 momentum: float = 0.9, **kw: Any) -> None:
+        super().__init__(dim, n_heads, n_kv_heads=n_kv_heads, **kw)
+        self.mode = check_choice("mode", mode, ("kdgqa", "dgqa"))
+        self.momentum = float(momentum)
+        self.register_buffer("ema_ratios", torch.full((n_kv_heads,), 1.0 / n_kv_heads))
+
+    def key_norms(self, k: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Mean key norm per group ``[B, G]``."""
+        norms = k.detach().norm(dim=-1)  # [B, G, M]
+        w = torch.ones_like(norms) if keep is None else keep[:, None, :].to(norms.dtype).expand_as(norms)
+        return (norms * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+    def allocation(self, k: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Query heads per group ``[B, G]`` (integers summing to ``n_heads``)."""
+        norms = self.key_norms(k, keep)
+        total = norms.sum(-1, keepdim=True)
+        ratios = torch.where(total > 0, norms / total.clamp_min(torch.finfo(norms.dtype).tiny),
+                             torch.full_like(norms, 1.0 / norms.shape[-1]))  # no kept token: uniform
+        if self.mode == "dgqa":
+            if self.training:
+                with torch.no_grad():
+                    self.ema_ratios.mul_(self.momentum).add_((1 - self.momentum) * ratios.mean(0).to(self.ema_ratios))
+            ratios = self.ema_ratios.to(norms).expand_as(norms)
+        return allocate_heads(ratios, self.n_heads)
+
+    def attend(self, q, k, v, pattern, want_weights):
+        counts = self.allocation(k, getattr(self, "_kv_keep", None))  # [B, G]
+        bounds = counts.cumsum(-1)  # query head i -> first group whose cumulative count exceeds i
+        heads = torch.arange(self.n_heads, device=q.device)
+        group = (heads.view(1, -1, 1) >= bounds.unsqueeze(1)).sum(-1)  # [B, H]
+        idx = group[:, :, None, None]
+        k_full = k.gather(1, idx.expand(-1, -1, *k.shape[2:]))
+        v_full = v.gather(1, idx.expand(-1, -1, *v.shape[2:]))
+        return super().attend(q, k_full, v_full, pattern, want_weights)
+
+
+def _kdgqa_equal_is_gqa() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=2)
+    m.key_norms = lambda k, keep: k.new_ones(k.shape[0], k.shape[1])
+    g = GroupedQueryAttention(32, 4, 2).double()
+    copy_mha(m, g)
+    x = _x()
+    return m(x), g(x)
+
+
+def _kdgqa_integers() -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.rand(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = allocate_heads(r, 8)
+    return counts.sum(-1).to(torch.float64), torch.full((50,), 8.0, dtype=torch.float64)
+
+
+def _kdgqa_one_group_is_mqa() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=1)
+    g = GroupedQueryAttention(32, 4, 1).double()
+    copy_mha(m, g)
+    x = _x()
+    return m(x), g(x)
+
+
+@register(
+    "kdgqa", family=FAMILY, type="mixer", priority=3, papers=("KDGQA/DGQA/PGQA",),
+    supports={"self", "cross", "padding", "gqa"},
+    summary="GQA whose query-head-to-group allocation follows the key-head norms (KDGQA, DGQA).",
+    test_kwargs={"dim": 32, "n_heads": 4, "n_kv_heads": 2},
+    reductions=(
+        Reduction("equal_norms_is_gqa", "equal key norms give the uniform allocation (= gqa)", _kdgqa_equal_is_gqa),
+        Reduction("integer_allocation", "allocations are integers summing to n_heads", _kdgqa_integers),
+        Reduction("one_group_is_mqa", "n_kv_heads = 1 gives MQA", _kdgqa_one_group_is_mqa),
+    ),
+)
+def kdgqa(dim: int, n_heads: int = 8, n_kv_heads: int = 2, *, mode: str = "kdgqa", momentum: float = 0.9,
+          head_dim: int | None = None, bias: bool = True, context_dim: int | None = None, pattern: Any = None,
+          backend: str = "auto") -> KeyDrivenGQA:
+    """Key-driven GQA (:class:`KeyDrivenGQA`)."""
+    return KeyDrivenGQA(dim, n_heads, n_kv_heads, mode=mode, momentum=momentum, head_dim=head_dim, bias=bias,
+                        context_dim=context_dim, pattern=pattern, backend=backend)
+
+
+# -------------------------------------------------------------------------------- soft_moa
+class SoftMixtureOfAttention(AttentionMixer):
+    """Soft mixture of attention experts: ``Y = Σ_e r_e(x)·Attn_e(x)``, ``r = softmax(x W_r)`` per token.
+
+    Each expert has its own Q, K, V, O (``kv_shared=True``: own Q, O and one shared K, V, as
+    in BAM, so the KV cache is one expert's size). ``frozen_prior=True`` freezes expert 0
+    (MoA personalisation: ``Y = r·Attn_personal + (1 − r)·Attn_prior`` for two experts).
+    All experts run in one attention call (expert heads are grouped-query heads).
+    """
+
+    def __init__(self, dim: int, n_heads: int = 4, *, n_experts: int = 2, kv_shared: bool = False,
+                 frozen_prior: bool = False, head_dim: int | None = None, bias: bool = True, pattern: Any = None,
+                 rope: Any = None, backend: str = "auto") -> None:
+        check_int("n_heads", n_heads)
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"dim: must be divisible by n_heads={n_heads} (or pass head_dim), got dim={dim}")
+            head_dim = dim // n_heads
+        super().__init__(dim, pattern=pattern, qk_transform=rope, backend=backend)
+        self.n_heads, self.head_dim = n_heads, check_int("head_dim", head_dim)
+        self.n_experts, self.kv_shared = check_int("n_experts", n_experts), bool(kv_shared)
+        width = n_heads * head_dim
+        n_kv = 1 if kv_shared else n_experts
+        self.q_proj = nn.ModuleList(nn.Linear(dim, width, bias=bias) for _ in range(n_experts))
+        self.k_proj = nn.ModuleList(nn.Linear(dim, width, bias=bias) for _ in range(n_kv))
+        self.v_proj = nn.ModuleList(nn.Linear(dim, width, bias=bias) for _ in range(n_kv))
+        self.o_proj = nn.ModuleList(nn.Linear(width, dim, bias=bias) for _ in range(n_experts))
+        self.router = nn.Linear(dim, n_experts)
+        if frozen_prior:
+            for mod in (self.q_proj[0], self.o_proj[0], *([] if kv_shared else [self.k_proj[0], self.v_proj[0]])):
+                mod.requires_grad_(False)
+
+    def _stack(self, projs: nn.ModuleList, t: torch.Tensor) -> torch.Tensor:
+        # [B, N, E*H*D] with head index h * E + e (expert heads of one head share a kv head)
+        parts = torch.stack([MultiHeadAttention.split(p(t), self.n_heads) for p in projs], dim=2)
+        b, h, e, n, d = parts.shape
+        return parts.reshape(b, h * e, n, d)
+
+    def project(self, x, src):
+        return self._stack(self.q_proj, x), self._stack(self.k_proj, src), self._stack(self.v_proj, src)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Router weights ``[B, N, E]``."""
+        return torch.softmax(self.router(x), dim=-1)
+
+    def output(self, z, x):
+        b, _, n, d = z.shape
+        z = z.view(b, self.n_heads, self.n_experts, n, d)
+        r = self.gates(x)
+        return sum(r[..., e:e + 1] * self.o_proj[e](MultiHeadAttention.merge(z[:, :, e]))
+                   for e in range(self.n_experts))
+
+
+def _moa_identical_experts() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _seeded(SoftMixtureOfAttention, dim=32, n_heads=4, n_experts=3)
+    ref = MultiHeadAttention(32, 4).double()
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for lin in getattr(m, name):
+                lin.load_state_dict(getattr(m, name)[0].state_dict())
+            getattr(ref, name).load_state_dict(getattr(m, name)[0].state_dict())
+    x = _x()
+    return m(x, causal=True), ref(x, causal=True)
+
+
+def _moa_prior() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _seeded(SoftMixtureOfAttention, dim=32, n_heads=4, frozen_prior=True)
+    m.gates = lambda t: torch.cat([t.new_ones(*t.shape[:2], 1), t.new_zeros(*t.shape[:2], 1)], -1)
+    ref = MultiHeadAttention(32, 4).double()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(ref, name).load_state_dict(getattr(m, name)[0].state_dict())
+    x = _x()
+    return m(x), ref(x)
+
+
+def _moa_kv_shared_cache() -> tuple[torch.Tensor, torch.Tensor]:
+    from attnzoo.layers.cache import KVCache
+
+    m = _seeded(SoftMixtureOfAttention, dim=32, n_heads=4, n_experts=3, kv_shared=True)
+    cache = KVCache()
+    m(_x(), causal=True, cache=cache)
+    return torch.tensor(float(cache.k.shape[1]), dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+
+
+@register(
+    "soft_moa", family=FAMILY, type="mixer", priority=3, papers=("BAM", "MoA (mixture-of-attention, personalization)"),
+    supports={"self", "causal", "padding", "decoding"},
+    summary="Soft mixture of attention experts (router softmax per token); kv_shared, frozen prior.",
+    test_kwargs={"dim": 32, "n_heads": 4, "n_experts": 2},
+    reductions=(
+        Reduction("identical_experts", "identical experts give one dense attention for any router",
+                  _moa_identical_experts),
+        Reduction("prior_only", "r = 0 on the personal expert reproduces the frozen prior exactly", _moa_prior),
+        Reduction("kv_shared_cache", "with kv_shared the KV cache is one expert's size", _moa_kv_shared_cache),
+    ),
+)
+def soft_moa(dim: int, n_heads: int = 4, *, n_experts: int = 2, kv_shared: bool = False, frozen_prior: bool = False,
+             head_dim: int | None = None, bias: bool = True, pattern: Any = None, rope: Any = None,
+             backend: str = "auto") -> SoftMixtureOfAttention:
+    """Soft mixture of attention experts (:class:`SoftMixtureOfAttention`)."""
+    return SoftMixtureOfAttention(dim, n_heads, n_experts=n_experts, kv_shared=kv_shared, frozen_prior=frozen_prior,
+                                  head_dim=head_dim, bias=bias, pattern=pattern, rope=rope, backend=backend)
+
+
+__all__ += ["KeyDrivenGQA", "SoftMixtureOfAttention", "allocate_heads"]
