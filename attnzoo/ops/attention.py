@@ -44,6 +44,8 @@ def _choose(p: Problem) -> Explanation:
 
     ref_note = "reference materialises every score; auto uses it only for return_weights (or pass backend='reference')"
     if p.return_weights:
+        if "reference" not in can:  # only the reference returns weights: fail here, not with an out-of-memory
+            raise ValueError(f"return_weights: only the reference backend returns weights, and {reasons['reference']}")
         return pick("reference")
     sdpa = BACKENDS["sdpa"]
     if "sdpa" in can and sdpa.native(p) is not None:

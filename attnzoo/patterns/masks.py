@@ -71,6 +71,8 @@ class SlidingWindow(Pattern):
         if isinstance(window, int) and not isinstance(window, bool):
             self.window: int | tuple[int, ...] = _positive_int(window, "window")
         else:
+            if not isinstance(window, Sequence):
+                raise ValueError(f"window: expected a positive integer or a list of them, got {window!r}")
             self.window = tuple(_positive_int(w, f"window[{i}]") for i, w in enumerate(window))
             if not self.window:
                 raise ValueError("window: expected a positive integer or a non-empty list, got []")

@@ -14,6 +14,9 @@ __all__ = ["ALiBi", "Bias", "Chain", "CustomScore", "RelativePositionBias", "Sco
 
 def alibi_slopes(heads: int) -> torch.Tensor:
     """The ALiBi paper's geometric slopes, including its rule for a non-power-of-two head count."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads: expected a positive integer head count, got {heads!r}")
+
     def pow2(n: int) -> list[float]:
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))
         return [start ** (i + 1) for i in range(n)]
