@@ -52,8 +52,8 @@ def test_explain_sdpa_for_full_and_causal(pattern, requires_grad):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_explain_blocksparse_for_sparse_window(requires_grad):
-    q = _zeros(1, 2, 4096, 16, requires_grad)  # head dim 16: flex is only turned down for CPU reasons
-    k = _zeros(1, 1, 4096, 16, requires_grad)
+    q = _zeros(1, 2, 4096, 32, requires_grad)  # head dim 32: flex is only turned down for CPU reasons
+    k = _zeros(1, 1, 4096, 32, requires_grad)
     expl = attnzoo.explain(q, k, k, pattern=P.SlidingWindow(64, causal=True))
     assert expl.backend == "blocksparse"
     assert expl.tile_fraction is not None and expl.tile_fraction < 0.05

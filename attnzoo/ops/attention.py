@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from attnzoo.ops.backends import BACKENDS
+from attnzoo.ops.backends import BACKENDS, Result
 from attnzoo.ops.backends.blocksparse import default_block
+from attnzoo.ops.config import limits
 from attnzoo.ops.problem import Problem, make_problem
 
 # Above this fraction of visited tiles a masked dense kernel beats skipping blocks.
@@ -31,45 +34,70 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _choose(p: Problem) -> Explanation:
-    why = {name: b.why_not(p) for name, b in BACKENDS.items()}
-    reasons = {name: r for name, r in why.items() if r is not None}
-    can = [name for name, r in why.items() if r is None]
+_REF_NOTE = "reference materialises every score; auto uses it only for return_weights (or pass backend='reference')"
+_FLEX_CPU_NOTE = (
+    "on CPU FlexAttention compiles per shape (seconds) and blocksparse runs without compiling; "
+    "pass backend='flex' to use it anyway"
+)
 
-    def pick(name: str, fraction: float | None = None, **later: str) -> Explanation:
-        for other in can:
-            if other != name:
-                reasons.setdefault(other, later.get(other, f"{name} is preferred for this call"))
-        return Explanation(name, dict(sorted(reasons.items())), fraction)
 
-    ref_note = "reference materialises every score; auto uses it only for return_weights (or pass backend='reference')"
+def _decide(p: Problem) -> tuple[str, float | None, dict[str, str]]:
+    """The backend ``auto`` runs, the fraction of tiles visited (when computed), and notes on the
+    feasible backends it passed over. Cheap: no backend is asked ``why_not`` on the fast paths."""
     if p.return_weights:
-        if "reference" not in can:  # only the reference returns weights: fail here, not with an out-of-memory
-            raise ValueError(f"return_weights: only the reference backend returns weights, and {reasons['reference']}")
-        return pick("reference")
+        reason = BACKENDS["reference"].why_not(p)
+        if reason is not None:  # only the reference returns weights: fail here, not with an out-of-memory
+            raise ValueError(f"return_weights: only the reference backend returns weights, and {reason}")
+        return "reference", None, {}
     sdpa = BACKENDS["sdpa"]
-    if "sdpa" in can and sdpa.native(p) is not None:
-        return pick("sdpa", reference=ref_note)
-    if "sdpa" not in reasons and sdpa.native(p) is None:
-        reasons_sdpa = "pattern/score_mod needs a materialised mask"
-    else:
-        reasons_sdpa = ""
-    on_gpu = p.device.type == "cuda"
-    if on_gpu and "flex" in can:
-        return pick("flex", reference=ref_note, sdpa=reasons_sdpa or "flex is preferred",
-                    blocksparse="flex runs the same pattern as a fused kernel on this GPU")
+    if not p.return_lse and sdpa.native(p) is not None:
+        return "sdpa", None, {"reference": _REF_NOTE, "blocksparse": "SDPA runs this pattern natively",
+                              "flex": "SDPA runs this pattern natively"}
+    if p.device.type == "cuda" and BACKENDS["flex"].why_not(p) is None:
+        return "flex", None, {"reference": _REF_NOTE, "blocksparse": "flex runs this pattern as a fused kernel here",
+                              "sdpa": "flex skips masked blocks; SDPA would need a dense mask"}
     fraction = BACKENDS["blocksparse"].layout(p).active_fraction if p.pattern is not None else 1.0
-    if "sdpa" in can and fraction >= DENSE_FRACTION:
-        return pick("sdpa", fraction, reference=ref_note,
-                    blocksparse=f"{fraction:.0%} of tiles are active: a dense masked kernel is cheaper")
-    flex_note = (
-        "on CPU FlexAttention compiles per shape (seconds) and blocksparse runs without compiling; "
-        "pass backend='flex' to use it anyway"
+    if fraction >= DENSE_FRACTION and sdpa.why_not(p) is None:
+        dense_note = f"{fraction:.0%} of tiles are active: a dense masked kernel is cheaper"
+        return "sdpa", fraction, {"reference": _REF_NOTE, "flex": _FLEX_CPU_NOTE, "blocksparse": dense_note}
+    return "blocksparse", fraction, {
+        "reference": _REF_NOTE, "flex": _FLEX_CPU_NOTE,
+        "sdpa": f"only {fraction:.1%} of tiles are active: a dense masked kernel would waste the sparsity",
+    }
+
+
+def _choose(p: Problem) -> Explanation:
+    name, fraction, notes = _decide(p)
+    reasons = {}
+    for other, backend in BACKENDS.items():
+        if other != name:
+            reasons[other] = backend.why_not(p) or notes.get(other, f"{name} is preferred for this call")
+    return Explanation(name, dict(sorted(reasons.items())), fraction)
+
+
+# Validated calls seen recently: a repeated call (same pattern object, shapes, dtypes, devices
+# and grad mode) skips validation and dispatch. Entries hold the pattern and score modifier,
+# so the ids in a key cannot be reused by other objects while the entry lives.
+_MEMO: OrderedDict[tuple, tuple[Callable[..., Result], Any, Any]] = OrderedDict()
+_MEMO_SIZE = 128
+
+
+def _memo_key(q, k, v, pattern, score_mod, scale, backend, return_weights, return_lse) -> tuple | None:
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (hasattr(score_mod, "tensors") and any(t.requires_grad for t in score_mod.tensors()))
     )
-    return pick(
-        "blocksparse", fraction, reference=ref_note, flex=flex_note,
-        sdpa=f"only {fraction:.1%} of tiles are active: a dense masked kernel would waste the sparsity",
-    )
+    return (backend, id(pattern), id(score_mod), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, grad, scale, return_weights, return_lse,
+            limits.max_weights_bytes, limits.max_mask_bytes)
+
+
+def _remember(key: tuple, runner: Callable[..., Result], pattern: Any, score_mod: Any) -> None:
+    _MEMO[key] = (runner, pattern, score_mod)
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
 
 
 def explain(
@@ -116,18 +144,25 @@ def attention(
     Returns ``out`` ``[B, H, N, D_v]``, or a tuple ``(out, weights [B, H, N, M])``,
     ``(out, lse [B, H, N])`` or ``(out, weights, lse)`` when those are asked for.
     """
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {['auto', *BACKENDS]}, got {backend!r}")
-    p = make_problem(q, k, v, pattern=pattern, score_mod=score_mod, scale=scale,
-                     return_weights=return_weights, return_lse=return_lse, check_finite=check_finite)
-    if backend == "auto":
-        name = _choose(p).backend
+    key = None if check_finite else _memo_key(q, k, v, pattern, score_mod, scale, backend, return_weights, return_lse)
+    hit = _MEMO.get(key) if key is not None else None
+    if hit is not None:
+        result = hit[0](q, k, v)
     else:
-        reason = BACKENDS[backend].why_not(p)
-        if reason is not None:
-            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
-        name = backend
-    result = BACKENDS[name].run(p)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {['auto', *BACKENDS]}, got {backend!r}")
+        p = make_problem(q, k, v, pattern=pattern, score_mod=score_mod, scale=scale,
+                         return_weights=return_weights, return_lse=return_lse, check_finite=check_finite)
+        if backend == "auto":
+            name = _decide(p)[0]
+        else:
+            reason = BACKENDS[backend].why_not(p)
+            if reason is not None:
+                raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+            name = backend
+        if key is not None:
+            _remember(key, BACKENDS[name].prepare(p), pattern, score_mod)
+        result = BACKENDS[name].run(p)
     if not (return_weights or return_lse):
         return result.out
     extra = [t for t, want in ((result.weights, return_weights), (result.lse, return_lse)) if want]

@@ -66,27 +66,29 @@ def make_problem(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [B, H, N, D], got {_describe(t)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+    dtype, device = q.dtype, q.device
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
-    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"k, v: expected batch size {q.shape[0]} (from q), got k {k.shape[0]} and v {v.shape[0]}")
-    if v.shape[1] != k.shape[1]:
-        raise ValueError(f"v: expected {k.shape[1]} heads (the heads of k), got {v.shape[1]}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"k: key/value heads must divide query heads, got H={q.shape[1]} and H_kv={k.shape[1]}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k: expected head dim {q.shape[3]} (from q), got {k.shape[3]}")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v: expected {k.shape[2]} tokens (the length of k), got {v.shape[2]}")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k: expected at least one token, got N={q.shape[2]} and M={k.shape[2]}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the dtype of q), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of q), got {t.device}")
+    (b, h, n, d), (kb, hkv, m, kd), (vb, vh, vm, _) = q.shape, k.shape, v.shape
+    if kb != b or vb != b:
+        raise ValueError(f"k, v: expected batch size {b} (from q), got k {kb} and v {vb}")
+    if vh != hkv:
+        raise ValueError(f"v: expected {hkv} heads (the heads of k), got {vh}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"k: key/value heads must divide query heads, got H={h} and H_kv={hkv}")
+    if kd != d:
+        raise ValueError(f"k: expected head dim {d} (from q), got {kd}")
+    if vm != m:
+        raise ValueError(f"v: expected {m} tokens (the length of k), got {vm}")
+    if n == 0 or m == 0:
+        raise ValueError(f"q, k: expected at least one token, got N={n} and M={m}")
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3])
+        scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     if check_finite:
@@ -96,7 +98,7 @@ def make_problem(
     if pattern is not None and not hasattr(pattern, "allow"):
         raise TypeError(f"pattern: expected an attnzoo Pattern or None, got {type(pattern).__name__}")
     score_mod = as_score_mod(score_mod) if score_mod is not None else None
-    shape = Shape(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = Shape(b, h, n, m)
     if pattern is not None:
         pattern.check(shape)
     if score_mod is not None:

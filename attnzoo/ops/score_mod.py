@@ -31,9 +31,24 @@ class ScoreMod:
         """Raise ``ValueError`` if the modifier cannot apply to ``shape``."""
 
     def flex(self, shape: Shape) -> Callable[..., torch.Tensor]:
-        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` bound to ``shape``."""
-        return lambda score, b, h, q, kv: self(score, b, h, q, kv, shape)
+        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` bound to ``shape``.
 
+        The same function object is returned for the same shape, so compiled kernels are reused.
+        """
+        cache = self.__dict__.setdefault("_flex_fns", {})
+        if shape not in cache:
+            cache[shape] = lambda score, b, h, q, kv: self(score, b, h, q, kv, shape)
+        return cache[shape]
+
+    def on(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``t`` on the device and dtype of ``like`` (a no-op when it already is)."""
+        if t.device == like.device and t.dtype == like.dtype:
+            return t
+        return t.to(device=like.device, dtype=like.dtype)
+
+    def devices(self) -> set[torch.device]:
+        """Devices of the tensors this modifier reads."""
+        return {t.device for t in self.tensors()}
 
 class Chain(ScoreMod):
     """Apply modifiers in order (e.g. ``[ALiBi(...), SoftCap(30.0)]``)."""

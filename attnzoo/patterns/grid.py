@@ -133,7 +133,8 @@ class Neighborhood(Pattern):
             q_min, q_max = q_box[axis]
             k_min, k_max = k_box[axis]
             any_ &= (k_max.view(1, -1) >= q_min.view(-1, 1) - reach) & (k_min.view(1, -1) <= q_max.view(-1, 1) + reach)
-        covers = all(k == n and d == 1 and not c for k, n, d, c in zip(self.kernel_size, grid, self.dilation, self.causal))
+        axes = zip(self.kernel_size, grid, self.dilation, self.causal)
+        covers = all(k == n and d == 1 and not c for k, n, d, c in axes)
         return any_, any_ & covers
 
     def _boxes(self, lo: torch.Tensor, hi: torch.Tensor, grid: tuple[int, ...]) -> list[tuple[torch.Tensor, ...]]:

@@ -167,7 +167,8 @@ class PrefixLM(Pattern):
         if isinstance(prefix_len, torch.Tensor):
             if prefix_len.dim() != 1 or prefix_len.dtype.is_floating_point:
                 raise ValueError(
-                    f"prefix_len: expected an int or an integer tensor [B], got {prefix_len.dtype} {tuple(prefix_len.shape)}"
+                    "prefix_len: expected an int or an integer tensor [B], "
+                    f"got {prefix_len.dtype} {tuple(prefix_len.shape)}"
                 )
             self.per_batch = True
         else:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
 from attnzoo.ops.layout import Shape
 from attnzoo.ops.score_mod import Chain, CustomScore, ScoreMod, as_score_mod
 
-__all__ = ["ALiBi", "Bias", "Chain", "CustomScore", "RelativePositionBias", "ScoreMod", "SoftCap", "alibi_slopes", "as_score_mod"]
+__all__ = [
+    "ALiBi", "Bias", "Chain", "CustomScore", "RelativePositionBias", "ScoreMod", "SoftCap",
+    "alibi_slopes", "as_score_mod",
+]
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
@@ -47,9 +51,13 @@ class ALiBi(ScoreMod):
     def tensors(self) -> list[torch.Tensor]:
         return [self.slopes]
 
+    def to(self, *args, **kwargs) -> ALiBi:
+        """A copy with the slopes moved (``torch.Tensor.to`` arguments)."""
+        return ALiBi(self.slopes.to(*args, **kwargs), offset=self.offset)
+
     def __call__(self, score, b, h, q, kv, shape):
         off = shape.offset if self.offset is None else self.offset
-        slope = self.slopes.to(device=score.device, dtype=score.dtype)[h]
+        slope = self.on(self.slopes, score)[h]
         return score - slope * (q + off - kv).abs().to(score.dtype)
 
 
@@ -81,16 +89,22 @@ class Bias(ScoreMod):
         want = (shape.batch, shape.heads, shape.n_q, shape.n_kv)
         got = tuple(self.bias.shape)
         if any(g not in (1, w) for g, w in zip(got[:2], want[:2])) or got[2:] != want[2:]:
-            raise ValueError(f"bias: expected shape [{shape.batch}|1, {shape.heads}|1, {shape.n_q}, {shape.n_kv}], got {list(got)}")
+            raise ValueError(
+                f"bias: expected shape [{shape.batch}|1, {shape.heads}|1, {shape.n_q}, {shape.n_kv}], got {list(got)}"
+            )
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.bias]
+
+    def to(self, *args, **kwargs) -> Bias:
+        """A copy with the bias moved (``torch.Tensor.to`` arguments)."""
+        return Bias(self.bias.to(*args, **kwargs))
 
     def __call__(self, score, b, h, q, kv, shape):
         bias = self.bias
         b = b if bias.shape[0] != 1 else torch.zeros_like(b)
         h = h if bias.shape[1] != 1 else torch.zeros_like(h)
-        return score + bias.to(score.dtype)[b, h, q, kv]
+        return score + self.on(bias, score)[b, h, q, kv]
 
 
 class RelativePositionBias(nn.Module, ScoreMod):
@@ -117,7 +131,10 @@ class RelativePositionBias(nn.Module, ScoreMod):
         if shape.heads != self.heads:
             raise ValueError(f"RelativePositionBias: built for heads={self.heads}, got {shape.heads}")
         if self.grid is not None and shape.n_q != self.grid[0] * self.grid[1]:
-            raise ValueError(f"RelativePositionBias: grid {self.grid} needs {self.grid[0] * self.grid[1]} tokens, got n_q={shape.n_q}")
+            raise ValueError(
+                f"RelativePositionBias: grid {self.grid} needs {self.grid[0] * self.grid[1]} tokens, "
+                f"got n_q={shape.n_q}"
+            )
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.table]
@@ -132,6 +149,6 @@ class RelativePositionBias(nn.Module, ScoreMod):
         return (dy + wh - 1) * (2 * ww - 1) + dx + ww - 1
 
     def forward(self, score, b, h, q, kv, shape):
-        return score + self.table.to(score.dtype)[h, self.index(q, kv, shape)]
+        return score + self.on(self.table, score)[h, self.index(q, kv, shape)]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -27,6 +29,14 @@ class Backend:
 
     def run(self, p: Problem) -> Result:
         raise NotImplementedError
+
+    def prepare(self, p: Problem) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Result]:
+        """A runner for new tensors of the same validated problem (used to skip re-dispatch)."""
+
+        def runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Result:
+            return self.run(replace(p, q=q, k=k, v=v))
+
+        return runner
 
 
 def index_grid(p: Problem, device: torch.device) -> tuple[torch.Tensor, ...]:

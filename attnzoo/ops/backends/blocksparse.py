@@ -125,15 +125,16 @@ def _chunk_mask(plan: _Plan, b_i: int, bucket: Bucket, rows: slice, idx: _Indice
 def _scores(plan: _Plan, qc: torch.Tensor, kc: torch.Tensor, idx: _Indices, mask: torch.Tensor | None, track=False):
     """Raw and modified, masked scores of a chunk, viewed as ``[B, H_kv, c, G, bs, K*bs]``.
 
-    ``track``: make the raw scores a leaf that requires grad, to chain gradients through the
-    score modifier.
+    ``qc`` is already multiplied by the softmax scale. ``track``: make the raw scores a leaf
+    that requires grad, to chain gradients through the score modifier.
     """
     b, hkv, c = qc.shape[:3]
-    raw = torch.matmul(qc, kc.transpose(-1, -2)).mul_(plan.scale)
-    raw = raw.view(b, hkv, c, plan.groups, plan.block, -1)
+    raw = torch.matmul(qc, kc.transpose(-1, -2)).view(b, hkv, c, plan.groups, plan.block, -1)
+    if plan.score_mod is None:
+        return raw, raw, raw.masked_fill_(~mask, float("-inf")) if mask is not None else raw
     if track:
         raw.requires_grad_()
-    mod = plan.score_mod(raw, idx.b, idx.h, idx.q, idx.kv, plan.shape) if plan.score_mod is not None else raw
+    mod = plan.score_mod(raw, idx.b, idx.h, idx.q, idx.kv, plan.shape)
     masked = mod.masked_fill(~mask, float("-inf")) if mask is not None else mod
     return raw, mod, masked
 
@@ -172,7 +173,7 @@ def _gather_kv(t: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
 
 def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Folded ``out [B, H_kv, nqb, G*bs, D_v]`` and ``lse [B, H_kv, nqb, G*bs]``."""
-    qf, kf, vf = _fold_q(q, plan), _fold_kv(k, plan), _fold_kv(v, plan)
+    qf, kf, vf = _fold_q(q * plan.scale, plan), _fold_kv(k, plan), _fold_kv(v, plan)
     out = qf.new_zeros(*qf.shape[:-1], v.shape[-1])
     lse = qf.new_full(qf.shape[:-1], float("-inf"))
     for b_i, bucket in enumerate(plan.layout.buckets):
@@ -184,16 +185,16 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
             s = s.flatten(3, 4)
             m = s.amax(-1, keepdim=True)
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-            p = torch.exp(s - m)
+            p = s.sub_(m).exp_()
             denom = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vc) / denom.clamp_min(torch.finfo(p.dtype).tiny)
+            o = torch.matmul(p, vc).div_(denom.clamp_min(torch.finfo(p.dtype).tiny))
             out[:, :, idx.q_blocks] = o
             lse[:, :, idx.q_blocks] = (m + torch.log(denom)).squeeze(-1)
     return out, lse
 
 
 def _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors):
-    qf, kf, vf = _fold_q(q, plan), _fold_kv(k, plan), _fold_kv(v, plan)
+    qf, kf, vf = _fold_q(q * plan.scale, plan), _fold_kv(k, plan), _fold_kv(v, plan)
     do_f = _fold_q(dout, plan)
     delta = (do_f * out_f).sum(-1)
     lse_safe = torch.where(torch.isinf(lse_f), torch.zeros_like(lse_f), lse_f)
@@ -210,17 +211,16 @@ def _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors):
             with torch.enable_grad():
                 raw, mod, s = _scores(plan, qc, kc, idx, mask, track=plan.score_mod is not None)
             s = s.detach().flatten(3, 4)
-            p = torch.exp(s - lse_safe[:, :, idx.q_blocks].unsqueeze(-1))
+            p = (s.sub_(lse_safe[:, :, idx.q_blocks].unsqueeze(-1)) if plan.score_mod is None
+                 else s - lse_safe[:, :, idx.q_blocks].unsqueeze(-1)).exp_()
             dv = torch.matmul(p.transpose(-1, -2), doc)
-            dp = torch.matmul(doc, vc.transpose(-1, -2))
-            ds = p * (dp - delta[:, :, idx.q_blocks].unsqueeze(-1))
+            ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta[:, :, idx.q_blocks].unsqueeze(-1)).mul_(p)
             if plan.score_mod is not None:
                 grads = torch.autograd.grad(mod, [raw, *(mod_tensors[i] for i in tracked)], ds.view_as(mod))
                 ds = grads[0].flatten(3, 4)
                 for i, g in zip(tracked, grads[1:]):
                     mod_grads[i] = g if mod_grads[i] is None else mod_grads[i] + g
-            ds = ds * plan.scale
-            dq_f[:, :, idx.q_blocks] = torch.matmul(ds, kc)
+            dq_f[:, :, idx.q_blocks] = torch.matmul(ds, kc).mul_(plan.scale)
             dk = torch.matmul(ds.transpose(-1, -2), qc)
             flat = idx.kv_blocks.flatten()
             dk_f.index_add_(2, flat, dk.view(*dk.shape[:2], flat.numel(), plan.block, -1))

@@ -25,6 +25,11 @@ def _flex() -> Any:
 
 @functools.cache
 def _compiled() -> Any:
+    # Every pattern and score modifier is its own graph; Dynamo's default limit of 8 would
+    # silently fall back to the unfused eager path (which materialises all scores) after 8.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 256))
     return torch.compile(_flex().flex_attention, dynamic=False)
 
 
@@ -60,21 +65,43 @@ class Flex(Backend):
             return "FlexAttention does not return attention weights"
         if p.device.type == "cpu" and p.needs_grad:
             return "FlexAttention has no CPU backward in PyTorch (it raises NotImplementedError); use blocksparse"
+        if p.device.type == "cpu" and p.q.dtype == torch.float64:
+            return "FlexAttention's CPU kernels do not support float64"
+        if p.device.type == "cpu" and p.q.shape[-1] <= 16:
+            return "FlexAttention on CPU gives wrong results for head dim 16 in PyTorch 2.13 (seen at N % 16 == 8)"
+        if p.device.type == "cpu" and p.return_lse:
+            return "FlexAttention cannot return the log-sum-exp on CPU (PyTorch raises NotImplementedError)"
         if p.device.type not in ("cpu", "cuda"):
             return f"FlexAttention runs on CPU and CUDA, got device {p.device}"
+        if p.score_mod is not None and any(d != p.device for d in p.score_mod.devices()):
+            found = sorted(str(d) for d in p.score_mod.devices())
+            return (
+                f"score_mod reads tensors on {found} but q is on {p.device}; FlexAttention needs them on the "
+                f"same device (e.g. ALiBi(slopes.to(device)) or module.to(device))"
+            )
         if p.q.shape[-1] < 16 or p.v.shape[-1] < 16:
             return f"FlexAttention needs head dims >= 16, got D={p.q.shape[-1]}, D_v={p.v.shape[-1]}"
         return None
 
+    def prepare(self, p: Problem):
+        if p.return_lse:
+            return super().prepare(p)
+        fn, bm, scale, gqa = _compiled(), block_mask(p), p.scale, p.groups > 1
+        score_mod = p.score_mod.flex(p.shape) if p.score_mod is not None else None
+        return lambda q, k, v: Result(fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa))
+
     def run(self, p: Problem) -> Result:
         score_mod = p.score_mod.flex(p.shape) if p.score_mod is not None else None
-        flex = _flex()
-        out, aux = _compiled()(
+        kwargs = {"return_aux": _flex().AuxRequest(lse=True)} if p.return_lse else {}
+        result = _compiled()(
             p.q, p.k, p.v,
             score_mod=score_mod,
             block_mask=block_mask(p),
             scale=p.scale,
             enable_gqa=p.groups > 1,
-            return_aux=flex.AuxRequest(lse=True),
+            **kwargs,
         )
-        return Result(out, None, aux.lse if p.return_lse else None)
+        if p.return_lse:
+            out, aux = result
+            return Result(out, None, aux.lse)
+        return Result(result)

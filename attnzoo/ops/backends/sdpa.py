@@ -44,6 +44,14 @@ class SDPA(Backend):
             return "full"
         return p.pattern.sdpa_hint(p.shape)
 
+    def prepare(self, p: Problem):
+        native = self.native(p)
+        if native is None:
+            return super().prepare(p)
+        causal, scale, gqa = native == "causal", p.scale, p.groups > 1
+        sdpa = F.scaled_dot_product_attention
+        return lambda q, k, v: Result(sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa))
+
     def run(self, p: Problem) -> Result:
         native = self.native(p)
         gqa = p.groups > 1
