@@ -31,10 +31,14 @@ class Backend:
         raise NotImplementedError
 
     def prepare(self, p: Problem) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Result]:
-        """A runner for new tensors of the same validated problem (used to skip re-dispatch)."""
+        """A runner for new tensors of the same validated problem (used to skip re-dispatch).
+
+        The runner must not keep ``p``'s tensors alive: it is stored in the dispatch memo.
+        """
+        template = replace(p, q=None, k=None, v=None)
 
         def runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Result:
-            return self.run(replace(p, q=q, k=k, v=v))
+            return self.run(replace(template, q=q, k=k, v=v))
 
         return runner
 

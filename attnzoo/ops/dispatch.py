@@ -1,4 +1,4 @@
-"""``attention``: one call for every pattern and backend; ``explain``: why a backend was chosen."""
+"""``attention``: one call for every pattern and backend; ``explain``: why a backend was chosen (the dispatcher)."""
 
 from __future__ import annotations
 
@@ -82,12 +82,19 @@ _MEMO: OrderedDict[tuple, tuple[Callable[..., Result], Any, Any]] = OrderedDict(
 _MEMO_SIZE = 128
 
 
+# Calls whose score modifier reads more elements than this are not memoised, so that per-call
+# bias tensors are not kept alive by the memo.
+_MEMO_MAX_MOD_ELEMENTS = 1 << 16
+
+
 def _memo_key(q, k, v, pattern, score_mod, scale, backend, return_weights, return_lse) -> tuple | None:
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
         return None
+    mod_tensors = score_mod.tensors() if hasattr(score_mod, "tensors") else []
+    if sum(t.numel() for t in mod_tensors) > _MEMO_MAX_MOD_ELEMENTS:
+        return None
     grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad
-        or (hasattr(score_mod, "tensors") and any(t.requires_grad for t in score_mod.tensors()))
+        q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in mod_tensors)
     )
     return (backend, id(pattern), id(score_mod), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
             q.device, k.device, v.device, grad, scale, return_weights, return_lse,
