@@ -154,6 +154,7 @@ def attention(
     key = None if check_finite else _memo_key(q, k, v, pattern, score_mod, scale, backend, return_weights, return_lse)
     hit = _MEMO.get(key) if key is not None else None
     if hit is not None:
+        _MEMO.move_to_end(key)
         result = hit[0](q, k, v)
     else:
         if backend != "auto" and backend not in BACKENDS:

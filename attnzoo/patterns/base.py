@@ -80,6 +80,13 @@ class Pattern:
         dims = [shape.batch if out.shape[0] != 1 else 1, shape.heads if out.shape[1] != 1 else 1]
         return out.expand(*dims, shape.n_q, shape.n_kv)
 
+    def flex_block_mask(self, shape: Shape, device: torch.device | str = "cpu") -> Any:
+        """FlexAttention ``BlockMask`` of this pattern (cached per shape and device)."""
+        from attnzoo.ops.backends.flex import pattern_block_mask
+
+        self.check(shape)
+        return pattern_block_mask(self, shape, device)
+
     def block_layout(
         self, shape: Shape, block_q: int = 64, block_kv: int = 64, device: torch.device | str = "cpu"
     ) -> BlockLayout:

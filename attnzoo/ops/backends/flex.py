@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from attnzoo.ops.backends.base import Backend, Result
+from attnzoo.ops.layout import Shape
 from attnzoo.ops.problem import Problem
 
 FLEX_BLOCK = 128
@@ -34,23 +35,28 @@ def _compiled() -> Any:
 
 
 def block_mask(p: Problem) -> Any:
-    """The pattern's FlexAttention block mask for this shape and device, cached on the pattern."""
-    if p.pattern is None:
-        return None
-    s = p.shape
-    key = ("flex_block_mask", s, str(p.device))
-    cached = p.pattern._cache_get(key)
+    """The pattern's FlexAttention block mask for this problem (None without a pattern)."""
+    return None if p.pattern is None else pattern_block_mask(p.pattern, p.shape, p.device)
+
+
+def pattern_block_mask(pattern: Any, shape: Shape, device: torch.device | str) -> Any:
+    """``create_block_mask`` of ``pattern.mask_mod(shape)``, cached on the pattern per shape and device."""
+    flex = _flex()
+    if isinstance(flex, str):
+        raise RuntimeError(flex)
+    key = ("flex_block_mask", shape, str(device))
+    cached = pattern._cache_get(key)
     if cached is None:
-        cached = _flex().create_block_mask(
-            p.pattern.mask_mod(s),
-            s.batch if p.pattern.per_batch else None,
-            s.heads if p.pattern.per_head else None,
-            s.n_q,
-            s.n_kv,
-            device=p.device,
+        cached = flex.create_block_mask(
+            pattern.mask_mod(shape),
+            shape.batch if pattern.per_batch else None,
+            shape.heads if pattern.per_head else None,
+            shape.n_q,
+            shape.n_kv,
+            device=device,
             BLOCK_SIZE=FLEX_BLOCK,
         )
-        p.pattern._cache_put(key, cached)
+        pattern._cache_put(key, cached)
     return cached
 
 
