@@ -125,6 +125,7 @@ def register(
 
 
 def _load() -> None:
+    import attnzoo.bench.tasks  # noqa: F401  (registers the benchmark tasks)
     import attnzoo.layers  # noqa: F401  (registers the built-in entries)
 
 

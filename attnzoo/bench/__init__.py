@@ -1,0 +1,15 @@
+"""The benchmark harness: synthetic tasks, tiny models, training, speed sweeps, a results store, a report.
+
+- :mod:`attnzoo.bench.tasks`: ``mqar`` (Zoology), ``induction``, ``selective_copy``,
+  ``icl_linear_regression``, LRA ``listops``; seeded, generated offline.
+- :mod:`attnzoo.bench.cab`: the CAB contract (declared {causal, non-causal} x {self, cross}).
+- :mod:`attnzoo.bench.models`: a tiny language model and an encoder classifier around any mixer.
+- :mod:`attnzoo.bench.train`: AdamW + cosine, Zoology's evaluation rule, early stop, DDP.
+- :mod:`attnzoo.bench.speed`: forward / forward+backward time, peak memory and FLOPs vs SDPA dense.
+- :mod:`attnzoo.bench.store`: the SQLite results store. :mod:`attnzoo.bench.report`: HTML + PNG.
+- :mod:`attnzoo.bench.compare`: ``attnzoo compare`` (train, measure, store, report).
+"""
+
+from attnzoo.bench.tasks import TASKS, Task, TaskData, get_task
+
+__all__ = ["TASKS", "Task", "TaskData", "get_task"]

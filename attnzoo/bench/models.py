@@ -1,0 +1,250 @@
+"""Tiny models around any registered token mixer: a language model and an encoder classifier.
+
+Both are Zoology-style stacks: input embedding (tokens, or a linear map of float features),
+a positional choice (``"learned"``, ``"sinusoidal"`` or ``"none"``), ``n_layers`` pre-norm
+blocks ``x += mixer(norm(x))`` (and ``x += mlp(norm(x))`` when ``mlp_ratio > 0``; Zoology's
+MQAR models use none), a final norm and a linear head. The mixer is built with
+``attnzoo.create(slug, dim=dim, **mixer_kwargs)``; keyword arguments the mixer does not accept
+are an error naming the accepted ones.
+
+:func:`build_model` checks, before anything is trained, that the mixer declares what the task
+needs (``causal`` for a language model, ``self`` for an encoder): a non-causal mixer in a
+language model is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+import attnzoo
+from attnzoo.bench.tasks import Task
+
+__all__ = ["Block", "EncoderClassifier", "TinyLM", "build_model", "check_mixer", "mixer_kwargs_for", "mixer_slugs",
+           "POSITIONAL"]
+
+POSITIONAL = ("learned", "sinusoidal", "none")
+
+
+def mixer_slugs() -> list[str]:
+    """Slugs (and aliases) of every registered token mixer."""
+    from attnzoo.registry import aliases
+
+    mixers = {s.slug for s in attnzoo.list(type="mixer")}
+    return sorted(mixers | {a for a, t in aliases().items() if t in mixers})
+
+
+def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, what: str = "this task") -> Any:
+    """The mixer's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown, not a mixer,
+    or does not declare every capability in ``needs`` (e.g. ``{"causal"}``)."""
+    valid = mixer_slugs()
+    try:
+        spec = attnzoo.spec(slug)
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(slug), valid, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"mixer: unknown mixer {slug!r}{hint}; registered mixers: {', '.join(valid)}") from None
+    if spec.type != "mixer":
+        raise ValueError(f"mixer: {slug!r} is a {spec.type}, not a token mixer; registered mixers: {', '.join(valid)}")
+    missing = sorted(set(needs) - set(spec.supports))
+    if missing:
+        raise ValueError(
+            f"mixer {slug!r} cannot run {what}: it needs {sorted(needs)} but {slug!r} declares "
+            f"{sorted(spec.supports)} (missing {missing})"
+        )
+    return spec
+
+
+def mixer_kwargs_for(slug: str, *, n_heads: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``extra``, plus ``n_heads`` when the mixer accepts it and ``extra`` does not set it."""
+    kwargs = dict(extra or {})
+    accepted = attnzoo.spec(slug).accepted_arguments()
+    if n_heads is not None and "n_heads" not in kwargs and (accepted is None or "n_heads" in accepted):
+        kwargs["n_heads"] = n_heads
+    return kwargs
+
+
+def _sinusoidal(n: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    out = torch.zeros(n, dim, dtype=torch.float64)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return out.float()
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x += drop(mixer(norm(x)))``, then ``x += mlp(norm(x))`` if there is an MLP."""
+
+    def __init__(self, dim: int, mixer: nn.Module, *, mlp_ratio: float = 0.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = mixer
+        self.drop = nn.Dropout(dropout)
+        hidden = int(round(dim * mlp_ratio))
+        if hidden > 0:
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        else:
+            self.norm2 = None
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        kw: dict[str, Any] = {"causal": causal}
+        if mask is not None:
+            kw["mask"] = mask
+        y = self.mixer(self.norm1(x), **kw)
+        x = x + self.drop(y)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class _Trunk(nn.Module):
+    def __init__(self, *, mixer: str, dim: int, n_layers: int, max_len: int, vocab_size: int | None,
+                 n_features: int | None, mixer_kwargs: dict[str, Any] | None, positional: str, mlp_ratio: float,
+                 dropout: float, embed_dropout: float) -> None:
+        super().__init__()
+        if positional not in POSITIONAL:
+            raise ValueError(f"positional: expected one of {POSITIONAL}, got {positional!r}")
+        for name, v in (("dim", dim), ("n_layers", n_layers), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        check_mixer(mixer)
+        self.dim, self.max_len, self.positional = dim, max_len, positional
+        if (vocab_size is None) == (n_features is None):
+            raise ValueError("exactly one of vocab_size (token inputs) and n_features (float inputs) is needed")
+        self.embed = nn.Embedding(vocab_size, dim) if vocab_size is not None else nn.Linear(n_features, dim)
+        if positional == "learned":
+            self.pos = nn.Embedding(max_len, dim)
+        elif positional == "sinusoidal":
+            self.register_buffer("pos_table", _sinusoidal(max_len, dim), persistent=False)
+        self.embed_drop = nn.Dropout(embed_dropout)
+        kwargs = dict(mixer_kwargs or {})
+        try:
+            mixers = [attnzoo.create(mixer, dim=dim, **kwargs) for _ in range(n_layers)]
+        except TypeError as e:
+            raise ValueError(f"mixer {mixer!r}: {e}") from None
+        self.blocks = nn.ModuleList(Block(dim, m, mlp_ratio=mlp_ratio, dropout=dropout) for m in mixers)
+        self.norm = nn.LayerNorm(dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Zoology: normal(0.02) embeddings; the mixers keep the initialisation they define.
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if self.positional == "learned":
+            nn.init.normal_(self.pos.weight, std=0.02)
+        for b in self.blocks:
+            if b.mlp is not None:
+                for m in b.mlp:
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, std=0.02)
+                        nn.init.zeros_(m.bias)
+                b.mlp[2].weight.data /= math.sqrt(2 * len(self.blocks))
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        n = inputs.shape[1]
+        if n > self.max_len:
+            raise ValueError(f"inputs: length {n} exceeds the model's max_len={self.max_len}")
+        x = self.embed(inputs)
+        if self.positional == "learned":
+            x = x + self.pos.weight[:n]
+        elif self.positional == "sinusoidal":
+            x = x + self.pos_table[:n].to(x.dtype)
+        x = self.embed_drop(x)
+        for b in self.blocks:
+            x = b(x, mask=mask, causal=causal)
+        return self.norm(x)
+
+
+class TinyLM(nn.Module):
+    """Causal language model: embedding, positions, ``n_layers`` blocks, norm, head.
+
+    ``forward(inputs [B, L], select=None)`` returns logits ``[B, L, n_outputs]``, or
+    ``[K, n_outputs]`` at the ``K`` positions where the bool ``select`` ``[B, L]`` is True
+    (the loss of a sparsely labelled task needs only those). With ``n_features`` the inputs
+    are float vectors ``[B, L, n_features]`` (in-context regression, ``n_outputs=1``).
+    """
+
+    causal = True
+
+    def __init__(self, mixer: str, *, vocab_size: int | None = None, n_features: int | None = None, dim: int = 64,
+                 n_layers: int = 2, max_len: int = 512, n_outputs: int | None = None,
+                 mixer_kwargs: dict[str, Any] | None = None, positional: str = "learned", mlp_ratio: float = 0.0,
+                 dropout: float = 0.0, embed_dropout: float = 0.0) -> None:
+        super().__init__()
+        check_mixer(mixer, {"causal"}, what="a causal language model")
+        self.trunk = _Trunk(mixer=mixer, dim=dim, n_layers=n_layers, max_len=max_len, vocab_size=vocab_size,
+                            n_features=n_features, mixer_kwargs=mixer_kwargs, positional=positional,
+                            mlp_ratio=mlp_ratio, dropout=dropout, embed_dropout=embed_dropout)
+        out = n_outputs if n_outputs is not None else vocab_size
+        if out is None:
+            raise ValueError("n_outputs: needed with float inputs")
+        self.head = nn.Linear(dim, out, bias=False)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def forward(self, inputs: torch.Tensor, select: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.trunk(inputs, mask, causal=True)
+        if select is not None:
+            h = h[select]
+        return self.head(h)
+
+
+class EncoderClassifier(nn.Module):
+    """Non-causal encoder with a classification head over a pooled token.
+
+    ``pooling``: ``"cls"`` (the first token, LRA ListOps) or ``"mean"`` (over real tokens).
+    ``forward(inputs [B, L], mask=None)`` returns logits ``[B, n_classes]``; ``mask`` marks
+    real tokens and is passed to the mixers that declare ``padding`` support.
+    """
+
+    causal = False
+
+    def __init__(self, mixer: str, *, vocab_size: int, n_classes: int, dim: int = 64, n_layers: int = 2,
+                 max_len: int = 512, mixer_kwargs: dict[str, Any] | None = None, positional: str = "learned",
+                 mlp_ratio: float = 2.0, dropout: float = 0.0, embed_dropout: float = 0.0,
+                 pooling: str = "cls") -> None:
+        super().__init__()
+        spec = check_mixer(mixer, {"self"}, what="an encoder")
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling: expected one of ('cls', 'mean'), got {pooling!r}")
+        self.pooling = pooling
+        self.use_mask = "padding" in spec.supports
+        self.trunk = _Trunk(mixer=mixer, dim=dim, n_layers=n_layers, max_len=max_len, vocab_size=vocab_size,
+                            n_features=None, mixer_kwargs=mixer_kwargs, positional=positional, mlp_ratio=mlp_ratio,
+                            dropout=dropout, embed_dropout=embed_dropout)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.trunk(inputs, mask if self.use_mask else None, causal=False)
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            w = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
+            pooled = (h * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        return self.head(pooled)
+
+
+def build_model(task: Task, mixer: str, *, dim: int = 64, n_layers: int = 2,
+                mixer_kwargs: dict[str, Any] | None = None, positional: str = "learned", mlp_ratio: float | None = None,
+                dropout: float = 0.0, embed_dropout: float = 0.0) -> nn.Module:
+    """The model ``task`` needs around ``mixer``: a :class:`TinyLM` for ``lm``/``regress`` tasks,
+    an :class:`EncoderClassifier` for ``classify``. Raises ``ValueError`` (before any training)
+    when the mixer does not declare what the task needs."""
+    check_mixer(mixer, task.needs(), what=f"task {task.name!r}")
+    common = dict(dim=dim, n_layers=n_layers, max_len=task.seq_len, mixer_kwargs=mixer_kwargs,
+                  positional=positional, dropout=dropout, embed_dropout=embed_dropout)
+    if task.kind == "classify":
+        return EncoderClassifier(mixer, vocab_size=task.vocab_size_in, n_classes=task.n_outputs,
+                                 mlp_ratio=2.0 if mlp_ratio is None else mlp_ratio, **common)
+    if task.kind == "regress":
+        return TinyLM(mixer, n_features=task.n_features, n_outputs=1,
+                      mlp_ratio=2.0 if mlp_ratio is None else mlp_ratio, **common)
+    return TinyLM(mixer, vocab_size=task.vocab_size_in, n_outputs=task.n_outputs,
+                  mlp_ratio=0.0 if mlp_ratio is None else mlp_ratio, **common)

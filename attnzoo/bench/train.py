@@ -1,0 +1,313 @@
+"""Training and evaluation of the tiny models on the benchmark tasks.
+
+The recipe follows Zoology: AdamW (weight decay 0.1) with cosine decay to 0 and no warm-up by
+default, fixed seeds, evaluation on the test set once per epoch (or every ``eval_every``
+steps) with Zoology's rule (per-example accuracy over the labelled positions, averaged over
+examples), and early stopping once the test accuracy exceeds 0.99. The loss is the
+cross-entropy over the labelled positions only (the same value as Zoology's cross-entropy with
+``ignore_index=-100``; the head is only applied where there is a label).
+
+Runs on CPU, on CUDA when there is a device. Under ``torchrun`` (``WORLD_SIZE > 1``) the model
+is wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA): each rank takes its share
+of every global batch and of the test set, and the metrics are all-reduced, so a run on N
+processes follows the same schedule as on one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnzoo.bench.models import build_model
+from attnzoo.bench.tasks import IGNORE, Task, TaskData
+
+__all__ = ["RunResult", "TrainConfig", "dist_info", "evaluate", "pick_device", "progress_bar", "train"]
+
+
+@dataclass
+class TrainConfig:
+    """Model and optimisation settings of one training run (JSON-friendly)."""
+
+    mixer: str = "mha"
+    mixer_kwargs: dict[str, Any] = field(default_factory=dict)
+    dim: int = 64
+    n_layers: int = 2
+    positional: str = "learned"
+    mlp_ratio: float | None = None      # None: the task's default (0 for language models, as Zoology)
+    dropout: float = 0.0
+    embed_dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    batch_size: int = 64
+    epochs: int = 1
+    max_steps: int | None = None        # total steps (default: epochs over the training set)
+    n_train: int = 10_000
+    n_test: int = 1_000
+    eval_every: int | None = None       # steps between evaluations (default: once per epoch)
+    early_stop: float | None = 0.99     # stop once the test accuracy exceeds this
+    grad_clip: float | None = None
+    seed: int = 0
+    data_seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "batch_size", "epochs", "n_train", "n_test"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps: expected an integer >= 1 or None, got {self.max_steps!r}")
+
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * math.ceil(self.n_train / self.batch_size)
+
+    def steps_per_eval(self) -> int:
+        return self.eval_every or math.ceil(self.n_train / self.batch_size)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its configuration, metrics and per-step curves ``(step, name, value)``."""
+
+    task: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    curves: list[tuple[int, str, float]]
+    device: str
+    world_size: int = 1
+
+
+# Distributed helpers ---------------------------------------------------------------------------
+def dist_info() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)``; initialises the process group under ``torchrun``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not torch.distributed.is_available():
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"``: CUDA (``cuda:local_rank``) when available, else CPU."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+# Progress bars ---------------------------------------------------------------------------------
+class _Bar:
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.impl: Any = None
+        self.kind = "none"
+        self.desc = desc
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+
+            self.impl = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+            self.kind = "tqdm"
+            return
+        except ImportError:
+            pass
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.impl = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
+            self.impl.start()
+            self.task_id = self.impl.add_task(desc, total=total, info="")
+            self.kind = "rich"
+        except ImportError:
+            pass
+
+    def update(self, n: int = 1, info: str = "") -> None:
+        if self.kind == "tqdm":
+            self.impl.update(n)
+            if info:
+                self.impl.set_postfix_str(info, refresh=False)
+        elif self.kind == "rich":
+            self.impl.update(self.task_id, advance=n, info=info)
+
+    def close(self) -> None:
+        if self.kind in ("tqdm", "rich"):
+            self.impl.close() if self.kind == "tqdm" else self.impl.stop()
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[_Bar]:
+    """A progress bar (tqdm, else rich, else none) that is closed on exit."""
+    bar = _Bar(total, desc, enabled)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# Loss and evaluation ---------------------------------------------------------------------------
+def _forward(model: nn.Module, task: Task, batch: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, targets) at the positions that carry a label."""
+    if task.kind == "lm":
+        select = batch.labels != IGNORE
+        return model(batch.inputs, select=select), batch.labels[select]
+    if task.kind == "regress":
+        select = torch.zeros(batch.inputs.shape[:2], dtype=torch.bool, device=batch.inputs.device)
+        select[:, -1] = True
+        return model(batch.inputs, select=select).squeeze(-1), batch.labels
+    return model(batch.inputs, mask=batch.mask), batch.labels
+
+
+def _loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if task.kind == "regress":
+        return F.mse_loss(out.float(), target.float())
+    return F.cross_entropy(out.float(), target)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, data: TaskData, *, batch_size: int = 256,
+             device: torch.device | str = "cpu", rank: int = 0, world: int = 1) -> dict[str, float]:
+    """The task's metric on ``data`` (the mean of per-example scores) and the loss.
+
+    Under DDP each rank scores ``data[rank::world]`` and the sums are all-reduced.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    idx = torch.arange(rank, len(data), world)
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # score sum, scored examples, loss sum
+    for start in range(0, len(idx), batch_size):
+        batch = data.subset(idx[start:start + batch_size]).to(device)
+        out, target = _forward(model, task, batch)
+        loss = _loss(task, out, target)
+        if task.kind == "lm":
+            preds = torch.full_like(batch.labels, IGNORE - 1)
+            preds[batch.labels != IGNORE] = out.argmax(-1)
+            scores = task.score(preds, batch)
+        else:
+            scores = task.score(out, batch)
+        ok = ~torch.isnan(scores)
+        total += torch.stack([scores[ok].sum(), ok.sum().double(), loss.double() * len(batch)])
+    total = _all_reduce(total, world)
+    model.train(was_training)
+    n = max(float(total[1]), 1.0)
+    return {task.metric: float(total[0]) / n, "loss": float(total[2]) / max(len(data), 1)}
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# Training --------------------------------------------------------------------------------------
+def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | None = None, progress: bool = True,
+          log: Callable[[str], None] | None = None, desc: str | None = None) -> RunResult:
+    """Train ``cfg.mixer`` on ``task``; returns the :class:`RunResult` (every rank returns the same metrics).
+
+    The mixer is checked against what the task needs before anything else (``ValueError``).
+    ``data`` reuses already generated ``(train, test)`` sets.
+    """
+    model_kwargs = dict(dim=cfg.dim, n_layers=cfg.n_layers, mixer_kwargs=cfg.mixer_kwargs, positional=cfg.positional,
+                        mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, embed_dropout=cfg.embed_dropout)
+    torch.manual_seed(cfg.seed)
+    model = build_model(task, cfg.mixer, **model_kwargs)  # raises before any data or training work
+    rank, world, local_rank = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by the world size {world}")
+    device = pick_device(cfg.device, local_rank)
+    train_data, test_data = data if data is not None else task.splits(cfg.n_train, cfg.n_test, cfg.data_seed)
+    model = model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # as Zoology: all params
+    total_steps, per_eval = cfg.total_steps(), cfg.steps_per_eval()
+    local_bs = cfg.batch_size // world
+    curves: list[tuple[int, str, float]] = []
+    best, last_eval, stopped_early = None, None, False
+    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+    say = log if (log is not None and rank == 0) else (lambda s: None)
+    started = time.perf_counter()
+    step, epoch, running = 0, 0, 0.0
+    order = torch.empty(0, dtype=torch.long)
+    cursor = 0
+    net.train()
+    with progress_bar(total_steps, desc or f"{cfg.mixer} on {task.label()}", enabled=progress and rank == 0) as bar:
+        while step < total_steps:
+            if cursor + cfg.batch_size > len(order):
+                g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+                order = torch.randperm(len(train_data), generator=g)
+                cursor, epoch = 0, epoch + 1
+                if len(order) < cfg.batch_size:
+                    order = order.repeat(math.ceil(cfg.batch_size / max(1, len(order))))
+            idx = order[cursor:cursor + cfg.batch_size][rank::world]
+            cursor += cfg.batch_size
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _cosine(step, total_steps, cfg.warmup_steps)
+            batch = train_data.subset(idx).to(device)
+            out, target = _forward(net, task, batch)
+            loss = _loss(task, out, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            value = float(_all_reduce(loss.detach().double().clone(), world)) / world
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{cfg.mixer} on {task.label()}: the loss became {value} at step {step}")
+            running = value if step == 1 else 0.9 * running + 0.1 * value
+            if step % max(1, total_steps // 200) == 0 or step == total_steps:
+                curves.append((step, "train/loss", value))
+            info = f"loss {running:.3f}" + (f" | {task.metric} {last_eval:.3f}" if last_eval is not None else "")
+            bar.update(1, info)
+            if step % per_eval == 0 or step == total_steps:
+                ev = evaluate(net, task, test_data, batch_size=max(local_bs, 256), device=device, rank=rank,
+                              world=world)
+                last_eval = ev[task.metric]
+                curves.append((step, f"test/{task.metric}", last_eval))
+                curves.append((step, "test/loss", ev["loss"]))
+                if best is None or better(last_eval, best):
+                    best = last_eval
+                say(f"  step {step}/{total_steps}: loss {running:.4f}, test {task.metric} {last_eval:.4f}")
+                if (cfg.early_stop is not None and task.higher_is_better and last_eval > cfg.early_stop):
+                    stopped_early = True
+                    break
+    elapsed = time.perf_counter() - started
+    metrics = {
+        task.metric: best, f"final_{task.metric}": last_eval, "train_loss": running, "steps": step,
+        "epochs": round(step * cfg.batch_size / len(train_data), 3), "stopped_early": stopped_early,
+        "train_time_s": round(elapsed, 3), "time_per_step_ms": round(1000 * elapsed / max(step, 1), 3),
+        "params": n_params,
+    }
+    if hasattr(task, "ridge_error"):
+        metrics["ridge_mse"] = task.ridge_error(test_data)
+    return RunResult(task=task.config(), config=asdict(cfg), metrics=metrics, curves=curves, device=str(device),
+                     world_size=world)
