@@ -18,7 +18,9 @@ from torch import nn
 
 __all__ = ["Reduction", "Spec", "create", "list", "register", "spec", "SUPPORTS", "INPUT_KINDS", "TYPES"]
 
-SUPPORTS = ("self", "cross", "causal", "padding", "varlen", "decoding", "gqa")
+# "training": the entry is a training-time technique whose module provides
+# ``training_loss(loss_fn) -> Tensor`` (the objective to backpropagate with the entry active).
+SUPPORTS = ("self", "cross", "causal", "padding", "varlen", "decoding", "gqa", "training")
 INPUT_KINDS = ("sequence", "grid1d", "grid2d", "grid3d", "set", "feature_map")
 TYPES = ("mixer", "pattern", "score_mod", "pooler", "channel", "memory", "metric", "steering", "task")
 
@@ -45,7 +47,8 @@ class Spec:
     weights are loaded into both). ``test_kwargs`` is a small configuration the
     conformance suite builds (``dim`` 32). For ``score_mod`` entries ``host`` maps the
     built module to :class:`attnzoo.layers.MultiHeadAttention` keyword arguments, so
-    the suite checks the entry inside a host mixer.
+    the suite checks the entry inside a host mixer. ``steering`` entries are built as
+    ``factory(model, **test_kwargs)`` around a small host model and checked as a wrapper of it.
     """
 
     slug: str
@@ -126,6 +129,7 @@ def register(
 
 def _load() -> None:
     import attnzoo.bench.tasks  # noqa: F401  (registers the benchmark tasks)
+    import attnzoo.inspect  # noqa: F401  (registers the analysis metrics and steering entries)
     import attnzoo.layers  # noqa: F401  (registers the built-in entries)
 
 
