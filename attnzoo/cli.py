@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("slug")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+    from attnzoo.inspect.viewer import add_cli as _inspect_cli
+
+    _inspect_cli(sub)
     return parser
 
 

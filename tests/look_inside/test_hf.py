@@ -77,3 +77,12 @@ def test_too_long_input_refused(minilm):
     ids = torch.ones(1, model.config.max_position_embeddings + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="maximum length"):
         capture(model, {"input_ids": ids})
+
+
+def test_cli_inspect_writes_html(tmp_path, minilm):
+    from attnzoo.cli import main
+
+    out = tmp_path / "v.html"
+    assert main(["inspect", "minilm", "--text", "a <script> token", "--html", str(out)]) == 0
+    page = out.read_text()
+    assert "&lt;" in page and page.count("<script") == 2
