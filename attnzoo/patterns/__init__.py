@@ -8,7 +8,10 @@ exact density. Compose with ``&``, ``|``, ``~``; vary per head with :class:`PerH
 from attnzoo.patterns.base import Pattern, Shape
 from attnzoo.patterns.compose import And, Not, Or, PerHead
 from attnzoo.patterns.custom import Custom
+from attnzoo.patterns.graph import Adjacency
 from attnzoo.patterns.grid import Neighborhood
+from attnzoo.patterns.grid_bias import GridRelativeBias
+from attnzoo.patterns.local import ElasticWindow, HeadSharded, SegmentMask, ShiftedGroups
 from attnzoo.patterns.masks import Causal, DilatedWindow, Full, GlobalTokens, PrefixLM, SlidingWindow
 from attnzoo.patterns.score_mods import (
     ALiBi,
@@ -22,9 +25,13 @@ from attnzoo.patterns.score_mods import (
     as_score_mod,
 )
 from attnzoo.patterns.segments import Document, KeyPadding
+from attnzoo.patterns.tiles import TilePlan
+from attnzoo.patterns.windows import GridPartition, QuerySubset, WindowPartition
 
 __all__ = [
-    "ALiBi", "And", "Bias", "Causal", "Chain", "Custom", "CustomScore", "DilatedWindow", "Document", "Full",
-    "GlobalTokens", "KeyPadding", "Neighborhood", "Not", "Or", "Pattern", "PerHead", "PrefixLM",
-    "RelativePositionBias", "ScoreMod", "Shape", "SlidingWindow", "SoftCap", "alibi_slopes", "as_score_mod",
+    "ALiBi", "Adjacency", "And", "Bias", "Causal", "Chain", "Custom", "CustomScore", "DilatedWindow", "Document",
+    "ElasticWindow", "Full", "GlobalTokens", "GridPartition", "GridRelativeBias", "HeadSharded", "KeyPadding",
+    "Neighborhood", "Not", "Or", "Pattern", "PerHead", "PrefixLM", "QuerySubset", "RelativePositionBias", "ScoreMod",
+    "SegmentMask", "Shape", "ShiftedGroups", "SlidingWindow", "SoftCap", "TilePlan", "WindowPartition", "alibi_slopes",
+    "as_score_mod",
 ]

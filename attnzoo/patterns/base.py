@@ -43,6 +43,13 @@ class Pattern:
     def check(self, shape: Shape) -> None:
         """Raise ``ValueError`` if the pattern cannot apply to ``shape``."""
 
+    def tile_plan(self, shape: Shape, block: int = 64) -> Any:
+        """A :class:`~attnzoo.patterns.tiles.TilePlan` (query tiles, each with a fixed key list
+        holding every key its queries may see) when the pattern has a regular structure the
+        chunked backend can exploit, else None. ``block`` is the backend's block size (a hint).
+        """
+        return None
+
     def sdpa_hint(self, shape: Shape) -> str | None:
         """``"full"`` or ``"causal"`` (top-left aligned) when SDPA can run without a mask tensor."""
         return None

@@ -26,6 +26,11 @@ class And(Pattern):
             return None
         return ba[0] & bb[0], ba[1] & bb[1]
 
+    def tile_plan(self, shape: Shape, block: int = 64):
+        """The cheaper tile plan of the two sides (either holds every pair the conjunction allows)."""
+        plans = [p for p in (self.a.tile_plan(shape, block), self.b.tile_plan(shape, block)) if p is not None]
+        return min(plans, key=lambda p: p.computed_pairs) if plans else None
+
     def check(self, shape: Shape) -> None:
         self.a.check(shape)
         self.b.check(shape)

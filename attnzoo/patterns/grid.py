@@ -8,6 +8,10 @@ from collections.abc import Sequence
 import torch
 
 from attnzoo.patterns.base import Pattern, Shape
+from attnzoo.patterns.tiles import AxisTiles, TilePlan, band_tiles, choose_band_tile, product_plan
+
+# Tile sizes (queries per axis) the tile planner considers.
+TILE_CANDIDATES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 24, 32, 48, 64, 96, 128)
 
 
 def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -136,6 +140,41 @@ class Neighborhood(Pattern):
         axes = zip(self.kernel_size, grid, self.dilation, self.causal)
         covers = all(k == n and d == 1 and not c for k, n, d, c in axes)
         return any_, any_ & covers
+
+    def tile_plan(self, shape: Shape, block: int = 64) -> TilePlan:
+        """Spatial tiles of queries, each reading the box of keys its neighbourhoods cover.
+
+        Per axis, queries of one dilation group are cut into runs of ``a``; a run reads the
+        key range that holds its windows (``a + k - 1`` keys inside the grid, fewer at causal
+        or strided tiles). ``a`` per axis minimises the estimated cost (keys computed per
+        query, and the cost of small products); tiles are the products of the axis runs.
+        """
+        key = ("tile_plan", shape)
+        cached = self._cache_get(key)
+        if cached is None:
+            self.check(shape)
+            grid = self._grid(shape)
+            makers, cands = [], []
+            for axis, length in enumerate(grid):
+                makers.append(lambda a, axis=axis, length=length: self._axis_tiles(axis, length, a))
+                cands.append([c for c in TILE_CANDIDATES if c <= length] or [length])
+            cached = self._cache_put(key, product_plan(choose_band_tile(makers, cands), grid))
+        return cached
+
+    def _axis_tiles(self, axis: int, length: int, a: int) -> AxisTiles:
+        d = self.dilation[axis]
+        qs, ks = [], []
+        for g in range(min(d, length)):
+            x = torch.arange(g, length, d)
+            first, last = self._axis_window(x, axis, length)
+            t = band_tiles(first, last, x.numel(), a, regular=d == 1)
+            if d == 1:
+                return t
+            qs.append(torch.where(t.q >= 0, g + d * t.q, t.q))
+            ks.append(torch.where(t.k >= 0, g + d * t.k, t.k))
+        r = max(k.shape[1] for k in ks)
+        ks = [torch.nn.functional.pad(k, (0, r - k.shape[1]), value=-1) for k in ks]
+        return AxisTiles(torch.cat(qs), torch.cat(ks))
 
     def _boxes(self, lo: torch.Tensor, hi: torch.Tensor, grid: tuple[int, ...]) -> list[tuple[torch.Tensor, ...]]:
         """Per-axis (min, max) coordinate of the contiguous index ranges ``[lo, hi]``."""

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 import torch
 
 from attnzoo.patterns.base import Pattern, Shape
+from attnzoo.patterns.tiles import AxisTiles, TilePlan, band_tiles, choose_band_tile
+
+# Query-tile sizes the 1-D tile planner considers.
+BAND_CANDIDATES = (8, 16, 32, 64, 128)
 
 
 def _positive_int(value: int, name: str) -> int:
@@ -126,6 +130,20 @@ class SlidingWindow(Pattern):
             any_, all_ = any_ | sink_any, all_ | sink_all
         return any_, all_
 
+    def tile_plan(self, shape: Shape, block: int = 64) -> TilePlan:
+        """Runs of queries, each reading the key range its windows cover (a strided view), plus the sinks."""
+        key = ("tile_plan", shape)
+        cached = self._cache_get(key)
+        if cached is None:
+            self.check(shape)
+            w = self.window if isinstance(self.window, int) else max(self.window)
+            i = torch.arange(shape.n_q) + self._off(shape)
+            first, last = (i - w + 1, i) if self.causal else (i - w, i + w)
+            cands = [c for c in BAND_CANDIDATES if c <= shape.n_q] or [shape.n_q]
+            (axis,) = choose_band_tile([lambda a: band_tiles(first, last, shape.n_kv, a)], [cands])
+            cached = self._cache_put(key, _with_sinks(axis, self.n_sink, shape.n_kv))
+        return cached
+
 
 class DilatedWindow(Pattern):
     """Keys at distance ``dilation * t`` from the query: ``|t| <= window`` (or ``0 <= t < window`` causal)."""
@@ -211,3 +229,13 @@ class GlobalTokens(Pattern):
     def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
         off = self._off(shape)
         return (q_lo + off < self.n) | (k_lo < self.n), (q_hi + off < self.n) | (k_hi < self.n)
+
+
+def _with_sinks(axis: AxisTiles, n_sink: int, n_kv: int) -> TilePlan:
+    """A 1-D plan; ``n_sink`` first keys are added to each tile unless its range already holds them."""
+    if not n_sink:
+        return TilePlan(axis.q, axis.k, axis.strided)
+    sinks = torch.arange(min(n_sink, n_kv)).view(1, -1)
+    in_range = (axis.k.unsqueeze(1) == sinks.unsqueeze(-1)).any(-1)
+    extra = torch.where(in_range, torch.full_like(in_range, -1, dtype=torch.long), sinks)
+    return TilePlan(axis.q, torch.cat([extra, axis.k], dim=1))

@@ -4,6 +4,13 @@ Query blocks are grouped into buckets that visit the same number ``K`` of key bl
 chunk of query blocks gathers its ``K`` key blocks and runs one batched softmax over them.
 The backward is FlashAttention-style: it saves only ``q, k, v, out, lse`` and recomputes
 each chunk's scores, so memory stays linear in N for a fixed window, on any device.
+
+Patterns with a regular structure (sliding windows, neighbourhoods, Swin windows, MaxViT
+axes) give a *tile plan* instead (``pattern.tile_plan(shape, block)``, see
+:mod:`attnzoo.patterns.tiles`): query tiles, each with one fixed list of keys. Those run on
+the tiled path below: gather each tile's queries and keys once (overlapping strided views
+for 1-D bands, no copy), one masked softmax per tile (on CPU the fused flash kernel of
+PyTorch for the forward), and a chunked recomputing backward sized to stay in cache.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from attnzoo.ops.problem import Problem
 CHUNK_ELEMENTS = 1 << 23
 # Tile masks are cached per layout when they take fewer bytes than this.
 MASK_CACHE_BYTES = 256 << 20
+# Tiled path: score elements per chunk of its unfused steps (cache-sized), float-mask elements per fused call.
+TILE_CHUNK_ELEMENTS = 1 << 19
+TILE_FUSED_MASK_ELEMENTS = 1 << 23
 
 
 def default_block(device: torch.device) -> int:
@@ -268,8 +278,24 @@ class BlockSparse(Backend):
             return full_layout(p.shape, block, p.device)
         return p.pattern.block_layout(p.shape, block, block, device=p.device)
 
+    def tiles(self, p: Problem) -> _Tiles | None:
+        """The tiled plan of this problem, or None when the pattern has no tile plan."""
+        plan_fn = getattr(p.pattern, "tile_plan", None)
+        if plan_fn is None:
+            return None
+        plan = plan_fn(p.shape, self.block or default_block(p.device))
+        if plan is None:
+            return None
+        return _Tiles.build(p, plan)
+
     def run(self, p: Problem) -> Result:
         dtype = compute_dtype(p.q.dtype)
+        tiles = self.tiles(p)
+        if tiles is not None:
+            mod_tensors = p.score_mod.tensors() if p.score_mod is not None else []
+            q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
+            out, lse = _TileFn.apply(tiles, q, k, v, *mod_tensors)
+            return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
         layout = self.layout(p)
         plan = _Plan(layout, p.pattern, p.score_mod, p.shape, p.scale, p.groups, [])
         plan.masks = _masks(plan, p.device) if p.pattern is not None else [None] * len(layout.buckets)
@@ -277,3 +303,289 @@ class BlockSparse(Backend):
         q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
         out, lse = _BlockSparseFn.apply(plan, q, k, v, *mod_tensors)
         return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
+
+
+# ------------------------------------------------------------------------------ tiled path
+class _Tiles:
+    """A pattern's tile plan resolved for one problem: indices on the device and the exact tile mask.
+
+    ``mask``: bool ``[B'|1, H'|1, T, bq, R]`` (None when every real slot pair is allowed and
+    every slot is real); ``row_any``: whether each query slot sees any key (same layout
+    without ``R``). Both are evaluated from ``pattern.allow`` on the tile indices and cached
+    on the pattern per shape, groups and device.
+    """
+
+    def __init__(self, p: Problem, plan: Any, device: torch.device) -> None:
+        s = p.shape
+        self.pattern, self.score_mod, self.shape, self.scale, self.groups = (
+            p.pattern, p.score_mod, s, p.scale, p.groups)
+        self.q_index = plan.q_index.to(device)
+        self.kv_index = plan.kv_index.to(device)
+        self.strided = plan.strided
+        t, bq = self.q_index.shape
+        self.n_tiles, self.bq, self.r = t, bq, self.kv_index.shape[1]
+        self.q_identity = bool(t * bq == s.n_q and torch.equal(
+            self.q_index.flatten(), torch.arange(s.n_q, device=device)))
+        self.q_flat = torch.where(self.q_index >= 0, self.q_index, s.n_q).flatten()
+        self.kv_flat = torch.where(self.kv_index >= 0, self.kv_index, s.n_kv).flatten()
+        self.mask, self.row_any = self._mask(device)
+        self._fmask: dict[Any, torch.Tensor] = {}
+
+    @staticmethod
+    def build(p: Problem, plan: Any) -> _Tiles:
+        key = ("tiles", p.shape, p.groups, str(p.device), id(plan))
+        cached = p.pattern._cache_get(key)
+        if cached is None or cached.score_mod is not p.score_mod or cached.scale != p.scale:
+            if cached is None:
+                cached = p.pattern._cache_put(key, _Tiles(p, plan, p.device))
+            else:  # same plan and mask, other score modifier / scale
+                cached = _copy_tiles(cached, p)
+        return cached
+
+    def index_grid(self, rows: slice) -> tuple[torch.Tensor, ...]:
+        """``b [B,1,1,1,1,1]``, ``h [1,Hkv,1,G,1,1]``, ``q [1,1,c,1,bq,1]``, ``kv [1,1,c,1,1,R]`` (clamped ids)."""
+        s, g = self.shape, self.groups
+        dev = self.q_index.device
+        hkv = s.heads // g
+        b = torch.arange(s.batch, device=dev).view(-1, 1, 1, 1, 1, 1)
+        h = (torch.arange(hkv, device=dev).view(-1, 1) * g + torch.arange(g, device=dev)).view(1, hkv, 1, g, 1, 1)
+        qi, ki = self.q_index[rows], self.kv_index[rows]
+        q = qi.clamp(min=0).view(1, 1, -1, 1, self.bq, 1)
+        kv = ki.clamp(min=0).view(1, 1, -1, 1, 1, self.r)
+        return b, h, q, kv
+
+    def _mask(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        s, pat = self.shape, self.pattern
+        bsz = s.batch if pat.per_batch else 1
+        hsz = s.heads if pat.per_head else 1
+        b = torch.arange(bsz, device=device).view(-1, 1, 1, 1, 1)
+        h = torch.arange(hsz, device=device).view(1, -1, 1, 1, 1)
+        per_tile = bsz * hsz * self.bq * self.r
+        step = max(1, (1 << 24) // max(per_tile, 1))
+        parts = []
+        for start in range(0, self.n_tiles, step):
+            qi, ki = self.q_index[start:start + step], self.kv_index[start:start + step]
+            q = qi.clamp(min=0).unsqueeze(-1).view(1, 1, -1, self.bq, 1)
+            kv = ki.clamp(min=0).view(1, 1, -1, 1, self.r)
+            ok = (qi >= 0).view(1, 1, -1, self.bq, 1) & (ki >= 0).view(1, 1, -1, 1, self.r)
+            allowed = torch.as_tensor(pat.allow(b, h, q, kv, s), device=device) & ok
+            parts.append(allowed.expand(*allowed.shape[:2], qi.shape[0], self.bq, self.r))
+        mask = torch.cat(parts, dim=2)
+        if bool(mask.all()):
+            return None, None
+        return mask, mask.any(-1)
+
+    def mask6(self, rows: slice) -> torch.Tensor | None:
+        """The mask of tiles ``rows`` as ``[B'|1, Hkv|1, c, G|1, bq, R]``."""
+        if self.mask is None:
+            return None
+        return _heads6(self.mask[:, :, rows], self.groups)
+
+    def fused_mask(self, rows: slice, dtype: torch.dtype, batch_heads: int) -> torch.Tensor | None:
+        """Additive float mask (0 / -inf, plus an additive score modifier) ``[1|B*Hkv, c, G*bq, R]``."""
+        bias = None
+        if self.score_mod is not None:
+            b, h, q, kv = self.index_grid(rows)
+            zero = torch.zeros((), dtype=dtype, device=q.device)
+            bias = self.score_mod(zero, b, h, q, kv, self.shape)
+            bias = torch.as_tensor(bias).to(dtype)
+            bias = bias.expand(bias.shape[0], bias.shape[1], q.shape[2], bias.shape[3], self.bq, self.r)
+        elif self.mask is None:
+            return None
+        else:
+            key = (rows.start, rows.stop, dtype, batch_heads)
+            cached = self._fmask.get(key)
+            if cached is not None:
+                return cached
+        m6 = self.mask6(rows)
+        if bias is None:
+            fm = torch.zeros(m6.shape, dtype=dtype, device=m6.device).masked_fill_(~m6, float("-inf"))
+        else:
+            fm = torch.where(m6, bias, float("-inf")) if m6 is not None else bias
+        # [X, Y, c, G', bq, R] -> [1 | B*Hkv, c, G*bq, R]
+        x, y, c = fm.shape[:3]
+        g = self.groups
+        fm = fm.expand(x, y, c, g, self.bq, self.r)
+        if x == 1 and y == 1:
+            fm = fm.reshape(1, c, g * self.bq, self.r)
+        else:
+            fm = fm.expand(self.shape.batch, batch_heads // self.shape.batch, c, g, self.bq, self.r)
+            fm = fm.reshape(batch_heads, c, g * self.bq, self.r)
+        if bias is None and self.mask is not None:
+            self._fmask[(rows.start, rows.stop, dtype, batch_heads)] = fm
+        return fm
+
+
+def _copy_tiles(src: _Tiles, p: Problem) -> _Tiles:
+    out = _Tiles.__new__(_Tiles)
+    out.__dict__.update(src.__dict__)
+    out.score_mod, out.scale = p.score_mod, p.scale
+    out._fmask = src._fmask if p.score_mod is None else {}
+    return out
+
+
+def _heads6(t: torch.Tensor, g: int) -> torch.Tensor:
+    """``[X, H|1, c, bq, ...]`` -> ``[X, Hkv|1, c, G|1, bq, ...]``."""
+    x, hh, c = t.shape[:3]
+    rest = t.shape[3:]
+    if hh == 1:
+        return t.view(x, 1, c, 1, *rest)
+    return t.view(x, hh // g, g, c, *rest).transpose(2, 3)
+
+
+def _tile_q(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
+    """``[B, H, N, *rest]`` -> ``[B, H_kv, T, G*bq, *rest]`` (queries of each tile, zeros in empty slots)."""
+    b, h, n = t.shape[:3]
+    rest = t.shape[3:]
+    g = tiles.groups
+    if tiles.q_identity:
+        gathered = t
+    else:
+        gathered = torch.cat([t, t.new_zeros(b, h, 1, *rest)], dim=2)[:, :, tiles.q_flat]
+    gathered = gathered.reshape(b, h // g, g, tiles.n_tiles, tiles.bq, *rest)
+    if g == 1:
+        return gathered.reshape(b, h, tiles.n_tiles, tiles.bq, *rest)
+    return gathered.transpose(2, 3).reshape(b, h // g, tiles.n_tiles, g * tiles.bq, *rest)
+
+
+def _untile_q(t: torch.Tensor, tiles: _Tiles, fill: float = 0.0) -> torch.Tensor:
+    """Inverse of :func:`_tile_q`: ``[B, H_kv, T, G*bq, *rest]`` -> ``[B, H, N, *rest]`` (``fill`` where unseen)."""
+    b, hkv = t.shape[:2]
+    rest = t.shape[4:]
+    g, n = tiles.groups, tiles.shape.n_q
+    t = t.reshape(b, hkv, tiles.n_tiles, g, tiles.bq, *rest).transpose(2, 3).reshape(
+        b, hkv * g, tiles.n_tiles * tiles.bq, *rest)
+    if tiles.q_identity:
+        return t
+    out = t.new_full((b, hkv * g, n + 1, *rest), fill)
+    out.index_copy_(2, tiles.q_flat, t)
+    return out[:, :, :n]
+
+
+def _tile_kv(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
+    """``[B, H_kv, M, D]`` -> ``[B, H_kv, T, R, D]`` keys of each tile (a strided view when the plan allows)."""
+    b, hkv, m, d = t.shape
+    if tiles.strided is not None:
+        start, step = tiles.strided
+        lo = max(0, -start)
+        hi = max(0, start + (tiles.n_tiles - 1) * step + tiles.r - m)
+        padded = torch.nn.functional.pad(t, (0, 0, lo, hi)).contiguous()
+        mp = m + lo + hi
+        return padded.as_strided((b, hkv, tiles.n_tiles, tiles.r, d), (hkv * mp * d, mp * d, step * d, d, 1),
+                                 padded.storage_offset() + (start + lo) * d)
+    padded = torch.cat([t, t.new_zeros(b, hkv, 1, d)], dim=2)
+    return padded[:, :, tiles.kv_flat].view(b, hkv, tiles.n_tiles, tiles.r, d)
+
+
+def _tile_chunks(tiles: _Tiles, batch_heads: int) -> list[slice]:
+    per_tile = batch_heads * tiles.groups * tiles.bq * tiles.r
+    step = max(1, TILE_CHUNK_ELEMENTS // max(per_tile, 1))
+    return [slice(i, min(tiles.n_tiles, i + step)) for i in range(0, tiles.n_tiles, step)]
+
+
+def _tile_scores(tiles: _Tiles, qc: torch.Tensor, kc: torch.Tensor, rows: slice, track: bool = False):
+    """(raw, modified, masked) scores ``[B, H_kv, c, G, bq, R]`` of tiles ``rows``; ``qc`` is pre-scaled."""
+    b, hkv, c = qc.shape[:3]
+    raw = torch.matmul(qc, kc.transpose(-1, -2)).view(b, hkv, c, tiles.groups, tiles.bq, tiles.r)
+    mask = tiles.mask6(rows)
+    if tiles.score_mod is None:
+        return raw, raw, raw.masked_fill_(~mask, float("-inf")) if mask is not None else raw
+    if track:
+        raw.requires_grad_()
+    idx = tiles.index_grid(rows)
+    mod = tiles.score_mod(raw, *idx, tiles.shape)
+    return raw, mod, mod.masked_fill(~mask, float("-inf")) if mask is not None else mod
+
+
+def _fusable(tiles: _Tiles, q: torch.Tensor, v: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and q.dtype in (torch.float32, torch.float64)
+            and (tiles.score_mod is None or getattr(tiles.score_mod, "additive", False)))
+
+
+def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [B, H, N, D_v]`` and ``lse [B, H, N]``."""
+    b, hkv = k.shape[:2]
+    qt, kt, vt = _tile_q(q, tiles), _tile_kv(k, tiles), _tile_kv(v, tiles)
+    if _fusable(tiles, q, v):
+        bh = b * hkv
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        qf = qt.reshape(bh, tiles.n_tiles, -1, q.shape[-1])
+        kf, vf = kt.reshape(bh, tiles.n_tiles, tiles.r, -1), vt.reshape(bh, tiles.n_tiles, tiles.r, -1)
+        per_tile = bh * tiles.groups * tiles.bq * tiles.r
+        step = max(1, TILE_FUSED_MASK_ELEMENTS // max(per_tile, 1))
+        outs, lses = [], []
+        for i in range(0, tiles.n_tiles, step):
+            rows = slice(i, min(tiles.n_tiles, i + step))
+            fm = tiles.fused_mask(rows, q.dtype, bh)
+            o, lse = op(qf[:, rows], kf[:, rows], vf[:, rows], 0.0, False, attn_mask=fm, scale=tiles.scale)
+            outs.append(o)
+            lses.append(lse)
+        out_t = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).view(b, hkv, tiles.n_tiles, -1, v.shape[-1])
+        lse_t = (lses[0] if len(lses) == 1 else torch.cat(lses, 1)).view(b, hkv, tiles.n_tiles, -1)
+        if tiles.row_any is not None:  # rows that see no key: out is 0, lse must be -inf
+            seen = _heads6(tiles.row_any, tiles.groups)
+            seen = seen.expand(*seen.shape[:3], tiles.groups, tiles.bq).flatten(3, 4)
+            lse_t = lse_t.masked_fill(~seen, float("-inf"))
+    else:
+        out_t = qt.new_zeros(*qt.shape[:-1], v.shape[-1])
+        lse_t = qt.new_full(qt.shape[:-1], float("-inf"))
+        for rows in _tile_chunks(tiles, b * hkv):
+            _, _, s = _tile_scores(tiles, qt[:, :, rows] * tiles.scale, kt[:, :, rows], rows)
+            s = s.flatten(3, 4)
+            m = s.amax(-1, keepdim=True)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            p = s.sub_(m).exp_()
+            denom = p.sum(-1, keepdim=True)
+            out_t[:, :, rows] = torch.matmul(p, vt[:, :, rows]).div_(denom.clamp_min(torch.finfo(p.dtype).tiny))
+            lse_t[:, :, rows] = (m + torch.log(denom)).squeeze(-1)
+    return _untile_q(out_t, tiles), _untile_q(lse_t, tiles, float("-inf"))
+
+
+def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
+    b, hkv, m, d = k.shape
+    qt = _tile_q(q * tiles.scale, tiles)
+    kt, vt = _tile_kv(k, tiles), _tile_kv(v, tiles)
+    do_t = _tile_q(dout, tiles)
+    delta_t = _tile_q((dout * out).sum(-1), tiles)
+    lse_t = _tile_q(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse), tiles)
+    dq_t = torch.zeros_like(qt)
+    dk = k.new_zeros(b, hkv, m + 1, d)
+    dv = v.new_zeros(b, hkv, m + 1, v.shape[-1])
+    tracked = [i for i, t in enumerate(mod_tensors) if t.requires_grad]
+    mod_grads: list[torch.Tensor | None] = [None] * len(mod_tensors)
+    kv_flat = tiles.kv_flat.view(tiles.n_tiles, tiles.r)
+    for rows in _tile_chunks(tiles, b * hkv):
+        qc, kc, vc, doc = qt[:, :, rows], kt[:, :, rows], vt[:, :, rows], do_t[:, :, rows]
+        with torch.enable_grad():
+            raw, mod, s = _tile_scores(tiles, qc, kc, rows, track=tiles.score_mod is not None)
+        s = s.detach().flatten(3, 4)
+        lse_c = lse_t[:, :, rows].unsqueeze(-1)
+        p = (s.sub_(lse_c) if tiles.score_mod is None else s - lse_c).exp_()
+        dv_c = torch.matmul(p.transpose(-1, -2), doc)
+        ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_t[:, :, rows].unsqueeze(-1)).mul_(p)
+        if tiles.score_mod is not None:
+            grads = torch.autograd.grad(mod, [raw, *(mod_tensors[i] for i in tracked)], ds.view_as(mod))
+            ds = grads[0].flatten(3, 4)
+            for i, g in zip(tracked, grads[1:]):
+                mod_grads[i] = g if mod_grads[i] is None else mod_grads[i] + g
+        dq_t[:, :, rows] = torch.matmul(ds, kc).mul_(tiles.scale)
+        dk_c = torch.matmul(ds.transpose(-1, -2), qc)
+        flat = kv_flat[rows].flatten()
+        dk.index_add_(2, flat, dk_c.reshape(b, hkv, -1, d))
+        dv.index_add_(2, flat, dv_c.reshape(b, hkv, -1, dv_c.shape[-1]))
+    return _untile_q(dq_t, tiles), dk[:, :, :m], dv[:, :, :m], mod_grads
+
+
+class _TileFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tiles: _Tiles, q, k, v, *mod_tensors):
+        out, lse = _tile_forward(tiles, q, k, v)
+        ctx.tiles = tiles
+        ctx.save_for_backward(q, k, v, out, lse, *mod_tensors)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *mod_tensors = ctx.saved_tensors
+        dq, dk, dv, mod_grads = _tile_backward(ctx.tiles, q, k, v, out, lse, dout.contiguous(), mod_tensors)
+        return (None, dq, dk, dv, *mod_grads)
