@@ -1,0 +1,172 @@
+"""Section-5 mixers (linear-recurrent family) beyond the conformance suite.
+
+Float64, fresh random inputs: every form of every entry gives the same outputs and the same
+parameter gradients (decay and gate parameters included) for any chunk size; decoding with a
+fixed-size state, segment by segment, equals one pass; catalogue properties.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.layers.linear import FeatureMap, Lightning, LinearAttention, lightning_decay
+from attnzoo.layers.recurrent import RecurrentState, ShortConv
+
+TOL = {"atol": 1e-10, "rtol": 1e-10}
+FAMILY = [s.slug for s in attnzoo.list(family="linear-recurrent")]
+FORM_ENTRIES = [s.slug for s in attnzoo.list(family="linear-recurrent") if s.reference_kwargs.get("form") == "parallel"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny per-token ops: OpenMP start-up costs more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _build(slug: str, seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    spec = attnzoo.spec(slug)
+    return attnzoo.create(slug, **{**spec.test_kwargs, **kw}).double()
+
+
+def _x(request, b=2, n=13, c=32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return torch.randn(b, n, c, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("slug", FORM_ENTRIES)
+def test_forms_agree_forward_and_parameter_gradients(slug, request):
+    x = _x(request)
+    dout = torch.randn_like(x)
+    ref = None
+    for form, chunk in [("parallel", 64), ("recurrent", 64), ("chunked", 1), ("chunked", 4), ("chunked", 64)]:
+        m = _build(slug, form=form, chunk_size=chunk)
+        xi = x.clone().requires_grad_()
+        y = m(xi, causal=True)
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((y * dout).sum(), [xi, *params])
+        if ref is None:
+            ref = (y, grads)
+            continue
+        torch.testing.assert_close(y, ref[0], **TOL, msg=lambda s, f=form, c=chunk: f"{slug} {f}/{c}: {s}")
+        for (name, _), g, g_ref in zip([("x", None), *m.named_parameters()], grads, ref[1]):
+            torch.testing.assert_close(g, g_ref, **TOL,
+                                       msg=lambda s, f=form, c=chunk, n=name: f"{slug} {f}/{c} d{n}: {s}")
+
+
+@pytest.mark.parametrize("slug", [s for s in FAMILY if "decoding" in attnzoo.spec(s).supports])
+def test_state_decoding_segments_equal_one_pass_with_constant_state_size(slug, request):
+    m = _build(slug)
+    x = _x(request, n=23)
+    full = m(x, causal=True)
+    state, outs, start, sizes = RecurrentState(), [], 0, []
+    for length in (6, 1, 1, 9, 1, 5):
+        outs.append(m(x[:, start:start + length], causal=True, cache=state))
+        start += length
+        sizes.append(state.nbytes())
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+    assert state.position == 23
+    if attnzoo.spec(slug).complexity == "O(N)":
+        assert len(set(sizes)) == 1, f"{slug}: state size changed while decoding: {sizes}"
+
+
+def test_lightning_decay_schedule_and_learnable_decay(request):
+    lam = lightning_decay(8, layer_idx=2, n_layers=5)
+    slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(8)], dtype=torch.float64)
+    torch.testing.assert_close(lam, torch.exp(-slopes * (1 - 2 / 4 + 1e-5)), **TOL)
+    assert lightning_decay(4, 3, 4).min() > 1 - 1e-5  # the last layer barely decays
+    m = Lightning(32, 4, learn_decay=True, chunk_size=4).double()
+    torch.testing.assert_close(m.head_log_decay().exp(), lightning_decay(4), rtol=1e-6, atol=0)
+    m(_x(request)).pow(2).sum().backward()
+    assert m.decay_logit.grad is not None and m.decay_logit.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="learn_decay"):
+        Lightning(32, 4, decay=1.0, learn_decay=True)
+    with pytest.raises(ValueError, match="decay"):
+        Lightning(32, 4, decay=[0.5, 1.5, 0.9, 0.9])
+
+
+def test_linear_attention_feature_maps_and_modes(request):
+    x, ctx = _x(request), _x(request, n=7)
+    for fmap in ("identity", "elu", "relu", "silu", "performer", "taylor"):
+        m = LinearAttention(32, 4, feature_map=fmap, normalize=fmap != "identity", chunk_size=4,
+                            feature_dim=4 if fmap == "taylor" else None).double()
+        for kw in ({}, {"causal": True}, {"context": ctx}):
+            assert torch.isfinite(m(x, **kw)).all()
+    assert FeatureMap("taylor", 1, 16).out_dim == 153  # Based, feature_dim 16
+    # non-causal decoding: each chunk sees every earlier token and its whole chunk
+    m = LinearAttention(32, 4).double()
+    state = RecurrentState()
+    a, b = m(x[:, :5], cache=state), m(x[:, 5:], cache=state)
+    torch.testing.assert_close(a, m(x[:, :5]), **TOL)
+    k = m.features(m.k_proj(x).view(2, 13, 4, 8).transpose(1, 2))
+    v = m.v_proj(x).view(2, 13, 4, 8).transpose(1, 2)
+    q = m.features(m.q_proj(x[:, 5:]).view(2, 8, 4, 8).transpose(1, 2))
+    w = q @ k.transpose(-1, -2)  # the second chunk's queries see all 13 keys
+    want = m.o_proj(((w @ v) / (w.sum(-1, keepdim=True) + m.eps)).transpose(1, 2).reshape(2, 8, 32))
+    torch.testing.assert_close(b, want, **TOL)
+    with pytest.raises(ValueError, match="context"):
+        m(x, context=ctx, causal=True)
+
+
+def test_performer_features_estimate_the_softmax_kernel():
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    q, k = (torch.randn(1, 1, 5, d, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    torch.manual_seed(0)
+    fm = FeatureMap("performer", 1, d, n_features=16384).double()
+    est = fm(q) @ fm(k).transpose(-1, -2)
+    exact = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(d))
+    assert ((est - exact).abs() / exact).max() < 0.08  # ~3 standard errors at 16384 features
+    before = fm.omega.clone()
+    fm.redraw()
+    assert not torch.equal(before, fm.omega)
+
+
+def test_normalised_linear_attention_is_scale_invariant_in_q_with_relu(request):
+    """φ = relu is positively homogeneous: normalised outputs for q and 2q agree (eps = 0)."""
+    m = LinearAttention(32, 4, feature_map="relu", eps=0.0).double()
+    with torch.no_grad():  # keep every query row's features nonzero (eps = 0 would divide 0 by 0)
+        m.q_proj.bias.fill_(3.0)
+    x = _x(request)
+    y = m(x, causal=True)
+    with torch.no_grad():
+        m.q_proj.weight.mul_(2)
+        m.q_proj.bias.mul_(2)
+    torch.testing.assert_close(m(x, causal=True), y, **TOL)
+
+
+def test_short_conv_is_causal_and_resumable(request):
+    conv = ShortConv(6, 4).double()
+    x = _x(request, c=6)
+    y, prev = conv(x)
+    y2, _ = conv(torch.cat([x[:, :5], torch.randn_like(x[:, 5:])], 1))
+    torch.testing.assert_close(y2[:, :5], y[:, :5], **TOL)
+    a, p = conv(x[:, :7])
+    b, p = conv(x[:, 7:], p)
+    torch.testing.assert_close(torch.cat([a, b], 1), y, **TOL)
+    torch.testing.assert_close(p, prev, **TOL)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="feature_map"):
+        LinearAttention(32, 4, feature_map="cosine")
+    with pytest.raises(ValueError, match="form"):
+        attnzoo.create("delta_net", dim=32, form="fast")
+    with pytest.raises(ValueError, match="gate"):
+        attnzoo.create("delta_net", dim=32, gate="vector")
+    m = attnzoo.create("lightning", dim=32, n_heads=4)
+    x = torch.randn(1, 5, 32)
+    with pytest.raises(ValueError, match="context"):
+        m(x, context=x)
+    with pytest.raises(ValueError, match="cache"):
+        m(x, cache={})
+    assert attnzoo.spec("gated_delta_net").slug == "delta_net"
+    assert attnzoo.create("gated_delta_net", dim=32).gate == "scalar"
