@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m attnzoo demo
+	$(PY) -m attnzoo compare --preset quick
 
 test: $(STAMP)
 	$(PY) -m ruff check attnzoo tests benchmarks

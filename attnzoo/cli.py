@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from attnzoo.inspect.viewer import add_cli as _inspect_cli
 
     _inspect_cli(sub)
+    from attnzoo.bench.cli import add_subcommands  # compare, train, bench, results, report
+
+    add_subcommands(sub)
     return parser
 
 

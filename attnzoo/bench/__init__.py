@@ -10,6 +10,7 @@
 - :mod:`attnzoo.bench.compare`: ``attnzoo compare`` (train, measure, store, report).
 """
 
-from attnzoo.bench.tasks import TASKS, Task, TaskData, get_task
+from attnzoo.bench.tasks import TASKS, Task, TaskData, get_task  # noqa: I001  (tasks before cab)
+from attnzoo.bench import cab  # noqa: F401  (registers the ``cab`` task entry)
 
 __all__ = ["TASKS", "Task", "TaskData", "get_task"]

@@ -3,9 +3,11 @@
 Both are Zoology-style stacks: input embedding (tokens, or a linear map of float features),
 a positional choice (``"learned"``, ``"sinusoidal"`` or ``"none"``), ``n_layers`` pre-norm
 blocks ``x += mixer(norm(x))`` (and ``x += mlp(norm(x))`` when ``mlp_ratio > 0``; Zoology's
-MQAR models use none), a final norm and a linear head. The mixer is built with
-``attnzoo.create(slug, dim=dim, **mixer_kwargs)``; keyword arguments the mixer does not accept
-are an error naming the accepted ones.
+MQAR models use none), a final norm and a linear head (tied to the token embedding in the
+language model, as Zoology). Weights start from Zoology's initialisation (:func:`zoology_init`).
+The mixer is built by :func:`build_mixer`: ``attnzoo.create(slug, dim=dim, **mixer_kwargs)`` for a
+mixer, or the entry inside a host ``mha`` for a pattern (``sliding_window``) or score modifier;
+keyword arguments it does not accept are an error naming the accepted ones.
 
 :func:`build_model` checks, before anything is trained, that the mixer declares what the task
 needs (``causal`` for a language model, ``self`` for an encoder): a non-causal mixer in a
@@ -24,23 +26,28 @@ from torch import nn
 import attnzoo
 from attnzoo.bench.tasks import Task
 
-__all__ = ["Block", "EncoderClassifier", "TinyLM", "build_model", "check_mixer", "mixer_kwargs_for", "mixer_slugs",
-           "POSITIONAL"]
+__all__ = ["Block", "EncoderClassifier", "TinyLM", "build_mixer", "build_model", "check_mixer", "mixer_kwargs_for",
+           "mixer_slugs", "POSITIONAL"]
 
 POSITIONAL = ("learned", "sinusoidal", "none")
 
 
+def _hosted(spec: Any) -> bool:
+    """A pattern or score-modifier entry that runs inside a host ``mha`` (its spec has a ``host``)."""
+    return spec.type in ("pattern", "score_mod") and spec.host is not None
+
+
 def mixer_slugs() -> list[str]:
-    """Slugs (and aliases) of every registered token mixer."""
+    """Slugs (and aliases) usable as token mixers: mixers, and patterns / score mods with a host ``mha``."""
     from attnzoo.registry import aliases
 
-    mixers = {s.slug for s in attnzoo.list(type="mixer")}
-    return sorted(mixers | {a for a, t in aliases().items() if t in mixers})
+    usable = {s.slug for s in attnzoo.list() if s.type == "mixer" or _hosted(s)}
+    return sorted(usable | {a for a, t in aliases().items() if t in usable})
 
 
 def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, what: str = "this task") -> Any:
-    """The mixer's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown, not a mixer,
-    or does not declare every capability in ``needs`` (e.g. ``{"causal"}``)."""
+    """The entry's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown, cannot act as a token
+    mixer, or does not declare every capability in ``needs`` (e.g. ``{"causal"}``)."""
     valid = mixer_slugs()
     try:
         spec = attnzoo.spec(slug)
@@ -48,7 +55,7 @@ def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, wh
         close = difflib.get_close_matches(str(slug), valid, n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"mixer: unknown mixer {slug!r}{hint}; registered mixers: {', '.join(valid)}") from None
-    if spec.type != "mixer":
+    if spec.type != "mixer" and not _hosted(spec):
         raise ValueError(f"mixer: {slug!r} is a {spec.type}, not a token mixer; registered mixers: {', '.join(valid)}")
     missing = sorted(set(needs) - set(spec.supports))
     if missing:
@@ -59,11 +66,38 @@ def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, wh
     return spec
 
 
+def build_mixer(slug: str, dim: int, **kwargs: Any) -> nn.Module:
+    """``attnzoo.create(slug, dim=dim, **kwargs)`` for a mixer; for a pattern or score modifier, the
+    entry built from ``kwargs`` inside a host :class:`~attnzoo.layers.MultiHeadAttention` of width
+    ``dim`` (``n_heads`` and ``backend`` go to the host; ``head_dim``/``n_heads`` are passed on to the
+    entry when it takes them). Unknown arguments raise ``ValueError`` naming the accepted ones."""
+    spec = check_mixer(slug)
+    try:
+        if spec.type == "mixer":
+            return attnzoo.create(slug, dim=dim, **kwargs)
+        from attnzoo.layers import MultiHeadAttention
+
+        n_heads = kwargs.pop("n_heads", 8)
+        host_kw = {k: kwargs.pop(k) for k in ("backend", "bias") if k in kwargs}
+        accepted = spec.accepted_arguments() or []
+        if "head_dim" in accepted and "head_dim" not in kwargs:
+            kwargs["head_dim"] = dim // n_heads
+        for name in ("n_heads", "heads"):
+            if name in accepted and name not in kwargs:
+                kwargs[name] = n_heads
+        inner = attnzoo.create(slug, **kwargs)
+        return MultiHeadAttention(dim, n_heads, **host_kw, **spec.host(inner))
+    except TypeError as e:
+        raise ValueError(f"mixer {slug!r}: {e}") from None
+
+
 def mixer_kwargs_for(slug: str, *, n_heads: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``extra``, plus ``n_heads`` when the mixer accepts it and ``extra`` does not set it."""
+    """``extra``, plus ``n_heads`` when the mixer (or the host of a pattern) takes it and ``extra`` does not set it."""
     kwargs = dict(extra or {})
-    accepted = attnzoo.spec(slug).accepted_arguments()
-    if n_heads is not None and "n_heads" not in kwargs and (accepted is None or "n_heads" in accepted):
+    spec = attnzoo.spec(slug)
+    accepted = spec.accepted_arguments()
+    takes = _hosted(spec) or accepted is None or "n_heads" in accepted
+    if n_heads is not None and "n_heads" not in kwargs and takes:
         kwargs["n_heads"] = n_heads
     return kwargs
 
@@ -75,6 +109,19 @@ def _sinusoidal(n: int, dim: int) -> torch.Tensor:
     out[:, 0::2] = torch.sin(pos * freq)
     out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
     return out.float()
+
+
+def zoology_init(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
+    """Zoology's initialisation: every ``Linear``/``Embedding`` weight ~ N(0, std), biases 0, and the
+    output projections (``o_proj``/``out_proj``/``fc2``, the MLP's second layer) N(0, std / sqrt(2 n_layers))."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith(("o_proj.weight", "out_proj.weight", "fc2.weight", "mlp.2.weight")):
+            nn.init.normal_(p, std=std / math.sqrt(2 * n_layers))
 
 
 class Block(nn.Module):
@@ -124,27 +171,13 @@ class _Trunk(nn.Module):
         elif positional == "sinusoidal":
             self.register_buffer("pos_table", _sinusoidal(max_len, dim), persistent=False)
         self.embed_drop = nn.Dropout(embed_dropout)
-        kwargs = dict(mixer_kwargs or {})
-        try:
-            mixers = [attnzoo.create(mixer, dim=dim, **kwargs) for _ in range(n_layers)]
-        except TypeError as e:
-            raise ValueError(f"mixer {mixer!r}: {e}") from None
+        mixers = [build_mixer(mixer, dim, **dict(mixer_kwargs or {})) for _ in range(n_layers)]
         self.blocks = nn.ModuleList(Block(dim, m, mlp_ratio=mlp_ratio, dropout=dropout) for m in mixers)
         self.norm = nn.LayerNorm(dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Zoology: normal(0.02) embeddings; the mixers keep the initialisation they define.
-        nn.init.normal_(self.embed.weight, std=0.02)
-        if self.positional == "learned":
-            nn.init.normal_(self.pos.weight, std=0.02)
-        for b in self.blocks:
-            if b.mlp is not None:
-                for m in b.mlp:
-                    if isinstance(m, nn.Linear):
-                        nn.init.normal_(m.weight, std=0.02)
-                        nn.init.zeros_(m.bias)
-                b.mlp[2].weight.data /= math.sqrt(2 * len(self.blocks))
+        zoology_init(self, len(self.blocks))
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         n = inputs.shape[1]
@@ -167,7 +200,8 @@ class TinyLM(nn.Module):
     ``forward(inputs [B, L], select=None)`` returns logits ``[B, L, n_outputs]``, or
     ``[K, n_outputs]`` at the ``K`` positions where the bool ``select`` ``[B, L]`` is True
     (the loss of a sparsely labelled task needs only those). With ``n_features`` the inputs
-    are float vectors ``[B, L, n_features]`` (in-context regression, ``n_outputs=1``).
+    are float vectors ``[B, L, n_features]`` (in-context regression, ``n_outputs=1``). The head
+    shares the token embedding (``tie_weights``, as Zoology) when it predicts the input vocabulary.
     """
 
     causal = True
@@ -175,7 +209,7 @@ class TinyLM(nn.Module):
     def __init__(self, mixer: str, *, vocab_size: int | None = None, n_features: int | None = None, dim: int = 64,
                  n_layers: int = 2, max_len: int = 512, n_outputs: int | None = None,
                  mixer_kwargs: dict[str, Any] | None = None, positional: str = "learned", mlp_ratio: float = 0.0,
-                 dropout: float = 0.0, embed_dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, embed_dropout: float = 0.0, tie_weights: bool = True) -> None:
         super().__init__()
         check_mixer(mixer, {"causal"}, what="a causal language model")
         self.trunk = _Trunk(mixer=mixer, dim=dim, n_layers=n_layers, max_len=max_len, vocab_size=vocab_size,
@@ -186,6 +220,9 @@ class TinyLM(nn.Module):
             raise ValueError("n_outputs: needed with float inputs")
         self.head = nn.Linear(dim, out, bias=False)
         nn.init.normal_(self.head.weight, std=0.02)
+        self.tied = bool(tie_weights and vocab_size is not None and out == vocab_size)
+        if self.tied:  # as Zoology: the head shares the token embedding
+            self.head.weight = self.trunk.embed.weight
 
     def forward(self, inputs: torch.Tensor, select: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

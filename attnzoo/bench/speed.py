@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import attnzoo
-from attnzoo.bench.models import check_mixer, mixer_kwargs_for
+from attnzoo.bench.models import build_mixer, check_mixer, mixer_kwargs_for
 from attnzoo.bench.train import pick_device, progress_bar
 
 __all__ = ["BASELINE", "SpeedConfig", "count_flops", "run_speed", "measure"]
@@ -208,7 +208,7 @@ def _build(slug: str, cfg: SpeedConfig, device: torch.device, dtype: torch.dtype
         return m.to(device=device, dtype=dtype), False
     spec = check_mixer(slug)
     kwargs = mixer_kwargs_for(slug, n_heads=cfg.n_heads, extra=cfg.mixer_kwargs.get(slug))
-    m = attnzoo.create(slug, dim=cfg.dim, **kwargs)
+    m = build_mixer(slug, cfg.dim, **kwargs)
     return m.to(device=device, dtype=dtype), cfg.causal and "causal" in spec.supports
 
 

@@ -302,7 +302,8 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
                     break
     elapsed = time.perf_counter() - started
     metrics = {
-        task.metric: best, f"final_{task.metric}": last_eval, "train_loss": running, "steps": step,
+        "metric": task.metric, "higher_is_better": task.higher_is_better, task.metric: best,
+        f"final_{task.metric}": last_eval, "train_loss": running, "steps": step,
         "epochs": round(step * cfg.batch_size / len(train_data), 3), "stopped_early": stopped_early,
         "train_time_s": round(elapsed, 3), "time_per_step_ms": round(1000 * elapsed / max(step, 1), 3),
         "params": n_params,

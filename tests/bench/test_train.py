@@ -57,8 +57,8 @@ def test_mixer_errors_come_before_training(monkeypatch):
         train(TINY, _cfg(mixer="reversed_attention", mixer_kwargs={}))
     with pytest.raises(ValueError, match="unknown mixer 'mhaa'.*did you mean 'mha'.*registered mixers:"):
         train(TINY, _cfg(mixer="mhaa"))
-    with pytest.raises(ValueError, match="'rope' is a score_mod, not a token mixer"):
-        check_mixer("rope")
+    with pytest.raises(ValueError, match="'mqar' is a task, not a token mixer"):
+        check_mixer("mqar")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['heads'\]"):
         build_model(TINY, "mha", mixer_kwargs={"heads": 2})
     with pytest.raises(ValueError, match="positional"):

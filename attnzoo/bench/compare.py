@@ -1,0 +1,310 @@
+"""``attnzoo compare``: train, measure, store and report in one command.
+
+Presets:
+
+- ``quick`` (``make demo``; minutes on a 2-core CPU): whichever of ``mha``, ``sliding_window``,
+  ``linear_attention`` and ``lightning`` are registered, on MQAR at Zoology's (64, 4) and
+  (128, 8) settings (2 layers, width 64, one learning rate, a fixed step budget, early stop at
+  0.99), and a speed/memory sweep against SDPA dense up to N = 16384.
+- ``zoology``: Zoology's Figure 2 sweep: the four (seq, kv) settings, d_model 64-512, the four
+  learning rates ``logspace(-4, -2, 4)``, 100k/3k examples, 64 epochs, the paper's batch sizes;
+  the figure reports the best over learning rates. Options narrow it (``--seq-lens``,
+  ``--dims``, ``--lrs``, ``--epochs``...) for a CPU.
+- ``full``: every registered causal mixer on MQAR (64-256), induction, selective copy and
+  in-context regression, plus ListOps for the mixers that run non-causally, at two widths and
+  two learning rates, and the speed sweep. Long; meant for a GPU.
+
+Every choice is checked before any training starts: unknown mixers, tasks or options, and a
+mixer that cannot do what a task needs, are errors listing the valid choices.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnzoo.bench.models import build_mixer, check_mixer, mixer_kwargs_for, mixer_slugs
+from attnzoo.bench.report import build_report, leaderboard
+from attnzoo.bench.speed import SpeedConfig, config_dict, run_speed
+from attnzoo.bench.store import DEFAULT_STORE, environment, open_store
+from attnzoo.bench.tasks import MQAR, ICLLinearRegression, Induction, ListOps, SelectiveCopy, Task
+from attnzoo.bench.train import TrainConfig, dist_info, train
+
+__all__ = ["PRESETS", "QUICK_MIXERS", "Preset", "Setting", "get_preset", "resolve_mixers", "run_compare"]
+
+QUICK_MIXERS = ("mha", "sliding_window", "linear_attention", "lightning")
+# Per-mixer arguments the presets use (only the ones an entry accepts are passed).
+MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sliding_window": {"window": 16},
+}
+
+
+@dataclass
+class Setting:
+    """A task and how long to train on it."""
+
+    task: Task
+    batch_size: int = 64
+    n_train: int = 10_000
+    n_test: int = 1_000
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_every: int | None = None
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    settings: list[Setting]
+    dims: list[int]
+    lrs: list[float]
+    n_layers: int = 2
+    n_heads: int = 1
+    candidates: tuple[str, ...] = QUICK_MIXERS
+    all_mixers: bool = False          # every registered mixer that can run the tasks
+    speed: SpeedConfig | None = None
+    early_stop: float | None = 0.99
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+def _quick() -> Preset:
+    settings = [
+        Setting(MQAR.paper(64), batch_size=64, n_train=6_400, n_test=500, max_steps=450, eval_every=75),
+        Setting(MQAR.paper(128), batch_size=64, n_train=6_400, n_test=500, max_steps=300, eval_every=75),
+    ]
+    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=64, n_heads=1, repeats=3, warmup=1, max_seconds=20.0)
+    return Preset("quick", "MQAR (64, 4) and (128, 8) at width 64 with a step budget; speed sweep to N=16384",
+                  settings, dims=[64], lrs=[3e-3], speed=speed)
+
+
+def _zoology() -> Preset:
+    batch = {64: 512, 128: 512, 256: 256, 512: 128}
+    settings = [Setting(MQAR.paper(seq), batch_size=batch[seq], n_train=100_000, n_test=3_000, epochs=64)
+                for seq in (64, 128, 256, 512)]
+    lrs = [float(f"{x:.3g}") for x in torch.logspace(-4, -2, 4, dtype=torch.float64).tolist()]
+    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=128, n_heads=2, repeats=5, warmup=2, max_seconds=60.0)
+    return Preset("zoology", "Zoology Figure 2: MQAR (64,4) (128,8) (256,16) (512,64), d_model 64-512, 4 lrs, "
+                  "64 epochs; best over lrs", settings, dims=[64, 128, 256, 512], lrs=lrs, speed=speed)
+
+
+def _full() -> Preset:
+    settings = [
+        Setting(MQAR.paper(64), batch_size=128, n_train=20_000, n_test=1_000, epochs=16),
+        Setting(MQAR.paper(128), batch_size=128, n_train=20_000, n_test=1_000, epochs=16),
+        Setting(MQAR.paper(256), batch_size=64, n_train=20_000, n_test=1_000, epochs=16),
+        Setting(Induction(seq_len=128, vocab_size=256), batch_size=64, n_train=10_000, n_test=1_000, epochs=8),
+        Setting(SelectiveCopy(seq_len=256, n_tokens=16, n_symbols=16), batch_size=64, n_train=10_000, n_test=1_000,
+                epochs=8),
+        Setting(ICLLinearRegression(n_dims=8, n_points=32), batch_size=64, n_train=20_000, n_test=1_000, epochs=8),
+        Setting(ListOps(max_depth=6, max_args=6, min_length=50, max_length=256), batch_size=64, n_train=10_000,
+                n_test=1_000, epochs=8),
+    ]
+    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384, 65536], dim=128, n_heads=2, repeats=5, warmup=2,
+                        max_seconds=60.0)
+    return Preset("full", "every registered mixer on MQAR, induction, selective copy, ICL regression and ListOps; "
+                  "speed sweep to N=65536", settings, dims=[64, 128], lrs=[1e-3, 3e-3], all_mixers=True, speed=speed,
+                  n_heads=2)
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"quick": _quick, "zoology": _zoology, "full": _full}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def resolve_mixers(preset: Preset, mixers: list[str] | None) -> tuple[list[str], list[str]]:
+    """(mixers to run, notes). Explicit ``mixers`` must all be valid for every task (else ``ValueError``);
+    by default the preset's candidates that are registered and can run its tasks."""
+    needs: dict[str, frozenset[str]] = {s.task.label(): s.task.needs() for s in preset.settings}
+    notes: list[str] = []
+    if mixers:
+        seen = []
+        for m in mixers:
+            for label, need in needs.items():
+                check_mixer(m, need, what=f"task {label}")
+            if m not in seen:
+                seen.append(m)
+        return seen, notes
+    pool = mixer_slugs() if preset.all_mixers else list(preset.candidates)
+    registered = set(mixer_slugs())
+    chosen = []
+    for m in pool:
+        if m not in registered:
+            notes.append(f"{m}: not registered in this build, left out")
+            continue
+        try:
+            for label, need in needs.items():
+                check_mixer(m, need, what=f"task {label}")
+        except ValueError as e:
+            if preset.all_mixers:
+                continue
+            notes.append(f"{m}: left out ({e})")
+            continue
+        chosen.append(m)
+    if not chosen:
+        raise ValueError(f"no registered mixer can run preset {preset.name!r}; registered mixers: "
+                         f"{', '.join(sorted(registered))}")
+    return chosen, notes
+
+
+def _mixer_kwargs(mixer: str, n_heads: int, extra: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    import attnzoo
+
+    spec = attnzoo.spec(mixer)
+    accepted = spec.accepted_arguments()
+    defaults = {k: v for k, v in MIXER_DEFAULTS.get(mixer, {}).items() if accepted is None or k in accepted}
+    return mixer_kwargs_for(mixer, n_heads=n_heads, extra={**defaults, **((extra or {}).get(mixer) or {})})
+
+
+def _preflight(mixers: list[str], kwargs_of: dict[str, dict[str, Any]], p: Preset) -> None:
+    """Build every mixer at every width (and as the speed sweep will) so a bad argument fails before training."""
+    for m in mixers:
+        builds = [(dim, dict(kwargs_of[m])) for dim in p.dims]
+        if p.speed is not None:
+            rest = {k: v for k, v in kwargs_of[m].items() if k != "n_heads"}
+            builds.append((p.speed.dim, mixer_kwargs_for(m, n_heads=p.speed.n_heads, extra=rest)))
+        for dim, kw in builds:
+            try:
+                build_mixer(m, dim, **kw)
+            except Exception as e:
+                raise ValueError(f"mixer {m!r} cannot be built at width {dim} with {kw}: {e}") from None
+
+
+def _session_id(preset: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{preset}-{stamp}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class CompareResult:
+    session: str
+    store: Path
+    report: Path | None
+    leaderboard: tuple[list[str], list[list[str]]]
+    wall_s: float
+    notes: list[str]
+
+
+def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store: str | Path | None = None,
+                out: str | Path | None = None, report: bool = True, speed: bool = True,
+                overrides: dict[str, Any] | None = None, mixer_kwargs: dict[str, dict[str, Any]] | None = None,
+                device: str = "auto", progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
+    """Run a preset; ``overrides``: ``dims``, ``lrs``, ``seq_lens`` (MQAR settings), ``epochs``,
+    ``max_steps``, ``n_train``, ``n_test``, ``batch_size``, ``lengths`` (speed), ``seeds``."""
+    started = time.perf_counter()
+    p = _apply_overrides(get_preset(preset), overrides or {})
+    chosen, notes = resolve_mixers(p, mixers)          # every check before any work
+    kwargs_of = {m: _mixer_kwargs(m, p.n_heads, mixer_kwargs) for m in chosen}
+    _preflight(chosen, kwargs_of, p)
+    rank, world, _ = dist_info()
+    store_path = Path(store) if store is not None else DEFAULT_STORE
+    db = open_store(store_path) if rank == 0 else None  # a foreign or corrupt store fails here, before training
+    session = _session_id(p.name)
+    say = log if rank == 0 else (lambda s: None)
+    for n in notes:
+        say(f"note: {n}")
+    n_runs = len(p.settings) * len(chosen) * len(p.dims) * len(p.lrs) * len(p.seeds)
+    say(f"attnzoo compare --preset {p.name}: {len(chosen)} mixers ({', '.join(chosen)}), {len(p.settings)} task "
+        f"settings, {n_runs} training runs" + (f", speed sweep to N={max(p.speed.lengths)}" if p.speed and speed
+                                               else "") + f"; session {session}")
+    try:
+        k = 0
+        for setting in p.settings:
+            task = setting.task
+            t0 = time.perf_counter()
+            data = task.splits(setting.n_train, setting.n_test, 0)
+            say(f"{task.label()}: generated {setting.n_train} + {setting.n_test} examples in "
+                f"{time.perf_counter() - t0:.1f} s")
+            for mixer in chosen:
+                for dim in p.dims:
+                    for lr in p.lrs:
+                        for seed in p.seeds:
+                            k += 1
+                            cfg = TrainConfig(mixer=mixer, mixer_kwargs=kwargs_of[mixer], dim=dim, n_layers=p.n_layers,
+                                              lr=lr, batch_size=setting.batch_size, epochs=setting.epochs,
+                                              max_steps=setting.max_steps, n_train=setting.n_train,
+                                              n_test=setting.n_test, eval_every=setting.eval_every,
+                                              early_stop=p.early_stop, seed=seed, device=device)
+                            res = train(task, cfg, data=data, progress=progress,
+                                        desc=f"[{k}/{n_runs}] {mixer} d={dim} lr={lr:g} {task.label()}")
+                            m = res.metrics
+                            say(f"[{k}/{n_runs}] {task.label()} {mixer} d={dim} lr={lr:g}: {m['metric']} "
+                                f"{m[m['metric']]:.4f} ({m['steps']} steps, {m['train_time_s']:.1f} s"
+                                + (", early stop" if m["stopped_early"] else "") + ")")
+                            if db is not None:
+                                db.add_run(kind="train", task=task.label(), mixer=mixer, session=session,
+                                           config={**res.config, "task": res.task, "preset": p.name,
+                                                   "world_size": res.world_size},
+                                           metrics=m, curves=res.curves, env=environment(res.device))
+        if rank == 0 and speed and p.speed is not None:
+            scfg = replace(p.speed, mixers=list(chosen), device=device,
+                           mixer_kwargs={m: {k2: v for k2, v in kwargs_of[m].items() if k2 != "n_heads"}
+                                         for m in chosen})
+            t0 = time.perf_counter()
+            say(f"speed sweep: {', '.join(['sdpa_dense', *chosen])} at N = {scfg.lengths}, batch {scfg.batch}, "
+                f"width {scfg.dim}, {scfg.n_heads} head(s)")
+            points = run_speed(scfg, progress=progress, log=say)
+            say(f"speed sweep: {len(points)} points in {time.perf_counter() - t0:.1f} s "
+                f"({sum(pt['status'] != 'ok' for pt in points)} not ok)")
+            if db is not None:
+                db.add_run(kind="speed", session=session, config={**config_dict(scfg), "preset": p.name},
+                           metrics={"points": len(points)}, speed=points, env=environment(scfg.device))
+        report_path = None
+        board: tuple[list[str], list[list[str]]] = ([], [])
+        if db is not None:
+            runs = db.runs(kind="train", session=session)
+            points = db.speed_points(session=session)
+            board = leaderboard(runs, points)
+            if report:
+                out_dir = Path(out) if out is not None else store_path.parent / "report"
+                report_path = build_report(db, out_dir, session=session, title=f"attnzoo compare --preset {p.name}")
+    finally:
+        if db is not None:
+            db.close()
+    return CompareResult(session=session, store=store_path, report=report_path, leaderboard=board,
+                         wall_s=time.perf_counter() - started, notes=notes)
+
+
+def _apply_overrides(p: Preset, o: dict[str, Any]) -> Preset:
+    known = {"dims", "lrs", "seq_lens", "epochs", "max_steps", "n_train", "n_test", "batch_size", "lengths", "seeds",
+             "eval_every"}
+    bad = sorted(set(o) - known)
+    if bad:
+        raise ValueError(f"overrides: unknown {bad}; valid: {', '.join(sorted(known))}")
+    o = {k: v for k, v in o.items() if v is not None}
+    if "dims" in o:
+        p.dims = list(o["dims"])
+    if "lrs" in o:
+        p.lrs = list(o["lrs"])
+    if "seeds" in o:
+        p.seeds = list(o["seeds"])
+    if "seq_lens" in o:
+        have = {s.task.seq_len: s for s in p.settings if isinstance(s.task, MQAR)}
+        missing = sorted(set(o["seq_lens"]) - set(have))
+        if missing:
+            raise ValueError(f"seq_lens: preset {p.name!r} has MQAR settings at {sorted(have)}, not {missing}")
+        p.settings = [s for s in p.settings if not isinstance(s.task, MQAR) or s.task.seq_len in o["seq_lens"]]
+    for s in p.settings:
+        for key in ("epochs", "max_steps", "n_train", "n_test", "batch_size", "eval_every"):
+            if key in o:
+                setattr(s, key, o[key])
+    if "lengths" in o and p.speed is not None:
+        p.speed = replace(p.speed, lengths=list(o["lengths"]))
+    for v in p.dims:
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"dims: expected positive integers, got {p.dims!r}")
+    if any(not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)) for v in p.lrs):
+        raise ValueError(f"lrs: expected positive numbers, got {p.lrs!r}")
+    return p

@@ -1,0 +1,321 @@
+"""``attnzoo report``: a self-contained HTML page and PNG plots from the results store.
+
+Plots (matplotlib, the optional extra ``attnzoo[report]``; without it the page has the tables
+only): accuracy against model width per mechanism, one panel per task setting (the layout of
+Zoology's Figure 2, best over learning rates); test metric against training step; time and peak
+memory against sequence length (log-log, SDPA dense dashed). Tables: a leaderboard, every
+training run, every speed point, and the environment. Every string that comes from the store
+(mixer names, task labels, configurations, environment) is HTML-escaped; the images are
+embedded as data URIs so the page stands alone, and written beside it as PNG files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from attnzoo.bench.speed import BASELINE
+from attnzoo.bench.store import ResultsStore
+
+__all__ = ["build_report", "leaderboard", "best_by_setting", "select_runs"]
+
+
+# Data ------------------------------------------------------------------------------------------
+def select_runs(store: ResultsStore, session: str | None = None, *, all_sessions: bool = False
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """(train runs, speed points, session) of ``session`` (default: the latest one; every run with ``all_sessions``)."""
+    if not all_sessions and session is None:
+        sessions = store.sessions()
+        session = sessions[-1] if sessions else None
+    if all_sessions:
+        session = None
+    runs = store.runs(kind="train", session=session)
+    points = store.speed_points(session=session) if session is not None else store.speed_points()
+    return runs, points, session
+
+
+def _metric(run: dict[str, Any]) -> tuple[str, float | None, bool]:
+    m = run["metrics"]
+    name = m.get("metric") or ("accuracy" if "accuracy" in m else "mse")
+    higher = m.get("higher_is_better", name != "mse")
+    v = m.get(name)
+    return name, (None if v is None else float(v)), bool(higher)
+
+
+def best_by_setting(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(task label, mixer, dim) -> the run with the best metric over learning rates (and seeds)."""
+    best: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in runs:
+        name, v, higher = _metric(r)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        key = (r["task"], r["mixer"], int(r["config"].get("dim", 0)))
+        cur = best.get(key)
+        if cur is None or (v > _metric(cur)[1] if higher else v < _metric(cur)[1]):
+            best[key] = r
+    return best
+
+
+def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows: per mechanism, its best metric per task (over widths and learning rates),
+    the mean accuracy, and forward+backward time and memory against SDPA dense at the longest
+    length both ran. Sorted by mean accuracy, then by time."""
+    best = best_by_setting(runs)
+    tasks = sorted({k[0] for k in best})
+    mixers = sorted({k[1] for k in best} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
+    per: dict[str, dict[str, float]] = defaultdict(dict)
+    higher_of: dict[str, bool] = {}
+    for (task, mixer, _dim), r in best.items():
+        name, v, higher = _metric(r)
+        higher_of[task] = higher
+        old = per[mixer].get(task)
+        if old is None or (v > old if higher else v < old):
+            per[mixer][task] = v
+    speed_cols = _speed_summary(points)
+    columns = ["#", "mechanism", *tasks, "mean acc", "fwd+bwd vs SDPA", "memory vs SDPA", "at N"]
+    rows = []
+    for m in mixers:
+        accs = [per[m][t] for t in tasks if t in per[m] and higher_of.get(t, True)]
+        mean = sum(accs) / len(accs) if accs else None
+        s = speed_cols.get(m, {})
+        rows.append((mean if mean is not None else -1.0, s.get("ratio", math.inf), [
+            m, *[_fmt(per[m].get(t)) for t in tasks], _fmt(mean), _ratio(s.get("ratio")),
+            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else ""]))
+    rows.sort(key=lambda r: (-r[0], r[1]))
+    return columns, [[str(i + 1), *r[2]] for i, r in enumerate(rows)]
+
+
+def _speed_summary(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per mixer: time and memory ratio at the longest N where it and SDPA dense both ran (fwd+bwd)."""
+    out: dict[str, dict[str, Any]] = {}
+    ok = [p for p in points if p["status"] == "ok" and p["ratio"] is not None]
+    for mode in ("fwd+bwd", "fwd"):
+        for p in sorted((p for p in ok if p["mode"] == mode), key=lambda p: p["n"]):
+            if p["mixer"] == BASELINE or (p["mixer"] in out and out[p["mixer"]]["mode"] != mode):
+                continue
+            out[p["mixer"]] = {"n": p["n"], "mode": mode, "ratio": p["ratio"],
+                               "memory_ratio": p["detail"].get("memory_ratio")}
+    return out
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _bytes(v: int | None) -> str:
+    if v is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(v) < 1024 or unit == "GiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return str(v)
+
+
+# Plots -----------------------------------------------------------------------------------------
+def _plt() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _accuracy_figure(plt: Any, runs: list[dict[str, Any]]) -> bytes | None:
+    best = best_by_setting(runs)
+    tasks = sorted({k[0] for k in best})
+    if not tasks:
+        return None
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        by_mixer: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        metric = "accuracy"
+        for (t, mixer, dim), r in sorted(best.items()):
+            if t == task:
+                metric, v, _ = _metric(r)
+                by_mixer[mixer].append((dim, v))
+        for mixer, pts in sorted(by_mixer.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mixer)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("model width (d_model)")
+        ax.set_ylabel(metric)
+        if metric == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Test metric vs model width (best over learning rates)")
+    return _png(fig)
+
+
+def _curves_figure(plt: Any, runs: list[dict[str, Any]], curves: dict[int, list[tuple]]) -> bytes | None:
+    best = best_by_setting(runs)
+    tasks = sorted({k[0] for k in best})
+    if not tasks or not curves:
+        return None
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for (t, mixer, dim), r in sorted(best.items()):
+            if t != task:
+                continue
+            metric = _metric(r)[0]
+            pts = [(s, v) for s, n, v in curves.get(r["id"], []) if n == f"test/{metric}"]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{mixer} d={dim}")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.suptitle("Test metric during training (best run per mechanism and width)")
+    return _png(fig)
+
+
+def _speed_figure(plt: Any, points: list[dict[str, Any]], key: str, ylabel: str, scale: float = 1.0) -> bytes | None:
+    ok = [p for p in points if p["status"] == "ok" and p[key]]
+    if not ok:
+        return None
+    modes = [m for m in ("fwd", "fwd+bwd") if any(p["mode"] == m for p in ok)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.0), squeeze=False)
+    for ax, mode in zip(axes.flat, modes):
+        mixers = sorted({p["mixer"] for p in ok if p["mode"] == mode}, key=lambda m: (m != BASELINE, m))
+        for m in mixers:
+            pts = sorted((p["n"], p[key] * scale) for p in ok if p["mode"] == mode and p["mixer"] == m)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m,
+                    linestyle="--" if m == BASELINE else "-", color="black" if m == BASELINE else None)
+        bad = [p for p in points if p["mode"] == mode and p["status"] in ("oom", "skipped")]
+        if bad:
+            ax.text(0.02, 0.98, "not run: " + ", ".join(f"{p['mixer']}@{p['n']} ({p['status']})" for p in bad)[:160],
+                    transform=ax.transAxes, fontsize=6, va="top")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(mode)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# HTML ------------------------------------------------------------------------------------------
+def _e(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}code{background:#f4f4f4;padding:0 3px}
+.note{color:#555;font-size:0.9em}
+"""
+
+
+def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | None = None,
+                 all_sessions: bool = False, title: str = "attnzoo compare") -> Path:
+    """Write ``report.html`` and the PNG plots into ``out_dir``; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, points, session = select_runs(store, session, all_sessions=all_sessions)
+    curves = {r["id"]: store.run(r["id"])["curves"] for r in runs}
+    plt = _plt()
+    images: list[tuple[str, str, bytes]] = []
+    if plt is not None:
+        figs = [
+            ("accuracy.png", "Accuracy vs model width", lambda: _accuracy_figure(plt, runs)),
+            ("curves.png", "Training curves", lambda: _curves_figure(plt, runs, curves)),
+            ("speed_time.png", "Time vs sequence length", lambda: _speed_figure(plt, points, "time_s", "seconds")),
+            ("speed_memory.png", "Peak memory vs sequence length",
+             lambda: _speed_figure(plt, points, "peak_bytes", "MiB", 1 / 2**20)),
+        ]
+        for fname, caption, make in figs:
+            data = make()
+            plt.close("all")
+            if data:
+                (out / fname).write_bytes(data)
+                images.append((fname, caption, data))
+
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"]
+    env = (runs or [{}])[0].get("env") if runs else None
+    if env is None and points:
+        speed_runs = store.runs(kind="speed", session=session)
+        env = speed_runs[0]["env"] if speed_runs else None
+    parts.append(f"<p class='note'>session <code>{_e(session or 'all')}</code>; {len(runs)} training runs, "
+                 f"{len(points)} speed points.</p>")
+    cols, rows = leaderboard(runs, points)
+    parts.append("<h2>Leaderboard</h2>" + _table(cols, rows))
+    parts.append("<p class='note'>Task columns: the best test metric over widths and learning rates "
+                 "(accuracy: Zoology's per-example rule; higher is better). Speed: forward+backward time and "
+                 "peak memory divided by SDPA dense at the same N, at the longest N both ran (below 1 is "
+                 "faster / smaller).</p>")
+    if plt is None:
+        parts.append("<p class='note'>Plots need matplotlib: <code>pip install 'attnzoo[report]'</code>.</p>")
+    for fname, caption, data in images:
+        uri = "data:image/png;base64," + base64.b64encode(data).decode()
+        parts.append(f"<h2>{_e(caption)}</h2><img alt='{_e(caption)}' src='{uri}'>"
+                     f"<p class='note'>also <code>{_e(fname)}</code></p>")
+    if runs:
+        trows = []
+        for r in runs:
+            name, v, _ = _metric(r)
+            m, c = r["metrics"], r["config"]
+            trows.append([r["id"], r["task"], r["mixer"], c.get("dim"), c.get("lr"),
+                          json.dumps(c.get("mixer_kwargs", {}), sort_keys=True), name, _fmt(v, 4),
+                          m.get("steps"), m.get("stopped_early"), m.get("train_time_s"), m.get("params")])
+        parts.append("<h2>Training runs</h2>" + _table(
+            ["id", "task", "mixer", "dim", "lr", "mixer kwargs", "metric", "value", "steps", "early stop",
+             "time (s)", "params"], trows))
+    if points:
+        prow = []
+        for p in points:
+            d = p["detail"] or {}
+            prow.append([p["mixer"], p["n"], p["mode"], p["status"], _fmt(p["time_s"], 5), _ratio(p["ratio"]),
+                         _bytes(p["peak_bytes"]), _ratio(d.get("memory_ratio")),
+                         "" if p["flops"] is None else f"{p['flops']:.3g}",
+                         "" if not d.get("tflops_per_s") else f"{d['tflops_per_s']:.3f}",
+                         d.get("reason") or d.get("error") or ""])
+        parts.append("<h2>Speed and memory</h2>" + _table(
+            ["mixer", "N", "mode", "status", "median time (s)", "time vs SDPA", "peak memory", "memory vs SDPA",
+             "FLOPs", "TFLOP/s", "note"], prow))
+        parts.append("<p class='note'>Median of repeats after warm-up, device synchronised; FLOPs from each "
+                     "pattern's exact density (forward+backward = 3x forward).</p>")
+    if env:
+        parts.append("<h2>Environment</h2>" + _table(["field", "value"], [[k, v] for k, v in env.items()]))
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,165 @@
+"""`attnzoo compare`, `train`, `bench speed`, `results` and `report`: end to end on tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from attnzoo.bench.compare import get_preset, resolve_mixers, run_compare
+from attnzoo.bench.report import build_report, leaderboard
+from attnzoo.bench.store import open_store
+from attnzoo.cli import main
+
+TINY = {"max_steps": 4, "n_train": 64, "n_test": 32, "eval_every": 2, "lengths": [32]}
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+    store = tmp_path / "r.sqlite"
+    res = run_compare("quick", mixers=["mha", "gated_attention"], store=store, out=tmp_path / "rep", overrides=TINY,
+                      progress=False, log=lambda s: None)
+    with open_store(store, create=False) as db:
+        runs = db.runs(session=res.session)
+        train = [r for r in runs if r["kind"] == "train"]
+        assert len(train) == 4 and {r["mixer"] for r in train} == {"mha", "gated_attention"}
+        assert {r["task"] for r in train} == {"mqar(seq_len=64, num_kv_pairs=4)", "mqar(seq_len=128, num_kv_pairs=8)"}
+        assert all(r["config"]["preset"] == "quick" and r["env"]["torch"] for r in train)
+        points = db.speed_points(session=res.session)
+        assert {p["mixer"] for p in points} == {"sdpa_dense", "mha", "gated_attention"}
+        assert {p["n"] for p in points} == {32}
+    cols, rows = res.leaderboard
+    assert cols[1] == "mechanism" and {r[1] for r in rows} == {"mha", "gated_attention"}
+    html = res.report.read_text()
+    assert "Leaderboard" in html and "data:image/png;base64," in html
+    assert (tmp_path / "rep" / "accuracy.png").exists() and (tmp_path / "rep" / "speed_time.png").exists()
+
+
+def test_compare_checks_everything_before_training(tmp_path):
+    store = tmp_path / "r.sqlite"
+    with pytest.raises(ValueError, match=r"reversed_attention.*missing \['causal'\]"):
+        run_compare("quick", mixers=["mha", "reversed_attention"], store=store, overrides=TINY, progress=False)
+    with pytest.raises(ValueError, match=r"'gqa' cannot be built at width 64.*n_kv_heads: must divide n_heads=1"):
+        run_compare("quick", mixers=["mha", "gqa"], store=store, overrides=TINY, progress=False)
+    with pytest.raises(ValueError, match="valid presets: quick, zoology, full"):
+        run_compare("fast", store=store)
+    with pytest.raises(ValueError, match="seq_lens"):
+        run_compare("quick", store=store, overrides={"seq_lens": [512]})
+    assert not store.exists()
+    store.write_text("not a database")
+    with pytest.raises(Exception, match="not an attnzoo results store"):
+        run_compare("quick", mixers=["mha"], store=store, overrides=TINY, progress=False, log=lambda s: None)
+    assert store.read_text() == "not a database"
+
+
+def test_default_mixers_are_the_registered_candidates():
+    chosen, notes = resolve_mixers(get_preset("quick"), None)
+    assert chosen[0] == "mha"
+    import attnzoo.bench.models as M
+
+    usable = set(M.mixer_slugs())
+    for m in ("sliding_window", "linear_attention", "lightning"):
+        assert (m in chosen) == (m in usable) or any(n.startswith(m) for n in notes)
+
+
+def test_zoology_preset_is_figure_2():
+    p = get_preset("zoology")
+    assert [(s.task.seq_len, s.task.num_kv_pairs, s.batch_size) for s in p.settings] == [
+        (64, 4, 512), (128, 8, 512), (256, 16, 256), (512, 64, 128)]
+    assert p.dims == [64, 128, 256, 512] and p.lrs == [1e-4, 4.64e-4, 2.15e-3, 1e-2]
+    assert all(s.epochs == 64 and s.n_train == 100_000 and s.n_test == 3_000 for s in p.settings)
+    assert all(not s.task.random_non_queries for s in p.settings) and p.n_layers == 2
+
+
+def _fake_store(path):
+    env = {"date": "2026-01-01T00:00:00+00:00", "device": "cpu<&>", "torch": "2.x"}
+    with open_store(path) as db:
+        for mixer, acc in (("mha", 0.99), ("<script>alert(1)</script>", 0.3)):
+            for dim in (64, 128):
+                for lr in (1e-3, 1e-2):
+                    db.add_run(kind="train", task="mqar(<b>x</b>)", mixer=mixer, session="s", env=env,
+                               config={"dim": dim, "lr": lr}, metrics={"metric": "accuracy", "accuracy": acc * lr * 100
+                                                                       if lr == 1e-2 else acc / 2},
+                               curves=[(1, "test/accuracy", 0.1), (2, "test/accuracy", acc)])
+        db.add_run(kind="speed", session="s", env=env, config={}, metrics={}, speed=[
+            {"mixer": m, "n": n, "mode": "fwd+bwd", "status": "ok", "time_s": t * n, "peak_bytes": 1000 * n,
+             "flops": 1e6, "ratio": t / 0.01, "detail": {"memory_ratio": 1.0}}
+            for m, t in (("sdpa_dense", 0.01), ("mha", 0.005), ("<script>alert(1)</script>", 0.02)) for n in (64, 128)
+        ] + [{"mixer": "mha", "n": 256, "mode": "fwd+bwd", "status": "oom", "detail": {"error": "<oom>"}}])
+
+
+def test_report_escapes_and_leaderboard(tmp_path):
+    path = tmp_path / "r.sqlite"
+    _fake_store(path)
+    with open_store(path) as db:
+        html = build_report(db, tmp_path / "out").read_text()
+        cols, rows = leaderboard(db.runs(kind="train"), db.speed_points())
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<b>x</b>" not in html and "&lt;oom&gt;" in html and "cpu&lt;&amp;&gt;" in html
+    assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc", "fwd+bwd vs SDPA", "memory vs SDPA", "at N"]
+    assert rows[0][1] == "mha" and rows[0][2] == "0.990" and rows[0][4] == "0.50x" and rows[0][6] == "128"
+    assert rows[1][2] == "0.300"
+    for png in ("accuracy.png", "curves.png", "speed_time.png", "speed_memory.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_results_and_report(tmp_path, capsys):
+    path = tmp_path / "r.sqlite"
+    _fake_store(path)
+    assert main(["results", "list", "--store", str(path), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert len(runs) == 9
+    assert main(["results", "list", "--store", str(path), "--kind", "speed"]) == 0
+    assert "speed" in capsys.readouterr().out
+    assert main(["results", "show", "1", "--store", str(path)]) == 0
+    assert "metrics.accuracy" in capsys.readouterr().out
+    assert main(["results", "show", "9", "--store", str(path)]) == 0
+    assert "oom" in capsys.readouterr().out
+    assert main(["results", "export", "--csv", "--store", str(path)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 8 and rows[0]["config.dim"] == "64"
+    out = tmp_path / "speed.csv"
+    assert main(["results", "export", "--csv", "--kind", "speed", "--store", str(path), "-o", str(out)]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 7
+    assert main(["report", "--store", str(path), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").exists()
+    capsys.readouterr()
+    assert main(["results", "show", "99", "--store", str(path)]) == 2
+    assert "no run with id 99" in capsys.readouterr().err
+    assert main(["report", "--store", str(path), "--session", "nope"]) == 2
+    assert "stored sessions: s" in capsys.readouterr().err
+
+
+def test_cli_refuses_missing_and_foreign_stores(tmp_path, capsys):
+    assert main(["results", "list", "--store", str(tmp_path / "none.sqlite")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"\x00\x01 precious data")
+    assert main(["results", "list", "--store", str(bad)]) == 2
+    assert "not an attnzoo results store" in capsys.readouterr().err
+    assert main(["bench", "speed", "--mixers", "mha", "--lengths", "32", "--store", str(bad), "--no-progress"]) == 2
+    assert bad.read_bytes() == b"\x00\x01 precious data"
+
+
+def test_cli_train_and_speed(tmp_path, capsys):
+    path = tmp_path / "r.sqlite"
+    assert main(["train", "--task", "mqar", "--task-arg", "seq_len=16", "--task-arg", "num_kv_pairs=2",
+                 "--task-arg", "vocab_size=64", "--mixer", "mha", "--mixer-arg", "n_heads=2", "--dim", "32",
+                 "--max-steps", "3", "--n-train", "64", "--n-test", "16", "--store", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mqar(seq_len=16, num_kv_pairs=2)" in out and "stored as run 1" in out
+    assert main(["bench", "speed", "--mixers", "mha", "gqa", "--lengths", "32", "--dim", "32", "--heads", "2",
+                 "--repeats", "1", "--store", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "sdpa_dense" in out and "gqa" in out and "stored as run 2" in out
+    assert main(["train", "--task", "mqar", "--task-arg", "pairs=2", "--no-store"]) == 2
+    assert "valid options: seq_len" in capsys.readouterr().err
+    assert main(["train", "--mixer", "reversed_attention", "--no-store"]) == 2
+    assert "missing ['causal']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "mqr"])
+    assert "invalid choice: 'mqr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--preset", "fast"])
+    assert "choose from 'quick', 'zoology', 'full'" in capsys.readouterr().err
