@@ -30,7 +30,7 @@ def load_rows() -> list[dict[str, str]]:
 
 def checks_for(s: registry.Spec) -> list[str]:
     """Names of the conformance checks the suite runs for ``s`` (all must pass in CI)."""
-    if not (s.type in ("mixer", "memory") or (s.type == "score_mod" and s.host is not None)):
+    if not (s.type in ("mixer", "pattern", "memory") or (s.type == "score_mod" and s.host is not None)):
         return [f"reduction:{r.name}" for r in s.reductions]
     out = ["shape/dtype", "bf16-large", "float64-reference", "gradients", "batch-independence", "seed",
            "safetensors"]

@@ -3,7 +3,7 @@
 Importing this package registers every entry with :mod:`attnzoo.registry`.
 """
 
-from attnzoo.layers import dense, linear, positional
+from attnzoo.layers import dense, linear, local, local_graph, local_grid, local_hier, local_pooled, positional
 from attnzoo.layers.base import AttentionMixer, MultiHeadAttention
 from attnzoo.layers.cache import KVCache
 from attnzoo.layers.dense import (
@@ -24,5 +24,5 @@ __all__ = [
     "AttentionMixer", "CascadedGroupAttention", "ComplexRotation", "ContextBroadcast", "GINAttention",
     "GatedAttention", "GroupedQueryAttention", "KVCache", "MixtureOfHeads", "MultiHeadAttention",
     "ProbabilisticAttention", "ReversedAttention", "RotaryEmbedding", "SingleHeadSelfAttention", "TensorAttention",
-    "dense", "linear", "positional",
+    "dense", "linear", "local", "local_graph", "local_grid", "local_hier", "local_pooled", "positional",
 ]

@@ -33,12 +33,16 @@ class TilePlan:
     slot), no id twice in a row; for each query of tile ``t`` every key it may attend is in
     ``kv_index[t]``. ``strided``: ``(start, step)`` when ``kv_index[t, r] = start + t*step + r``
     wherever that id is in ``[0, n_kv)`` (and ``-1`` elsewhere): keys can then be read as
-    overlapping strided views, without a gather.
+    overlapping strided views, without a gather. ``grid_perm``: ``(grid, ((T, a, strided), ...))``
+    when ``q_index == kv_index`` is a pure axis permutation of the row-major grid (each axis
+    cut into ``T`` tiles of ``a`` consecutive tokens, or, ``strided``, of ``a`` tokens ``T``
+    apart): tiles are then a reshape and permute of the tokens, without an index gather.
     """
 
     q_index: torch.Tensor
     kv_index: torch.Tensor
     strided: tuple[int, int] | None = None
+    grid_perm: tuple[tuple[int, ...], tuple[tuple[int, int, bool], ...]] | None = None
 
     @property
     def tiles(self) -> int:
@@ -50,7 +54,7 @@ class TilePlan:
         return self.q_index.numel() * self.kv_index.shape[1]
 
     def to(self, device: torch.device | str) -> TilePlan:
-        return TilePlan(self.q_index.to(device), self.kv_index.to(device), self.strided)
+        return TilePlan(self.q_index.to(device), self.kv_index.to(device), self.strided, self.grid_perm)
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,22 @@ def product_plan(axes: Sequence[AxisTiles], grid: Sequence[int]) -> TilePlan:
     q_index = torch.where(q_bad, torch.full_like(q_index, -1), q_index)
     kv_index = torch.where(k_bad, torch.full_like(kv_index, -1), kv_index)
     strided = axes[0].strided if len(axes) == 1 else None
-    return TilePlan(q_index, kv_index, strided)
+    perm = [_axis_permutation(ax, n) for ax, n in zip(axes, grid)]
+    grid_perm = (tuple(grid), tuple(perm)) if all(p is not None for p in perm) else None  # type: ignore[misc]
+    return TilePlan(q_index, kv_index, strided, grid_perm)
+
+
+def _axis_permutation(ax: AxisTiles, length: int) -> tuple[int, int, bool] | None:
+    """``(T, a, strided)`` when the axis tiling is a pure reshape of ``0..length-1`` with equal query and key tiles."""
+    t, a = ax.q.shape
+    if t * a != length or ax.k.shape != ax.q.shape or not torch.equal(ax.q, ax.k):
+        return None
+    idx = torch.arange(length)
+    if torch.equal(ax.q, idx.view(t, a)):
+        return (t, a, False)
+    if torch.equal(ax.q, idx.view(a, t).t()):
+        return (t, a, True)
+    return None
 
 
 def tile_cost(queries_per_tile: int, keys_per_tile: int) -> float:

@@ -17,13 +17,13 @@ DIM, HEADS = 32, 4
 def mixer_specs() -> list[Spec]:
     """Every entry that can be checked as a token mixer (mixers, and score_mods inside a host mha)."""
     return [s for s in attnzoo.list()
-            if s.type in ("mixer", "memory") or (s.type == "score_mod" and s.host is not None)]
+            if s.type in ("mixer", "pattern", "memory") or (s.type == "score_mod" and s.host is not None)]
 
 
 def build(spec: Spec, seed: int = 0, reference: bool = False) -> nn.Module:
     """The entry's small test configuration (its float64 oracle when ``reference``), seeded."""
     torch.manual_seed(seed)
-    if spec.type in ("mixer", "memory"):
+    if spec.type in ("mixer", "pattern", "memory"):
         kw: dict[str, Any] = dict(spec.test_kwargs)
         if reference:
             kw.update(spec.reference_kwargs)

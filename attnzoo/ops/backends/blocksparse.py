@@ -322,6 +322,7 @@ class _Tiles:
         self.q_index = plan.q_index.to(device)
         self.kv_index = plan.kv_index.to(device)
         self.strided = plan.strided
+        self.grid_perm = getattr(plan, "grid_perm", None)
         t, bq = self.q_index.shape
         self.n_tiles, self.bq, self.r = t, bq, self.kv_index.shape[1]
         self.q_identity = bool(t * bq == s.n_q and torch.equal(
@@ -440,8 +441,10 @@ def _tile_q(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
     g = tiles.groups
     if tiles.q_identity:
         gathered = t
+    elif tiles.grid_perm is not None:
+        gathered = _grid_permute(t, tiles.grid_perm)
     else:
-        gathered = torch.cat([t, t.new_zeros(b, h, 1, *rest)], dim=2)[:, :, tiles.q_flat]
+        gathered = _gather_tokens(t, tiles.q_flat)
     gathered = gathered.reshape(b, h // g, g, tiles.n_tiles, tiles.bq, *rest)
     if g == 1:
         return gathered.reshape(b, h, tiles.n_tiles, tiles.bq, *rest)
@@ -457,6 +460,8 @@ def _untile_q(t: torch.Tensor, tiles: _Tiles, fill: float = 0.0) -> torch.Tensor
         b, hkv * g, tiles.n_tiles * tiles.bq, *rest)
     if tiles.q_identity:
         return t
+    if tiles.grid_perm is not None:
+        return _grid_permute(t, tiles.grid_perm, inverse=True)
     out = t.new_full((b, hkv * g, n + 1, *rest), fill)
     out.index_copy_(2, tiles.q_flat, t)
     return out[:, :, :n]
@@ -473,8 +478,38 @@ def _tile_kv(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
         mp = m + lo + hi
         return padded.as_strided((b, hkv, tiles.n_tiles, tiles.r, d), (hkv * mp * d, mp * d, step * d, d, 1),
                                  padded.storage_offset() + (start + lo) * d)
-    padded = torch.cat([t, t.new_zeros(b, hkv, 1, d)], dim=2)
-    return padded[:, :, tiles.kv_flat].view(b, hkv, tiles.n_tiles, tiles.r, d)
+    if tiles.grid_perm is not None:
+        return _grid_permute(t, tiles.grid_perm).view(b, hkv, tiles.n_tiles, tiles.r, d)
+    return _gather_tokens(t, tiles.kv_flat).view(b, hkv, tiles.n_tiles, tiles.r, d)
+
+
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t [B, H, N, *rest]`` at token ids ``index`` (``N`` = a zero row) -> ``[B, H, len(index), *rest]``."""
+    b, h = t.shape[:2]
+    rest = t.shape[3:]
+    return torch.cat([t, t.new_zeros(b, h, 1, *rest)], dim=2).index_select(2, index)
+
+
+def _grid_permute(t: torch.Tensor, grid_perm: Any, inverse: bool = False) -> torch.Tensor:
+    """Tokens ``[B, H, N, *rest]`` <-> tiles ``[B, H, T * a, *rest]`` of a pure axis permutation (one copy)."""
+    grid, axes = grid_perm
+    b, h = t.shape[:2]
+    rest = t.shape[3:]
+    dims: list[int] = []
+    tile_pos, slot_pos = [], []
+    for n_tiles, a, strided in axes:
+        pair = (a, n_tiles) if strided else (n_tiles, a)
+        dims += pair
+        base = 2 + len(dims) - 2
+        tile_pos.append(base + (1 if strided else 0))
+        slot_pos.append(base + (0 if strided else 1))
+    tail = list(range(2 + len(dims), 2 + len(dims) + len(rest)))
+    perm = [0, 1, *tile_pos, *slot_pos, *tail]
+    if not inverse:
+        return t.reshape(b, h, *dims, *rest).permute(perm).reshape(b, h, -1, *rest)
+    permuted_dims = [([b, h, *dims, *rest])[i] for i in perm]
+    inv = [perm.index(i) for i in range(len(perm))]
+    return t.reshape(permuted_dims).permute(inv).reshape(b, h, -1, *rest)
 
 
 def _tile_chunks(tiles: _Tiles, batch_heads: int) -> list[slice]:
@@ -543,36 +578,62 @@ def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
     b, hkv, m, d = k.shape
+    bh = b * hkv
     qt = _tile_q(q * tiles.scale, tiles)
     kt, vt = _tile_kv(k, tiles), _tile_kv(v, tiles)
     do_t = _tile_q(dout, tiles)
     delta_t = _tile_q((dout * out).sum(-1), tiles)
     lse_t = _tile_q(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse), tiles)
-    dq_t = torch.zeros_like(qt)
-    dk = k.new_zeros(b, hkv, m + 1, d)
-    dv = v.new_zeros(b, hkv, m + 1, v.shape[-1])
+    dq_t = torch.empty_like(qt)
+    if tiles.grid_perm is not None:
+        dk_t, dv_t = torch.empty_like(kt), v.new_empty(*kt.shape[:-1], v.shape[-1])
+        dk = dv = None
+    else:
+        dk_t = dv_t = None
+        dk = k.new_zeros(b, hkv, m + 1, d)
+        dv = v.new_zeros(b, hkv, m + 1, v.shape[-1])
     tracked = [i for i, t in enumerate(mod_tensors) if t.requires_grad]
     mod_grads: list[torch.Tensor | None] = [None] * len(mod_tensors)
     kv_flat = tiles.kv_flat.view(tiles.n_tiles, tiles.r)
-    for rows in _tile_chunks(tiles, b * hkv):
-        qc, kc, vc, doc = qt[:, :, rows], kt[:, :, rows], vt[:, :, rows], do_t[:, :, rows]
-        with torch.enable_grad():
-            raw, mod, s = _tile_scores(tiles, qc, kc, rows, track=tiles.score_mod is not None)
-        s = s.detach().flatten(3, 4)
-        lse_c = lse_t[:, :, rows].unsqueeze(-1)
-        p = (s.sub_(lse_c) if tiles.score_mod is None else s - lse_c).exp_()
-        dv_c = torch.matmul(p.transpose(-1, -2), doc)
-        ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_t[:, :, rows].unsqueeze(-1)).mul_(p)
-        if tiles.score_mod is not None:
+    plain = tiles.score_mod is None
+    for rows in _tile_chunks(tiles, bh):
+        qc, doc = qt[:, :, rows], do_t[:, :, rows]
+        if plain:
+            # s - lse and dp - delta come out of the products: [q, -lse] . [k, 1] and [do, -delta] . [v, 1].
+            ones = qc.new_ones(*kt.shape[:2], rows.stop - rows.start, tiles.r, 1)
+            k_aug = torch.cat([kt[:, :, rows], ones], -1)
+            v_aug = torch.cat([vt[:, :, rows], ones], -1)
+            q_aug = torch.cat([qc, -lse_t[:, :, rows].unsqueeze(-1)], -1)
+            s = torch.matmul(q_aug, k_aug.transpose(-1, -2))
+            fm = tiles.fused_mask(rows, s.dtype, bh)
+            if fm is not None:
+                s.view(bh, -1, *s.shape[-2:]).add_(fm)
+            p = s.exp_()
+            do_aug = torch.cat([doc, -delta_t[:, :, rows].unsqueeze(-1)], -1)
+            ds = torch.matmul(do_aug, v_aug.transpose(-1, -2)).mul_(p)
+            kc = k_aug[..., :d]
+        else:
+            kc, vc = kt[:, :, rows], vt[:, :, rows]
+            with torch.enable_grad():
+                raw, mod, s = _tile_scores(tiles, qc, kc, rows, track=True)
+            p = (s.detach().flatten(3, 4) - lse_t[:, :, rows].unsqueeze(-1)).exp_()
+            ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_t[:, :, rows].unsqueeze(-1)).mul_(p)
             grads = torch.autograd.grad(mod, [raw, *(mod_tensors[i] for i in tracked)], ds.view_as(mod))
             ds = grads[0].flatten(3, 4)
             for i, g in zip(tracked, grads[1:]):
                 mod_grads[i] = g if mod_grads[i] is None else mod_grads[i] + g
+        dv_c = torch.matmul(p.transpose(-1, -2), doc)
         dq_t[:, :, rows] = torch.matmul(ds, kc).mul_(tiles.scale)
         dk_c = torch.matmul(ds.transpose(-1, -2), qc)
+        if dk_t is not None:
+            dk_t[:, :, rows], dv_t[:, :, rows] = dk_c, dv_c
+            continue
         flat = kv_flat[rows].flatten()
         dk.index_add_(2, flat, dk_c.reshape(b, hkv, -1, d))
         dv.index_add_(2, flat, dv_c.reshape(b, hkv, -1, dv_c.shape[-1]))
+    if dk_t is not None:  # each key in exactly one tile: undo the permutation
+        return (_untile_q(dq_t, tiles), _grid_permute(dk_t.flatten(2, 3), tiles.grid_perm, inverse=True),
+                _grid_permute(dv_t.flatten(2, 3), tiles.grid_perm, inverse=True), mod_grads)
     return _untile_q(dq_t, tiles), dk[:, :, :m], dv[:, :, :m], mod_grads
 
 
