@@ -30,8 +30,16 @@ def load_rows() -> list[dict[str, str]]:
 
 def checks_for(s: registry.Spec) -> list[str]:
     """Names of the conformance checks the suite runs for ``s`` (all must pass in CI)."""
+    reductions = [f"reduction:{r.name}" for r in s.reductions]
+    if s.type == "steering":
+        out = ["shape/dtype", "bf16-large", "float64-reference", "host-unchanged", "batch-independence", "seed"]
+        if "causal" in s.supports:
+            out.append("causal-prefix")
+        if "padding" in s.supports:
+            out.append("padding")
+        return out + reductions
     if not (s.type in ("mixer", "pattern", "memory") or (s.type == "score_mod" and s.host is not None)):
-        return [f"reduction:{r.name}" for r in s.reductions]
+        return reductions
     out = ["shape/dtype", "bf16-large", "float64-reference", "gradients", "batch-independence", "seed",
            "safetensors"]
     if "causal" in s.supports:
@@ -40,7 +48,9 @@ def checks_for(s: registry.Spec) -> list[str]:
         out.append("kv-cache")
     if "padding" in s.supports:
         out.append("padding")
-    return out + [f"reduction:{r.name}" for r in s.reductions]
+    if "training" in s.supports:
+        out.append("training-loss")
+    return out + reductions
 
 
 def status_rows() -> list[dict[str, Any]]:

@@ -7,22 +7,36 @@ from attnzoo.layers import dense, linear, local, local_graph, local_grid, local_
 from attnzoo.layers.base import AttentionMixer, MultiHeadAttention
 from attnzoo.layers.cache import KVCache
 from attnzoo.layers.dense import (
+    AttentionAdversarial,
     CascadedGroupAttention,
     ContextBroadcast,
+    DeconstructedAttention,
+    FlashBlockAttention,
     GatedAttention,
     GINAttention,
     GroupedQueryAttention,
+    KeyDrivenGQA,
     MixtureOfHeads,
     ProbabilisticAttention,
     ReversedAttention,
     SingleHeadSelfAttention,
+    SoftMixtureOfAttention,
     TensorAttention,
 )
-from attnzoo.layers.positional import ComplexRotation, RotaryEmbedding
+from attnzoo.layers.lm import TinyLM
+from attnzoo.layers.positional import (
+    AttentionBuckets,
+    ComplexRotation,
+    ContextualPosition,
+    RelativeConvMHA,
+    RotaryEmbedding,
+)
 
 __all__ = [
-    "AttentionMixer", "CascadedGroupAttention", "ComplexRotation", "ContextBroadcast", "GINAttention",
-    "GatedAttention", "GroupedQueryAttention", "KVCache", "MixtureOfHeads", "MultiHeadAttention",
-    "ProbabilisticAttention", "ReversedAttention", "RotaryEmbedding", "SingleHeadSelfAttention", "TensorAttention",
-    "dense", "linear", "local", "local_graph", "local_grid", "local_hier", "local_pooled", "positional",
+    "AttentionAdversarial", "AttentionBuckets", "AttentionMixer", "CascadedGroupAttention", "ComplexRotation",
+    "ContextBroadcast", "ContextualPosition", "DeconstructedAttention", "FlashBlockAttention", "GINAttention",
+    "GatedAttention", "GroupedQueryAttention", "KVCache", "KeyDrivenGQA", "MixtureOfHeads", "MultiHeadAttention",
+    "ProbabilisticAttention", "RelativeConvMHA", "ReversedAttention", "RotaryEmbedding", "SingleHeadSelfAttention",
+    "SoftMixtureOfAttention", "TensorAttention", "TinyLM", "dense", "linear", "local", "local_graph", "local_grid",
+    "local_hier", "local_pooled", "positional",
 ]

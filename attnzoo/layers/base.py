@@ -137,6 +137,19 @@ class AttentionMixer(nn.Module):
         return (res[0], res[1]) if want_weights else (res, None)
 
     # Forward -------------------------------------------------------------------------------
+    def check_call(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, context: torch.Tensor | None,
+                   cache: Any) -> None:
+        """Validate the arguments of :meth:`forward` (shapes, and what this mixer supports)."""
+        check_mixer_input(x, mask, context, self.dim)
+        if causal and not self.causal_ok:
+            raise ValueError(f"causal: {type(self).__name__} does not support causal attention")
+        if context is not None and not self.cross_ok:
+            raise ValueError(f"context: {type(self).__name__} does not support cross-attention")
+        if context is not None and cache is not None:
+            raise ValueError("cache: KV-cache decoding is for self-attention; got a context too")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise ValueError(f"cache: expected an attnzoo.layers.KVCache, got {type(cache).__name__}")
+
     def forward(
         self,
         x: torch.Tensor,
@@ -153,15 +166,7 @@ class AttentionMixer(nn.Module):
 
         ``head_mask``: ξ, ``[H]`` or ``[B, H]``, multiplies each head's output before W_O.
         """
-        check_mixer_input(x, mask, context, self.dim)
-        if causal and not self.causal_ok:
-            raise ValueError(f"causal: {type(self).__name__} does not support causal attention")
-        if context is not None and not self.cross_ok:
-            raise ValueError(f"context: {type(self).__name__} does not support cross-attention")
-        if context is not None and cache is not None:
-            raise ValueError("cache: KV-cache decoding is for self-attention; got a context too")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise ValueError(f"cache: expected an attnzoo.layers.KVCache, got {type(cache).__name__}")
+        self.check_call(x, mask, causal, context, cache)
         src = x if context is None else context
         q, k, v = self.project(x, src)
         pos = cache.position if cache is not None else 0

@@ -1,4 +1,8 @@
-"""Building registered entries as token mixers for the conformance suite."""
+"""Building registered entries for the conformance suite, by type.
+
+``mixer`` entries are token mixers; ``score_mod`` entries with a ``host`` run inside a host
+``mha``; ``steering`` entries wrap a small host language model (:class:`TinyLM`).
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,46 @@ from torch import nn
 
 import attnzoo
 from attnzoo.layers import MultiHeadAttention
+from attnzoo.layers.lm import TinyLM
 from attnzoo.registry import Spec
 
-DIM, HEADS = 32, 4
+DIM, HEADS, VOCAB = 32, 4, 64
+
+
+MODULE_TYPES = ("mixer", "pattern", "memory")  # entries whose factory builds the token mixer itself
 
 
 def mixer_specs() -> list[Spec]:
-    """Every entry that can be checked as a token mixer (mixers, and score_mods inside a host mha)."""
-    return [s for s in attnzoo.list()
-            if s.type in ("mixer", "pattern", "memory") or (s.type == "score_mod" and s.host is not None)]
+    """Every entry that can be checked as a token mixer (mixers, patterns' mixers, score_mods inside a host mha)."""
+    return [s for s in attnzoo.list() if s.type in MODULE_TYPES or (s.type == "score_mod" and s.host is not None)]
+
+
+def steering_specs() -> list[Spec]:
+    """Every steering entry (checked as a wrapper of a host model)."""
+    return attnzoo.list(type="steering")
+
+
+def training_specs() -> list[Spec]:
+    """Entries that declare the ``training`` capability (``training_loss(loss_fn)``)."""
+    return [s for s in mixer_specs() if "training" in s.supports]
+
+
+def build_with_entry(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(the module the suite runs, the entry's own module): equal for mixers, (host, modifier) otherwise."""
+    torch.manual_seed(seed)
+    if spec.type in MODULE_TYPES:
+        kw: dict[str, Any] = dict(spec.test_kwargs)
+        if reference:
+            kw.update(spec.reference_kwargs)
+        m = attnzoo.create(spec.slug, **kw)
+        return m, m
+    inner = attnzoo.create(spec.slug, **spec.test_kwargs)
+    return MultiHeadAttention(DIM, HEADS, backend="reference" if reference else "auto", **spec.host(inner)), inner
 
 
 def build(spec: Spec, seed: int = 0, reference: bool = False) -> nn.Module:
     """The entry's small test configuration (its float64 oracle when ``reference``), seeded."""
-    torch.manual_seed(seed)
-    if spec.type in ("mixer", "pattern", "memory"):
-        kw: dict[str, Any] = dict(spec.test_kwargs)
-        if reference:
-            kw.update(spec.reference_kwargs)
-        return attnzoo.create(spec.slug, **kw)
-    inner = attnzoo.create(spec.slug, **spec.test_kwargs)
-    return MultiHeadAttention(DIM, HEADS, backend="reference" if reference else "auto", **spec.host(inner))
+    return build_with_entry(spec, seed, reference)[0]
 
 
 def build_pair(spec: Spec, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -40,6 +63,13 @@ def build_pair(spec: Spec, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return m.float(), ref.double()
 
 
+def build_steered(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(steering wrapper, the host model it wraps); the host runs ``backend="reference"`` when ``reference``."""
+    torch.manual_seed(seed)
+    host = TinyLM(VOCAB, DIM, HEADS, 2, backend="reference" if reference else "auto")
+    return attnzoo.create(spec.slug, host, **spec.test_kwargs), host
+
+
 def supports(spec: Spec, what: str) -> bool:
     return what in spec.supports
 
@@ -47,6 +77,10 @@ def supports(spec: Spec, what: str) -> bool:
 def inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, n, DIM, generator=g, dtype=torch.float64).to(dtype)
+
+
+def tokens(b: int = 2, n: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
 def pad_mask(b: int = 2, n: int = 12) -> torch.Tensor:

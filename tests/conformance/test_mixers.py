@@ -146,17 +146,6 @@ def test_state_dict_safetensors_round_trip(spec):
     torch.testing.assert_close(run(other, x), run(m, x), rtol=0, atol=0)
 
 
-REDUCTIONS = [pytest.param(r, id=f"{s.slug}-{r.name}") for s in SPECS for r in s.reductions]
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_exact_reduction(reduction):
-    got, want = reduction.check()
-    got, want = torch.as_tensor(got), torch.as_tensor(want)
-    assert got.dtype == torch.float64, "exact reductions are checked in float64"
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_torch_compile_smoke(spec):
