@@ -509,8 +509,13 @@ class DeltaNet(nn.Module):
         return (-self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
-                context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal)."""
+                context: torch.Tensor | None = None, cache: Any = None, write: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal).
+
+        ``write`` ``[B, N]`` (0..1, a router's hook) scales each token's write strength β and its
+        decay exponent: 0 makes the token an identity step (it only reads).
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: delta_net is a causal self-attention mixer")
@@ -532,10 +537,12 @@ class DeltaNet(nn.Module):
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)  # [B, H, N]
         g = self.log_decay(x)
-        if mask is not None:  # padded tokens: no write, no decay
-            keep = mask[:, None, :].to(beta.dtype)
-            beta = beta * keep
-            g = None if g is None else g * keep
+        if mask is not None or write is not None:  # padded (or unrouted) tokens: no write, no decay
+            keep = torch.ones_like(beta[:, 0]) if mask is None else mask.to(beta.dtype)
+            if write is not None:
+                keep = keep * write.to(beta.dtype)
+            beta = beta * keep[:, None, :]
+            g = None if g is None else g * keep[:, None, :]
         form = step_form(self.form, n) if state is not None else self.form
         res = delta_rule(q, k, v, beta, log_decay=g, scale=self.head_dim ** -0.5,
                          initial_state=None if state is None else state.get("S"),
@@ -701,3 +708,8 @@ def selective_ssm(dim: int, *, d_state: int = 16, d_conv: int = 4, expand: int =
     """Selective SSM (:class:`SelectiveSSM`)."""
     return SelectiveSSM(dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
                         dt_max=dt_max, bias=bias, conv_bias=conv_bias, form=form, chunk_size=chunk_size)
+
+
+# The rest of section 5 lives in sibling modules that build on this one; importing them here
+# registers every section-5 entry when attnzoo.layers imports this module.
+from attnzoo.layers import hybrid, linear_variants, memory  # noqa: E402, F401

@@ -1,0 +1,305 @@
+"""Catalogue section 5, generalised linear attention: ``agent_attention`` and ``inline_attention``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.layers.base import check_int, check_mixer_input, zero_padded
+from attnzoo.layers.linear import FeatureMap, _check_form, _x
+from attnzoo.layers.recurrent import cache_state, merge_heads, split_heads, step_form
+from attnzoo.ops import attention
+from attnzoo.ops.linear import linear_attention
+from attnzoo.patterns import KeyPadding
+from attnzoo.registry import Reduction, register
+
+__all__ = ["AgentAttention", "InLineAttention", "pool_matrix"]
+
+FAMILY = "linear-recurrent"
+
+
+def pool_matrix(n: int, n_out: int, keep: torch.Tensor | None, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Adaptive average pooling of ``n`` tokens into ``n_out`` as a matrix ``[B or 1, n_out, n]``.
+
+    Segment ``i`` covers ``[floor(i n / n_out), ceil((i+1) n / n_out))`` (``adaptive_avg_pool1d``'s
+    bins); with ``keep`` the mean runs over kept tokens only (an all-padded bin pools to 0).
+    """
+    i = torch.arange(n_out, device=device).view(-1, 1)
+    j = torch.arange(n, device=device).view(1, -1)
+    start, end = (i * n) // n_out, -((-(i + 1) * n) // n_out)
+    inside = ((j >= start) & (j < end)).to(dtype).unsqueeze(0)  # [1, n_out, n]
+    if keep is not None:
+        inside = inside * keep.to(dtype).unsqueeze(1)
+    return inside / inside.sum(-1, keepdim=True).clamp(min=1)
+
+
+class DepthwiseConv(nn.Module):
+    """Non-causal depthwise 1-D convolution over tokens ('same' padding), for the local terms."""
+
+    def __init__(self, channels: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, check_int("kernel", kernel), padding=kernel // 2, groups=channels)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:  # [B, N, C]
+        return self.conv(v.transpose(1, 2)).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------- agent_attention
+class AgentAttention(nn.Module):
+    """Agent attention: two softmax attentions through ``n_agents`` agent tokens.
+
+    Agents ``A`` = adaptive average pooling of the queries over the sequence ([code/recalled]:
+    the official model pools a 2-D query map). Aggregation ``V_A = softmax(A Kᵀ/√d) V``,
+    broadcast ``O = softmax(Q Aᵀ/√d) V_A``: linear attention with ``φ(Q) = softmax(QAᵀ)``
+    and ``φ(K) = softmax(AKᵀ)ᵀ``, cost ``O(N n d)``. ``dwc`` adds a depthwise convolution of
+    ``V`` (kernel ``dwc_kernel``) to the output [recalled]; the official agent biases are not
+    included. Non-causal; padded keys are masked and padded queries are left out of the pooling.
+    """
+
+    def __init__(self, dim: int, n_heads: int = 8, *, n_agents: int = 16, head_dim: int | None = None,
+                 dwc: bool = True, dwc_kernel: int = 3, bias: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        self.dim, self.n_heads = check_int("dim", dim), check_int("n_heads", n_heads)
+        if head_dim is None and dim % n_heads:
+            raise ValueError(f"dim: must be divisible by n_heads={n_heads} (or pass head_dim), got dim={dim}")
+        self.head_dim = check_int("head_dim", head_dim if head_dim is not None else dim // n_heads)
+        self.n_agents = check_int("n_agents", n_agents)
+        width = n_heads * self.head_dim
+        self.q_proj = nn.Linear(dim, width, bias=bias)
+        self.k_proj = nn.Linear(dim, width, bias=bias)
+        self.v_proj = nn.Linear(dim, width, bias=bias)
+        self.o_proj = nn.Linear(width, dim, bias=bias)
+        self.dwc = DepthwiseConv(width, dwc_kernel) if dwc else None
+        self.backend = backend
+
+    def agents(self, q: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """``A`` ``[B, H, n, D]`` pooled from ``q`` ``[B, H, N, D]``."""
+        pool = pool_matrix(q.shape[2], self.n_agents, keep, q.dtype, q.device)  # [B|1, n, N]
+        return pool.unsqueeze(1) @ q
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
+                context: torch.Tensor | None = None, cache: Any = None, return_weights: bool = False) -> Any:
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and the composite weights ``[B, H, N, N]``)."""
+        check_mixer_input(x, mask, context, self.dim)
+        if causal or context is not None or cache is not None:
+            raise ValueError("causal/context/cache: agent_attention is non-causal self-attention (agents pool "
+                             "every query)")
+        h = self.n_heads
+        v_flat = zero_padded(self.v_proj(x), mask)
+        q, k, v = split_heads(self.q_proj(x), h), split_heads(self.k_proj(x), h), split_heads(v_flat, h)
+        a = self.agents(q, mask)
+        pattern = KeyPadding(mask) if mask is not None and not bool(mask.all()) else None
+        backend = "reference" if return_weights else self.backend
+        res = attention(a, k, v, pattern=pattern, backend=backend, return_weights=return_weights)
+        v_a, w_agg = res if return_weights else (res, None)
+        res = attention(q, a, v_a, backend=backend, return_weights=return_weights)
+        o, w_bc = res if return_weights else (res, None)
+        o = merge_heads(o)
+        if self.dwc is not None:
+            o = o + self.dwc(v_flat)
+        y = zero_padded(self.o_proj(o), mask)
+        return (y, w_bc @ w_agg) if return_weights else y
+
+
+def _agent(seed: int = 0, **kw: Any) -> AgentAttention:
+    torch.manual_seed(seed)
+    return AgentAttention(**{"dim": 32, "n_heads": 4, "n_agents": 4, "dwc": False, **kw}).double()
+
+
+def _agent_rows_sum_to_one() -> tuple[torch.Tensor, torch.Tensor]:
+    _, w = _agent()(_x(), return_weights=True)
+    return w.sum(-1), torch.ones(w.shape[:-1], dtype=torch.float64)
+
+
+def _agent_one_agent() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _agent(n_agents=1)
+    y = m(_x())
+    return y, y[:, :1].expand_as(y)
+
+
+def _agent_is_linear_attention() -> tuple[torch.Tensor, torch.Tensor]:
+    """φ(Q) = softmax(QAᵀ/√d), φ(K) = softmax(AKᵀ/√d)ᵀ in (non-causal) linear attention."""
+    m = _agent()
+    x = _x()
+    q, k, v = (split_heads(p(x), 4) for p in (m.q_proj, m.k_proj, m.v_proj))
+    a = m.agents(q, None)
+    s = 1 / math.sqrt(m.head_dim)
+    phi_q = torch.softmax(q @ a.transpose(-1, -2) * s, -1)
+    phi_k = torch.softmax(a @ k.transpose(-1, -2) * s, -1).transpose(-1, -2)
+    return m(x), m.o_proj(merge_heads(linear_attention(phi_q, phi_k, v, causal=False)))
+
+
+@register(
+    "agent_attention", family=FAMILY, type="mixer", priority=2, papers=("Agent Attention",),
+    supports={"self", "padding"}, complexity="O(N n d)", backends=("reference", "sdpa", "flex", "blocksparse"),
+    test_kwargs={"dim": 32, "n_heads": 4, "n_agents": 4},
+    summary="Agent attention: softmax aggregation into n pooled agent tokens, then softmax broadcast back.",
+    reductions=(
+        Reduction("rows_sum_to_one", "rows of softmax(QAᵀ)·softmax(AKᵀ) sum to 1 (outputs in the convex hull of V)",
+                  _agent_rows_sum_to_one),
+        Reduction("one_agent", "with n = 1 every query gets the same output", _agent_one_agent),
+        Reduction("is_linear_attention", "equals linear attention with φ(Q)=softmax(QAᵀ), φ(K)=softmax(AKᵀ)ᵀ",
+                  _agent_is_linear_attention),
+    ),
+)
+def agent_attention(dim: int, n_heads: int = 8, *, n_agents: int = 16, head_dim: int | None = None,
+                    dwc: bool = True, dwc_kernel: int = 3, bias: bool = True,
+                    backend: str = "auto") -> AgentAttention:
+    """Agent attention (:class:`AgentAttention`)."""
+    return AgentAttention(dim, n_heads, n_agents=n_agents, head_dim=head_dim, dwc=dwc, dwc_kernel=dwc_kernel,
+                          bias=bias, backend=backend)
+
+
+# ---------------------------------------------------------------------------- inline_attention
+class InLineAttention(nn.Module):
+    """InLine attention: injective linear attention, normalised by subtraction.
+
+    ``w_ij = φ(q_i)ᵀφ(k_j) − (1/N)Σ_s φ(q_i)ᵀφ(k_s) + 1/N`` [recalled], computed in linear time
+    as ``φ(q_i)ᵀ(φ(K)ᵀV) − (φ(q_i)ᵀΣ_s φ(k_s))·mean(V) + mean(V)``. Rows sum to 1 for any φ,
+    and (unlike division) scaling ``q`` changes the output. ``N`` counts kept tokens; with
+    ``causal=True`` the sums and the mean run over the prefix (``N = t``), and decoding keeps
+    ``(φ(K)ᵀ[V, 1], Σ v, count)`` as its state. ``local`` adds a depthwise convolution of ``V``
+    (non-causal only; the paper's local-modelling term [recalled]).
+    """
+
+    def __init__(self, dim: int, n_heads: int = 8, *, head_dim: int | None = None, feature_map: str = "identity",
+                 scale: float | None = None, local: bool = False, local_kernel: int = 3, bias: bool = True,
+                 form: str = "chunked", chunk_size: int = 64) -> None:
+        super().__init__()
+        self.dim, self.n_heads = check_int("dim", dim), check_int("n_heads", n_heads)
+        if head_dim is None and dim % n_heads:
+            raise ValueError(f"dim: must be divisible by n_heads={n_heads} (or pass head_dim), got dim={dim}")
+        self.head_dim = hd = check_int("head_dim", head_dim if head_dim is not None else dim // n_heads)
+        self.form, self.chunk_size = _check_form(form, chunk_size)
+        self.features = FeatureMap(feature_map, n_heads, hd)
+        self.scale = 1.0 / math.sqrt(hd) if scale is None else float(scale)
+        width = n_heads * hd
+        self.q_proj = nn.Linear(dim, width, bias=bias)
+        self.k_proj = nn.Linear(dim, width, bias=bias)
+        self.v_proj = nn.Linear(dim, width, bias=bias)
+        self.o_proj = nn.Linear(width, dim, bias=bias)
+        self.local = DepthwiseConv(width, local_kernel) if local else None
+
+    def project(self, x: torch.Tensor, mask: torch.Tensor | None):
+        h = self.n_heads
+        q = self.features(split_heads(self.q_proj(x), h))
+        k = self.features(split_heads(self.k_proj(x), h))
+        v = split_heads(zero_padded(self.v_proj(x), mask), h)
+        if mask is not None:
+            k = torch.where(mask[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
+        return q, k, v
+
+    def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """The explicit weight matrix ``[B, H, N, N]`` (quadratic; for tests and inspection)."""
+        q, k, _ = self.project(x, mask)
+        n = x.shape[1]
+        keep = torch.ones(x.shape[:2], dtype=q.dtype, device=q.device) if mask is None else mask.to(q.dtype)
+        allowed = keep[:, None, None, :].expand(-1, 1, n, n)
+        if causal:
+            allowed = allowed * torch.ones(n, n, dtype=q.dtype, device=q.device).tril()
+        count = allowed.sum(-1, keepdim=True)
+        s = (q @ k.transpose(-1, -2)) * self.scale * allowed
+        w = s - s.sum(-1, keepdim=True) / count.clamp(min=1) + allowed / count.clamp(min=1)
+        return w * allowed
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
+                context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        check_mixer_input(x, mask, context, self.dim)
+        if context is not None:
+            raise ValueError("context: inline_attention is self-attention")
+        if self.local is not None and (causal or cache is not None):
+            raise ValueError("local: the depthwise local term is non-causal; build with local=False")
+        state = cache_state(cache, "inline_attention")
+        b, n, _ = x.shape
+        q, k, v = self.project(x, mask)
+        keep = torch.ones(b, n, dtype=q.dtype, device=q.device) if mask is None else mask.to(q.dtype)
+        v1 = torch.cat([v, keep[:, None, :, None].expand(b, self.n_heads, n, 1)], -1)  # [V, keep]: Σ v, count
+        form = step_form(self.form, n) if state is not None else self.form
+        run_causal = causal or state is not None
+        # the kernel part φ(q)ᵀ Σ φ(k)[v, 1] and the mean part Σ [v, keep]: two linear-attention calls
+        kern = linear_attention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), scale=self.scale,
+                                causal=run_causal, form=form, chunk_size=self.chunk_size,
+                                initial_state=None if state is None else state.get("S"),
+                                output_final_state=state is not None)
+        ones = torch.ones_like(q[..., :1])
+        sums = linear_attention(ones, ones, v1, causal=run_causal, form=form, chunk_size=self.chunk_size,
+                                initial_state=None if state is None else state.get("sum"),
+                                output_final_state=state is not None)
+        if state is not None:
+            (kern, state["S"]), (sums, state["sum"]) = kern, sums
+            cache.advance(n)
+        qkv, qz = kern[..., :self.head_dim], kern[..., -1:]  # φ(q)ᵀφ(K)ᵀV and φ(q)ᵀΣφ(k)
+        sum_v, count = sums[..., :self.head_dim], sums[..., -1:]
+        mean_v = sum_v / count.clamp(min=1)
+        o = qkv - qz * mean_v + mean_v
+        o = merge_heads(o)
+        if self.local is not None:
+            o = o + self.local(merge_heads(v))
+        return zero_padded(self.o_proj(o), mask)
+
+
+def _inline(seed: int = 0, **kw: Any) -> InLineAttention:
+    torch.manual_seed(seed)
+    return InLineAttention(**{"dim": 32, "n_heads": 4, **kw}).double()
+
+
+def _inline_rows_sum_to_one() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _inline(feature_map="relu")
+    x = _x()
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[0, 7:] = False
+    ws = [m.weights(x, keep, causal) for causal in (False, True)]
+    sums = torch.stack([w.sum(-1)[:, :, :7] for w in ws])
+    return sums, torch.ones_like(sums)
+
+
+def _inline_matches_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _inline(feature_map="relu")
+    x = _x()
+    out = []
+    for causal in (False, True):
+        w = m.weights(x, None, causal)
+        v = split_heads(m.v_proj(x), 4)
+        out.append((m(x, causal=causal), m.o_proj(merge_heads(w @ v))))
+    return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
+
+
+def _inline_injective() -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity φ: o(c·q) − mean(V) = c·(o(q) − mean(V)); scaling q changes the output (c ≠ 1)."""
+    m = _inline()
+    x = _x()
+    v = split_heads(m.v_proj(x), 4)
+    base = m.o_proj(merge_heads(v.mean(2, keepdim=True).expand_as(v)))  # the output for mean(V)
+    out = []
+    for c in (1.0, 2.5):
+        m.scale = c
+        out.append(m(x) - base)
+    return out[1], 2.5 * out[0]
+
+
+@register(
+    "inline_attention", family=FAMILY, type="mixer", priority=3, papers=("InLine",),
+    supports={"self", "causal", "padding", "decoding"}, complexity="O(N)", backends=(),
+    reference="the same module with form='parallel' (materialised) in float64", reference_kwargs={"form": "parallel"},
+    test_kwargs={"dim": 32, "n_heads": 4, "chunk_size": 5},
+    summary="InLine: injective linear attention normalised by subtraction (rows sum to 1, not scale invariant).",
+    reductions=(
+        Reduction("rows_sum_to_one", "every weight row sums to 1 (non-causal and causal, with padding)",
+                  _inline_rows_sum_to_one),
+        Reduction("linear_time_equals_weights", "the linear-time output equals the explicit weight matrix times V",
+                  _inline_matches_weights),
+        Reduction("injective_in_scale", "identity φ: o(cq) − mean V = c(o(q) − mean V), unlike division",
+                  _inline_injective),
+    ),
+)
+def inline_attention(dim: int, n_heads: int = 8, *, head_dim: int | None = None, feature_map: str = "identity",
+                     scale: float | None = None, local: bool = False, local_kernel: int = 3, bias: bool = True,
+                     form: str = "chunked", chunk_size: int = 64) -> InLineAttention:
+    """InLine attention (:class:`InLineAttention`)."""
+    return InLineAttention(dim, n_heads, head_dim=head_dim, feature_map=feature_map, scale=scale, local=local,
+                           local_kernel=local_kernel, bias=bias, form=form, chunk_size=chunk_size)
+
