@@ -59,6 +59,33 @@ def _mha_lse_merge() -> tuple[torch.Tensor, torch.Tensor]:
     return merge_partials(list(outs), list(lses))[0], attention(q, k, v)
 
 
+def online_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int) -> torch.Tensor:
+    """One pass over key tiles of ``tile`` keys with a running max and sum (FlashAttention / FuseMax form)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    m = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype)
+    denom = torch.zeros(q.shape[:-1], dtype=q.dtype)
+    acc = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    for start in range(0, k.shape[2], tile):
+        s = q @ k[:, :, start:start + tile].transpose(-1, -2) * scale
+        m_new = torch.maximum(m, s.amax(-1))
+        p = torch.exp(s - m_new.unsqueeze(-1))
+        corr = torch.exp(m - m_new)
+        denom = denom * corr + p.sum(-1)
+        acc = acc * corr.unsqueeze(-1) + p @ v[:, :, start:start + tile]
+        m = m_new
+    return acc / denom.unsqueeze(-1)
+
+
+def _mha_online_softmax() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 13, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    three_pass = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1) @ v
+    tiles = [1, 2, 3, 5, 13, 20]
+    return (torch.stack([online_softmax_attention(q, k, v, t) for t in tiles]),
+            three_pass.expand(len(tiles), *three_pass.shape))
+
+
 def _mha_permute_kv() -> tuple[torch.Tensor, torch.Tensor]:
     m = _seeded(MultiHeadAttention, dim=32, n_heads=4)
     x, ctx = _x(), _x(n=13, seed=1)
@@ -75,6 +102,8 @@ def _mha_permute_kv() -> tuple[torch.Tensor, torch.Tensor]:
                   _mha_lse_merge),
         Reduction("permute_kv", "permuting K and V together (cross-attention, no PE) leaves the output unchanged",
                   _mha_permute_kv),
+        Reduction("online_softmax_tiles", "a 1-pass online-softmax tiled attention equals 3-pass softmax for any "
+                  "tile size (1, 2, 3, 5, 13, 20)", _mha_online_softmax),
     ),
 )
 def mha(dim: int, n_heads: int = 8, *, head_dim: int | None = None, bias: bool = True, context_dim: int | None = None,
@@ -117,6 +146,19 @@ def _gqa_mqa_is_shared_kv() -> tuple[torch.Tensor, torch.Tensor]:
     return g(x), m(x)
 
 
+def _gqa_cache_size() -> tuple[torch.Tensor, torch.Tensor]:
+    from attnzoo.layers.cache import KVCache
+
+    got = []
+    for g in (1, 2, 4):
+        m = _seeded(GroupedQueryAttention, dim=32, n_heads=4, n_kv_heads=g)
+        cache = KVCache()
+        m(_x(), causal=True, cache=cache)
+        got.append(cache.nbytes())
+    got = torch.tensor(got, dtype=torch.float64)
+    return got / got[0], torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+
+
 @register(
     "gqa", family=FAMILY, type="mixer", priority=1, papers=("baseline",), supports=MIXER_SUPPORT,
     aliases={"mqa": {"n_kv_heads": 1}},
@@ -125,6 +167,7 @@ def _gqa_mqa_is_shared_kv() -> tuple[torch.Tensor, torch.Tensor]:
     reductions=(
         Reduction("groups_eq_heads", "n_kv_heads = n_heads equals mha", _gqa_equals_mha),
         Reduction("mqa", "n_kv_heads = 1 equals mha with every K/V head a copy of one (MQA)", _gqa_mqa_is_shared_kv),
+        Reduction("cache_size", "the KV-cache size is proportional to n_kv_heads (1, 2, 4)", _gqa_cache_size),
     ),
 )
 def gqa(dim: int, n_heads: int = 8, n_kv_heads: int = 2, *, head_dim: int | None = None, bias: bool = True,
@@ -554,6 +597,12 @@ class ContextBroadcast(nn.Module):
         return zero_padded((1 - self.alpha) * x + self.alpha * mean, mask)
 
 
+def _cb_no_parameters() -> tuple[torch.Tensor, torch.Tensor]:
+    m = ContextBroadcast(32)
+    n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+    return torch.tensor(float(n), dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+
+
 def _cb_fixed_point() -> tuple[torch.Tensor, torch.Tensor]:
     x = _x(n=1).expand(2, 9, 32).contiguous()
     return ContextBroadcast(32)(x), x
@@ -573,6 +622,7 @@ def _cb_equivariant() -> tuple[torch.Tensor, torch.Tensor]:
     summary="Parameter-free uniform attention: x_i <- 0.5 x_i + 0.5 mean_j x_j.",
     test_kwargs={"dim": 32},
     reductions=(
+        Reduction("no_parameters", "the layer has no parameters (and no buffers)", _cb_no_parameters),
         Reduction("constant_fixed_point", "an input constant over tokens is a fixed point", _cb_fixed_point),
         Reduction("permutation_equivariant", "permuting tokens permutes the output", _cb_equivariant),
     ),
@@ -1292,8 +1342,14 @@ __all__ += ["copy_mha", "gqa", "mha"]
 
 
 # ----------------------------------------------------------------------------------- kdgqa
-def allocate_heads(ratios: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Integer head counts ``[..., G]`` summing to ``n_heads``, ∝ ``ratios`` (largest remainder)."""
+def allocate_heads(ratios: torch.Tensor, n_heads: int, minimum: int = 0) -> torch.Tensor:
+    """Integer head counts ``[..., G]`` summing to ``n_heads``: ``minimum`` each, the rest ∝ ``ratios``
+    (largest remainder)."""
+    if minimum:
+        g = ratios.shape[-1]
+        if minimum * g > n_heads:
+            raise ValueError(f"n_heads: {n_heads} heads cannot give {g} groups {minimum} each")
+        return minimum + allocate_heads(ratios, n_heads - minimum * g)
     raw = ratios / ratios.sum(-1, keepdim=True) * n_heads
     raw = torch.round(raw * 1e6) / 1e6  # equal ratios give exact integers despite rounding noise
     base = raw.floor()
@@ -1306,9 +1362,11 @@ def allocate_heads(ratios: torch.Tensor, n_heads: int) -> torch.Tensor:
 class KeyDrivenGQA(MultiHeadAttention):
     """KDGQA / DGQA: grouped-query attention with key-norm-driven head allocation.
 
-    ``mode="kdgqa"``: in each forward pass (per batch element) group g gets a number of
-    query heads ∝ the norm ratio of key head g (mean key norm over kept tokens), by the
-    largest-remainder rule; heads are assigned to groups in order. ``mode="dgqa"``: the
+    ``mode="kdgqa"``: in each forward pass (per batch element) every group gets one query
+    head and the other ``n_heads − n_kv_heads`` are shared out ∝ the norm ratio of key
+    head g (mean key norm over kept tokens), by the largest-remainder rule; heads are
+    assigned to groups in order. The one-head minimum (no key/value head is left unread)
+    is a choice made here; it is what makes the catalogue's "g = h gives MHA" hold. ``mode="dgqa"``: the
     ratios are an EMA (``momentum``) updated in training and used as is in eval. Checked
     against the abstract (KDGQA/DGQA/PGQA): KDGQA "looks at the ratios of the norms of the
     key heads during each forward pass", DGQA at "the ratios of the norms as they evolve
@@ -1347,7 +1405,7 @@ class KeyDrivenGQA(MultiHeadAttention):
                 with torch.no_grad():
                     self.ema_ratios.mul_(self.momentum).add_((1 - self.momentum) * ratios.mean(0).to(self.ema_ratios))
             ratios = self.ema_ratios.to(norms).expand_as(norms)
-        return allocate_heads(ratios, self.n_heads)
+        return allocate_heads(ratios, self.n_heads, minimum=1)
 
     def attend(self, q, k, v, pattern, want_weights):
         counts = self.allocation(k, getattr(self, "_kv_keep", None))  # [B, G]
@@ -1375,6 +1433,14 @@ def _kdgqa_integers() -> tuple[torch.Tensor, torch.Tensor]:
     return counts.sum(-1).to(torch.float64), torch.full((50,), 8.0, dtype=torch.float64)
 
 
+def _kdgqa_groups_eq_heads_is_mha() -> tuple[torch.Tensor, torch.Tensor]:
+    m = _seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=4)
+    ref = MultiHeadAttention(32, 4).double()
+    copy_mha(m, ref)
+    x = _x()
+    return m(x), ref(x)
+
+
 def _kdgqa_one_group_is_mqa() -> tuple[torch.Tensor, torch.Tensor]:
     m = _seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=1)
     g = GroupedQueryAttention(32, 4, 1).double()
@@ -1391,6 +1457,7 @@ def _kdgqa_one_group_is_mqa() -> tuple[torch.Tensor, torch.Tensor]:
     reductions=(
         Reduction("equal_norms_is_gqa", "equal key norms give the uniform allocation (= gqa)", _kdgqa_equal_is_gqa),
         Reduction("integer_allocation", "allocations are integers summing to n_heads", _kdgqa_integers),
+        Reduction("groups_eq_heads_is_mha", "n_kv_heads = n_heads gives mha", _kdgqa_groups_eq_heads_is_mha),
         Reduction("one_group_is_mqa", "n_kv_heads = 1 gives MQA", _kdgqa_one_group_is_mqa),
     ),
 )
