@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep instead of spinning, so a shared CPU does not slow torch down 4x.
 demo: $(STAMP)
-	$(PY) -m attnzoo compare --preset quick
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m attnzoo compare --preset quick
 
 test: $(STAMP)
 	$(PY) -m ruff check attnzoo tests benchmarks

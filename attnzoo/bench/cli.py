@@ -74,6 +74,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cols, rows = res.leaderboard
     if cols:
         _table(f"leaderboard ({args.preset}, session {res.session})", cols, rows)
+    for note in res.notes:
+        print(f"note: {note}")
     print(f"results: {res.store}" + (f"; report: {res.report}" if res.report else ""))
     print(f"wall time: {res.wall_s:.0f} s ({res.wall_s / 60:.1f} min)")
     return 0

@@ -58,6 +58,7 @@ class Setting:
     epochs: int = 1
     max_steps: int | None = None
     eval_every: int | None = None
+    time_budget_s: float | None = None   # per training run (the quick preset's guarantee of its wall time)
 
 
 @dataclass
@@ -77,13 +78,19 @@ class Preset:
 
 
 def _quick() -> Preset:
+    # Zoology's settings and model at width 64 with ~1% of its training: batch 64, 16k examples
+    # (repeated), at most 800 steps and 45 s per run, and a speed sweep bounded to 150 s, so the
+    # preset fits in 10 minutes on 2 CPU cores.
     settings = [
-        Setting(MQAR.paper(64), batch_size=64, n_train=6_400, n_test=500, max_steps=450, eval_every=75),
-        Setting(MQAR.paper(128), batch_size=64, n_train=6_400, n_test=500, max_steps=300, eval_every=75),
+        Setting(MQAR.paper(64), batch_size=64, n_train=16_000, n_test=500, max_steps=800, eval_every=50,
+                time_budget_s=45.0),
+        Setting(MQAR.paper(128), batch_size=64, n_train=16_000, n_test=500, max_steps=800, eval_every=50,
+                time_budget_s=45.0),
     ]
-    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=64, n_heads=1, repeats=3, warmup=1, max_seconds=20.0)
-    return Preset("quick", "MQAR (64, 4) and (128, 8) at width 64 with a step budget; speed sweep to N=16384",
-                  settings, dims=[64], lrs=[3e-3], speed=speed)
+    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=64, n_heads=1, repeats=3, warmup=1, max_seconds=120.0,
+                        point_budget_s=6.0, budget_s=150.0)
+    return Preset("quick", "MQAR (64, 4) and (128, 8) at width 64, <= 800 steps / 45 s per run; speed sweep to "
+                  "N=16384", settings, dims=[64], lrs=[3e-3], speed=speed)
 
 
 def _zoology() -> Preset:
@@ -236,13 +243,15 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
                                               lr=lr, batch_size=setting.batch_size, epochs=setting.epochs,
                                               max_steps=setting.max_steps, n_train=setting.n_train,
                                               n_test=setting.n_test, eval_every=setting.eval_every,
-                                              early_stop=p.early_stop, seed=seed, device=device)
+                                              early_stop=p.early_stop, seed=seed, device=device,
+                                              time_budget_s=setting.time_budget_s)
                             res = train(task, cfg, data=data, progress=progress,
                                         desc=f"[{k}/{n_runs}] {mixer} d={dim} lr={lr:g} {task.label()}")
                             m = res.metrics
                             say(f"[{k}/{n_runs}] {task.label()} {mixer} d={dim} lr={lr:g}: {m['metric']} "
                                 f"{m[m['metric']]:.4f} ({m['steps']} steps, {m['train_time_s']:.1f} s"
-                                + (", early stop" if m["stopped_early"] else "") + ")")
+                                + (", early stop" if m["stopped_early"] else "")
+                                + (", time budget" if m.get("stopped_by_time") else "") + ")")
                             if db is not None:
                                 db.add_run(kind="train", task=task.label(), mixer=mixer, session=session,
                                            config={**res.config, "task": res.task, "preset": p.name,
@@ -267,6 +276,12 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
             runs = db.runs(kind="train", session=session)
             points = db.speed_points(session=session)
             board = leaderboard(runs, points)
+            cut = [r for r in runs if r["metrics"].get("stopped_by_time")]
+            if cut:
+                notes.append(f"{len(cut)} of {len(runs)} training runs hit their time budget before their step "
+                             f"budget (steps reached: {min(r['metrics']['steps'] for r in cut)}-"
+                             f"{max(r['metrics']['steps'] for r in cut)}); on a faster or idle machine they train "
+                             "further")
             if report:
                 out_dir = Path(out) if out is not None else store_path.parent / "report"
                 report_path = build_report(db, out_dir, session=session, title=f"attnzoo compare --preset {p.name}")
@@ -279,7 +294,7 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
 
 def _apply_overrides(p: Preset, o: dict[str, Any]) -> Preset:
     known = {"dims", "lrs", "seq_lens", "epochs", "max_steps", "n_train", "n_test", "batch_size", "lengths", "seeds",
-             "eval_every"}
+             "eval_every", "time_budget_s"}
     bad = sorted(set(o) - known)
     if bad:
         raise ValueError(f"overrides: unknown {bad}; valid: {', '.join(sorted(known))}")
@@ -297,7 +312,7 @@ def _apply_overrides(p: Preset, o: dict[str, Any]) -> Preset:
             raise ValueError(f"seq_lens: preset {p.name!r} has MQAR settings at {sorted(have)}, not {missing}")
         p.settings = [s for s in p.settings if not isinstance(s.task, MQAR) or s.task.seq_len in o["seq_lens"]]
     for s in p.settings:
-        for key in ("epochs", "max_steps", "n_train", "n_test", "batch_size", "eval_every"):
+        for key in ("epochs", "max_steps", "n_train", "n_test", "batch_size", "eval_every", "time_budget_s"):
             if key in o:
                 setattr(s, key, o[key])
     if "lengths" in o and p.speed is not None:

@@ -6,8 +6,8 @@ blocks ``x += mixer(norm(x))`` (and ``x += mlp(norm(x))`` when ``mlp_ratio > 0``
 MQAR models use none), a final norm and a linear head (tied to the token embedding in the
 language model, as Zoology). Weights start from Zoology's initialisation (:func:`zoology_init`).
 The mixer is built by :func:`build_mixer`: ``attnzoo.create(slug, dim=dim, **mixer_kwargs)`` for a
-mixer, or the entry inside a host ``mha`` for a pattern (``sliding_window``) or score modifier;
-keyword arguments it does not accept are an error naming the accepted ones.
+mixer, pattern or memory entry (e.g. ``sliding_window``), or the entry inside a host ``mha`` for a
+score modifier; keyword arguments it does not accept are an error naming the accepted ones.
 
 :func:`build_model` checks, before anything is trained, that the mixer declares what the task
 needs (``causal`` for a language model, ``self`` for an encoder): a non-causal mixer in a
@@ -32,16 +32,24 @@ __all__ = ["Block", "EncoderClassifier", "TinyLM", "build_mixer", "build_model",
 POSITIONAL = ("learned", "sinusoidal", "none")
 
 
+MODULE_TYPES = ("mixer", "pattern", "memory")  # entry types whose factory builds the token mixer itself
+
+
 def _hosted(spec: Any) -> bool:
-    """A pattern or score-modifier entry that runs inside a host ``mha`` (its spec has a ``host``)."""
-    return spec.type in ("pattern", "score_mod") and spec.host is not None
+    """An entry that runs inside a host ``mha`` (its spec has a ``host``: score modifiers)."""
+    return spec.host is not None and spec.type in ("pattern", "score_mod")
+
+
+def _usable(spec: Any) -> bool:
+    return _hosted(spec) or spec.type in MODULE_TYPES
 
 
 def mixer_slugs() -> list[str]:
-    """Slugs (and aliases) usable as token mixers: mixers, and patterns / score mods with a host ``mha``."""
+    """Slugs (and aliases) usable as token mixers: mixer, pattern and memory entries (their factory
+    builds the mixer), and score modifiers with a host ``mha``."""
     from attnzoo.registry import aliases
 
-    usable = {s.slug for s in attnzoo.list() if s.type == "mixer" or _hosted(s)}
+    usable = {s.slug for s in attnzoo.list() if _usable(s)}
     return sorted(usable | {a for a, t in aliases().items() if t in usable})
 
 
@@ -55,7 +63,7 @@ def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, wh
         close = difflib.get_close_matches(str(slug), valid, n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"mixer: unknown mixer {slug!r}{hint}; registered mixers: {', '.join(valid)}") from None
-    if spec.type != "mixer" and not _hosted(spec):
+    if not _usable(spec):
         raise ValueError(f"mixer: {slug!r} is a {spec.type}, not a token mixer; registered mixers: {', '.join(valid)}")
     missing = sorted(set(needs) - set(spec.supports))
     if missing:
@@ -67,13 +75,14 @@ def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, wh
 
 
 def build_mixer(slug: str, dim: int, **kwargs: Any) -> nn.Module:
-    """``attnzoo.create(slug, dim=dim, **kwargs)`` for a mixer; for a pattern or score modifier, the
-    entry built from ``kwargs`` inside a host :class:`~attnzoo.layers.MultiHeadAttention` of width
+    """``attnzoo.create(slug, dim=dim, **kwargs)`` for a mixer (and a pattern or memory entry, whose
+    factory builds its mixer); for a score modifier, the entry built from ``kwargs`` inside a host
+    :class:`~attnzoo.layers.MultiHeadAttention` of width
     ``dim`` (``n_heads`` and ``backend`` go to the host; ``head_dim``/``n_heads`` are passed on to the
     entry when it takes them). Unknown arguments raise ``ValueError`` naming the accepted ones."""
     spec = check_mixer(slug)
     try:
-        if spec.type == "mixer":
+        if not _hosted(spec):
             return attnzoo.create(slug, dim=dim, **kwargs)
         from attnzoo.layers import MultiHeadAttention
 

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ def select_runs(store: ResultsStore, session: str | None = None, *, all_sessions
     runs = store.runs(kind="train", session=session)
     points = store.speed_points(session=session) if session is not None else store.speed_points()
     return runs, points, session
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value (``seq_len=64`` before ``seq_len=128``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def _metric(run: dict[str, Any]) -> tuple[str, float | None, bool]:
@@ -67,7 +73,7 @@ def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tup
     the mean accuracy, and forward+backward time and memory against SDPA dense at the longest
     length both ran. Sorted by mean accuracy, then by time."""
     best = best_by_setting(runs)
-    tasks = sorted({k[0] for k in best})
+    tasks = sorted({k[0] for k in best}, key=_natural)
     mixers = sorted({k[1] for k in best} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
     per: dict[str, dict[str, float]] = defaultdict(dict)
     higher_of: dict[str, bool] = {}
@@ -140,9 +146,23 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+_PALETTE: dict[str, str] = {}
+
+
+def _color(mixer: str) -> str | None:
+    """One colour per mechanism across every plot of a report (SDPA dense is black)."""
+    if mixer == BASELINE:
+        return "black"
+    if mixer not in _PALETTE:
+        cycle = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf"]
+        _PALETTE[mixer] = cycle[len(_PALETTE) % len(cycle)]
+    return _PALETTE[mixer]
+
+
 def _accuracy_figure(plt: Any, runs: list[dict[str, Any]]) -> bytes | None:
     best = best_by_setting(runs)
-    tasks = sorted({k[0] for k in best})
+    tasks = sorted({k[0] for k in best}, key=_natural)
     if not tasks:
         return None
     cols = min(4, len(tasks))
@@ -157,7 +177,7 @@ def _accuracy_figure(plt: Any, runs: list[dict[str, Any]]) -> bytes | None:
                 by_mixer[mixer].append((dim, v))
         for mixer, pts in sorted(by_mixer.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mixer)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mixer, color=_color(mixer))
         ax.set_xscale("log", base=2)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("model width (d_model)")
@@ -174,7 +194,7 @@ def _accuracy_figure(plt: Any, runs: list[dict[str, Any]]) -> bytes | None:
 
 def _curves_figure(plt: Any, runs: list[dict[str, Any]], curves: dict[int, list[tuple]]) -> bytes | None:
     best = best_by_setting(runs)
-    tasks = sorted({k[0] for k in best})
+    tasks = sorted({k[0] for k in best}, key=_natural)
     if not tasks or not curves:
         return None
     cols = min(4, len(tasks))
@@ -187,7 +207,8 @@ def _curves_figure(plt: Any, runs: list[dict[str, Any]], curves: dict[int, list[
             metric = _metric(r)[0]
             pts = [(s, v) for s, n, v in curves.get(r["id"], []) if n == f"test/{metric}"]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{mixer} d={dim}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{mixer} d={dim}",
+                        color=_color(mixer), alpha=1.0 if dim == max(k[2] for k in best if k[1] == mixer) else 0.5)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -209,7 +230,7 @@ def _speed_figure(plt: Any, points: list[dict[str, Any]], key: str, ylabel: str,
         for m in mixers:
             pts = sorted((p["n"], p[key] * scale) for p in ok if p["mode"] == mode and p["mixer"] == m)
             ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m,
-                    linestyle="--" if m == BASELINE else "-", color="black" if m == BASELINE else None)
+                    linestyle="--" if m == BASELINE else "-", color=_color(m))
         bad = [p for p in points if p["mode"] == mode and p["status"] in ("oom", "skipped")]
         if bad:
             ax.text(0.02, 0.98, "not run: " + ", ".join(f"{p['mixer']}@{p['n']} ({p['status']})" for p in bad)[:160],
@@ -251,6 +272,9 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
     out.mkdir(parents=True, exist_ok=True)
     runs, points, session = select_runs(store, session, all_sessions=all_sessions)
     curves = {r["id"]: store.run(r["id"])["curves"] for r in runs}
+    _PALETTE.clear()
+    for m in sorted({r["mixer"] for r in runs} | {p["mixer"] for p in points}):
+        _color(m)
     plt = _plt()
     images: list[tuple[str, str, bytes]] = []
     if plt is not None:
@@ -295,10 +319,14 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
             m, c = r["metrics"], r["config"]
             trows.append([r["id"], r["task"], r["mixer"], c.get("dim"), c.get("lr"),
                           json.dumps(c.get("mixer_kwargs", {}), sort_keys=True), name, _fmt(v, 4),
-                          m.get("steps"), m.get("stopped_early"), m.get("train_time_s"), m.get("params")])
+                          m.get("steps"), m.get("stopped_early"), m.get("stopped_by_time", False),
+                          m.get("train_time_s"), m.get("params")])
         parts.append("<h2>Training runs</h2>" + _table(
             ["id", "task", "mixer", "dim", "lr", "mixer kwargs", "metric", "value", "steps", "early stop",
-             "time (s)", "params"], trows))
+             "time budget hit", "time (s)", "params"], trows))
+        if any(r["metrics"].get("stopped_by_time") for r in runs):
+            parts.append("<p class='note'>Runs that hit their time budget stopped before their step budget: "
+                         "their numbers depend on the machine's speed (and on what else it was running).</p>")
     if points:
         prow = []
         for p in points:

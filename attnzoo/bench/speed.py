@@ -14,8 +14,9 @@ density of their pattern (causal, window, padding...). ``fwd+bwd`` counts 3x the
 Ratios compare each point with ``sdpa_dense`` at the same ``N`` and mode.
 
 An out-of-memory error is recorded as status ``oom`` and the sweep continues; a point whose
-time or memory, extrapolated from the mixer's previous points, exceeds the limits is recorded
-as ``skipped`` with the reason (never silently left out).
+time or memory, extrapolated from the mixer's previous points, exceeds the limits, or that comes
+after the sweep's time budget is used up, is recorded as ``skipped`` (or ``oom``) with the
+reason, never silently left out. The sweep goes length by length, every mixer at each length.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class SpeedConfig:
     device: str = "auto"
     mixer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_seconds: float = 60.0         # skip a point whose single run is predicted to exceed this
+    point_budget_s: float | None = None  # stop repeating a point after this long (default max_seconds)
+    budget_s: float | None = None     # whole sweep: once used up, the remaining points are recorded as skipped
     memory_fraction: float = 0.8      # skip a point predicted to need more than this share of free memory
     seed: int = 0
 
@@ -214,7 +217,10 @@ def _build(slug: str, cfg: SpeedConfig, device: torch.device, dtype: torch.dtype
 
 def measure(module: nn.Module, x: torch.Tensor, *, mode: str, causal: bool, repeats: int, warmup: int,
             device: torch.device, max_seconds: float = math.inf) -> dict[str, Any]:
-    """Median time (s), peak bytes and the individual times of ``module`` on ``x``."""
+    """Median time (s), peak bytes and the individual times of ``module`` on ``x``.
+
+    After the warm-up, repeats stop once their total exceeds ``max_seconds`` (at least one runs).
+    """
     grad_out = torch.randn_like(x)
 
     def run() -> None:
@@ -266,7 +272,8 @@ def _predict(history: list[tuple[int, float]], n: int, lo: float, hi: float) -> 
 
 
 def run_speed(cfg: SpeedConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run the sweep; returns one dict per (mixer, N, mode) with ``status`` ``ok``/``oom``/``skipped``/``error``."""
+    """Run the sweep (length by length, every mixer at each length); returns one dict per
+    (mixer, N, mode) with ``status`` ``ok``/``oom``/``skipped``/``error``."""
     say = log or (lambda s: None)
     device = pick_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
@@ -274,27 +281,38 @@ def run_speed(cfg: SpeedConfig, *, progress: bool = True, log: Callable[[str], N
     points: list[dict[str, Any]] = []
     history: dict[tuple[str, str], list[tuple[int, float]]] = {}
     mem_history: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    modules: dict[str, tuple[nn.Module, bool]] = {}
+    build_errors: dict[str, str] = {}
+    for name in names:
+        try:
+            modules[name] = _build(name, cfg, device, dtype)
+        except Exception as e:  # a mixer that cannot be built at this width: recorded at every point
+            build_errors[name] = f"{type(e).__name__}: {e}"
+    started = time.perf_counter()
     total = len(names) * len(cfg.lengths) * len(cfg.modes)
     with progress_bar(total, "speed sweep", enabled=progress) as bar:
-        for name in names:
-            try:
-                module, causal = _build(name, cfg, device, dtype)
-            except Exception as e:  # a mixer that cannot be built at this width: record, go on
-                for n in cfg.lengths:
-                    for mode in cfg.modes:
-                        points.append(_point(name, n, mode, "error", detail={"error": f"{type(e).__name__}: {e}"}))
-                        bar.update(1)
-                continue
-            for n in sorted(cfg.lengths):
+        for n in sorted(cfg.lengths):
+            g = torch.Generator().manual_seed(cfg.seed + n)
+            x = torch.randn(cfg.batch, n, cfg.dim, generator=g).to(device=device, dtype=dtype)
+            for name in names:
                 flops = None
                 for mode in cfg.modes:
-                    key = (name, mode)
                     bar.update(1, f"{name} N={n} {mode}")
+                    if name in build_errors:
+                        points.append(_point(name, n, mode, "error", detail={"error": build_errors[name]}))
+                        continue
+                    module, causal = modules[name]
+                    key = (name, mode)
+                    detail: dict[str, Any] = {"causal": causal, "batch": cfg.batch, "dim": cfg.dim,
+                                              "dtype": cfg.dtype, "device": str(device)}
+                    elapsed = time.perf_counter() - started
+                    if cfg.budget_s is not None and elapsed > cfg.budget_s:
+                        points.append(_point(name, n, mode, "skipped", detail={
+                            **detail, "reason": f"sweep time budget of {cfg.budget_s:g} s used up"}))
+                        continue
                     t_pred = _predict(history.get(key, []), n, 1.0, 2.0)
                     m_pred = _predict(mem_history.get(key, []), n, 1.0, 2.0)
                     avail = _available_bytes(device)
-                    detail: dict[str, Any] = {"causal": causal, "batch": cfg.batch, "dim": cfg.dim,
-                                              "dtype": cfg.dtype, "device": str(device)}
                     if t_pred is not None and t_pred > cfg.max_seconds:
                         points.append(_point(name, n, mode, "skipped", detail={
                             **detail, "reason": f"predicted {t_pred:.0f} s per run > max_seconds={cfg.max_seconds:g}"}))
@@ -304,17 +322,13 @@ def run_speed(cfg: SpeedConfig, *, progress: bool = True, log: Callable[[str], N
                             **detail, "reason": f"predicted peak {m_pred / 2**30:.1f} GiB > "
                                                 f"{cfg.memory_fraction:g} x free {avail / 2**30:.1f} GiB; not run"}))
                         continue
-                    x = None
                     try:
-                        g = torch.Generator().manual_seed(cfg.seed + n)
-                        x = torch.randn(cfg.batch, n, cfg.dim, generator=g).to(device=device, dtype=dtype)
                         if flops is None:
                             flops = count_flops(lambda x=x, module=module, causal=causal: module(x, causal=causal))
                         res = measure(module, x, mode=mode, causal=causal, repeats=cfg.repeats, warmup=cfg.warmup,
-                                      device=device, max_seconds=cfg.max_seconds)
+                                      device=device, max_seconds=cfg.point_budget_s or cfg.max_seconds)
                     except Exception as e:
                         status = "oom" if _is_oom(e) else "error"
-                        x = None
                         _free(device)
                         points.append(_point(name, n, mode, status, detail={**detail, "error": f"{type(e).__name__}: "
                                                                             f"{str(e).splitlines()[0][:300]}"}))
@@ -327,9 +341,13 @@ def run_speed(cfg: SpeedConfig, *, progress: bool = True, log: Callable[[str], N
                     detail.update(times=res["times"], tflops_per_s=(f / res["time_s"] / 1e12) if f else None)
                     points.append(_point(name, n, mode, "ok", time_s=res["time_s"], peak_bytes=res["peak_bytes"],
                                          flops=f, detail=detail))
-            del module
+            del x
             _free(device)
+    modules.clear()
+    _free(device)
     _add_ratios(points)
+    order = {name: i for i, name in enumerate(names)}
+    points.sort(key=lambda p: (order[p["mixer"]], p["n"], cfg.modes.index(p["mode"])))
     return points
 
 

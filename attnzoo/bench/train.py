@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ class TrainConfig:
     eval_every: int | None = None       # steps between evaluations (default: once per epoch)
     early_stop: float | None = 0.99     # stop once the test accuracy exceeds this
     grad_clip: float | None = None
+    time_budget_s: float | None = None  # stop (and evaluate) once training has taken this long
     seed: int = 0
     data_seed: int = 0
     device: str = "auto"
@@ -123,7 +125,7 @@ class _Bar:
         self.impl: Any = None
         self.kind = "none"
         self.desc = desc
-        if not enabled:
+        if not enabled or not sys.stderr.isatty():  # no bar in logs (make demo > file, CI)
             return
         try:
             from tqdm.auto import tqdm
@@ -159,7 +161,7 @@ class _Bar:
 
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[_Bar]:
-    """A progress bar (tqdm, else rich, else none) that is closed on exit."""
+    """A progress bar on a terminal (tqdm, else rich, else none) that is closed on exit."""
     bar = _Bar(total, desc, enabled)
     try:
         yield bar
@@ -251,7 +253,7 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
     total_steps, per_eval = cfg.total_steps(), cfg.steps_per_eval()
     local_bs = cfg.batch_size // world
     curves: list[tuple[int, str, float]] = []
-    best, last_eval, stopped_early = None, None, False
+    best, last_eval, stopped_early, stopped_by_time = None, None, False, False
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
     say = log if (log is not None and rank == 0) else (lambda s: None)
     started = time.perf_counter()
@@ -288,7 +290,12 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
                 curves.append((step, "train/loss", value))
             info = f"loss {running:.3f}" + (f" | {task.metric} {last_eval:.3f}" if last_eval is not None else "")
             bar.update(1, info)
-            if step % per_eval == 0 or step == total_steps:
+            out_of_time = cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
+            if cfg.time_budget_s is not None and world > 1:  # every rank stops at the same step
+                flag = torch.tensor([float(out_of_time)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if step % per_eval == 0 or step == total_steps or out_of_time:
                 ev = evaluate(net, task, test_data, batch_size=max(local_bs, 256), device=device, rank=rank,
                               world=world)
                 last_eval = ev[task.metric]
@@ -300,11 +307,16 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
                 if (cfg.early_stop is not None and task.higher_is_better and last_eval > cfg.early_stop):
                     stopped_early = True
                     break
+                if out_of_time:
+                    stopped_by_time = True
+                    say(f"  time budget of {cfg.time_budget_s:g} s reached after {step} steps")
+                    break
     elapsed = time.perf_counter() - started
     metrics = {
         "metric": task.metric, "higher_is_better": task.higher_is_better, task.metric: best,
         f"final_{task.metric}": last_eval, "train_loss": running, "steps": step,
         "epochs": round(step * cfg.batch_size / len(train_data), 3), "stopped_early": stopped_early,
+        "stopped_by_time": stopped_by_time,
         "train_time_s": round(elapsed, 3), "time_per_step_ms": round(1000 * elapsed / max(step, 1), 3),
         "params": n_params,
     }

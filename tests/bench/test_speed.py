@@ -80,6 +80,11 @@ def test_slow_points_are_skipped_with_a_reason():
             assert p["status"] == "skipped" and "predicted" in p["detail"]["reason"]
 
 
+def test_sweep_budget_skips_the_rest():
+    points = run_speed(_cfg(budget_s=0.0), progress=False)
+    assert all(p["status"] == "skipped" and "budget" in p["detail"]["reason"] for p in points)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="valid modes"):
         SpeedConfig(modes=["bwd"])

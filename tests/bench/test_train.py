@@ -88,6 +88,11 @@ def test_early_stop():
     assert r.metrics["stopped_early"] and r.metrics["steps"] == 5
 
 
+def test_time_budget_stops_and_evaluates():
+    r = train(TINY, _cfg(time_budget_s=0.0, max_steps=50), progress=False)
+    assert r.metrics["stopped_by_time"] and r.metrics["steps"] == 1 and r.metrics["accuracy"] is not None
+
+
 def test_evaluate_matches_oracle_rule():
     # An untrained model scores about chance; the metric is the Zoology per-example mean.
     model = build_model(TINY, "mha", dim=16, mixer_kwargs={"n_heads": 2})
