@@ -176,6 +176,7 @@ class NeighborhoodAttention(GridMixer):
     def forward(self, x, *, mask=None, causal=False, context=None, context_mask=None, cache=None, head_mask=None,
                 return_weights=False):
         if isinstance(x, torch.Tensor) and 3 <= x.dim() <= 5:
+            self.check_grid(tuple(x.shape[1:-1]))
             os_ = self._axes(x.dim() - 2)[4]
             if any(o > 1 for o in os_):
                 return self._strided_forward(x, mask, causal, context, cache, os_)

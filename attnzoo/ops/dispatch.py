@@ -56,7 +56,7 @@ def _decide(p: Problem) -> tuple[str, float | None, dict[str, str]]:
     if p.device.type == "cuda" and BACKENDS["flex"].why_not(p) is None:
         return "flex", None, {"reference": _REF_NOTE, "blocksparse": "flex runs this pattern as a fused kernel here",
                               "sdpa": "flex skips masked blocks; SDPA would need a dense mask"}
-    fraction = BACKENDS["blocksparse"].layout(p).active_fraction if p.pattern is not None else 1.0
+    fraction = BACKENDS["blocksparse"].work_fraction(p) if p.pattern is not None else 1.0
     if fraction >= DENSE_FRACTION and sdpa.why_not(p) is None:
         dense_note = f"{fraction:.0%} of tiles are active: a dense masked kernel is cheaper"
         return "sdpa", fraction, {"reference": _REF_NOTE, "flex": _FLEX_CPU_NOTE, "blocksparse": dense_note}

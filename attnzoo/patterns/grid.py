@@ -177,7 +177,7 @@ class Neighborhood(Pattern):
         return AxisTiles(torch.cat(qs), torch.cat(ks))
 
     def _boxes(self, lo: torch.Tensor, hi: torch.Tensor, grid: tuple[int, ...]) -> list[tuple[torch.Tensor, ...]]:
-        """Per-axis (min, max) coordinate of the contiguous index ranges ``[lo, hi]``."""
-        span = int((hi - lo).max()) + 1
-        idx = (lo.view(-1, 1) + torch.arange(span, device=lo.device).view(1, -1)).clamp(max=hi.view(-1, 1))
-        return [(c.amin(-1), c.amax(-1)) for c in self._coords(idx, grid)]
+        """Per-axis (min, max) coordinate of the contiguous index ranges ``[lo, hi]`` (O(1) per range)."""
+        from attnzoo.patterns.windows import grid_boxes
+
+        return grid_boxes(lo, hi, grid)

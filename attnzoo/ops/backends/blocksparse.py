@@ -278,6 +278,17 @@ class BlockSparse(Backend):
             return full_layout(p.shape, block, p.device)
         return p.pattern.block_layout(p.shape, block, block, device=p.device)
 
+    def work_fraction(self, p: Problem) -> float:
+        """Fraction of the ``n_q x n_kv`` pairs this backend computes: its block layout's active
+        tiles, or its tile plan's slots when that is smaller (e.g. MaxViT grid groups, which
+        touch every row-major block but only ``G^2`` keys per query)."""
+        fraction = self.layout(p).active_fraction
+        plan_fn = getattr(p.pattern, "tile_plan", None)
+        plan = plan_fn(p.shape, self.block or default_block(p.device)) if plan_fn is not None else None
+        if plan is not None:
+            fraction = min(fraction, plan.computed_pairs / (p.shape.n_q * p.shape.n_kv))
+        return fraction
+
     def tiles(self, p: Problem) -> _Tiles | None:
         """The tiled plan of this problem, or None when the pattern has no tile plan."""
         plan_fn = getattr(p.pattern, "tile_plan", None)
