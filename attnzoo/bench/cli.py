@@ -14,6 +14,8 @@ from typing import Any
 
 __all__ = ["add_subcommands"]
 
+_NO_BUDGET = "none"
+
 
 def _kv(text: str) -> tuple[str, Any]:
     """``key=value`` with the value parsed as JSON when it is JSON (``16``, ``true``), else a string."""
@@ -61,6 +63,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     overrides = {"dims": args.dims, "lrs": args.lrs, "seq_lens": args.seq_lens, "epochs": args.epochs,
                  "max_steps": args.max_steps, "n_train": args.n_train, "n_test": args.n_test,
                  "batch_size": args.batch_size, "lengths": args.lengths, "seeds": args.seeds}
+    if args.time_budget is not None:
+        overrides["time_budget_s"] = args.time_budget if args.time_budget > 0 else _NO_BUDGET
     mixer_kwargs: dict[str, dict[str, Any]] = {}
     for spec in args.mixer_arg or []:
         if ":" not in spec:
@@ -104,6 +108,8 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--n-test", type=int, help="test examples per task (override)")
     p.add_argument("--batch-size", type=int, help="batch size (override)")
     p.add_argument("--lengths", nargs="+", type=int, metavar="N", help="speed sweep lengths (override)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="seconds per training run (override; 0 = no time budget, only the step budget)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -280,7 +286,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 metric = m.get("metric")
                 value = m.get(metric) if metric else None
                 summary = f"{metric} {value:.4f}" if isinstance(value, (int, float)) else (
-                    f"{m.get('points')} points" if r["kind"] == "speed" else "")
+                    f"{m.get('points')} points" if r["kind"] == "speed" else f"failed: {m.get('error', '')}"[:60])
                 rows.append([str(r["id"]), r["kind"], r["created"], r["session"] or "", r["task"] or "",
                              r["mixer"] or "", str(r["config"].get("dim", "")), str(r["config"].get("lr", "")),
                              summary])

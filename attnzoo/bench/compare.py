@@ -25,7 +25,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +245,20 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
                                               n_test=setting.n_test, eval_every=setting.eval_every,
                                               early_stop=p.early_stop, seed=seed, device=device,
                                               time_budget_s=setting.time_budget_s)
-                            res = train(task, cfg, data=data, progress=progress,
-                                        desc=f"[{k}/{n_runs}] {mixer} d={dim} lr={lr:g} {task.label()}")
+                            try:
+                                res = train(task, cfg, data=data, progress=progress,
+                                            desc=f"[{k}/{n_runs}] {mixer} d={dim} lr={lr:g} {task.label()}")
+                            except (FloatingPointError, RuntimeError) as e:  # diverged or failed: record, go on
+                                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                                say(f"[{k}/{n_runs}] {task.label()} {mixer} d={dim} lr={lr:g}: FAILED ({msg})")
+                                notes.append(f"{task.label()} {mixer} d={dim} lr={lr:g} failed: {msg}")
+                                if db is not None:
+                                    db.add_run(kind="train", task=task.label(), mixer=mixer, session=session,
+                                               config={**asdict(cfg), "task": task.config(), "preset": p.name},
+                                               metrics={"metric": task.metric, "higher_is_better":
+                                                        task.higher_is_better, task.metric: None, "error": msg},
+                                               env=environment(device))
+                                continue
                             m = res.metrics
                             say(f"[{k}/{n_runs}] {task.label()} {mixer} d={dim} lr={lr:g}: {m['metric']} "
                                 f"{m[m['metric']]:.4f} ({m['steps']} steps, {m['train_time_s']:.1f} s"
@@ -299,6 +311,10 @@ def _apply_overrides(p: Preset, o: dict[str, Any]) -> Preset:
     if bad:
         raise ValueError(f"overrides: unknown {bad}; valid: {', '.join(sorted(known))}")
     o = {k: v for k, v in o.items() if v is not None}
+    if o.get("time_budget_s") == "none":  # explicitly no time budget
+        for s in p.settings:
+            s.time_budget_s = None
+        del o["time_budget_s"]
     if "dims" in o:
         p.dims = list(o["dims"])
     if "lrs" in o:

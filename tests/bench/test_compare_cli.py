@@ -53,6 +53,28 @@ def test_compare_checks_everything_before_training(tmp_path):
     assert store.read_text() == "not a database"
 
 
+def test_a_failing_run_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
+    import attnzoo.bench.compare as C
+
+    real = C.train
+
+    def flaky(task, cfg, **kw):
+        if cfg.mixer == "gated_attention":
+            raise FloatingPointError("the loss became nan at step 3")
+        return real(task, cfg, **kw)
+
+    monkeypatch.setattr(C, "train", flaky)
+    store = tmp_path / "r.sqlite"
+    res = run_compare("quick", mixers=["gated_attention", "mha"], store=store, overrides={**TINY, "seq_lens": [64]},
+                      speed=False, report=False, progress=False, log=lambda s: None)
+    assert any("gated_attention" in n and "nan" in n for n in res.notes)
+    with open_store(store, create=False) as db:
+        runs = {r["mixer"]: r for r in db.runs()}
+    assert runs["gated_attention"]["metrics"]["error"].startswith("FloatingPointError")
+    assert runs["mha"]["metrics"]["accuracy"] is not None
+    assert [r[1] for r in res.leaderboard[1]] == ["mha"]
+
+
 def test_default_mixers_are_the_registered_candidates():
     chosen, notes = resolve_mixers(get_preset("quick"), None)
     assert chosen[0] == "mha"
