@@ -424,7 +424,9 @@ class _Tiles:
             fm = fm.expand(self.shape.batch, batch_heads // self.shape.batch, c, g, self.bq, self.r)
             fm = fm.reshape(batch_heads, c, g * self.bq, self.r)
         if bias is None and self.mask is not None:
-            self._fmask[(rows.start, rows.stop, dtype, batch_heads)] = fm
+            held = sum(t.numel() * t.element_size() for t in self._fmask.values())
+            if held + fm.numel() * fm.element_size() <= MASK_CACHE_BYTES:  # else rebuilt per call
+                self._fmask[(rows.start, rows.stop, dtype, batch_heads)] = fm
         return fm
 
 
@@ -494,6 +496,23 @@ def _tile_kv(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
     return _gather_tokens(t, tiles.kv_flat).view(b, hkv, tiles.n_tiles, tiles.r, d)
 
 
+class _KVTiles:
+    """Keys (or values) of the tiles, chunk by chunk: strided views and permutations are built once,
+    gathers only for the chunk asked (so peak memory stays a chunk, not ``R / bq`` copies of K)."""
+
+    def __init__(self, t: torch.Tensor, tiles: _Tiles) -> None:
+        self.t, self.tiles = t, tiles
+        self.whole = _tile_kv(t, tiles) if tiles.strided is not None or tiles.grid_perm is not None else None
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole[:, :, rows]
+        tl = self.tiles
+        b, hkv, _, d = self.t.shape
+        index = tl.kv_flat.view(tl.n_tiles, tl.r)[rows].flatten()
+        return _gather_tokens(self.t, index).view(b, hkv, -1, tl.r, d)
+
+
 def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t [B, H, N, *rest]`` at token ids ``index`` (``N`` = a zero row) -> ``[B, H, len(index), *rest]``."""
     b, h = t.shape[:2]
@@ -551,19 +570,20 @@ def _fusable(tiles: _Tiles, q: torch.Tensor, v: torch.Tensor) -> bool:
 def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """``out [B, H, N, D_v]`` and ``lse [B, H, N]``."""
     b, hkv = k.shape[:2]
-    qt, kt, vt = _tile_q(q, tiles), _tile_kv(k, tiles), _tile_kv(v, tiles)
+    qt, kt, vt = _tile_q(q, tiles), _KVTiles(k, tiles), _KVTiles(v, tiles)
     if _fusable(tiles, q, v):
         bh = b * hkv
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         qf = qt.reshape(bh, tiles.n_tiles, -1, q.shape[-1])
-        kf, vf = kt.reshape(bh, tiles.n_tiles, tiles.r, -1), vt.reshape(bh, tiles.n_tiles, tiles.r, -1)
         per_tile = bh * tiles.groups * tiles.bq * tiles.r
         step = max(1, TILE_FUSED_MASK_ELEMENTS // max(per_tile, 1))
         outs, lses = [], []
         for i in range(0, tiles.n_tiles, step):
             rows = slice(i, min(tiles.n_tiles, i + step))
             fm = tiles.fused_mask(rows, q.dtype, bh)
-            o, lse = op(qf[:, rows], kf[:, rows], vf[:, rows], 0.0, False, attn_mask=fm, scale=tiles.scale)
+            kc = kt.chunk(rows).reshape(bh, -1, tiles.r, q.shape[-1])
+            vc = vt.chunk(rows).reshape(bh, -1, tiles.r, v.shape[-1])
+            o, lse = op(qf[:, rows], kc, vc, 0.0, False, attn_mask=fm, scale=tiles.scale)
             outs.append(o)
             lses.append(lse)
         out_t = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).view(b, hkv, tiles.n_tiles, -1, v.shape[-1])
@@ -576,13 +596,13 @@ def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         out_t = qt.new_zeros(*qt.shape[:-1], v.shape[-1])
         lse_t = qt.new_full(qt.shape[:-1], float("-inf"))
         for rows in _tile_chunks(tiles, b * hkv):
-            _, _, s = _tile_scores(tiles, qt[:, :, rows] * tiles.scale, kt[:, :, rows], rows)
+            _, _, s = _tile_scores(tiles, qt[:, :, rows] * tiles.scale, kt.chunk(rows), rows)
             s = s.flatten(3, 4)
             m = s.amax(-1, keepdim=True)
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
             p = s.sub_(m).exp_()
             denom = p.sum(-1, keepdim=True)
-            out_t[:, :, rows] = torch.matmul(p, vt[:, :, rows]).div_(denom.clamp_min(torch.finfo(p.dtype).tiny))
+            out_t[:, :, rows] = torch.matmul(p, vt.chunk(rows)).div_(denom.clamp_min(torch.finfo(p.dtype).tiny))
             lse_t[:, :, rows] = (m + torch.log(denom)).squeeze(-1)
     return _untile_q(out_t, tiles), _untile_q(lse_t, tiles, float("-inf"))
 
@@ -591,13 +611,13 @@ def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
     b, hkv, m, d = k.shape
     bh = b * hkv
     qt = _tile_q(q * tiles.scale, tiles)
-    kt, vt = _tile_kv(k, tiles), _tile_kv(v, tiles)
+    kt, vt = _KVTiles(k, tiles), _KVTiles(v, tiles)
     do_t = _tile_q(dout, tiles)
     delta_t = _tile_q((dout * out).sum(-1), tiles)
     lse_t = _tile_q(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse), tiles)
     dq_t = torch.empty_like(qt)
     if tiles.grid_perm is not None:
-        dk_t, dv_t = torch.empty_like(kt), v.new_empty(*kt.shape[:-1], v.shape[-1])
+        dk_t, dv_t = torch.empty_like(kt.whole), v.new_empty(*kt.whole.shape[:-1], v.shape[-1])
         dk = dv = None
     else:
         dk_t = dv_t = None
@@ -611,9 +631,9 @@ def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
         qc, doc = qt[:, :, rows], do_t[:, :, rows]
         if plain:
             # s - lse and dp - delta come out of the products: [q, -lse] . [k, 1] and [do, -delta] . [v, 1].
-            ones = qc.new_ones(*kt.shape[:2], rows.stop - rows.start, tiles.r, 1)
-            k_aug = torch.cat([kt[:, :, rows], ones], -1)
-            v_aug = torch.cat([vt[:, :, rows], ones], -1)
+            ones = qc.new_ones(b, hkv, rows.stop - rows.start, tiles.r, 1)
+            k_aug = torch.cat([kt.chunk(rows), ones], -1)
+            v_aug = torch.cat([vt.chunk(rows), ones], -1)
             q_aug = torch.cat([qc, -lse_t[:, :, rows].unsqueeze(-1)], -1)
             s = torch.matmul(q_aug, k_aug.transpose(-1, -2))
             fm = tiles.fused_mask(rows, s.dtype, bh)
@@ -624,7 +644,7 @@ def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
             ds = torch.matmul(do_aug, v_aug.transpose(-1, -2)).mul_(p)
             kc = k_aug[..., :d]
         else:
-            kc, vc = kt[:, :, rows], vt[:, :, rows]
+            kc, vc = kt.chunk(rows), vt.chunk(rows)
             with torch.enable_grad():
                 raw, mod, s = _tile_scores(tiles, qc, kc, rows, track=True)
             p = (s.detach().flatten(3, 4) - lse_t[:, :, rows].unsqueeze(-1)).exp_()
