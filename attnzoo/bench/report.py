@@ -24,7 +24,8 @@ from typing import Any
 from attnzoo.bench.speed import BASELINE
 from attnzoo.bench.store import ResultsStore
 
-__all__ = ["build_report", "leaderboard", "best_by_setting", "select_runs"]
+__all__ = ["build_report", "efficiency_length", "leaderboard", "measured_crossover", "best_by_setting",
+           "select_runs"]
 
 
 # Data ------------------------------------------------------------------------------------------
@@ -108,6 +109,51 @@ def _speed_summary(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             out[p["mixer"]] = {"n": p["n"], "mode": mode, "ratio": p["ratio"],
                                "memory_ratio": p["detail"].get("memory_ratio")}
     return out
+
+
+def efficiency_length(points: list[dict[str, Any]], mixer: str, *, mode: str = "fwd",
+                      key: str = "time_s") -> float | None:
+    """CAB's efficiency length: the N where a quadratic fit of SDPA dense's cost meets a linear fit of
+    ``mixer``'s cost (``key``: ``time_s`` or ``peak_bytes``), from the points both measured.
+
+    Returns the smallest positive crossing beyond which the mixer is cheaper, ``0.0`` when it is
+    cheaper at every length, or None (fewer than 3 common points, or no crossing: never cheaper).
+    """
+    import numpy as np
+
+    def series(name: str) -> dict[int, float]:
+        return {p["n"]: float(p[key]) for p in points
+                if p["mixer"] == name and p["mode"] == mode and p["status"] == "ok" and p[key]}
+
+    base, mine = series(BASELINE), series(mixer)
+    ns = sorted(set(base) & set(mine))
+    if len(ns) < 3:
+        return None
+    x = np.array(ns, dtype=np.float64)
+    q = np.polyfit(x, [base[n] for n in ns], 2)
+    lin = np.polyfit(x, [mine[n] for n in ns], 1)
+    diff = np.array([q[0], q[1] - lin[0], q[2] - lin[1]])  # vanilla - efficient, as a polynomial in N
+    roots = sorted(r.real for r in np.roots(diff) if abs(r.imag) < 1e-9 and r.real > 0)
+    if diff[0] <= 0:
+        return None  # the quadratic term does not dominate: no crossing to report
+    if not roots:
+        return 0.0
+    return float(roots[-1])
+
+
+def measured_crossover(points: list[dict[str, Any]], mixer: str, *, mode: str = "fwd",
+                       key: str = "time_s") -> int | None:
+    """The smallest measured N from which ``mixer`` costs less than SDPA dense at every longer measured N."""
+    base = {p["n"]: p[key] for p in points if p["mixer"] == BASELINE and p["mode"] == mode and p["status"] == "ok"}
+    mine = {p["n"]: p[key] for p in points if p["mixer"] == mixer and p["mode"] == mode and p["status"] == "ok"}
+    ns = sorted(n for n in set(base) & set(mine) if base[n] and mine[n])
+    best = None
+    for n in reversed(ns):
+        if mine[n] < base[n]:
+            best = n
+        else:
+            break
+    return best
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -341,6 +387,26 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
              "FLOPs", "TFLOP/s", "note"], prow))
         parts.append("<p class='note'>Median of repeats after warm-up, device synchronised; FLOPs from each "
                      "pattern's exact density (forward+backward = 3x forward).</p>")
+        erows = []
+        for m in sorted({p["mixer"] for p in points if p["mixer"] != BASELINE}):
+            cells = []
+            for mode in ("fwd", "fwd+bwd"):
+                for key in ("time_s", "peak_bytes"):
+                    fit = efficiency_length(points, m, mode=mode, key=key)
+                    ns = [p["n"] for p in points if p["mixer"] == m and p["mode"] == mode and p["status"] == "ok"]
+                    cells.append("" if fit is None else (f"< {min(ns)}" if fit == 0.0 else f"{fit:.0f}"))
+                    meas = measured_crossover(points, m, mode=mode, key=key)
+                    cells.append("" if meas is None else str(meas))
+            erows.append([m, *cells])
+        if erows:
+            parts.append("<h2>Efficiency length (CAB)</h2>" + _table(
+                ["mixer", "time fwd: fit", "measured", "memory fwd: fit", "measured", "time fwd+bwd: fit", "measured",
+                 "memory fwd+bwd: fit", "measured"], erows))
+            parts.append("<p class='note'>The sequence length beyond which the mechanism is cheaper than SDPA "
+                         "dense. Fit: CAB's definition, where a quadratic fit of SDPA dense's cost meets a linear "
+                         "fit of the mechanism's, over this sweep's lengths (dominated by the longest ones). "
+                         "Measured: the shortest length of the sweep from which it is cheaper at every longer "
+                         "one. Blank: fewer than 3 common points, or never cheaper.</p>")
     if env:
         parts.append("<h2>Environment</h2>" + _table(["field", "value"], [[k, v] for k, v in env.items()]))
     parts.append("</body></html>")

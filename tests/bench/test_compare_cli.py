@@ -185,3 +185,16 @@ def test_cli_train_and_speed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--preset", "fast"])
     assert "choose from 'quick', 'zoology', 'full'" in capsys.readouterr().err
+
+
+def test_efficiency_length_cab_fit_and_measured():
+    from attnzoo.bench.report import efficiency_length, measured_crossover
+
+    ns = [1000, 2000, 4000, 8000, 16000]
+    pts = [{"mixer": m, "n": n, "mode": "fwd", "status": "ok", "time_s": t(n), "peak_bytes": None}
+           for m, t in (("sdpa_dense", lambda n: 1e-8 * n * n), ("lin", lambda n: 1e-4 * n)) for n in ns]
+    assert efficiency_length(pts, "lin") == pytest.approx(10_000, rel=1e-6)
+    assert measured_crossover(pts, "lin") == 16000
+    assert efficiency_length(pts, "lin", key="peak_bytes") is None
+    always = [dict(p, time_s=p["time_s"] / 1e3) if p["mixer"] == "lin" else p for p in pts]
+    assert efficiency_length(always, "lin") == pytest.approx(10.0) and measured_crossover(always, "lin") == 1000
