@@ -322,5 +322,8 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
     }
     if hasattr(task, "ridge_error"):
         metrics["ridge_mse"] = task.ridge_error(test_data)
-    return RunResult(task=task.config(), config=asdict(cfg), metrics=metrics, curves=curves, device=str(device),
+    config = asdict(cfg)
+    if cfg.mlp_ratio is None:  # record what the model used (Zoology's MQAR models: no MLP)
+        config["mlp_ratio"] = 0.0 if task.kind == "lm" else 2.0
+    return RunResult(task=task.config(), config=config, metrics=metrics, curves=curves, device=str(device),
                      world_size=world)
