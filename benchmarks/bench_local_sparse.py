@@ -12,8 +12,9 @@ Cases (B=1, H=8, D=64, float32 by default):
 Each (case, implementation, mode) runs in a fresh process: forward (``fwd``, no grad) and
 forward+backward (``fwd+bwd``), median time over repeats after a warm-up (dense SDPA at
 N = 16384 runs once, no warm-up), peak extra memory (RSS high-water mark over the inputs).
-``attnzoo`` is ``attnzoo.attention(..., backend="blocksparse")``, which runs these patterns on
-their tile plans. Reported per row: the pattern's exact density, the target time
+``blocksparse`` is ``attnzoo.attention(..., backend="blocksparse")``, which runs these patterns
+on their tile plans; the neighbourhood also runs on ``gather`` (the compiled per-query CPU
+kernels, which ``auto`` picks for it). Reported per row: the pattern's exact density, the target time
 ``dense time x density`` (what the sparsity allows), the ratio to it (issue target: <= 2), and
 effective throughput: FLOPs of the kept (q, k) pairs, ``4 D`` per pair forward and 3.5x that
 for forward+backward, per second. ``--clock cpu`` measures process CPU time (use with
@@ -47,6 +48,8 @@ CASES = {
     "swin8x8": (4096, "Swin 8x8 windows on 64x64"),
     "maxvit8": (4096, "MaxViT block 8x8 + grid 8x8 on 64x64 (2 calls)"),
 }
+# attnzoo backends measured per case (default: blocksparse only).
+IMPLS = {"nbhd7x7": ["blocksparse", "gather"]}
 
 
 def patterns(case: str) -> list:
@@ -72,7 +75,7 @@ def measure(case: str, impl: str, mode: str, dtype: str, repeats: int, clock: st
     def one(p):
         if impl == "sdpa-dense":
             return F.scaled_dot_product_attention(q, k, v)
-        return attnzoo.attention(q, k, v, pattern=p, backend="blocksparse")
+        return attnzoo.attention(q, k, v, pattern=p, backend=impl)
 
     def step():
         if grad:
@@ -132,7 +135,8 @@ def main() -> None:
             if key not in dense_cache:
                 dense_cache[key] = run_isolated(__file__, ["--one", case, "sdpa-dense", mode, *common])
             dense = dense_cache[key]
-            sparse = run_isolated(__file__, ["--one", case, "attnzoo", mode, *common])
+            sparse = {impl: run_isolated(__file__, ["--one", case, impl, mode, *common])
+                      for impl in IMPLS.get(case, ["blocksparse"])}
             rows.append((case, mode, dense, sparse))
     info["load_avg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print("| case | mode | impl | time (s) | density | dense x density (s) | ratio (target <= 2) | "
@@ -140,17 +144,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     out = []
     for case, mode, dense, sparse in rows:
-        if "error" in sparse or "error" in dense:
-            print(f"| {case} | {mode} | error | {sparse.get('error', dense.get('error'))} | | | | | |")
+        failed = [r["error"] for r in (dense, *sparse.values()) if "error" in r]
+        if failed:
+            print(f"| {case} | {mode} | error | {failed[0]} | | | | | |")
             continue
         flops_per_pair = 4 * D * (3.5 if mode == "fwd+bwd" else 1.0)
-        ideal = dense["time_s"] * sparse["density"]
-        kept = sparse["kept_pairs"]
-        full = sparse["kept_pairs"] / sparse["density"]
-        for impl, r, pairs in (("sdpa dense", dense, full), ("attnzoo", sparse, kept)):
-            ratio = f"{r['time_s'] / ideal:.2f}" if impl == "attnzoo" else ""
+        first = next(iter(sparse.values()))
+        density, kept = first["density"], first["kept_pairs"]
+        ideal = dense["time_s"] * density
+        measured = [("sdpa dense", dense, kept / density)] + [(impl, r, kept) for impl, r in sparse.items()]
+        for impl, r, pairs in measured:
+            dense_row = impl == "sdpa dense"
+            ratio = "" if dense_row else f"{r['time_s'] / ideal:.2f}"
             eff = pairs * flops_per_pair / r["time_s"] / 1e9
-            dens = f"{sparse['density']:.5f}" if impl == "attnzoo" else "1"
+            dens = "1" if dense_row else f"{density:.5f}"
             print(f"| {case} | {mode} | {impl} | {r['time_s']:.4f} | {dens} | {ideal:.4f} | {ratio} | {eff:.1f} | "
                   f"{r['extra_mem_mib']:.0f} |")
             out.append({"case": case, "mode": mode, "impl": impl, **r, "ideal_s": ideal})

@@ -11,6 +11,7 @@ import torch
 
 from attnzoo.ops.backends import BACKENDS, Result
 from attnzoo.ops.backends.blocksparse import default_block
+from attnzoo.ops.backends.gather import max_keys_auto
 from attnzoo.ops.backends.triton_local import auto_enabled
 from attnzoo.ops.config import limits
 from attnzoo.ops.problem import Problem, make_problem
@@ -57,6 +58,12 @@ def _decide(p: Problem) -> tuple[str, float | None, dict[str, str]]:
     if not p.return_lse and sdpa.native(p) is not None:
         return "sdpa", None, {"reference": _REF_NOTE, "blocksparse": "SDPA runs this pattern natively",
                               "flex": "SDPA runs this pattern natively"}
+    if p.device.type == "cpu" and p.pattern is not None and BACKENDS["gather"].why_not(p) is None:
+        keys = BACKENDS["gather"].keys_per_query(p)
+        if keys <= max_keys_auto(p.pattern):
+            note = f"gather runs this pattern's {keys} keys per query directly (compiled CPU kernel)"
+            return "gather", None, {"reference": _REF_NOTE, "flex": _FLEX_CPU_NOTE, "sdpa": note,
+                                    "blocksparse": note}
     if p.device.type == "cuda" and BACKENDS["flex"].why_not(p) is None:
         return "flex", None, {"reference": _REF_NOTE, "blocksparse": "flex runs this pattern as a fused kernel here",
                               "sdpa": "flex skips masked blocks; SDPA would need a dense mask"}
@@ -149,8 +156,9 @@ def attention(
     :mod:`attnzoo.patterns` object); ``score_mod`` changes the logits (a ScoreMod, a list of
     them, or a FlexAttention-style callable). ``scale`` defaults to ``1/sqrt(D)``.
 
-    ``backend``: ``"auto"``, ``"reference"``, ``"sdpa"``, ``"flex"``, ``"blocksparse"`` or ``"triton"``
-    (fused kernels for windowed patterns; ``auto`` picks it only with ``ATTNZOO_TRITON_LOCAL=1``);
+    ``backend``: ``"auto"``, ``"reference"``, ``"sdpa"``, ``"flex"``, ``"blocksparse"``, ``"gather"``
+    (compiled CPU kernels for neighbourhoods, built at first use) or ``"triton"`` (fused GPU kernels
+    for windowed patterns; ``auto`` picks it only with ``ATTNZOO_TRITON_LOCAL=1``);
     :func:`explain` tells which one ``auto`` picks and why. Query rows that see no key
     return zeros (and zero gradients), never NaN.
 

@@ -50,6 +50,12 @@ class Pattern:
         """
         return None
 
+    def key_table(self, shape: Shape) -> torch.Tensor | None:
+        """``[n_q, K]`` int64: the keys of each query, -1 for none (same for every batch and head),
+        when every query sees at most ``K`` keys and ``K`` is small; else None. The ``gather``
+        backend runs such patterns one query at a time."""
+        return None
+
     def sdpa_hint(self, shape: Shape) -> str | None:
         """``"full"`` or ``"causal"`` (top-left aligned) when SDPA can run without a mask tensor."""
         return None

@@ -141,6 +141,29 @@ class Neighborhood(Pattern):
         covers = all(k == n and d == 1 and not c for k, n, d, c in axes)
         return any_, any_ & covers
 
+    def key_table(self, shape: Shape) -> torch.Tensor:
+        """``[N, prod(kernel_size)]``: each query's keys, row-major, -1 where a causal window is cut."""
+        key = ("key_table", shape)
+        cached = self._cache_get(key)
+        if cached is not None:
+            return cached
+        self.check(shape)
+        grid = self._grid(shape)
+        table = torch.zeros((1,) * (2 * self.ndim), dtype=torch.long)
+        valid = torch.ones_like(table, dtype=torch.bool)
+        for axis, length in enumerate(grid):
+            k, d = self.kernel_size[axis], self.dilation[axis]
+            x = torch.arange(length)
+            first, _ = self._axis_window(x, axis, length)
+            local = first[:, None] + torch.arange(k)  # [length, k] in dilated sub-grid units
+            coord = torch.remainder(x, d)[:, None] + d * local
+            view = [1] * (2 * self.ndim)
+            view[axis], view[self.ndim + axis] = length, k
+            table = table * length + coord.view(view)
+            valid = valid & (local >= 0).view(view)
+        table = torch.where(valid, table, -1).reshape(math.prod(grid), math.prod(self.kernel_size))
+        return self._cache_put(key, table)
+
     def tile_plan(self, shape: Shape, block: int = 64) -> TilePlan:
         """Spatial tiles of queries, each reading the box of keys its neighbourhoods cover.
 

@@ -1,0 +1,165 @@
+"""``gather``: compiled CPU kernels for patterns that give every query a short, fixed key list.
+
+A pattern that implements :meth:`~attnzoo.patterns.base.Pattern.key_table` (``[N, K]`` key
+indices, -1 for none; :class:`~attnzoo.patterns.Neighborhood` in 1-D, 2-D and 3-D with any
+kernel, dilation, stride and causal axes) runs here one query at a time: ``K`` dot products,
+a softmax, ``K`` weighted rows of ``V``, nothing else. Tile-based paths compute whole key
+boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles wastes half of its products, in
+8 x 8 tiles three quarters), and small batched products are slow on a CPU.
+
+Kernels: ``gather_kernels.cpp`` (C ABI, float32 and float64; float16 / bfloat16 are computed
+in float32), built at first use by :mod:`attnzoo.ops.native`; OpenMP over batch x heads (the
+backward over batch x key heads, so dK / dV need no atomics). Forward writes the log-sum-exp;
+the backward recomputes the scores. Rows with no key return zeros and zero gradients.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from attnzoo.ops import native
+from attnzoo.ops.backends.base import Backend, Result, compute_dtype
+from attnzoo.ops.layout import Shape
+from attnzoo.ops.problem import Problem
+
+# Above this many keys per query the tiled blocksparse path is cheaper (measured on CPU, one
+# thread, H=8, D=64: benchmarks/RESULTS.md); 1-D tiles waste less, so their bound is lower.
+MAX_KEYS_AUTO = 512
+MAX_KEYS_AUTO_1D = 128
+
+
+def max_keys_auto(pattern: Any) -> int:
+    """The most keys per query for which ``auto`` prefers ``gather`` over tiles."""
+    return MAX_KEYS_AUTO_1D if getattr(pattern, "ndim", 1) == 1 else MAX_KEYS_AUTO
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
+    lib = native.load("gather")
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    fwd = getattr(lib, f"attnzoo_gather_forward_{suffix}")
+    bwd = getattr(lib, f"attnzoo_gather_backward_{suffix}")
+    if fwd.argtypes is None:
+        fwd.argtypes = [_P] * 6 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 10 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        fwd.restype = bwd.restype = None
+    return fwd, bwd
+
+
+def padded_table(pattern: Any, shape: Shape) -> torch.Tensor:
+    """The pattern's key table as contiguous int32 ``[N, K4]``, ``K4`` a multiple of 4 (padded with -1)."""
+    key = ("gather_table", shape)
+    cached = pattern._cache_get(key)
+    if cached is None:
+        table = pattern.key_table(shape)
+        pad = (-table.shape[1]) % 4
+        table = torch.nn.functional.pad(table, (0, pad), value=-1).to(torch.int32).contiguous()
+        cached = pattern._cache_put(key, table)
+    return cached
+
+
+def _sizes(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> list[int]:
+    b, h, n, d = q.shape
+    return [b, h, k.shape[1], n, k.shape[2], d, table.shape[1]]
+
+
+def gather_forward(q, k, v, table: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` ``[B, H, N, D]`` and ``lse`` ``[B, H, N]`` (-inf for rows with no key); contiguous float32/64 inputs."""
+    fwd, _ = _functions(q.dtype)
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3])
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        *_sizes(q, k, table), scale, torch.get_num_threads())
+    return out, lse
+
+
+def gather_backward(q, k, v, table, lse, delta, dout, scale: float) -> tuple[torch.Tensor, ...]:
+    """``dq, dk, dv`` given ``delta = rowsum(dout * out) - dlse``."""
+    _, bwd = _functions(q.dtype)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+        dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_sizes(q, k, table), scale,
+        torch.get_num_threads())
+    return dq, dk, dv
+
+
+class _GatherFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, scale: float, q, k, v):
+        out, lse = gather_forward(q, k, v, table, scale)
+        ctx.save_for_backward(table, q, k, v, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        table, q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        delta = (out * dout).sum(-1)
+        if dlse is not None:  # d lse / d s = p: fold it into delta
+            delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0)
+        dq, dk, dv = gather_backward(q, k, v, table, lse, delta.contiguous(), dout, ctx.scale)
+        return None, None, dq, dk, dv
+
+
+def pattern_reason(pattern: Any, shape: Shape) -> str | None:
+    """Why the pattern has no key table for ``shape`` (None when it has one)."""
+    if pattern is None:
+        return "no pattern (full attention): the gather backend runs patterns with a short key list per query"
+    if pattern.key_table(shape) is None:
+        return (f"{type(pattern).__name__} has no per-query key table (the gather backend runs Neighborhood "
+                "patterns, 1-D to 3-D)")
+    return None
+
+
+class Gather(Backend):
+    """Compiled per-query kernels for key-table patterns on CPU (module docstring)."""
+
+    name = "gather"
+
+    def why_not(self, p: Problem) -> str | None:
+        if p.return_weights:
+            return "the gather backend never materialises the attention weights"
+        if p.device.type != "cpu":
+            return f"the gather backend runs on CPU tensors, got device {p.device} (on CUDA: triton or flex)"
+        if p.score_mod is not None:
+            return f"score_mod {type(p.score_mod).__name__} is not supported by the gather backend"
+        if p.v.shape[-1] != p.q.shape[-1]:
+            return f"the gather backend needs D_v == D, got D={p.q.shape[-1]}, D_v={p.v.shape[-1]}"
+        if p.pattern is not None and p.pattern.per_batch:
+            return "the gather backend needs one key table for the whole batch"
+        reason = pattern_reason(p.pattern, p.shape)
+        if reason is not None:
+            return reason
+        return native.unavailable("gather")
+
+    def auto_note(self, p: Problem) -> str | None:
+        """Why ``auto`` passed over this backend although it can run ``p`` (None if it cannot)."""
+        if self.why_not(p) is not None:
+            return None
+        keys, bound = self.keys_per_query(p), max_keys_auto(p.pattern)
+        if keys > bound:
+            return (f"{keys} keys per query: above {bound} the tiled blocksparse path is cheaper "
+                    "(pass backend='gather' to use it anyway)")
+        return None
+
+    def keys_per_query(self, p: Problem) -> int:
+        return int(p.pattern.key_table(p.shape).shape[1])
+
+    def run(self, p: Problem) -> Result:
+        table = padded_table(p.pattern, p.shape)
+        dtype = compute_dtype(p.q.dtype)
+        q, k, v = (t.to(dtype).contiguous() for t in (p.q, p.k, p.v))
+        if p.needs_grad:
+            out, lse = _GatherFn.apply(table, p.scale, q, k, v)
+        else:
+            out, lse = gather_forward(q, k, v, table, p.scale)
+        return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
+
+
+__all__ = ["Gather", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "gather_backward", "gather_forward", "max_keys_auto",
+           "padded_table", "pattern_reason"]

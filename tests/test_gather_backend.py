@@ -1,0 +1,247 @@
+"""The ``gather`` backend (compiled per-query CPU kernels for key-table patterns).
+
+Every case compares forward, log-sum-exp and gradients (including through the lse) with the
+float64 reference on fresh random inputs; plus the key tables against the dense masks, the
+dispatch rule and its reasons, thread-count determinism, rows with no key, half precision,
+and the build itself (cache, disabled, no compiler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo import patterns as P
+from attnzoo.ops import native
+from attnzoo.ops.backends import BACKENDS
+from attnzoo.ops.backends import gather as G
+from attnzoo.ops.problem import make_problem
+from attnzoo.patterns import Shape
+
+needs_kernels = pytest.mark.skipif(native.unavailable("gather") is not None,
+                                   reason=f"gather kernels unavailable: {native.unavailable('gather')}")
+
+NBHD_CASES = {
+    "1d": (lambda: P.Neighborhood(7), 37),
+    "1d_dilated_stride": (lambda: P.Neighborhood(5, dilation=3, stride=2), 37),
+    "1d_causal": (lambda: P.Neighborhood(5, causal=True), 37),
+    "2d": (lambda: P.Neighborhood((3, 5), grid=(5, 7)), 35),
+    "2d_dilated": (lambda: P.Neighborhood(3, dilation=2, grid=(6, 7)), 42),
+    "2d_stride": (lambda: P.Neighborhood(3, stride=(2, 3), grid=(6, 7)), 42),
+    "2d_causal_row": (lambda: P.Neighborhood(3, causal=(True, False), grid=(6, 7)), 42),
+    "2d_full_grid": (lambda: P.Neighborhood((4, 5), grid=(4, 5)), 20),
+    "3d": (lambda: P.Neighborhood((2, 2, 3), dilation=(1, 2, 1), grid=(3, 4, 5)), 60),
+    "3d_causal_time": (lambda: P.Neighborhood((2, 3, 3), causal=(True, False, False), grid=(3, 4, 5)), 60),
+}
+
+
+def _dense_from_table(table: torch.Tensor, n_kv: int) -> torch.Tensor:
+    dense = torch.zeros(table.shape[0], n_kv, dtype=torch.bool)
+    rows = torch.arange(table.shape[0])[:, None].expand_as(table)
+    ok = table >= 0
+    dense[rows[ok], table[ok]] = True
+    return dense
+
+
+@pytest.mark.parametrize("case", list(NBHD_CASES))
+def test_key_table_is_the_pattern(case):
+    build, n = NBHD_CASES[case]
+    pattern, shape = build(), Shape(1, 1, n, n)
+    table = pattern.key_table(shape)
+    assert table.shape == (n, math.prod(pattern.kernel_size))
+    allowed = pattern.allow(torch.zeros(1), torch.zeros(1), torch.arange(n)[:, None], torch.arange(n)[None], shape)
+    assert torch.equal(_dense_from_table(table, n), allowed)
+    valid = table.clamp(min=0)
+    for row, keys in zip(valid, table >= 0):  # no key twice in a row
+        assert row[keys].unique().numel() == int(keys.sum())
+
+
+def test_key_table_is_none_for_other_patterns():
+    shape = Shape(1, 1, 16, 16)
+    for pattern in (P.Causal(), P.SlidingWindow(3), P.Neighborhood(3) & P.Causal()):
+        assert pattern.key_table(shape) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("h_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("case", list(NBHD_CASES))
+def test_gather_matches_reference(case, h_kv, qkv, randn, tol):
+    build, n = NBHD_CASES[case]
+    pattern = build()
+    q, k, v = qkv(2, 4, h_kv, n, n, 8, 8)
+    dout, dlse = randn(2, 4, n, 8), randn(2, 4, n)
+    results = []
+    for backend in ("reference", "gather"):
+        out, lse = attnzoo.attention(q, k, v, pattern=pattern, backend=backend, return_lse=True)
+        loss = (out * dout).sum() + (lse * dlse).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v))))
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results[1], results[0]):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("d", [16, 32, 48, 64, 128])
+def test_gather_head_dims(d, qkv, randn, tol):
+    """The kernels are specialised for D = 32, 64, 128; other sizes take the generic loop."""
+    pattern = P.Neighborhood((3, 3), grid=(5, 6))
+    q, k, v = qkv(1, 2, 2, 30, 30, d, d)
+    dout = randn(1, 2, 30, d)
+    ref, got = (attnzoo.attention(q, k, v, pattern=pattern, backend=b) for b in ("reference", "gather"))
+    torch.testing.assert_close(got, ref, **tol)
+    g_ref, g_got = (torch.autograd.grad(o, (q, k, v), dout) for o in (ref, got))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@needs_kernels
+def test_rows_without_keys_are_zero_with_zero_gradients(qkv):
+    """A table row of -1 only (no key): zeros, lse = -inf, zero gradients, never NaN."""
+    q, k, v = (t.detach() for t in qkv(1, 2, 1, 6, 6, 8, 8))
+    table = torch.tensor([[0, 1, -1, -1], [-1, -1, -1, -1], [2, 3, 4, -1],
+                          [-1, -1, -1, -1], [5, 0, -1, -1], [1, -1, -1, -1]], dtype=torch.int32)
+    out, lse = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), table, 0.3)
+    assert torch.equal(out[:, :, [1, 3]], torch.zeros_like(out[:, :, [1, 3]]))
+    assert torch.isneginf(lse[:, :, [1, 3]]).all() and torch.isfinite(lse[:, :, [0, 2, 4, 5]]).all()
+    dout = torch.randn_like(out)
+    delta = (out * dout).sum(-1)
+    dq, dk, dv = G.gather_backward(q.contiguous(), k.contiguous(), v.contiguous(), table, lse, delta, dout, 0.3)
+    assert torch.equal(dq[:, :, [1, 3]], torch.zeros_like(dq[:, :, [1, 3]]))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    # The same rows through the dense reference with the equivalent mask.
+    mask = _dense_from_table(table.long(), 6)
+    pattern = P.Custom(lambda b, h, qi, ki: mask[qi, ki])
+    ref = attnzoo.attention(q, k, v, pattern=pattern, scale=0.3, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_result_does_not_depend_on_the_thread_count(qkv, randn):
+    pattern = P.Neighborhood(3, grid=(6, 7))
+    q, k, v = qkv(2, 4, 2, 42, 42, 16, 16)
+    dout = randn(2, 4, 42, 16)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = attnzoo.attention(q, k, v, pattern=pattern, backend="gather")
+            runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
+                         ids=str)
+def test_low_precision_close_to_reference(dtype, atol, qkv):
+    pattern = P.Neighborhood((3, 3), grid=(6, 7))
+    q, k, v = (t.detach() for t in qkv(1, 4, 2, 42, 42, 16, 16))
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    got = attnzoo.attention(*low, pattern=pattern, backend="gather")
+    assert got.dtype == dtype
+    got.sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in low)
+    ref = attnzoo.attention(*(t.to(dtype).double() for t in (q, k, v)), pattern=pattern, backend="reference")
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=atol)
+
+
+# Dispatch ---------------------------------------------------------------------------------
+
+
+def _problem(pattern, n, d=16, dv=None, device="cpu", **kw):
+    q = torch.zeros(1, 2, n, d, device=device)
+    v = torch.zeros(1, 2, n, dv or d, device=device)
+    return make_problem(q, q, v, pattern=pattern, score_mod=kw.get("score_mod"), scale=None,
+                        return_weights=kw.get("return_weights", False), return_lse=False)
+
+
+@needs_kernels
+def test_auto_uses_gather_for_small_neighbourhoods_on_cpu():
+    q = torch.zeros(1, 2, 64 * 64, 16)
+    expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(7, grid=(64, 64)))
+    assert expl.backend == "gather"
+    assert "49 keys per query" in expl.reasons["blocksparse"]
+    q1 = torch.zeros(1, 2, 512, 16)
+    assert attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(31)).backend == "gather"
+
+
+@needs_kernels
+def test_auto_keeps_tiles_for_large_neighbourhoods():
+    q = torch.zeros(1, 2, 48 * 48, 16)
+    expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(23, grid=(48, 48)))  # 529 keys
+    assert expl.backend == "blocksparse"
+    assert "529 keys per query: above 512" in expl.reasons["gather"]
+    q1 = torch.zeros(1, 2, 1024, 16)
+    expl = attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(129))
+    assert expl.backend == "blocksparse" and "above 128" in expl.reasons["gather"]
+    out = attnzoo.attention(q1, q1, q1, pattern=P.Neighborhood(129), backend="gather")  # explicit still runs
+    assert out.shape == q1.shape
+
+
+def test_why_not_names_the_obstacle():
+    gather, nbhd = BACKENDS["gather"], P.Neighborhood(3, grid=(4, 4))
+    assert "full attention" in gather.why_not(_problem(None, 16))
+    assert "SlidingWindow has no per-query key table" in gather.why_not(_problem(P.SlidingWindow(2), 16))
+    assert "never materialises" in gather.why_not(_problem(nbhd, 16, return_weights=True))
+    assert "D_v == D" in gather.why_not(_problem(nbhd, 16, dv=8))
+    assert "score_mod ALiBi" in gather.why_not(_problem(nbhd, 16, score_mod=P.ALiBi(2)))
+    assert "CPU tensors, got device meta" in gather.why_not(_problem(nbhd, 16, device="meta"))
+
+
+def test_disabled_kernels_are_explained(monkeypatch):
+    monkeypatch.setenv(native.ENV_DISABLE, "0")
+    q = torch.zeros(1, 2, 32 * 32, 16)
+    expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(3, grid=(32, 32)))
+    assert expl.backend == "blocksparse"
+    assert "disabled (ATTNZOO_NATIVE=0)" in expl.reasons["gather"]
+    with pytest.raises(ValueError, match="backend='gather' cannot run this call: attnzoo's compiled CPU kernels"):
+        attnzoo.attention(q, q, q, pattern=P.Neighborhood(3, grid=(32, 32)), backend="gather")
+
+
+def test_missing_compiler_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native.reset()
+    try:
+        reason = native.unavailable("gather")
+        assert reason is not None and "no C++ compiler found" in reason and "$CXX" in reason
+        with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
+            native.load("gather")
+    finally:
+        native.reset()
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+def test_build_failure_is_explained(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setitem(native._SOURCES, "broken", bad)
+    try:
+        reason = native.unavailable("broken")
+        assert reason is not None and "building attnzoo's C++ kernels failed" in reason and "bad.cpp" in reason
+        assert not list((tmp_path / "cache").rglob("*.so"))  # no partial library left behind
+    finally:
+        native.reset()
+
+
+@needs_kernels
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    native.reset()
+    try:
+        assert native.unavailable("gather") is None
+        built = list(tmp_path.rglob("*.so"))
+        assert len(built) == 1 and built[0].parent.parent == native.cache_dir()
+        mtime = built[0].stat().st_mtime_ns
+        native.reset()
+        assert native.unavailable("gather") is None  # loaded from the cache, not rebuilt
+        assert built[0].stat().st_mtime_ns == mtime
+    finally:
+        native.reset()
