@@ -130,6 +130,24 @@ class SlidingWindow(Pattern):
             any_, all_ = any_ | sink_any, all_ | sink_all
         return any_, all_
 
+    def key_table(self, shape: Shape) -> torch.Tensor | None:
+        """``[n_q, K]``: the window's keys (``K = window`` causal, ``2 window + 1`` symmetric), then the
+        sinks not already in the window; -1 outside ``[0, n_kv)``. None for per-head windows."""
+        if not isinstance(self.window, int):
+            return None
+        key = ("key_table", shape)
+        cached = self._cache_get(key)
+        if cached is None:
+            w = self.window
+            i = torch.arange(shape.n_q)[:, None] + self._off(shape)
+            first = i - w + 1 if self.causal else i - w
+            keys = first + torch.arange(w if self.causal else 2 * w + 1)
+            sinks = torch.arange(self.n_sink).expand(shape.n_q, -1)
+            sink_ok = (sinks < first) & ((sinks <= i) if self.causal else True)
+            keys = torch.cat([keys, torch.where(sink_ok, sinks, -1)], dim=1)
+            cached = self._cache_put(key, torch.where((keys >= 0) & (keys < shape.n_kv), keys, -1))
+        return cached
+
     def tile_plan(self, shape: Shape, block: int = 64) -> TilePlan:
         """Runs of queries, each reading the key range its windows cover (a strided view), plus the sinks."""
         key = ("tile_plan", shape)
@@ -163,6 +181,18 @@ class DilatedWindow(Pattern):
         t = torch.div(d, self.dilation, rounding_mode="floor")
         in_range = ((t >= 0) & (t < self.window)) if self.causal else (t.abs() <= self.window)
         return on_grid & in_range
+
+    def key_table(self, shape: Shape) -> torch.Tensor:
+        """``[n_q, K]``: keys ``i - dilation * t`` (``K = window`` causal, ``2 window + 1`` symmetric),
+        -1 outside ``[0, n_kv)``."""
+        key = ("key_table", shape)
+        cached = self._cache_get(key)
+        if cached is None:
+            i = torch.arange(shape.n_q)[:, None] + self._off(shape)
+            t = torch.arange(self.window) if self.causal else torch.arange(-self.window, self.window + 1)
+            keys = i - self.dilation * t
+            cached = self._cache_put(key, torch.where((keys >= 0) & (keys < shape.n_kv), keys, -1))
+        return cached
 
     def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
         off, reach = self._off(shape), self.window * self.dilation

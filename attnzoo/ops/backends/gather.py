@@ -1,8 +1,10 @@
 """``gather``: compiled CPU kernels for patterns that give every query a short, fixed key list.
 
 A pattern that implements :meth:`~attnzoo.patterns.base.Pattern.key_table` (``[N, K]`` key
-indices, -1 for none; :class:`~attnzoo.patterns.Neighborhood` in 1-D, 2-D and 3-D with any
-kernel, dilation, stride and causal axes) runs here one query at a time: ``K`` dot products,
+indices, -1 for none: :class:`~attnzoo.patterns.Neighborhood` in 1-D, 2-D and 3-D with any
+kernel, dilation, stride and causal axes; :class:`~attnzoo.patterns.SlidingWindow` with one
+window for all heads, sinks and offsets; :class:`~attnzoo.patterns.DilatedWindow`) runs here one
+query at a time: ``K`` dot products,
 a softmax, ``K`` weighted rows of ``V``, nothing else. Tile-based paths compute whole key
 boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles wastes half of its products, in
 8 x 8 tiles three quarters), and small batched products are slow on a CPU.
@@ -26,9 +28,9 @@ from attnzoo.ops.layout import Shape
 from attnzoo.ops.problem import Problem
 
 # Above this many keys per query the tiled blocksparse path is cheaper (measured on CPU, one
-# thread, H=8, D=64: benchmarks/RESULTS.md); 1-D tiles waste less, so their bound is lower.
+# thread, H=8, D=64: benchmarks/RESULTS.md); 1-D band tiles waste less, so their bound is lower.
 MAX_KEYS_AUTO = 512
-MAX_KEYS_AUTO_1D = 128
+MAX_KEYS_AUTO_1D = 64
 
 
 def max_keys_auto(pattern: Any) -> int:
@@ -112,7 +114,7 @@ def pattern_reason(pattern: Any, shape: Shape) -> str | None:
         return "no pattern (full attention): the gather backend runs patterns with a short key list per query"
     if pattern.key_table(shape) is None:
         return (f"{type(pattern).__name__} has no per-query key table (the gather backend runs Neighborhood "
-                "patterns, 1-D to 3-D)")
+                "1-D to 3-D, SlidingWindow with one window for all heads, DilatedWindow)")
     return None
 
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 4 and 5, in stages that each fit one 10-minute call of the device tool.
+#
+#   bash benchmarks/gpu_session.sh tests         # tests/gpu: every GPU path vs the float64 reference
+#   bash benchmarks/gpu_session.sh local         # triton vs flex vs SDPA on windows / neighbourhoods
+#   bash benchmarks/gpu_session.sh local-sweep   # the same with a sweep over tile configurations
+#   bash benchmarks/gpu_session.sh linear        # Triton chunked linear attention vs fla and SDPA
+#
+# Logs (and JSON rows) go to $OUT when it is set (the device tool's output folder), else ./gpu-out.
+# Runs from a checkout without installing it (PYTHONPATH), with whatever torch/triton the machine has.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear}"
+
+{
+    date -u '+%Y-%m-%d %H:%M UTC'
+    git rev-parse --short HEAD 2>/dev/null || true
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || echo "torch: not importable"
+    python -c "import triton; print('triton', triton.__version__)" || echo "triton: not installed"
+} | tee "$out/machine-$stage.txt"
+
+case "$stage" in
+    tests)
+        python -m pytest -q -p no:logging -p no:cacheprovider tests/gpu 2>&1 | tee "$out/gpu-tests.log" ;;
+    local)
+        python benchmarks/bench_triton_local.py --json "$out/triton-local.json" 2>&1 | tee "$out/triton-local.log" ;;
+    local-sweep)
+        python benchmarks/bench_triton_local.py --sweep --json "$out/triton-local-sweep.json" 2>&1 \
+            | tee "$out/triton-local-sweep.log" ;;
+    linear)
+        python benchmarks/bench_triton_linear.py 2>&1 | tee "$out/triton-linear.log" ;;
+    *)
+        echo "unknown stage: $stage (expected tests, local, local-sweep or linear)" >&2
+        exit 2 ;;
+esac
