@@ -96,6 +96,18 @@ def test_gather_windows_match_reference(case, qkv, randn, tol):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_inverse_tables_list_every_pair_by_key():
+    table = torch.tensor([[2, 0, -1], [2, 1, 0], [-1, -1, -1], [1, 2, -1]])
+    t = G.build_tables(table, 4)
+    assert t.table.shape == (4, 4) and t.table.dtype == torch.int32 and bool((t.table[:, 3] == -1).all())
+    assert t.inv_off.tolist() == [0, 2, 4, 7, 7]  # key 3 is seen by no query
+    flat = t.table.flatten()
+    for j in range(4):
+        pos = t.inv_pos[t.inv_off[j]:t.inv_off[j + 1]].long()
+        assert bool((flat[pos] == j).all()) and pos.tolist() == sorted(pos.tolist())
+        assert t.inv_q[t.inv_off[j]:t.inv_off[j + 1]].tolist() == (pos // 4).tolist()
+
+
 def test_key_table_is_none_for_other_patterns():
     shape = Shape(1, 4, 16, 16)
     for pattern in (P.Causal(), P.SlidingWindow([2, 3], causal=True), P.Neighborhood(3) & P.Causal()):
@@ -162,12 +174,13 @@ def test_rows_without_keys_are_zero_with_zero_gradients(qkv):
     q, k, v = (t.detach() for t in qkv(1, 2, 1, 6, 6, 8, 8))
     table = torch.tensor([[0, 1, -1, -1], [-1, -1, -1, -1], [2, 3, 4, -1],
                           [-1, -1, -1, -1], [5, 0, -1, -1], [1, -1, -1, -1]], dtype=torch.int32)
-    out, lse = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), table, 0.3)
+    tables = G.build_tables(table, 6)
+    out, lse = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), tables.table, 0.3)
     assert torch.equal(out[:, :, [1, 3]], torch.zeros_like(out[:, :, [1, 3]]))
     assert torch.isneginf(lse[:, :, [1, 3]]).all() and torch.isfinite(lse[:, :, [0, 2, 4, 5]]).all()
     dout = torch.randn_like(out)
     delta = (out * dout).sum(-1)
-    dq, dk, dv = G.gather_backward(q.contiguous(), k.contiguous(), v.contiguous(), table, lse, delta, dout, 0.3)
+    dq, dk, dv = G.gather_backward(q.contiguous(), k.contiguous(), v.contiguous(), tables, lse, delta, dout, 0.3)
     assert torch.equal(dq[:, :, [1, 3]], torch.zeros_like(dq[:, :, [1, 3]]))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     # The same rows through the dense reference with the equivalent mask.

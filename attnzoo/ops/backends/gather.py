@@ -18,7 +18,7 @@ the backward recomputes the scores. Rows with no key return zeros and zero gradi
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,20 +47,44 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     bwd = getattr(lib, f"attnzoo_gather_backward_{suffix}")
     if fwd.argtypes is None:
         fwd.argtypes = [_P] * 6 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 10 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 13 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
         fwd.restype = bwd.restype = None
     return fwd, bwd
 
 
-def padded_table(pattern: Any, shape: Shape) -> torch.Tensor:
-    """The pattern's key table as contiguous int32 ``[N, K4]``, ``K4`` a multiple of 4 (padded with -1)."""
-    key = ("gather_table", shape)
+class KeyTables(NamedTuple):
+    """A pattern's key table and its inverse (CSR by key), as the kernels read them.
+
+    ``table`` ``[N, K4]`` int32 (``K4`` a multiple of 4, padded with -1); for key ``j``,
+    ``inv_pos[inv_off[j]:inv_off[j + 1]]`` are the flat positions ``n * K4 + t`` with
+    ``table[n, t] == j`` and ``inv_q`` their queries ``n``.
+    """
+
+    table: torch.Tensor
+    inv_off: torch.Tensor
+    inv_pos: torch.Tensor
+    inv_q: torch.Tensor
+
+
+def build_tables(table: torch.Tensor, n_kv: int) -> KeyTables:
+    """:class:`KeyTables` from a key table ``[N, K]`` (int, -1 for none) over ``n_kv`` keys."""
+    pad = (-table.shape[1]) % 4
+    table = torch.nn.functional.pad(table, (0, pad), value=-1).to(torch.int32).contiguous()
+    flat = table.flatten().long()
+    pos = torch.nonzero(flat >= 0).flatten()
+    keys = flat[pos]
+    inv_pos = pos[torch.argsort(keys, stable=True)]
+    inv_off = torch.cat([keys.new_zeros(1), torch.cumsum(torch.bincount(keys, minlength=n_kv), 0)])
+    inv_q = torch.div(inv_pos, table.shape[1], rounding_mode="floor")
+    return KeyTables(table, *(t.to(torch.int32).contiguous() for t in (inv_off, inv_pos, inv_q)))
+
+
+def key_tables(pattern: Any, shape: Shape) -> KeyTables:
+    """The kernels' tables for ``pattern`` at ``shape`` (cached on the pattern)."""
+    key = ("gather_tables", shape)
     cached = pattern._cache_get(key)
     if cached is None:
-        table = pattern.key_table(shape)
-        pad = (-table.shape[1]) % 4
-        table = torch.nn.functional.pad(table, (0, pad), value=-1).to(torch.int32).contiguous()
-        cached = pattern._cache_put(key, table)
+        cached = pattern._cache_put(key, build_tables(pattern.key_table(shape), shape.n_kv))
     return cached
 
 
@@ -79,32 +103,32 @@ def gather_forward(q, k, v, table: torch.Tensor, scale: float) -> tuple[torch.Te
     return out, lse
 
 
-def gather_backward(q, k, v, table, lse, delta, dout, scale: float) -> tuple[torch.Tensor, ...]:
+def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float) -> tuple[torch.Tensor, ...]:
     """``dq, dk, dv`` given ``delta = rowsum(dout * out) - dlse``."""
     _, bwd = _functions(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), lse.data_ptr(), delta.data_ptr(),
-        dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *_sizes(q, k, table), scale,
-        torch.get_num_threads())
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), *(t.data_ptr() for t in tables), lse.data_ptr(),
+        delta.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return dq, dk, dv
 
 
 class _GatherFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table: torch.Tensor, scale: float, q, k, v):
-        out, lse = gather_forward(q, k, v, table, scale)
-        ctx.save_for_backward(table, q, k, v, out, lse)
-        ctx.scale = scale
+    def forward(ctx, tables: KeyTables, scale: float, q, k, v):
+        out, lse = gather_forward(q, k, v, tables.table, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tables, ctx.scale = tables, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        table, q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()
         delta = (out * dout).sum(-1)
         if dlse is not None:  # d lse / d s = p: fold it into delta
             delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0)
-        dq, dk, dv = gather_backward(q, k, v, table, lse, delta.contiguous(), dout, ctx.scale)
+        dq, dk, dv = gather_backward(q, k, v, ctx.tables, lse, delta.contiguous(), dout, ctx.scale)
         return None, None, dq, dk, dv
 
 
@@ -153,15 +177,15 @@ class Gather(Backend):
         return int(p.pattern.key_table(p.shape).shape[1])
 
     def run(self, p: Problem) -> Result:
-        table = padded_table(p.pattern, p.shape)
+        tables = key_tables(p.pattern, p.shape)
         dtype = compute_dtype(p.q.dtype)
         q, k, v = (t.to(dtype).contiguous() for t in (p.q, p.k, p.v))
         if p.needs_grad:
-            out, lse = _GatherFn.apply(table, p.scale, q, k, v)
+            out, lse = _GatherFn.apply(tables, p.scale, q, k, v)
         else:
-            out, lse = gather_forward(q, k, v, table, p.scale)
+            out, lse = gather_forward(q, k, v, tables.table, p.scale)
         return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
 
 
-__all__ = ["Gather", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "gather_backward", "gather_forward", "max_keys_auto",
-           "padded_table", "pattern_reason"]
+__all__ = ["Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "build_tables", "gather_backward",
+           "gather_forward", "key_tables", "max_keys_auto", "pattern_reason"]

@@ -1,8 +1,9 @@
 // attnzoo: CPU kernels for attention over a fixed key list per query (neighbourhoods, small windows).
 // Plain C ABI (loaded with ctypes; no Python or torch headers). Tensors are contiguous:
 // q [B, H, N, D], k and v [B, Hk, M, D], idx [N, K4] int32 key index per query (-1: none; K4 % 4 == 0),
-// out [B, H, N, D], lse [B, H, N]; the backward takes delta = rowsum(dout * out) - dlse and writes
-// dq, dk, dv, which the caller zero-fills.
+// out [B, H, N, D], lse [B, H, N]; the backward takes delta = rowsum(dout * out) - dlse and the inverse
+// table (keys -> positions in idx, CSR), and writes dq, dk, dv, which the caller zero-fills. The backward
+// computes dq per query and dk, dv per key (accumulating in registers, no read-modify-write per pair).
 //
 // Per query: K dot products, a softmax, K weighted rows of V. The float32 path with D a multiple of 8
 // uses explicit 4-lane vectors (GCC / Clang vector extensions): two partial sums per key so that
@@ -195,17 +196,49 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, T* out, T* 
   }
 }
 
+// acc[0..D) += sum over e in [lo, hi) of w[pos[e]] * rows[ids[e]] (the key-centric half of the backward).
 template <typename T, int DC>
-void backward(const T* q, const T* k, const T* v, const int32_t* idx, const T* lse, const T* delta, const T* dout,
-              T* dq, T* dk, T* dv, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt,
-              int64_t k4, T scale, int threads) {
+inline void gather_add(const T* w, const int32_t* pos, const int32_t* ids, int32_t lo, int32_t hi, const T* rows,
+                       int64_t d_rt, T* __restrict acc) {
+  const int64_t d = DC > 0 ? DC : d_rt;
+  if constexpr (kVector<T, DC>) {
+    for (int h = 0; h < DC; h += 32) {
+      const int64_t width = DC - h < 32 ? DC - h : 32;
+      vf c[8] = {};
+      for (int32_t e = lo; e < hi; ++e) {
+        const vf p = splat(w[pos[e]]);
+        const float* r = rows + ids[e] * DC + h;
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; ++u)
+          if (u * 4 < width) c[u] += p * vload(r + 4 * u);
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u)
+        if (u * 4 < width) vstore(acc + h + 4 * u, vload(acc + h + 4 * u) + c[u]);
+    }
+  } else {
+    for (int32_t e = lo; e < hi; ++e) {
+      const T p = w[pos[e]];
+      const T* __restrict r = rows + ids[e] * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) acc[i] += p * r[i];
+    }
+  }
+}
+
+// The inverse of idx, by key: for key j, entries inv_pos[inv_off[j] .. inv_off[j+1]) are the positions
+// n * K4 + t with idx[n, t] == j (in increasing order), and inv_q holds their queries n.
+template <typename T, int DC>
+void backward(const T* q, const T* k, const T* v, const int32_t* idx, const int32_t* inv_off, const int32_t* inv_pos,
+              const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,
+              int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   // One (batch, kv head) per task: its dK and dV are written by this task only.
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> p(k4), ds(k4);
+    std::vector<T> p(N * k4), ds(N * k4);
 #pragma omp for schedule(static)
     for (int64_t bk = 0; bk < B * Hk; ++bk) {
       const int64_t b = bk / Hk, hk = bk % Hk;
@@ -215,30 +248,29 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const T* l
       T* dvb = dv + bk * M * d;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t bh = b * H + hk * G + g;
+        const T* qh = q + bh * N * d;
+        const T* doh = dout + bh * N * d;
+        // Query-centric: probabilities p, score gradients ds and dq.
         for (int64_t n = 0; n < N; ++n) {
-          const T ln = lse[bh * N + n];
-          if (ln == neg_inf) continue;
           const int32_t* row = idx + n * k4;
-          const T* __restrict qn = q + (bh * N + n) * d;
-          const T* __restrict don = dout + (bh * N + n) * d;
-          const T dn = delta[bh * N + n];
-          dots<T, DC>(qn, kb, row, k4, d, scale, p.data());
-          dots<T, DC>(don, vb, row, k4, d, T(1), ds.data());
-          exp_shifted<T>(p.data(), row, k4, ln);
-          for (int64_t t = 0; t < k4; ++t) ds[t] = row[t] < 0 ? T(0) : p[t] * (ds[t] - dn) * scale;
-          weighted_rows<T, DC>(ds.data(), kb, row, k4, d, dq + (bh * N + n) * d);
-          for (int64_t t = 0; t < k4; ++t) {
-            const int32_t j = row[t];
-            if (j < 0) continue;
-            const T pt = p[t], dst = ds[t];
-            T* __restrict dkj = dkb + j * d;
-            T* __restrict dvj = dvb + j * d;
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) {
-              dkj[i] += dst * qn[i];
-              dvj[i] += pt * don[i];
-            }
+          T* pn = p.data() + n * k4;
+          T* dsn = ds.data() + n * k4;
+          const T ln = lse[bh * N + n];
+          if (ln == neg_inf) {
+            for (int64_t t = 0; t < k4; ++t) pn[t] = dsn[t] = 0;
+            continue;
           }
+          const T dn = delta[bh * N + n];
+          dots<T, DC>(qh + n * d, kb, row, k4, d, scale, pn);
+          dots<T, DC>(doh + n * d, vb, row, k4, d, T(1), dsn);
+          exp_shifted<T>(pn, row, k4, ln);
+          for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn) * scale;
+          weighted_rows<T, DC>(dsn, kb, row, k4, d, dq + (bh * N + n) * d);
+        }
+        // Key-centric: dk[j] += sum ds * q, dv[j] += sum p * dout over the queries that see key j.
+        for (int64_t j = 0; j < M; ++j) {
+          gather_add<T, DC>(ds.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], qh, d, dkb + j * d);
+          gather_add<T, DC>(p.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], doh, d, dvb + j * d);
         }
       }
     }
@@ -265,13 +297,13 @@ void by_dim(int64_t d, F&& f) {
       forward<T, decltype(dc)::value>(q, k, v, idx, out, lse, B, H, Hk, N, M, D, K4, T(scale), threads);          \
     });                                                                                                            \
   }                                                                                                                \
-  extern "C" void attnzoo_gather_backward_##SUFFIX(const T* q, const T* k, const T* v, const int32_t* idx,         \
-                                                   const T* lse, const T* delta, const T* dout, T* dq, T* dk,      \
-                                                   T* dv, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M,  \
-                                                   int64_t D, int64_t K4, double scale, int threads) {             \
+  extern "C" void attnzoo_gather_backward_##SUFFIX(                                                              \
+      const T* q, const T* k, const T* v, const int32_t* idx, const int32_t* inv_off, const int32_t* inv_pos,     \
+      const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,          \
+      int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {            \
     by_dim(D, [&](auto dc) {                                                                                       \
-      backward<T, decltype(dc)::value>(q, k, v, idx, lse, delta, dout, dq, dk, dv, B, H, Hk, N, M, D, K4,          \
-                                       T(scale), threads);                                                         \
+      backward<T, decltype(dc)::value>(q, k, v, idx, inv_off, inv_pos, inv_q, lse, delta, dout, dq, dk, dv, B, H,  \
+                                       Hk, N, M, D, K4, T(scale), threads);                                        \
     });                                                                                                            \
   }
 
