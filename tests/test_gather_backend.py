@@ -240,21 +240,21 @@ def test_auto_uses_gather_for_small_neighbourhoods_on_cpu():
     assert expl.backend == "gather"
     assert "49 keys per query" in expl.reasons["blocksparse"]
     q1 = torch.zeros(1, 2, 512, 16)
-    for pattern in (P.Neighborhood(31), P.SlidingWindow(64, causal=True), P.SlidingWindow(16, n_sink=4),
+    for pattern in (P.Neighborhood(31), P.SlidingWindow(128, causal=True), P.SlidingWindow(16, n_sink=4),
                     P.DilatedWindow(8, 3)):
         assert attnzoo.explain(q1, q1, q1, pattern=pattern).backend == "gather", pattern
 
 
 @needs_kernels
 def test_auto_keeps_tiles_for_large_neighbourhoods():
-    q = torch.zeros(1, 2, 48 * 48, 16)
-    expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(23, grid=(48, 48)))  # 529 keys
+    q = torch.zeros(1, 2, 128 * 128, 16)
+    expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(29, grid=(128, 128)))  # 841 keys
     assert expl.backend == "blocksparse"
-    assert "529 keys per query: above 512" in expl.reasons["gather"]
+    assert "841 keys per query: above 768" in expl.reasons["gather"]
     q1 = torch.zeros(1, 2, 1024, 16)
-    expl = attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(65))
-    assert expl.backend == "blocksparse" and "above 64" in expl.reasons["gather"]
-    out = attnzoo.attention(q1, q1, q1, pattern=P.Neighborhood(65), backend="gather")  # explicit still runs
+    expl = attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(129))
+    assert expl.backend == "blocksparse" and "above 128" in expl.reasons["gather"]
+    out = attnzoo.attention(q1, q1, q1, pattern=P.Neighborhood(129), backend="gather")  # explicit still runs
     assert out.shape == q1.shape
 
 

@@ -4,15 +4,17 @@ A pattern that implements :meth:`~attnzoo.patterns.base.Pattern.key_table` (``[N
 indices, -1 for none: :class:`~attnzoo.patterns.Neighborhood` in 1-D, 2-D and 3-D with any
 kernel, dilation, stride and causal axes; :class:`~attnzoo.patterns.SlidingWindow` with one
 window for all heads, sinks and offsets; :class:`~attnzoo.patterns.DilatedWindow`) runs here one
-query at a time: ``K`` dot products,
-a softmax, ``K`` weighted rows of ``V``, nothing else. Tile-based paths compute whole key
-boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles wastes half of its products, in
-8 x 8 tiles three quarters), and small batched products are slow on a CPU.
+query at a time: ``K`` dot products, a softmax, ``K`` weighted rows of ``V``, nothing else.
+Tile-based paths compute whole key boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles
+wastes half of its products, in 8 x 8 tiles three quarters), and small batched products are
+slow on a CPU.
 
 Kernels: ``gather_kernels.cpp`` (C ABI, float32 and float64; float16 / bfloat16 are computed
-in float32), built at first use by :mod:`attnzoo.ops.native`; OpenMP over batch x heads (the
-backward over batch x key heads, so dK / dV need no atomics). Forward writes the log-sum-exp;
-the backward recomputes the scores. Rows with no key return zeros and zero gradients.
+in float32), built at first use by :mod:`attnzoo.ops.native`; OpenMP over batch x heads. The
+forward writes the log-sum-exp. The backward (OpenMP over batch x key heads) recomputes the
+scores per query, writes dQ per query, and sums dK / dV per key over the queries that see it,
+read from the inverse of the key table (:class:`KeyTables`): no atomics and no read-modify-write
+per (query, key) pair. Rows with no key return zeros and zero gradients.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from attnzoo.ops.problem import Problem
 
 # Above this many keys per query the tiled blocksparse path is cheaper (measured on CPU, one
 # thread, H=8, D=64: benchmarks/RESULTS.md); 1-D band tiles waste less, so their bound is lower.
-MAX_KEYS_AUTO = 512
-MAX_KEYS_AUTO_1D = 64
+MAX_KEYS_AUTO = 768
+MAX_KEYS_AUTO_1D = 128
 
 
 def max_keys_auto(pattern: Any) -> int:
