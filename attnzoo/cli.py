@@ -22,13 +22,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     import attnzoo
     from attnzoo import patterns as P
 
-    q = torch.randn(1, args.heads, args.n, args.dim, requires_grad=args.grad)
-    k = torch.randn(1, args.heads, args.n, args.dim, requires_grad=args.grad)
+    n = args.n
+    if args.pattern == "neighborhood":
+        n = args.grid[0] * args.grid[1]
+    q = torch.randn(1, args.heads, n, args.dim, requires_grad=args.grad)
+    k = torch.randn(1, args.heads, n, args.dim, requires_grad=args.grad)
     pattern = {
-        "full": None,
-        "causal": P.Causal(),
-        "window": P.SlidingWindow(args.window, causal=True),
-    }[args.pattern]
+        "full": lambda: None,
+        "causal": P.Causal,
+        "window": lambda: P.SlidingWindow(args.window, causal=True),
+        "neighborhood": lambda: P.Neighborhood(args.kernel, grid=tuple(args.grid)),
+    }[args.pattern]()
     print(attnzoo.explain(q, k, k, pattern=pattern))
     return 0
 
@@ -119,11 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=4096, help="sequence length of the timing demo")
     demo.set_defaults(func=_cmd_demo)
     ex = sub.add_parser("explain", help="which backend attention() picks for a problem, and why")
-    ex.add_argument("--pattern", choices=["full", "causal", "window"], default="window")
+    ex.add_argument("--pattern", choices=["full", "causal", "window", "neighborhood"], default="window")
     ex.add_argument("--n", type=int, default=4096)
     ex.add_argument("--heads", type=int, default=8)
     ex.add_argument("--dim", type=int, default=64)
     ex.add_argument("--window", type=int, default=256)
+    ex.add_argument("--grid", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
+                    help="grid of --pattern neighborhood (N = H * W)")
+    ex.add_argument("--kernel", type=int, default=7, help="kernel size of --pattern neighborhood")
     ex.add_argument("--grad", action="store_true", help="inputs require gradients")
     ex.set_defaults(func=_cmd_explain)
     ls = sub.add_parser("list", help="registered entries (or the whole catalogue with --status)")

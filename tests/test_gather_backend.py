@@ -258,6 +258,15 @@ def test_auto_keeps_tiles_for_large_neighbourhoods():
     assert out.shape == q1.shape
 
 
+def test_cli_explain_neighborhood(capsys):
+    from attnzoo.cli import main
+
+    assert main(["explain", "--pattern", "neighborhood", "--grid", "32", "32", "--kernel", "5", "--grad"]) == 0
+    text = capsys.readouterr().out
+    expected = "backend: gather" if native.unavailable("gather") is None else "not gather:"
+    assert expected in text and "not blocksparse:" in text
+
+
 def test_why_not_names_the_obstacle():
     gather, nbhd = BACKENDS["gather"], P.Neighborhood(3, grid=(4, 4))
     assert "full attention" in gather.why_not(_problem(None, 16))
