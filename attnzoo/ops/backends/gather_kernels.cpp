@@ -120,35 +120,36 @@ inline T exp_shifted(T* s, const int32_t* idx, int64_t k4, T shift) {
   }
 }
 
-// out[0..D) = sum over t with idx[t] >= 0 of w[t] * rows[idx[t]].
-template <typename T, int DC>
-inline void weighted_rows(const T* w, const T* rows, const int32_t* idx, int64_t k4, int64_t d_rt,
-                          T* __restrict out) {
+// acc[0..D) += sum over e in [lo, hi) with ids[e] >= 0 of w[e] * rows[ids[e]]: the weighted rows of V
+// (forward) and of K (dQ); kByKey: w[pos[e]] over entries that are all valid (the inverse table: rows of Q
+// and dOut for dK and dV).
+template <typename T, int DC, bool kByKey = false>
+inline void add_weighted_rows(const T* w, const int32_t* pos, const int32_t* ids, int64_t lo, int64_t hi,
+                              const T* rows, int64_t d_rt, T* __restrict acc) {
   const int64_t d = DC > 0 ? DC : d_rt;
   if constexpr (kVector<T, DC>) {
     for (int h = 0; h < DC; h += 32) {
       const int64_t width = DC - h < 32 ? DC - h : 32;  // 8, 16, 24 or 32
       vf c[8] = {};
-      for (int64_t t = 0; t < k4; ++t) {
-        if (idx[t] < 0) continue;
-        const vf p = splat(w[t]);
-        const float* r = rows + idx[t] * DC + h;
+      for (int64_t e = lo; e < hi; ++e) {
+        if (!kByKey && ids[e] < 0) continue;
+        const vf p = splat(w[kByKey ? pos[e] : e]);
+        const float* r = rows + ids[e] * DC + h;
 #pragma GCC unroll 8
         for (int u = 0; u < 8; ++u)
           if (u * 4 < width) c[u] += p * vload(r + 4 * u);
       }
 #pragma GCC unroll 8
       for (int u = 0; u < 8; ++u)
-        if (u * 4 < width) vstore(out + h + 4 * u, c[u]);
+        if (u * 4 < width) vstore(acc + h + 4 * u, vload(acc + h + 4 * u) + c[u]);
     }
   } else {
-    for (int64_t i = 0; i < d; ++i) out[i] = 0;
-    for (int64_t t = 0; t < k4; ++t) {
-      if (idx[t] < 0) continue;
-      const T p = w[t];
-      const T* __restrict r = rows + idx[t] * d;
+    for (int64_t e = lo; e < hi; ++e) {
+      if (!kByKey && ids[e] < 0) continue;
+      const T p = w[kByKey ? pos[e] : e];
+      const T* __restrict r = rows + ids[e] * d;
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) out[i] += p * r[i];
+      for (int64_t i = 0; i < d; ++i) acc[i] += p * r[i];
     }
   }
 }
@@ -187,41 +188,12 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, T* out, T* 
         for (int64_t t = 0; t < k4; ++t)
           if (row[t] >= 0 && s[t] > m) m = s[t];
         const T l = exp_shifted<T>(s.data(), row, k4, m);
-        weighted_rows<T, DC>(s.data(), vb, row, k4, d, acc.data());
+        for (int64_t i = 0; i < d; ++i) acc[i] = 0;
+        add_weighted_rows<T, DC>(s.data(), nullptr, row, 0, k4, vb, d, acc.data());
         const T inv = T(1) / l;
         for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
         lse[bh * N + n] = m + std::log(l);
       }
-    }
-  }
-}
-
-// acc[0..D) += sum over e in [lo, hi) of w[pos[e]] * rows[ids[e]] (the key-centric half of the backward).
-template <typename T, int DC>
-inline void gather_add(const T* w, const int32_t* pos, const int32_t* ids, int32_t lo, int32_t hi, const T* rows,
-                       int64_t d_rt, T* __restrict acc) {
-  const int64_t d = DC > 0 ? DC : d_rt;
-  if constexpr (kVector<T, DC>) {
-    for (int h = 0; h < DC; h += 32) {
-      const int64_t width = DC - h < 32 ? DC - h : 32;
-      vf c[8] = {};
-      for (int32_t e = lo; e < hi; ++e) {
-        const vf p = splat(w[pos[e]]);
-        const float* r = rows + ids[e] * DC + h;
-#pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u)
-          if (u * 4 < width) c[u] += p * vload(r + 4 * u);
-      }
-#pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u)
-        if (u * 4 < width) vstore(acc + h + 4 * u, vload(acc + h + 4 * u) + c[u]);
-    }
-  } else {
-    for (int32_t e = lo; e < hi; ++e) {
-      const T p = w[pos[e]];
-      const T* __restrict r = rows + ids[e] * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) acc[i] += p * r[i];
     }
   }
 }
@@ -265,12 +237,12 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const int3
           dots<T, DC>(doh + n * d, vb, row, k4, d, T(1), dsn);
           exp_shifted<T>(pn, row, k4, ln);
           for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn) * scale;
-          weighted_rows<T, DC>(dsn, kb, row, k4, d, dq + (bh * N + n) * d);
+          add_weighted_rows<T, DC>(dsn, nullptr, row, 0, k4, kb, d, dq + (bh * N + n) * d);
         }
         // Key-centric: dk[j] += sum ds * q, dv[j] += sum p * dout over the queries that see key j.
         for (int64_t j = 0; j < M; ++j) {
-          gather_add<T, DC>(ds.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], qh, d, dkb + j * d);
-          gather_add<T, DC>(p.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], doh, d, dvb + j * d);
+          add_weighted_rows<T, DC, true>(ds.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], qh, d, dkb + j * d);
+          add_weighted_rows<T, DC, true>(p.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], doh, d, dvb + j * d);
         }
       }
     }
