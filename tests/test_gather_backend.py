@@ -314,6 +314,14 @@ def test_build_failure_is_explained(monkeypatch, tmp_path):
         native.reset()
 
 
+def test_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker))
+    path = native.cache_dir()
+    assert path.is_dir() and not str(path).startswith(str(blocker))
+
+
 @needs_kernels
 def test_build_is_cached_per_source(monkeypatch, tmp_path):
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))

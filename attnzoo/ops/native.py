@@ -56,9 +56,16 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    """Where built libraries live (``$ATTNZOO_CACHE/kernels`` or ``~/.cache/attnzoo/kernels``)."""
+    """Where built libraries live: ``$ATTNZOO_CACHE/kernels``, else ``~/.cache/attnzoo/kernels``, else
+    (home not writable) a per-user folder in the temporary directory."""
     root = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "attnzoo")
-    return Path(root) / "kernels"
+    path = Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"attnzoo-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "kernels"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cpu_tag() -> str:
