@@ -277,6 +277,13 @@ def test_why_not_names_the_obstacle():
     assert "CPU tensors, got device meta" in gather.why_not(_problem(nbhd, 16, device="meta"))
 
 
+def test_int32_pair_index_limit_is_explained(monkeypatch):
+    gather = BACKENDS["gather"]
+    monkeypatch.setattr(gather, "keys_per_query", lambda p: 2**27)
+    reason = gather.why_not(_problem(P.Neighborhood(3, grid=(4, 4)), 16))
+    assert reason is not None and "int32" in reason and str(16 * 2**27) in reason
+
+
 def test_disabled_kernels_are_explained(monkeypatch):
     monkeypatch.setenv(native.ENV_DISABLE, "0")
     q = torch.zeros(1, 2, 32 * 32, 16)

@@ -39,6 +39,7 @@ def max_keys_auto(pattern: Any) -> int:
     """The most keys per query for which ``auto`` prefers ``gather`` over tiles."""
     return MAX_KEYS_AUTO_1D if getattr(pattern, "ndim", 1) == 1 else MAX_KEYS_AUTO
 
+
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -163,6 +164,9 @@ class Gather(Backend):
         reason = pattern_reason(p.pattern, p.shape)
         if reason is not None:
             return reason
+        pairs = p.shape.n_q * (-(-self.keys_per_query(p) // 4) * 4)
+        if pairs >= 2**31:
+            return f"the gather backend indexes (query, key) pairs with int32; this call has {pairs} (padded)"
         return native.unavailable("gather")
 
     def auto_note(self, p: Problem) -> str | None:

@@ -134,7 +134,7 @@ inline void add_weighted_rows(const T* w, const int32_t* pos, const int32_t* ids
       for (int64_t e = lo; e < hi; ++e) {
         if (!kByKey && ids[e] < 0) continue;
         const vf p = splat(w[kByKey ? pos[e] : e]);
-        const float* r = rows + ids[e] * DC + h;
+        const float* r = rows + static_cast<int64_t>(ids[e]) * DC + h;
 #pragma GCC unroll 8
         for (int u = 0; u < 8; ++u)
           if (u * 4 < width) c[u] += p * vload(r + 4 * u);
