@@ -157,6 +157,7 @@ def _with_pattern(src: MultiHeadAttention, pattern: Any) -> MultiHeadAttention:
     "sliding_window", family=FAMILY, type="pattern", priority=1,
     papers=("baseline", "TKL (local self-attention retrieval)"),
     supports={"self", "causal", "padding", "decoding", "gqa"}, complexity="O(N w)",
+    backends=("reference", "sdpa", "flex", "blocksparse", "gather", "triton"),
     summary="Sliding window (symmetric or causal), sink tokens, per-head windows; KV cache bounded by the window.",
     test_kwargs={"dim": 32, "n_heads": 4, "window": 3, "n_sink": 1},
     reductions=(

@@ -572,6 +572,7 @@ def _na_output_stride():
     "neighborhood", family=FAMILY, type="pattern", priority=1, input_kind="grid2d",
     papers=("Faster Neighborhood Attention (FNA)", "Generalized Neighborhood Attention (GNA)", "TiC (MSA-Conv)"),
     supports=GRID_SUPPORT, complexity="O(N k^D)",
+    backends=("reference", "sdpa", "flex", "blocksparse", "gather", "triton"),
     summary="Neighbourhood attention 1-D/2-D/3-D (NATTEN borders), per-axis kernel/dilation/stride/causal, RPB, "
             "TiC output stride; spatial tiles on the chunked path.",
     test_kwargs={"dim": 32, "n_heads": 4, "kernel_size": 3},
@@ -620,6 +621,7 @@ def _dina_congruent_keys():
 @register(
     "dilated_neighborhood", family=FAMILY, type="pattern", priority=2, input_kind="grid2d", papers=("DiNAT",),
     supports=GRID_SUPPORT, complexity="O(N k^D)",
+    backends=("reference", "sdpa", "flex", "blocksparse", "gather"),
     summary="Dilated neighbourhood attention (DiNA) with NATTEN borders per dilation group; DiNAT alternation "
             "via dinat_dilations.",
     test_kwargs={"dim": 32, "n_heads": 4, "kernel_size": 3, "dilation": 2},
