@@ -109,9 +109,88 @@ def test_inverse_tables_list_every_pair_by_key():
 
 
 def test_key_table_is_none_for_other_patterns():
-    shape = Shape(1, 4, 16, 16)
-    for pattern in (P.Causal(), P.SlidingWindow([2, 3], causal=True), P.Neighborhood(3) & P.Causal()):
+    shape = Shape(2, 4, 16, 16)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    for pattern in (P.Causal(), P.SlidingWindow([2, 3], causal=True), P.Causal() & P.Document([8, 8]),
+                    P.Neighborhood(3) & P.KeyPadding(keep)):
         assert pattern.key_table(shape) is None
+    assert G.gather_form(P.Neighborhood(3) & P.PrefixLM(torch.tensor([2, 5])), shape) is None  # per batch, not padding
+    assert G.gather_form(P.PerHead([P.Neighborhood(3)] * 4), shape) is None
+
+
+COMPOSED_CASES = {
+    "nbhd_and_causal": (lambda: P.Neighborhood(5) & P.Causal(), 23),
+    "causal_and_window": (lambda: P.Causal() & P.SlidingWindow(4, n_sink=2), 23),
+    "nbhd2d_and_custom": (lambda: P.Neighborhood(3, grid=(4, 6)) & P.Custom(
+        lambda b, h, q, kv: (q + kv) % 3 != 0, per_batch=False, per_head=False), 24),
+    "window_and_nbhd": (lambda: P.SlidingWindow(6) & P.Neighborhood(5), 23),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPOSED_CASES))
+def test_composed_key_tables_are_the_pattern(case):
+    build, n = COMPOSED_CASES[case]
+    pattern, shape = build(), Shape(1, 1, n, n)
+    table = pattern.key_table(shape)
+    allowed = pattern.allow(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                            torch.arange(n)[:, None], torch.arange(n)[None], shape)
+    assert torch.equal(_dense_from_table(table, n), allowed)
+
+
+def test_compositions_rebuilt_per_call_reuse_tables():
+    """Modules build ``user & Causal()`` on every call: the derived tables must not be rebuilt."""
+    window, nbhd, shape = P.SlidingWindow(8, causal=True), P.Neighborhood(5), Shape(1, 2, 64, 64)
+    assert (window & P.Causal()).key_table(shape) is window.key_table(shape)  # nothing to remove: the same table
+    first = (nbhd & P.Causal()).key_table(shape)
+    assert (nbhd & P.Causal()).key_table(shape) is first  # cached on the neighbourhood by Causal's value_key
+    assert (nbhd & P.Causal(offset=2)).key_table(shape) is not first
+    assert G.key_tables(nbhd & P.Causal(), shape) is G.key_tables(nbhd & P.Causal(), shape)
+
+
+def _padding(b: int, n: int) -> torch.Tensor:
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[0, n - 5:] = False  # trailing padding
+    keep[1, ::3] = False  # scattered holes
+    if b > 2:
+        keep[2] = False  # a fully padded element: every row is zero
+    return keep
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["nbhd_and_causal", "causal_and_window", "nbhd2d_and_custom"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gather_with_key_padding_matches_reference(case, dtype, qkv, randn):
+    build, n = COMPOSED_CASES[case]
+    keep = _padding(3, n)
+    pattern = build() & P.KeyPadding(keep)
+    assert G.gather_form(pattern, Shape(3, 4, n, n)) is not None
+    q, k, v = qkv(3, 4, 2, n, n, 16, 16)
+    dout, dlse = randn(3, 4, n, 16), randn(3, 4, n)
+    results = []
+    for backend in ("reference", "gather"):
+        args = [t if backend == "reference" else t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = attnzoo.attention(*args, pattern=pattern, backend=backend, return_lse=True)
+        finite = torch.isfinite(lse)
+        loss = (out * dout.to(out.dtype)).sum() + (torch.where(finite, lse, 0) * dlse.to(lse.dtype)).sum()
+        results.append((out, torch.where(finite, lse, 0), *torch.autograd.grad(loss, args)))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results[1], results[0]):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(results[1][0][2], torch.zeros_like(results[1][0][2]))  # fully padded element
+    assert not results[1][3][:, :, ~keep[0]][0].any()  # padded keys get no dk
+
+
+@needs_kernels
+def test_modules_with_padding_and_causal_run_on_gather():
+    q = torch.zeros(2, 4, 256, 16)
+    keep = torch.ones(2, 256, dtype=torch.bool)
+    keep[1, 200:] = False
+    pattern = P.SlidingWindow(16, causal=True) & P.Causal() & P.KeyPadding(keep)
+    expl = attnzoo.explain(q, q, q, pattern=pattern)
+    assert expl.backend == "gather", str(expl)
+    grid = P.Neighborhood(7, grid=(16, 16)) & P.KeyPadding(keep)
+    expl = attnzoo.explain(q, q, q, pattern=grid)
+    assert expl.backend == "gather" and "49 keys per query" in expl.reasons["blocksparse"]
 
 
 @needs_kernels
@@ -175,7 +254,7 @@ def test_rows_without_keys_are_zero_with_zero_gradients(qkv):
     table = torch.tensor([[0, 1, -1, -1], [-1, -1, -1, -1], [2, 3, 4, -1],
                           [-1, -1, -1, -1], [5, 0, -1, -1], [1, -1, -1, -1]], dtype=torch.int32)
     tables = G.build_tables(table, 6)
-    out, lse = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), tables.table, 0.3)
+    out, lse = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), tables, 0.3)
     assert torch.equal(out[:, :, [1, 3]], torch.zeros_like(out[:, :, [1, 3]]))
     assert torch.isneginf(lse[:, :, [1, 3]]).all() and torch.isfinite(lse[:, :, [0, 2, 4, 5]]).all()
     dout = torch.randn_like(out)

@@ -56,6 +56,16 @@ class Pattern:
         backend runs such patterns one query at a time."""
         return None
 
+    def value_key(self) -> tuple | None:
+        """A hashable key equal for patterns that allow the same pairs (None: unknown). Lets
+        compositions built anew on every call reuse what was derived for an equal one."""
+        return None
+
+    def key_padding(self) -> tuple[Pattern | None, torch.Tensor] | None:
+        """``(rest, mask)`` when this pattern is ``rest & KeyPadding(mask)`` with ``rest`` the same for
+        every batch element (``rest`` None: the padding alone), else None."""
+        return None
+
     def sdpa_hint(self, shape: Shape) -> str | None:
         """``"full"`` or ``"causal"`` (top-left aligned) when SDPA can run without a mask tensor."""
         return None

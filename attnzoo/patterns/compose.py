@@ -35,6 +35,54 @@ class And(Pattern):
         self.a.check(shape)
         self.b.check(shape)
 
+    def key_table(self, shape: Shape) -> torch.Tensor | None:
+        """A side's key table with the entries the other side forbids set to -1 (the narrower of the
+        two when both sides have one; the side's own table when nothing is forbidden); None when
+        neither has one or a side depends on batch or head. Cached on the side when the other side
+        has a :meth:`value_key` (compositions rebuilt on every call, e.g. ``user & Causal()``)."""
+        if self.per_batch or self.per_head:
+            return None
+        cached = self._cache_get(("key_table", shape))
+        if cached is not None:
+            return cached
+        tables = [t for t in (_restricted(self.a, self.b, shape), _restricted(self.b, self.a, shape)) if t is not None]
+        if not tables:
+            return None
+        return self._cache_put(("key_table", shape), min(tables, key=lambda t: t.shape[1]))
+
+    def key_padding(self) -> tuple[Pattern | None, torch.Tensor] | None:
+        sa, sb = self.a.key_padding(), self.b.key_padding()
+        if sa is not None and sb is not None:
+            return _and_or_none(sa[0], sb[0]), sa[1] & sb[1]
+        if sa is not None and not self.b.per_batch:
+            return _and_or_none(sa[0], self.b), sa[1]
+        if sb is not None and not self.a.per_batch:
+            return _and_or_none(self.a, sb[0]), sb[1]
+        return None
+
+
+def _restricted(x: Pattern, y: Pattern, shape: Shape) -> torch.Tensor | None:
+    """``x``'s key table with the pairs ``y`` forbids set to -1 (None if ``x`` has no table)."""
+    token = y.value_key()
+    key = ("key_table_and", shape, token)
+    if token is not None:
+        cached = x._cache_get(key)
+        if cached is not None:
+            return cached
+    t = x.key_table(shape)
+    if t is None:
+        return None
+    zero = torch.zeros(1, dtype=torch.long)
+    keep = y.allow(zero, zero, torch.arange(shape.n_q)[:, None], t.clamp(min=0), shape) & (t >= 0)
+    out = t if bool((keep == (t >= 0)).all()) else torch.where(keep, t, -1)
+    return x._cache_put(key, out) if token is not None else out
+
+
+def _and_or_none(a: Pattern | None, b: Pattern | None) -> Pattern | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return And(a, b)
+
 
 class Or(Pattern):
     """Allowed where either pattern allows."""

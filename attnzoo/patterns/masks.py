@@ -50,6 +50,9 @@ class Causal(Pattern):
     def _off(self, shape: Shape) -> int:
         return shape.offset if self.offset is None else self.offset
 
+    def value_key(self) -> tuple:
+        return ("Causal", self.offset)
+
     def allow(self, b, h, q, kv, shape):
         return kv <= q + self._off(shape)
 

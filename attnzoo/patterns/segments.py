@@ -86,6 +86,9 @@ class KeyPadding(_Stored):
     def mask(self) -> torch.Tensor:
         return self._tensor
 
+    def key_padding(self) -> tuple[Pattern | None, torch.Tensor]:
+        return None, self._tensor
+
     def check(self, shape: Shape) -> None:
         if tuple(self._tensor.shape) != (shape.batch, shape.n_kv):
             raise ValueError(f"mask: expected shape [{shape.batch}, {shape.n_kv}], got {list(self._tensor.shape)}")

@@ -3,7 +3,9 @@
 A pattern that implements :meth:`~attnzoo.patterns.base.Pattern.key_table` (``[N, K]`` key
 indices, -1 for none: :class:`~attnzoo.patterns.Neighborhood` in 1-D, 2-D and 3-D with any
 kernel, dilation, stride and causal axes; :class:`~attnzoo.patterns.SlidingWindow` with one
-window for all heads, sinks and offsets; :class:`~attnzoo.patterns.DilatedWindow`) runs here one
+window for all heads, sinks and offsets; :class:`~attnzoo.patterns.DilatedWindow`; ``&`` of one of
+these with batch-independent patterns, e.g. ``Causal()``), optionally ``&`` a
+:class:`~attnzoo.patterns.KeyPadding` (passed to the kernels as a per-batch key mask), runs here one
 query at a time: ``K`` dot products, a softmax, ``K`` weighted rows of ``V``, nothing else.
 Tile-based paths compute whole key boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles
 wastes half of its products, in 8 x 8 tiles three quarters), and small batched products are
@@ -20,6 +22,7 @@ per (query, key) pair. Rows with no key return zeros and zero gradients.
 from __future__ import annotations
 
 import ctypes
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import torch
@@ -35,9 +38,17 @@ MAX_KEYS_AUTO = 768
 MAX_KEYS_AUTO_1D = 128
 
 
+def _grid_ndim(pattern: Any) -> int:
+    """Grid dimensions of a pattern (1 for sequences; compositions: the most of their parts)."""
+    parts = [getattr(pattern, name, None) for name in ("a", "b")]
+    if any(part is not None for part in parts):
+        return max(_grid_ndim(part) for part in parts if part is not None)
+    return getattr(pattern, "ndim", 1)
+
+
 def max_keys_auto(pattern: Any) -> int:
     """The most keys per query for which ``auto`` prefers ``gather`` over tiles."""
-    return MAX_KEYS_AUTO_1D if getattr(pattern, "ndim", 1) == 1 else MAX_KEYS_AUTO
+    return MAX_KEYS_AUTO_1D if _grid_ndim(pattern) == 1 else MAX_KEYS_AUTO
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -49,8 +60,8 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     fwd = getattr(lib, f"attnzoo_gather_forward_{suffix}")
     bwd = getattr(lib, f"attnzoo_gather_backward_{suffix}")
     if fwd.argtypes is None:
-        fwd.argtypes = [_P] * 6 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 13 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        fwd.argtypes = [_P] * 7 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 14 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
         fwd.restype = bwd.restype = None
     return fwd, bwd
 
@@ -60,13 +71,15 @@ class KeyTables(NamedTuple):
 
     ``table`` ``[N, K4]`` int32 (``K4`` a multiple of 4, padded with -1); for key ``j``,
     ``inv_pos[inv_off[j]:inv_off[j + 1]]`` are the flat positions ``n * K4 + t`` with
-    ``table[n, t] == j`` and ``inv_q`` their queries ``n``.
+    ``table[n, t] == j`` and ``inv_q`` their queries ``n``. ``key_ok``: uint8 ``[B, M]`` key padding
+    (0 = hidden from every query of that batch element), or None.
     """
 
     table: torch.Tensor
     inv_off: torch.Tensor
     inv_pos: torch.Tensor
     inv_q: torch.Tensor
+    key_ok: torch.Tensor | None = None
 
 
 def build_tables(table: torch.Tensor, n_kv: int) -> KeyTables:
@@ -82,13 +95,46 @@ def build_tables(table: torch.Tensor, n_kv: int) -> KeyTables:
     return KeyTables(table, *(t.to(torch.int32).contiguous() for t in (inv_off, inv_pos, inv_q)))
 
 
+def gather_form(pattern: Any, shape: Shape) -> tuple[Any, torch.Tensor | None] | None:
+    """``(table pattern, key padding mask [B, M] or None)`` when ``pattern`` is a batch-independent
+    pattern with a key table, optionally ``&`` a key padding; else None."""
+    if pattern is None or pattern.per_head:
+        return None
+    mask = None
+    if pattern.per_batch:
+        split = pattern.key_padding()
+        if split is None or split[0] is None or split[0].per_batch or split[0].per_head:
+            return None
+        pattern, mask = split
+    return None if pattern.key_table(shape) is None else (pattern, mask)
+
+
+# KeyTables of recently used key tables, by the identity of the table tensor (kept alive here, so
+# its id is not reused): compositions rebuilt on every call return their parts' cached tables.
+_RECENT: OrderedDict[tuple[int, int], tuple[torch.Tensor, KeyTables]] = OrderedDict()
+_RECENT_SIZE = 8
+
+
 def key_tables(pattern: Any, shape: Shape) -> KeyTables:
-    """The kernels' tables for ``pattern`` at ``shape`` (cached on the pattern)."""
-    key = ("gather_tables", shape)
-    cached = pattern._cache_get(key)
-    if cached is None:
-        cached = pattern._cache_put(key, build_tables(pattern.key_table(shape), shape.n_kv))
-    return cached
+    """The kernels' tables for ``pattern`` at ``shape``."""
+    form = gather_form(pattern, shape)
+    if form is None:
+        raise ValueError(f"gather: {pattern_reason(pattern, shape)}")
+    base, mask = form
+    table = base.key_table(shape)
+    key = (id(table), shape.n_kv)
+    hit = _RECENT.get(key)
+    if hit is not None and hit[0] is table:
+        _RECENT.move_to_end(key)
+        cached = hit[1]
+    else:
+        cached = build_tables(table, shape.n_kv)
+        _RECENT[key] = (table, cached)
+        if len(_RECENT) > _RECENT_SIZE:
+            _RECENT.popitem(last=False)
+    if mask is None:
+        return cached
+    return cached._replace(key_ok=mask.to(device="cpu", dtype=torch.uint8).contiguous())
 
 
 def _sizes(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> list[int]:
@@ -96,13 +142,17 @@ def _sizes(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> list[int]:
     return [b, h, k.shape[1], n, k.shape[2], d, table.shape[1]]
 
 
-def gather_forward(q, k, v, table: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def gather_forward(q, k, v, tables: KeyTables, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``[B, H, N, D]`` and ``lse`` ``[B, H, N]`` (-inf for rows with no key); contiguous float32/64 inputs."""
     fwd, _ = _functions(q.dtype)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3])
-    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), table.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        *_sizes(q, k, table), scale, torch.get_num_threads())
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), out.data_ptr(),
+        lse.data_ptr(), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return out, lse
 
 
@@ -110,7 +160,8 @@ def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float) 
     """``dq, dk, dv`` given ``delta = rowsum(dout * out) - dlse``."""
     _, bwd = _functions(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), *(t.data_ptr() for t in tables), lse.data_ptr(),
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok),
+        tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(), tables.inv_q.data_ptr(), lse.data_ptr(),
         delta.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return dq, dk, dv
@@ -119,7 +170,7 @@ def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float) 
 class _GatherFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tables: KeyTables, scale: float, q, k, v):
-        out, lse = gather_forward(q, k, v, tables.table, scale)
+        out, lse = gather_forward(q, k, v, tables, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.tables, ctx.scale = tables, scale
         return out, lse
@@ -139,9 +190,10 @@ def pattern_reason(pattern: Any, shape: Shape) -> str | None:
     """Why the pattern has no key table for ``shape`` (None when it has one)."""
     if pattern is None:
         return "no pattern (full attention): the gather backend runs patterns with a short key list per query"
-    if pattern.key_table(shape) is None:
+    if gather_form(pattern, shape) is None:
         return (f"{type(pattern).__name__} has no per-query key table (the gather backend runs Neighborhood "
-                "1-D to 3-D, SlidingWindow with one window for all heads, DilatedWindow)")
+                "1-D to 3-D, SlidingWindow with one window for all heads, DilatedWindow, and their "
+                "compositions with batch-independent patterns and key padding)")
     return None
 
 
@@ -159,8 +211,6 @@ class Gather(Backend):
             return f"score_mod {type(p.score_mod).__name__} is not supported by the gather backend"
         if p.v.shape[-1] != p.q.shape[-1]:
             return f"the gather backend needs D_v == D, got D={p.q.shape[-1]}, D_v={p.v.shape[-1]}"
-        if p.pattern is not None and p.pattern.per_batch:
-            return "the gather backend needs one key table for the whole batch"
         reason = pattern_reason(p.pattern, p.shape)
         if reason is not None:
             return reason
@@ -180,7 +230,8 @@ class Gather(Backend):
         return None
 
     def keys_per_query(self, p: Problem) -> int:
-        return int(p.pattern.key_table(p.shape).shape[1])
+        base, _ = gather_form(p.pattern, p.shape)
+        return int(base.key_table(p.shape).shape[1])
 
     def run(self, p: Problem) -> Result:
         tables = key_tables(p.pattern, p.shape)
@@ -189,9 +240,9 @@ class Gather(Backend):
         if p.needs_grad:
             out, lse = _GatherFn.apply(tables, p.scale, q, k, v)
         else:
-            out, lse = gather_forward(q, k, v, tables.table, p.scale)
+            out, lse = gather_forward(q, k, v, tables, p.scale)
         return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
 
 
 __all__ = ["Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "build_tables", "gather_backward",
-           "gather_forward", "key_tables", "max_keys_auto", "pattern_reason"]
+           "gather_form", "gather_forward", "key_tables", "max_keys_auto", "pattern_reason"]

@@ -1,6 +1,7 @@
 // attnzoo: CPU kernels for attention over a fixed key list per query (neighbourhoods, small windows).
 // Plain C ABI (loaded with ctypes; no Python or torch headers). Tensors are contiguous:
 // q [B, H, N, D], k and v [B, Hk, M, D], idx [N, K4] int32 key index per query (-1: none; K4 % 4 == 0),
+// key_ok [B, M] uint8 or null (key padding: 0 = the key is hidden from every query of that batch element),
 // out [B, H, N, D], lse [B, H, N]; the backward takes delta = rowsum(dout * out) - dlse and the inverse
 // table (keys -> positions in idx, CSR), and writes dq, dk, dv, which the caller zero-fills. The backward
 // computes dq per query and dk, dv per key (accumulating in registers, no read-modify-write per pair).
@@ -161,22 +162,33 @@ inline bool any_key(const int32_t* idx, int64_t k4) {
   return false;
 }
 
+// The key list of query n, with keys that key_ok (nullable, [M] for this batch element) rejects set to -1.
+inline const int32_t* query_keys(const int32_t* idx, const uint8_t* key_ok, int64_t n, int64_t k4, int32_t* buf) {
+  const int32_t* row = idx + n * k4;
+  if (key_ok == nullptr) return row;
+  for (int64_t t = 0; t < k4; ++t) buf[t] = row[t] >= 0 && key_ok[row[t]] ? row[t] : -1;
+  return buf;
+}
+
 template <typename T, int DC>
-void forward(const T* q, const T* k, const T* v, const int32_t* idx, T* out, T* lse, int64_t B, int64_t H,
-             int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
+void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, T* out, T* lse,
+             int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale,
+             int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
   const T neg_inf = -std::numeric_limits<T>::infinity();
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> s(k4), acc(d);
+    std::vector<int32_t> masked(k4);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t bk = (bh / H) * Hk + (bh % H) / G;
       const T* kb = k + bk * M * d;
       const T* vb = v + bk * M * d;
+      const uint8_t* ok = key_ok == nullptr ? nullptr : key_ok + (bh / H) * M;
       for (int64_t n = 0; n < N; ++n) {
-        const int32_t* row = idx + n * k4;
+        const int32_t* row = query_keys(idx, ok, n, k4, masked.data());
         T* o = out + (bh * N + n) * d;
         if (!any_key<T>(row, k4)) {
           for (int64_t i = 0; i < d; ++i) o[i] = 0;
@@ -201,8 +213,8 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, T* out, T* 
 // The inverse of idx, by key: for key j, entries inv_pos[inv_off[j] .. inv_off[j+1]) are the positions
 // n * K4 + t with idx[n, t] == j (in increasing order), and inv_q holds their queries n.
 template <typename T, int DC>
-void backward(const T* q, const T* k, const T* v, const int32_t* idx, const int32_t* inv_off, const int32_t* inv_pos,
-              const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,
+void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const int32_t* inv_off,
+              const int32_t* inv_pos, const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,
               int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
@@ -211,9 +223,11 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const int3
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> p(N * k4), ds(N * k4);
+    std::vector<int32_t> masked(k4);
 #pragma omp for schedule(static)
     for (int64_t bk = 0; bk < B * Hk; ++bk) {
       const int64_t b = bk / Hk, hk = bk % Hk;
+      const uint8_t* ok = key_ok == nullptr ? nullptr : key_ok + b * M;
       const T* kb = k + bk * M * d;
       const T* vb = v + bk * M * d;
       T* dkb = dk + bk * M * d;
@@ -224,7 +238,7 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const int3
         const T* doh = dout + bh * N * d;
         // Query-centric: probabilities p, score gradients ds and dq.
         for (int64_t n = 0; n < N; ++n) {
-          const int32_t* row = idx + n * k4;
+          const int32_t* row = query_keys(idx, ok, n, k4, masked.data());
           T* pn = p.data() + n * k4;
           T* dsn = ds.data() + n * k4;
           const T ln = lse[bh * N + n];
@@ -262,20 +276,21 @@ void by_dim(int64_t d, F&& f) {
 }  // namespace
 
 #define ATTNZOO_GATHER(T, SUFFIX)                                                                                  \
-  extern "C" void attnzoo_gather_forward_##SUFFIX(const T* q, const T* k, const T* v, const int32_t* idx, T* out,  \
-                                                  T* lse, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M,  \
-                                                  int64_t D, int64_t K4, double scale, int threads) {              \
+  extern "C" void attnzoo_gather_forward_##SUFFIX(                                                               \
+      const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, T* out, T* lse, int64_t B,   \
+      int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {             \
     by_dim(D, [&](auto dc) {                                                                                       \
-      forward<T, decltype(dc)::value>(q, k, v, idx, out, lse, B, H, Hk, N, M, D, K4, T(scale), threads);          \
+      forward<T, decltype(dc)::value>(q, k, v, idx, key_ok, out, lse, B, H, Hk, N, M, D, K4, T(scale), threads);  \
     });                                                                                                            \
   }                                                                                                                \
   extern "C" void attnzoo_gather_backward_##SUFFIX(                                                              \
-      const T* q, const T* k, const T* v, const int32_t* idx, const int32_t* inv_off, const int32_t* inv_pos,     \
-      const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,          \
-      int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {            \
+      const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const int32_t* inv_off,       \
+      const int32_t* inv_pos, const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk,     \
+      T* dv, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale,          \
+      int threads) {                                                                                               \
     by_dim(D, [&](auto dc) {                                                                                       \
-      backward<T, decltype(dc)::value>(q, k, v, idx, inv_off, inv_pos, inv_q, lse, delta, dout, dq, dk, dv, B, H,  \
-                                       Hk, N, M, D, K4, T(scale), threads);                                        \
+      backward<T, decltype(dc)::value>(q, k, v, idx, key_ok, inv_off, inv_pos, inv_q, lse, delta, dout, dq, dk,    \
+                                       dv, B, H, Hk, N, M, D, K4, T(scale), threads);                              \
     });                                                                                                            \
   }
 
