@@ -30,6 +30,11 @@ class ScoreMod:
     def check(self, shape: Shape) -> None:
         """Raise ``ValueError`` if the modifier cannot apply to ``shape``."""
 
+    def indexed_bias(self) -> torch.Tensor | None:
+        """``table [H, T]`` when the modifier is ``s + table[h, self.index(q, kv)]`` (a per-head bias
+        read at an integer index of the pair, e.g. relative positions), else None."""
+        return None
+
     def flex(self, shape: Shape) -> Callable[..., torch.Tensor]:
         """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` bound to ``shape``.
 

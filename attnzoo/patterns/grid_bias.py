@@ -68,6 +68,9 @@ class _GridBiasAt(ScoreMod):
     def tensors(self) -> list[torch.Tensor]:
         return [self.owner.table]
 
+    def indexed_bias(self) -> torch.Tensor:
+        return self.owner.table
+
     def index(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         idx = None
         rest_q, rest_k = q, kv

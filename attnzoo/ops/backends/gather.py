@@ -5,7 +5,10 @@ indices, -1 for none: :class:`~attnzoo.patterns.Neighborhood` in 1-D, 2-D and 3-
 kernel, dilation, stride and causal axes; :class:`~attnzoo.patterns.SlidingWindow` with one
 window for all heads, sinks and offsets; :class:`~attnzoo.patterns.DilatedWindow`; ``&`` of one of
 these with batch-independent patterns, e.g. ``Causal()``), optionally ``&`` a
-:class:`~attnzoo.patterns.KeyPadding` (passed to the kernels as a per-batch key mask), runs here one
+:class:`~attnzoo.patterns.KeyPadding` (passed to the kernels as a per-batch key mask), and
+optionally with a score modifier that is an additive per-head table read at an index of the pair
+(``ScoreMod.indexed_bias``: :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`, the NAT / DiNAT
+relative-position bias; its gradient is summed per (batch, head) in the backward), runs here one
 query at a time: ``K`` dot products, a softmax, ``K`` weighted rows of ``V``, nothing else.
 Tile-based paths compute whole key boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles
 wastes half of its products, in 8 x 8 tiles three quarters), and small batched products are
@@ -60,8 +63,8 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     fwd = getattr(lib, f"attnzoo_gather_forward_{suffix}")
     bwd = getattr(lib, f"attnzoo_gather_backward_{suffix}")
     if fwd.argtypes is None:
-        fwd.argtypes = [_P] * 7 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 14 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        fwd.argtypes = [_P] * 7 + [_I] + [_P] * 2 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 7 + [_I] + [_P] * 10 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
         fwd.restype = bwd.restype = None
     return fwd, bwd
 
@@ -146,33 +149,47 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def gather_forward(q, k, v, tables: KeyTables, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+class Bias(NamedTuple):
+    """An additive per-head bias for the kernels: ``table`` ``[H, T]`` read at ``index`` ``[N, K4]`` int32."""
+
+    table: torch.Tensor
+    index: torch.Tensor
+
+
+def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: Bias | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``[B, H, N, D]`` and ``lse`` ``[B, H, N]`` (-inf for rows with no key); contiguous float32/64 inputs."""
     fwd, _ = _functions(q.dtype)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3])
-    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), out.data_ptr(),
-        lse.data_ptr(), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
+    table, index, n_bias = (bias.table, bias.index, bias.table.shape[1]) if bias is not None else (None, None, 0)
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), _ptr(table),
+        _ptr(index), n_bias, out.data_ptr(), lse.data_ptr(), *_sizes(q, k, tables.table), scale,
+        torch.get_num_threads())
     return out, lse
 
 
-def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float) -> tuple[torch.Tensor, ...]:
-    """``dq, dk, dv`` given ``delta = rowsum(dout * out) - dlse``."""
+def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float, bias: Bias | None = None
+                    ) -> tuple[torch.Tensor, ...]:
+    """``dq, dk, dv`` (and ``dbias`` ``[H, T]`` with a bias) given ``delta = rowsum(dout * out) - dlse``."""
     _, bwd = _functions(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok),
-        tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(), tables.inv_q.data_ptr(), lse.data_ptr(),
-        delta.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-        *_sizes(q, k, tables.table), scale, torch.get_num_threads())
-    return dq, dk, dv
+    table, index, n_bias = (bias.table, bias.index, bias.table.shape[1]) if bias is not None else (None, None, 0)
+    dbias = q.new_zeros(q.shape[0], q.shape[1], n_bias) if bias is not None else None
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), _ptr(table),
+        _ptr(index), n_bias, _ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(),
+        tables.inv_q.data_ptr(), lse.data_ptr(), delta.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+        dv.data_ptr(), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
+    return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))
 
 
 class _GatherFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tables: KeyTables, scale: float, q, k, v):
-        out, lse = gather_forward(q, k, v, tables, scale)
+    def forward(ctx, tables: KeyTables, scale: float, bias_index, q, k, v, bias_table):
+        bias = Bias(bias_table, bias_index) if bias_table is not None else None
+        out, lse = gather_forward(q, k, v, tables, scale, bias)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tables, ctx.scale = tables, scale
+        ctx.tables, ctx.scale, ctx.bias = tables, scale, bias
         return out, lse
 
     @staticmethod
@@ -182,8 +199,8 @@ class _GatherFn(torch.autograd.Function):
         delta = (out * dout).sum(-1)
         if dlse is not None:  # d lse / d s = p: fold it into delta
             delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0)
-        dq, dk, dv = gather_backward(q, k, v, ctx.tables, lse, delta.contiguous(), dout, ctx.scale)
-        return None, None, dq, dk, dv
+        grads = gather_backward(q, k, v, ctx.tables, lse, delta.contiguous(), dout, ctx.scale, ctx.bias)
+        return None, None, None, *grads[:3], (grads[3] if ctx.bias is not None else None)
 
 
 def pattern_reason(pattern: Any, shape: Shape) -> str | None:
@@ -208,7 +225,12 @@ class Gather(Backend):
         if p.device.type != "cpu":
             return f"the gather backend runs on CPU tensors, got device {p.device} (on CUDA: triton or flex)"
         if p.score_mod is not None:
-            return f"score_mod {type(p.score_mod).__name__} is not supported by the gather backend"
+            table = p.score_mod.indexed_bias() if hasattr(p.score_mod, "indexed_bias") else None
+            if table is None:
+                return (f"score_mod {type(p.score_mod).__name__} is not supported by the gather backend (it runs "
+                        "additive per-head biases read at an index of the pair, e.g. GridRelativeBias)")
+            if table.dim() != 2 or table.shape[0] != p.shape.heads:
+                return f"the gather backend needs a bias table [H={p.shape.heads}, T], got {list(table.shape)}"
         if p.v.shape[-1] != p.q.shape[-1]:
             return f"the gather backend needs D_v == D, got D={p.q.shape[-1]}, D_v={p.v.shape[-1]}"
         reason = pattern_reason(p.pattern, p.shape)
@@ -237,12 +259,18 @@ class Gather(Backend):
         tables = key_tables(p.pattern, p.shape)
         dtype = compute_dtype(p.q.dtype)
         q, k, v = (t.to(dtype).contiguous() for t in (p.q, p.k, p.v))
+        bias_table = bias_index = None
+        if p.score_mod is not None:
+            bias_table = p.score_mod.indexed_bias().to(dtype).contiguous()
+            pairs = tables.table.clamp(min=0).long()
+            bias_index = p.score_mod.index(torch.arange(pairs.shape[0])[:, None], pairs).to(torch.int32).contiguous()
         if p.needs_grad:
-            out, lse = _GatherFn.apply(tables, p.scale, q, k, v)
+            out, lse = _GatherFn.apply(tables, p.scale, bias_index, q, k, v, bias_table)
         else:
-            out, lse = gather_forward(q, k, v, tables, p.scale)
+            bias = Bias(bias_table, bias_index) if bias_table is not None else None
+            out, lse = gather_forward(q, k, v, tables, p.scale, bias)
         return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
 
 
-__all__ = ["Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "build_tables", "gather_backward",
+__all__ = ["Bias", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "build_tables", "gather_backward",
            "gather_form", "gather_forward", "key_tables", "max_keys_auto", "pattern_reason"]

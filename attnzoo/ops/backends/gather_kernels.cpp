@@ -2,6 +2,8 @@
 // Plain C ABI (loaded with ctypes; no Python or torch headers). Tensors are contiguous:
 // q [B, H, N, D], k and v [B, Hk, M, D], idx [N, K4] int32 key index per query (-1: none; K4 % 4 == 0),
 // key_ok [B, M] uint8 or null (key padding: 0 = the key is hidden from every query of that batch element),
+// bias [H, n_bias] and bias_idx [N, K4] or null (an additive per-head bias, e.g. relative positions; the
+// backward then writes its gradient per (batch, head) into dbias [B, H, n_bias]),
 // out [B, H, N, D], lse [B, H, N]; the backward takes delta = rowsum(dout * out) - dlse and the inverse
 // table (keys -> positions in idx, CSR), and writes dq, dk, dv, which the caller zero-fills. The backward
 // computes dq per query and dk, dv per key (accumulating in registers, no read-modify-write per pair).
@@ -170,10 +172,19 @@ inline const int32_t* query_keys(const int32_t* idx, const uint8_t* key_ok, int6
   return buf;
 }
 
+// s[t] += bias[h, bias_idx[n, t]] (an additive per-head table read at a per-pair index; bias may be null).
+template <typename T>
+inline void add_bias(T* s, const T* bias, const int32_t* bias_idx, int64_t h, int64_t n_bias, int64_t n, int64_t k4) {
+  if (bias == nullptr) return;
+  const T* bh = bias + h * n_bias;
+  const int32_t* bi = bias_idx + n * k4;
+  for (int64_t t = 0; t < k4; ++t) s[t] += bh[bi[t]];
+}
+
 template <typename T, int DC>
-void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, T* out, T* lse,
-             int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale,
-             int threads) {
+void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,
+             const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t B, int64_t H, int64_t Hk, int64_t N,
+             int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -196,6 +207,7 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
           continue;
         }
         dots<T, DC>(q + (bh * N + n) * d, kb, row, k4, d, scale, s.data());
+        add_bias(s.data(), bias, bias_idx, bh % H, n_bias, n, k4);
         T m = neg_inf;
         for (int64_t t = 0; t < k4; ++t)
           if (row[t] >= 0 && s[t] > m) m = s[t];
@@ -213,8 +225,9 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
 // The inverse of idx, by key: for key j, entries inv_pos[inv_off[j] .. inv_off[j+1]) are the positions
 // n * K4 + t with idx[n, t] == j (in increasing order), and inv_q holds their queries n.
 template <typename T, int DC>
-void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const int32_t* inv_off,
-              const int32_t* inv_pos, const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,
+void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,
+              const int32_t* bias_idx, int64_t n_bias, T* dbias, const int32_t* inv_off, const int32_t* inv_pos,
+              const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,
               int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
@@ -248,9 +261,16 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
           }
           const T dn = delta[bh * N + n];
           dots<T, DC>(qh + n * d, kb, row, k4, d, scale, pn);
+          add_bias(pn, bias, bias_idx, hk * G + g, n_bias, n, k4);
           dots<T, DC>(doh + n * d, vb, row, k4, d, T(1), dsn);
           exp_shifted<T>(pn, row, k4, ln);
-          for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn) * scale;
+          for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn);
+          if (dbias != nullptr) {  // d score = d bias; one [n_bias] row per (batch, head): no two tasks share it
+            T* db = dbias + bh * n_bias;
+            const int32_t* bi = bias_idx + n * k4;
+            for (int64_t t = 0; t < k4; ++t) db[bi[t]] += dsn[t];
+          }
+          for (int64_t t = 0; t < k4; ++t) dsn[t] *= scale;
           add_weighted_rows<T, DC>(dsn, nullptr, row, 0, k4, kb, d, dq + (bh * N + n) * d);
         }
         // Key-centric: dk[j] += sum ds * q, dv[j] += sum p * dout over the queries that see key j.
@@ -277,20 +297,23 @@ void by_dim(int64_t d, F&& f) {
 
 #define ATTNZOO_GATHER(T, SUFFIX)                                                                                  \
   extern "C" void attnzoo_gather_forward_##SUFFIX(                                                               \
-      const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, T* out, T* lse, int64_t B,   \
-      int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {             \
+      const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,                \
+      const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t B, int64_t H, int64_t Hk, int64_t N,       \
+      int64_t M, int64_t D, int64_t K4, double scale, int threads) {                                              \
     by_dim(D, [&](auto dc) {                                                                                       \
-      forward<T, decltype(dc)::value>(q, k, v, idx, key_ok, out, lse, B, H, Hk, N, M, D, K4, T(scale), threads);  \
+      forward<T, decltype(dc)::value>(q, k, v, idx, key_ok, bias, bias_idx, n_bias, out, lse, B, H, Hk, N, M, D,   \
+                                      K4, T(scale), threads);                                                      \
     });                                                                                                            \
   }                                                                                                                \
   extern "C" void attnzoo_gather_backward_##SUFFIX(                                                              \
-      const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const int32_t* inv_off,       \
-      const int32_t* inv_pos, const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk,     \
-      T* dv, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale,          \
-      int threads) {                                                                                               \
+      const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,                \
+      const int32_t* bias_idx, int64_t n_bias, T* dbias, const int32_t* inv_off, const int32_t* inv_pos,           \
+      const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,           \
+      int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {             \
     by_dim(D, [&](auto dc) {                                                                                       \
-      backward<T, decltype(dc)::value>(q, k, v, idx, key_ok, inv_off, inv_pos, inv_q, lse, delta, dout, dq, dk,    \
-                                       dv, B, H, Hk, N, M, D, K4, T(scale), threads);                              \
+      backward<T, decltype(dc)::value>(q, k, v, idx, key_ok, bias, bias_idx, n_bias, dbias, inv_off, inv_pos,      \
+                                       inv_q, lse, delta, dout, dq, dk, dv, B, H, Hk, N, M, D, K4, T(scale),       \
+                                       threads);                                                                   \
     });                                                                                                            \
   }
 
