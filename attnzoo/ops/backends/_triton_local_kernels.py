@@ -87,6 +87,25 @@ def _box_keys(j0, nbox, r0, c0, bw, Lkc, rf, rl, cf, cl, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def _query_program(Q, K, V, sqb, sqh, sqn, skb, skh, svb, svh, RF, RL, CF, CL, RKLO, RKHI, CKLO, CKHI,
+                   H, G, Lqr, Lqc, n_ct, D: tl.constexpr, BD: tl.constexpr, TA: tl.constexpr, TB: tl.constexpr):
+    """This program's query tile (axis 0) and batch x head (axis 1): batch ``b``, head ``h``, the tile
+    (:func:`_query_tile`), its queries ``q [TA * TB, BD]`` and the base pointers of its K / V head."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    qtok, q_ok, rf, rl, cf, cl, r0, c0, bw, nbox = _query_tile(tl.program_id(0), n_ct, Lqr, Lqc, RF, RL, CF, CL,
+                                                               RKLO, RKHI, CKLO, CKHI, TA, TB)
+    d = tl.arange(0, BD)
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    q = tl.load(q_base + qtok[:, None] * sqn + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    return b, h, qtok, q_ok, rf, rl, cf, cl, r0, c0, bw, nbox, q, k_base, v_base
+
+
+@triton.jit
 def _fwd(
     Q, K, V, OUT, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
@@ -97,20 +116,11 @@ def _fwd(
     UPCAST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TA * TB
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    qtok, q_ok, rf, rl, cf, cl, r0, c0, bw, nbox = _query_tile(pid, n_ct, Lqr, Lqc, RF, RL, CF, CL, RKLO, RKHI,
-                                                               CKLO, CKHI, TA, TB)
-
+    b, h, qtok, q_ok, rf, rl, cf, cl, r0, c0, bw, nbox, q, k_base, v_base = _query_program(
+        Q, K, V, sqb, sqh, sqn, skb, skh, svb, svh, RF, RL, CF, CL, RKLO, RKHI, CKLO, CKHI, H, G, Lqr, Lqc, n_ct,
+        D, BD, TA, TB)
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    q = tl.load(q_base + qtok[:, None] * sqn + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -149,20 +159,11 @@ def _bwd_dq(
     UPCAST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TA * TB
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    qtok, q_ok, rf, rl, cf, cl, r0, c0, bw, nbox = _query_tile(pid, n_ct, Lqr, Lqc, RF, RL, CF, CL, RKLO, RKHI,
-                                                               CKLO, CKHI, TA, TB)
-
+    b, h, qtok, q_ok, rf, rl, cf, cl, r0, c0, bw, nbox, q, k_base, v_base = _query_program(
+        Q, K, V, sqb, sqh, sqn, skb, skh, svb, svh, RF, RL, CF, CL, RKLO, RKHI, CKLO, CKHI, H, G, Lqr, Lqc, n_ct,
+        D, BD, TA, TB)
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    q = tl.load(q_base + qtok[:, None] * sqn + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + qtok[:, None] * sdon + dv[None, :],
                  mask=q_ok[:, None] & (dv[None, :] < DV), other=0.0)
     row = b.to(tl.int64) * slb + h.to(tl.int64) * slh + qtok

@@ -157,7 +157,6 @@ inline void add_weighted_rows(const T* w, const int32_t* pos, const int32_t* ids
   }
 }
 
-template <typename T>
 inline bool any_key(const int32_t* idx, int64_t k4) {
   for (int64_t t = 0; t < k4; ++t)
     if (idx[t] >= 0) return true;
@@ -201,7 +200,7 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
       for (int64_t n = 0; n < N; ++n) {
         const int32_t* row = query_keys(idx, ok, n, k4, masked.data());
         T* o = out + (bh * N + n) * d;
-        if (!any_key<T>(row, k4)) {
+        if (!any_key(row, k4)) {
           for (int64_t i = 0; i < d; ++i) o[i] = 0;
           lse[bh * N + n] = neg_inf;
           continue;
