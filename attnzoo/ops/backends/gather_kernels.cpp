@@ -22,11 +22,21 @@ namespace {
 
 typedef float vf __attribute__((vector_size(16), aligned(4), __may_alias__));
 typedef int32_t vi __attribute__((vector_size(16), aligned(4), __may_alias__));
+typedef float vf8 __attribute__((vector_size(32), aligned(4), __may_alias__));
 
 inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
+inline vf8 vload8(const float* p) { return *reinterpret_cast<const vf8*>(p); }
+inline void vstore8(float* p, vf8 x) { *reinterpret_cast<vf8*>(p) = x; }
 inline float hsum(vf x) { return (x[0] + x[1]) + (x[2] + x[3]); }
 inline vf splat(float x) { return vf{x, x, x, x}; }
+inline vf8 splat8(float x) { return vf8{x, x, x, x, x, x, x, x}; }
+// {sum(a), sum(b), sum(c), sum(d)}: a 4x4 transpose folded into adds, without leaving the vector registers.
+inline vf hsum4(vf a, vf b, vf c, vf d) {
+  const vf ab = __builtin_shufflevector(a, b, 0, 4, 1, 5) + __builtin_shufflevector(a, b, 2, 6, 3, 7);
+  const vf cd = __builtin_shufflevector(c, d, 0, 4, 1, 5) + __builtin_shufflevector(c, d, 2, 6, 3, 7);
+  return __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
+}
 
 // exp on four lanes: Cody-Waite reduction by ln 2 and a degree-7 polynomial (relative error ~1.2e-7
 // on [-87, 0]); inputs below -87.3 give ~1e-38 instead of 0 (the callers zero invalid lanes).
@@ -56,11 +66,36 @@ inline const T* key_row(const T* rows, int32_t j, int64_t d) {
 }
 
 // s[t] = scale * <a, rows[idx[t]]> where idx[t] >= 0 (other entries: unspecified), four keys at a time.
+// float32 vector path: twelve keys at a time, one accumulator each (twelve FMA chains in flight, one load
+// of `a` per step for all twelve); the last 4 or 8 keys go through the four-key loop of dots.
+template <int DC>
+inline int64_t dots12(const float* __restrict a, const float* rows, const int32_t* idx, int64_t k4, float scale,
+                      float* __restrict s) {
+  int64_t t = 0;
+  for (; t + 12 <= k4; t += 12) {
+    const float* p[12];
+#pragma GCC unroll 12
+    for (int g = 0; g < 12; ++g) p[g] = key_row(rows, idx[t + g], DC);
+    vf c[12] = {};
+#pragma GCC unroll 32
+    for (int i = 0; i < DC; i += 4) {
+      const vf x = vload(a + i);
+#pragma GCC unroll 12
+      for (int g = 0; g < 12; ++g) c[g] += x * vload(p[g] + i);
+    }
+#pragma GCC unroll 3
+    for (int g = 0; g < 12; g += 4) vstore(s + t + g, hsum4(c[g], c[g + 1], c[g + 2], c[g + 3]) * scale);
+  }
+  return t;
+}
+
 template <typename T, int DC>
 inline void dots(const T* __restrict a, const T* rows, const int32_t* idx, int64_t k4, int64_t d_rt, T scale,
                  T* __restrict s) {
   const int64_t d = DC > 0 ? DC : d_rt;
-  for (int64_t t = 0; t < k4; t += 4) {
+  int64_t start = 0;
+  if constexpr (kVector<T, DC>) start = dots12<DC>(a, rows, idx, k4, scale, s);
+  for (int64_t t = start; t < k4; t += 4) {
     const T* __restrict p0 = key_row(rows, idx[t], d);
     const T* __restrict p1 = key_row(rows, idx[t + 1], d);
     const T* __restrict p2 = key_row(rows, idx[t + 2], d);
@@ -79,10 +114,7 @@ inline void dots(const T* __restrict a, const T* rows, const int32_t* idx, int64
         b2 += y * vload(p2 + i + 4);
         b3 += y * vload(p3 + i + 4);
       }
-      s[t] = hsum(a0 + b0) * scale;
-      s[t + 1] = hsum(a1 + b1) * scale;
-      s[t + 2] = hsum(a2 + b2) * scale;
-      s[t + 3] = hsum(a3 + b3) * scale;
+      vstore(s + t, hsum4(a0 + b0, a1 + b1, a2 + b2, a3 + b3) * scale);
     } else {
       T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -130,7 +162,20 @@ template <typename T, int DC, bool kByKey = false>
 inline void add_weighted_rows(const T* w, const int32_t* pos, const int32_t* ids, int64_t lo, int64_t hi,
                               const T* rows, int64_t d_rt, T* __restrict acc) {
   const int64_t d = DC > 0 ? DC : d_rt;
-  if constexpr (kVector<T, DC>) {
+  if constexpr (kVector<T, DC> && DC % 64 == 0) {  // 8-lane vectors, 64 floats per pass: 8 accumulators
+    for (int h = 0; h < DC; h += 64) {
+      vf8 c[8] = {};
+      for (int64_t e = lo; e < hi; ++e) {
+        if (!kByKey && ids[e] < 0) continue;
+        const vf8 p = splat8(w[kByKey ? pos[e] : e]);
+        const float* r = rows + static_cast<int64_t>(ids[e]) * DC + h;
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; ++u) c[u] += p * vload8(r + 8 * u);
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; ++u) vstore8(acc + h + 8 * u, vload8(acc + h + 8 * u) + c[u]);
+    }
+  } else if constexpr (kVector<T, DC>) {
     for (int h = 0; h < DC; h += 32) {
       const int64_t width = DC - h < 32 ? DC - h : 32;  // 8, 16, 24 or 32
       vf c[8] = {};
