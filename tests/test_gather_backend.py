@@ -296,6 +296,31 @@ def test_float32_matches_float64_reference(case, d, qkv, randn):
 
 
 @needs_kernels
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_float32_inputs_off_vector_alignment(d, randn):
+    """Contiguous views that start 4 bytes into their storage (not 16- or 32-byte aligned): the vector
+    loads of the kernels must not assume alignment."""
+    n = 16 * 16
+    pattern = P.Neighborhood(5, grid=(16, 16))
+    ref_in = [randn(1, 2, n, d) for _ in range(3)]
+    low = []
+    for t in ref_in:
+        storage = torch.empty(1 + t.numel())
+        view = storage[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        low.append(view.requires_grad_())
+    dout = randn(1, 2, n, d)
+    ref = attnzoo.attention(*(t.requires_grad_() for t in ref_in), pattern=pattern, backend="reference")
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    got = attnzoo.attention(*low, pattern=pattern, backend="gather")
+    got_grads = torch.autograd.grad(got, low, dout.float())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_rows_without_keys_are_zero_with_zero_gradients(qkv):
     """A table row of -1 only (no key): zeros, lse = -inf, zero gradients, never NaN."""
     q, k, v = (t.detach() for t in qkv(1, 2, 1, 6, 6, 8, 8))

@@ -23,14 +23,15 @@ namespace {
 typedef float vf __attribute__((vector_size(16), aligned(4), __may_alias__));
 typedef int32_t vi __attribute__((vector_size(16), aligned(4), __may_alias__));
 typedef float vf8 __attribute__((vector_size(32), aligned(4), __may_alias__));
+// vf and vf8 by lane count (a typedef passed as a template argument would lose its alignment attribute).
+template <int L> struct Lanes;
+template <> struct Lanes<4> { typedef vf V; };
+template <> struct Lanes<8> { typedef vf8 V; };
 
 inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
-inline vf8 vload8(const float* p) { return *reinterpret_cast<const vf8*>(p); }
-inline void vstore8(float* p, vf8 x) { *reinterpret_cast<vf8*>(p) = x; }
 inline float hsum(vf x) { return (x[0] + x[1]) + (x[2] + x[3]); }
 inline vf splat(float x) { return vf{x, x, x, x}; }
-inline vf8 splat8(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 // {sum(a), sum(b), sum(c), sum(d)}: a 4x4 transpose folded into adds, without leaving the vector registers.
 inline vf hsum4(vf a, vf b, vf c, vf d) {
   const vf ab = __builtin_shufflevector(a, b, 0, 4, 1, 5) + __builtin_shufflevector(a, b, 2, 6, 3, 7);
@@ -155,6 +156,26 @@ inline T exp_shifted(T* s, const int32_t* idx, int64_t k4, T shift) {
   }
 }
 
+// One pass of add_weighted_rows over columns [h, h + width) of float rows on L-lane vectors
+// (8 accumulators: width <= 8 L, a multiple of L).
+template <int L, int DC, bool kByKey>
+inline void weighted_rows_pass(const float* w, const int32_t* pos, const int32_t* ids, int64_t lo, int64_t hi,
+                               const float* rows, int h, int width, float* __restrict acc) {
+  typedef typename Lanes<L>::V V;
+  V c[8] = {};
+  for (int64_t e = lo; e < hi; ++e) {
+    if (!kByKey && ids[e] < 0) continue;
+    const V p = V{} + w[kByKey ? pos[e] : e];
+    const float* r = rows + static_cast<int64_t>(ids[e]) * DC + h;
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u)
+      if (u * L < width) c[u] += p * *reinterpret_cast<const V*>(r + L * u);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < 8; ++u)
+    if (u * L < width) *reinterpret_cast<V*>(acc + h + L * u) += c[u];
+}
+
 // acc[0..D) += sum over e in [lo, hi) with ids[e] >= 0 of w[e] * rows[ids[e]]: the weighted rows of V
 // (forward) and of K (dQ); kByKey: w[pos[e]] over entries that are all valid (the inverse table: rows of Q
 // and dOut for dK and dV).
@@ -162,35 +183,11 @@ template <typename T, int DC, bool kByKey = false>
 inline void add_weighted_rows(const T* w, const int32_t* pos, const int32_t* ids, int64_t lo, int64_t hi,
                               const T* rows, int64_t d_rt, T* __restrict acc) {
   const int64_t d = DC > 0 ? DC : d_rt;
-  if constexpr (kVector<T, DC> && DC % 64 == 0) {  // 8-lane vectors, 64 floats per pass: 8 accumulators
-    for (int h = 0; h < DC; h += 64) {
-      vf8 c[8] = {};
-      for (int64_t e = lo; e < hi; ++e) {
-        if (!kByKey && ids[e] < 0) continue;
-        const vf8 p = splat8(w[kByKey ? pos[e] : e]);
-        const float* r = rows + static_cast<int64_t>(ids[e]) * DC + h;
-#pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u) c[u] += p * vload8(r + 8 * u);
-      }
-#pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u) vstore8(acc + h + 8 * u, vload8(acc + h + 8 * u) + c[u]);
-    }
-  } else if constexpr (kVector<T, DC>) {
-    for (int h = 0; h < DC; h += 32) {
-      const int64_t width = DC - h < 32 ? DC - h : 32;  // 8, 16, 24 or 32
-      vf c[8] = {};
-      for (int64_t e = lo; e < hi; ++e) {
-        if (!kByKey && ids[e] < 0) continue;
-        const vf p = splat(w[kByKey ? pos[e] : e]);
-        const float* r = rows + static_cast<int64_t>(ids[e]) * DC + h;
-#pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u)
-          if (u * 4 < width) c[u] += p * vload(r + 4 * u);
-      }
-#pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u)
-        if (u * 4 < width) vstore(acc + h + 4 * u, vload(acc + h + 4 * u) + c[u]);
-    }
+  if constexpr (kVector<T, DC> && DC % 64 == 0) {  // 8-lane vectors, 64 floats per pass
+    for (int h = 0; h < DC; h += 64) weighted_rows_pass<8, DC, kByKey>(w, pos, ids, lo, hi, rows, h, 64, acc);
+  } else if constexpr (kVector<T, DC>) {  // 4-lane vectors, up to 32 floats per pass
+    for (int h = 0; h < DC; h += 32)
+      weighted_rows_pass<4, DC, kByKey>(w, pos, ids, lo, hi, rows, h, DC - h < 32 ? DC - h : 32, acc);
   } else {
     for (int64_t e = lo; e < hi; ++e) {
       if (!kByKey && ids[e] < 0) continue;
