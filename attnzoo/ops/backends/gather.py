@@ -156,15 +156,19 @@ class Bias(NamedTuple):
     index: torch.Tensor
 
 
+def _bias_args(bias: Bias | None) -> tuple[int | None, int | None, int]:
+    """The kernels' ``bias, bias_idx, n_bias`` arguments (null pointers and 0 without a bias)."""
+    return (None, None, 0) if bias is None else (bias.table.data_ptr(), bias.index.data_ptr(), bias.table.shape[1])
+
+
 def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: Bias | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``[B, H, N, D]`` and ``lse`` ``[B, H, N]`` (-inf for rows with no key); contiguous float32/64 inputs."""
     fwd, _ = _functions(q.dtype)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3])
-    table, index, n_bias = (bias.table, bias.index, bias.table.shape[1]) if bias is not None else (None, None, 0)
-    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), _ptr(table),
-        _ptr(index), n_bias, out.data_ptr(), lse.data_ptr(), *_sizes(q, k, tables.table), scale,
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), *_bias_args(bias),
+        out.data_ptr(), lse.data_ptr(), *_sizes(q, k, tables.table), scale,
         torch.get_num_threads())
     return out, lse
 
@@ -174,10 +178,9 @@ def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float, 
     """``dq, dk, dv`` (and ``dbias`` ``[H, T]`` with a bias) given ``delta = rowsum(dout * out) - dlse``."""
     _, bwd = _functions(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    table, index, n_bias = (bias.table, bias.index, bias.table.shape[1]) if bias is not None else (None, None, 0)
-    dbias = q.new_zeros(q.shape[0], q.shape[1], n_bias) if bias is not None else None
-    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), _ptr(table),
-        _ptr(index), n_bias, _ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(),
+    dbias = q.new_zeros(q.shape[0], q.shape[1], bias.table.shape[1]) if bias is not None else None
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), *_bias_args(bias),
+        _ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(),
         tables.inv_q.data_ptr(), lse.data_ptr(), delta.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(),
         dv.data_ptr(), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))

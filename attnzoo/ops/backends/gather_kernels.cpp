@@ -9,9 +9,10 @@
 // computes dq per query and dk, dv per key (accumulating in registers, no read-modify-write per pair).
 //
 // Per query: K dot products, a softmax, K weighted rows of V. The float32 path with D a multiple of 8
-// uses explicit 4-lane vectors (GCC / Clang vector extensions): two partial sums per key so that
-// eight FMA chains are in flight, a polynomial exp over four scores at a time, and the output held
-// in registers 32 floats at a time. Other cases (float64, other D) use plain loops.
+// uses explicit vectors (GCC / Clang vector extensions): dot products twelve keys at a time on 4-lane
+// vectors (twelve FMA chains in flight), a polynomial exp over four scores at a time, and weighted rows
+// held in registers 64 floats at a time on 8-lane vectors (D a multiple of 64) or 32 on 4-lane vectors.
+// Other cases (float64, other D) use plain loops.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -66,8 +67,7 @@ inline const T* key_row(const T* rows, int32_t j, int64_t d) {
   return rows + (j < 0 ? 0 : j) * d;
 }
 
-// s[t] = scale * <a, rows[idx[t]]> where idx[t] >= 0 (other entries: unspecified), four keys at a time.
-// float32 vector path: twelve keys at a time, one accumulator each (twelve FMA chains in flight, one load
+// float32 vector path of dots: twelve keys at a time, one accumulator each (twelve FMA chains in flight, one load
 // of `a` per step for all twelve); the last 4 or 8 keys go through the four-key loop of dots.
 template <int DC>
 inline int64_t dots12(const float* __restrict a, const float* rows, const int32_t* idx, int64_t k4, float scale,
@@ -90,6 +90,8 @@ inline int64_t dots12(const float* __restrict a, const float* rows, const int32_
   return t;
 }
 
+// s[t] = scale * <a, rows[idx[t]]> where idx[t] >= 0 (other entries: unspecified); after dots12, four keys
+// at a time (on vectors: two partial sums per key, eight FMA chains).
 template <typename T, int DC>
 inline void dots(const T* __restrict a, const T* rows, const int32_t* idx, int64_t k4, int64_t d_rt, T scale,
                  T* __restrict s) {
