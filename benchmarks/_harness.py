@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -62,7 +63,10 @@ def machine() -> dict[str, str]:
 
 def run_isolated(script: str, args: list[str]) -> dict:
     """Run one measurement in a fresh interpreter so peak memory is its own; returns its JSON line."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    # torch imports numpy, whose OpenBLAS thread pool no measurement uses; one thread keeps its idle spinning
+    # out of the process CPU time that --clock cpu reads.
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -158,6 +158,26 @@ inline T exp_shifted(T* s, const int32_t* idx, int64_t k4, T shift) {
   }
 }
 
+// The largest s[t] with idx[t] >= 0 (-inf if none).
+template <typename T>
+inline T masked_max(const T* s, const int32_t* idx, int64_t k4) {
+  if constexpr (std::is_same<T, float>::value) {
+    const vf none = splat(-std::numeric_limits<float>::infinity());
+    vf m = none;
+    for (int64_t t = 0; t < k4; t += 4) {
+      const vf x = vi{idx[t], idx[t + 1], idx[t + 2], idx[t + 3]} >= 0 ? vload(s + t) : none;
+      m = m > x ? m : x;
+    }
+    const float a = m[0] > m[1] ? m[0] : m[1], b = m[2] > m[3] ? m[2] : m[3];
+    return a > b ? a : b;
+  } else {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t t = 0; t < k4; ++t)
+      if (idx[t] >= 0 && s[t] > m) m = s[t];
+    return m;
+  }
+}
+
 // One pass of add_weighted_rows over columns [h, h + width) of float rows on L-lane vectors
 // (8 accumulators: width <= 8 L, a multiple of L).
 template <int L, int DC, bool kByKey>
@@ -224,6 +244,20 @@ inline void add_bias(T* s, const T* bias, const int32_t* bias_idx, int64_t h, in
   for (int64_t t = 0; t < k4; ++t) s[t] += bh[bi[t]];
 }
 
+// Queries go through the kernels kBlock at a time, each step (dot products, softmax, weighted rows) for the
+// whole block before the next: the steps of one query wait on each other, those of different queries do not, so
+// the CPU overlaps them (one query at a time left a fifth of the forward in pipeline stalls between steps).
+constexpr int64_t kBlock = 16;
+
+// Key lists of queries n0 .. n0 + nb (masked by key_ok into buf [kBlock, k4]); live[i]: query n0 + i has a key.
+inline void block_keys(const int32_t* idx, const uint8_t* key_ok, int64_t n0, int64_t nb, int64_t k4, int32_t* buf,
+                       const int32_t** rows, bool* live) {
+  for (int64_t i = 0; i < nb; ++i) {
+    rows[i] = query_keys(idx, key_ok, n0 + i, k4, buf + i * k4);
+    live[i] = any_key(rows[i], k4);
+  }
+}
+
 template <typename T, int DC>
 void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,
              const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t B, int64_t H, int64_t Hk, int64_t N,
@@ -233,33 +267,41 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
   const T neg_inf = -std::numeric_limits<T>::infinity();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> s(k4), acc(d);
-    std::vector<int32_t> masked(k4);
+    std::vector<T> s(kBlock * k4), acc(d), inv(kBlock);
+    std::vector<int32_t> masked(kBlock * k4);
+    const int32_t* rows[kBlock];
+    bool live[kBlock];
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t bk = (bh / H) * Hk + (bh % H) / G;
       const T* kb = k + bk * M * d;
       const T* vb = v + bk * M * d;
       const uint8_t* ok = key_ok == nullptr ? nullptr : key_ok + (bh / H) * M;
-      for (int64_t n = 0; n < N; ++n) {
-        const int32_t* row = query_keys(idx, ok, n, k4, masked.data());
-        T* o = out + (bh * N + n) * d;
-        if (!any_key(row, k4)) {
-          for (int64_t i = 0; i < d; ++i) o[i] = 0;
-          lse[bh * N + n] = neg_inf;
-          continue;
+      for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+        const int64_t nb = N - n0 < kBlock ? N - n0 : kBlock;
+        block_keys(idx, ok, n0, nb, k4, masked.data(), rows, live);
+        for (int64_t i = 0; i < nb; ++i) {
+          if (!live[i]) continue;
+          dots<T, DC>(q + (bh * N + n0 + i) * d, kb, rows[i], k4, d, scale, s.data() + i * k4);
+          add_bias(s.data() + i * k4, bias, bias_idx, bh % H, n_bias, n0 + i, k4);
         }
-        dots<T, DC>(q + (bh * N + n) * d, kb, row, k4, d, scale, s.data());
-        add_bias(s.data(), bias, bias_idx, bh % H, n_bias, n, k4);
-        T m = neg_inf;
-        for (int64_t t = 0; t < k4; ++t)
-          if (row[t] >= 0 && s[t] > m) m = s[t];
-        const T l = exp_shifted<T>(s.data(), row, k4, m);
-        for (int64_t i = 0; i < d; ++i) acc[i] = 0;
-        add_weighted_rows<T, DC>(s.data(), nullptr, row, 0, k4, vb, d, acc.data());
-        const T inv = T(1) / l;
-        for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
-        lse[bh * N + n] = m + std::log(l);
+        for (int64_t i = 0; i < nb; ++i) {
+          if (!live[i]) {
+            lse[bh * N + n0 + i] = neg_inf;
+            continue;
+          }
+          const T m = masked_max<T>(s.data() + i * k4, rows[i], k4);
+          const T l = exp_shifted<T>(s.data() + i * k4, rows[i], k4, m);
+          lse[bh * N + n0 + i] = m + std::log(l);
+          inv[i] = T(1) / l;
+        }
+        for (int64_t i = 0; i < nb; ++i) {
+          T* o = out + (bh * N + n0 + i) * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+          if (live[i]) add_weighted_rows<T, DC>(s.data() + i * k4, nullptr, rows[i], 0, k4, vb, d, acc.data());
+          const T w = live[i] ? inv[i] : T(0);
+          for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * w;
+        }
       }
     }
   }
@@ -279,7 +321,9 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
 #pragma omp parallel num_threads(threads)
   {
     std::vector<T> p(N * k4), ds(N * k4);
-    std::vector<int32_t> masked(k4);
+    std::vector<int32_t> masked(kBlock * k4);
+    const int32_t* rows[kBlock];
+    bool live[kBlock];
 #pragma omp for schedule(static)
     for (int64_t bk = 0; bk < B * Hk; ++bk) {
       const int64_t b = bk / Hk, hk = bk % Hk;
@@ -292,35 +336,59 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
         const int64_t bh = b * H + hk * G + g;
         const T* qh = q + bh * N * d;
         const T* doh = dout + bh * N * d;
-        // Query-centric: probabilities p, score gradients ds and dq.
-        for (int64_t n = 0; n < N; ++n) {
-          const int32_t* row = query_keys(idx, ok, n, k4, masked.data());
-          T* pn = p.data() + n * k4;
-          T* dsn = ds.data() + n * k4;
-          const T ln = lse[bh * N + n];
-          if (ln == neg_inf) {
-            for (int64_t t = 0; t < k4; ++t) pn[t] = dsn[t] = 0;
-            continue;
-          }
-          const T dn = delta[bh * N + n];
-          dots<T, DC>(qh + n * d, kb, row, k4, d, scale, pn);
-          add_bias(pn, bias, bias_idx, hk * G + g, n_bias, n, k4);
-          dots<T, DC>(doh + n * d, vb, row, k4, d, T(1), dsn);
-          exp_shifted<T>(pn, row, k4, ln);
-          for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn);
-          if (dbias != nullptr) {  // d score = d bias; one [n_bias] row per (batch, head): no two tasks share it
-            T* db = dbias + bh * n_bias;
-            const int32_t* bi = bias_idx + n * k4;
-            for (int64_t t = 0; t < k4; ++t) db[bi[t]] += dsn[t];
-          }
-          for (int64_t t = 0; t < k4; ++t) dsn[t] *= scale;
-          add_weighted_rows<T, DC>(dsn, nullptr, row, 0, k4, kb, d, dq + (bh * N + n) * d);
-        }
         // Key-centric: dk[j] += sum ds * q, dv[j] += sum p * dout over the queries that see key j.
-        for (int64_t j = 0; j < M; ++j) {
+        auto key_grads = [&](int64_t j) {
           add_weighted_rows<T, DC, true>(ds.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], qh, d, dkb + j * d);
           add_weighted_rows<T, DC, true>(p.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], doh, d, dvb + j * d);
+        };
+        // Keys whose queries (inv_q is increasing per key) are all below `done`.
+        auto key_ready = [&](int64_t j, int64_t done) {
+          return inv_off[j] == inv_off[j + 1] || inv_q[inv_off[j + 1] - 1] < done;
+        };
+        int64_t j_next = 0;
+        // Query-centric, kBlock queries per step: probabilities p, score gradients ds and dq. After each block, the
+        // keys in order whose queries are all done (for local patterns, while their p, ds, q and dout rows are
+        // still in cache; the rest at the end).
+        for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+          const int64_t nb = N - n0 < kBlock ? N - n0 : kBlock;
+          block_keys(idx, ok, n0, nb, k4, masked.data(), rows, live);
+          for (int64_t i = 0; i < nb; ++i) {
+            const int64_t n = n0 + i;
+            T* pn = p.data() + n * k4;
+            T* dsn = ds.data() + n * k4;
+            live[i] = live[i] && lse[bh * N + n] != neg_inf;
+            if (!live[i]) {
+              for (int64_t t = 0; t < k4; ++t) pn[t] = dsn[t] = 0;
+              continue;
+            }
+            dots<T, DC>(qh + n * d, kb, rows[i], k4, d, scale, pn);
+            add_bias(pn, bias, bias_idx, hk * G + g, n_bias, n, k4);
+            dots<T, DC>(doh + n * d, vb, rows[i], k4, d, T(1), dsn);
+          }
+          for (int64_t i = 0; i < nb; ++i) {
+            if (!live[i]) continue;
+            const int64_t n = n0 + i;
+            const int32_t* row = rows[i];
+            T* pn = p.data() + n * k4;
+            T* dsn = ds.data() + n * k4;
+            const T dn = delta[bh * N + n];
+            exp_shifted<T>(pn, row, k4, lse[bh * N + n]);
+            for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn);
+            if (dbias != nullptr) {  // d score = d bias; one [n_bias] row per (batch, head): no two tasks share it
+              T* db = dbias + bh * n_bias;
+              const int32_t* bi = bias_idx + n * k4;
+              for (int64_t t = 0; t < k4; ++t) db[bi[t]] += dsn[t];
+            }
+            for (int64_t t = 0; t < k4; ++t) dsn[t] *= scale;
+          }
+          for (int64_t i = 0; i < nb; ++i) {
+            if (!live[i]) continue;
+            const int64_t n = n0 + i;
+            add_weighted_rows<T, DC>(ds.data() + n * k4, nullptr, rows[i], 0, k4, kb, d, dq + (bh * N + n) * d);
+          }
+          for (; j_next < M && key_ready(j_next, n0 + nb); ++j_next) key_grads(j_next);
         }
+        for (; j_next < M; ++j_next) key_grads(j_next);
       }
     }
   }
