@@ -8,6 +8,8 @@ and the build itself (cache, disabled, no compiler).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 
 import pytest
@@ -178,6 +180,41 @@ def test_gather_with_relative_position_bias_matches_reference(case, h_kv, padded
 
 
 @needs_kernels
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-probs", "recomputed-probs"])
+@pytest.mark.parametrize("dtype,d", [(torch.float64, 16), (torch.float32, 64)], ids=["f64-d16", "f32-d64"])
+def test_backward_from_kept_or_recomputed_probabilities(keep, dtype, d, monkeypatch, qkv, randn):
+    """The backward reads the forward's probabilities or recomputes them; both match the reference (bias,
+    key padding with a fully padded element, GQA, gradients through the lse)."""
+    monkeypatch.setattr(G, "KEEP_PROBS_KEYS_PER_DIM", 10**6 if keep else 0)
+    backward, probs_given = G.gather_backward, []
+
+    def spy(*args, **kwargs):
+        probs_given.append(inspect.signature(backward).bind(*args, **kwargs).arguments.get("probs") is not None)
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(G, "gather_backward", spy)
+    grid, n = (6, 7), 42
+    pattern = P.Neighborhood(3, grid=grid) & P.KeyPadding(_padding(3, n))
+    rpb = GridRelativeBias(4, (3, 3)).double()
+    with torch.no_grad():
+        rpb.table.copy_(randn(*rpb.table.shape))
+    q, k, v = qkv(3, 4, 2, n, n, d, d)
+    dout, dlse = randn(3, 4, n, d), randn(3, 4, n)
+    results = []
+    for backend, module in (("reference", rpb), ("gather", copy.deepcopy(rpb).to(dtype))):
+        args = [t if backend == "reference" else t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = attnzoo.attention(*args, pattern=pattern, score_mod=module.at(grid), backend=backend,
+                                     return_lse=True)
+        finite = torch.isfinite(lse)
+        loss = (out * dout.to(out.dtype)).sum() + (torch.where(finite, lse, 0) * dlse.to(lse.dtype)).sum()
+        results.append((out, *torch.autograd.grad(loss, [*args, module.table])))
+    assert probs_given == [keep]
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dtable"), results[1], results[0]):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernels
 def test_relative_position_bias_in_float32():
     torch.manual_seed(0)
     rpb = GridRelativeBias(4, (3, 3), init_std=1.0)
@@ -327,12 +364,11 @@ def test_rows_without_keys_are_zero_with_zero_gradients(qkv):
     table = torch.tensor([[0, 1, -1, -1], [-1, -1, -1, -1], [2, 3, 4, -1],
                           [-1, -1, -1, -1], [5, 0, -1, -1], [1, -1, -1, -1]], dtype=torch.int32)
     tables = G.build_tables(table, 6)
-    out, lse = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), tables, 0.3)
+    out, lse, _ = G.gather_forward(q.contiguous(), k.contiguous(), v.contiguous(), tables, 0.3)
     assert torch.equal(out[:, :, [1, 3]], torch.zeros_like(out[:, :, [1, 3]]))
     assert torch.isneginf(lse[:, :, [1, 3]]).all() and torch.isfinite(lse[:, :, [0, 2, 4, 5]]).all()
     dout = torch.randn_like(out)
-    delta = (out * dout).sum(-1)
-    dq, dk, dv = G.gather_backward(q.contiguous(), k.contiguous(), v.contiguous(), tables, lse, delta, dout, 0.3)
+    dq, dk, dv = G.gather_backward(q.contiguous(), k.contiguous(), v.contiguous(), tables, lse, out, dout, 0.3)
     assert torch.equal(dq[:, :, [1, 3]], torch.zeros_like(dq[:, :, [1, 3]]))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
     # The same rows through the dense reference with the equivalent mask.

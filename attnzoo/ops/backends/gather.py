@@ -15,11 +15,14 @@ wastes half of its products, in 8 x 8 tiles three quarters), and small batched p
 slow on a CPU.
 
 Kernels: ``gather_kernels.cpp`` (C ABI, float32 and float64; float16 / bfloat16 are computed
-in float32), built at first use by :mod:`attnzoo.ops.native`; OpenMP over batch x heads. The
-forward writes the log-sum-exp. The backward (OpenMP over batch x key heads) recomputes the
-scores per query, writes dQ per query, and sums dK / dV per key over the queries that see it,
-read from the inverse of the key table (:class:`KeyTables`): no atomics and no read-modify-write
-per (query, key) pair. Rows with no key return zeros and zero gradients.
+in float32), built at first use by :mod:`attnzoo.ops.native`; OpenMP over batch x heads; queries in
+blocks of 16, each step for the whole block. The forward writes the log-sum-exp and, when autograd
+needs it and it is small (:func:`keeps_probs`: at most twice the memory of ``q``), the attention
+probabilities. The backward (OpenMP over batch x key heads) reads those probabilities or recomputes
+them, computes ``rowsum(dout * out)`` itself, writes dQ per query, and sums dK / dV per key over the
+queries that see it, read from the inverse of the key table (:class:`KeyTables`): no atomics, no
+read-modify-write per (query, key) pair, no zero-filled gradient buffers. Rows with no key return
+zeros and zero gradients.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from attnzoo.ops.problem import Problem
 # thread, H=8, D=64: benchmarks/RESULTS.md); 1-D band tiles waste less, so their bound is lower.
 MAX_KEYS_AUTO = 768
 MAX_KEYS_AUTO_1D = 128
+# The forward keeps the probabilities for the backward up to this many (padded) keys per query per head dim.
+KEEP_PROBS_KEYS_PER_DIM = 2
 
 
 def _grid_ndim(pattern: Any) -> int:
@@ -63,8 +68,8 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     fwd = getattr(lib, f"attnzoo_gather_forward_{suffix}")
     bwd = getattr(lib, f"attnzoo_gather_backward_{suffix}")
     if fwd.argtypes is None:
-        fwd.argtypes = [_P] * 7 + [_I] + [_P] * 2 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 7 + [_I] + [_P] * 10 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        fwd.argtypes = [_P] * 7 + [_I] + [_P] * 3 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 7 + [_I] + [_P] * 12 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
         fwd.restype = bwd.restype = None
     return fwd, bwd
 
@@ -161,48 +166,57 @@ def _bias_args(bias: Bias | None) -> tuple[int | None, int | None, int]:
     return (None, None, 0) if bias is None else (bias.table.data_ptr(), bias.index.data_ptr(), bias.table.shape[1])
 
 
-def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: Bias | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` ``[B, H, N, D]`` and ``lse`` ``[B, H, N]`` (-inf for rows with no key); contiguous float32/64 inputs."""
+def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: Bias | None = None, keep_probs: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``out`` ``[B, H, N, D]``, ``lse`` ``[B, H, N]`` (-inf for rows with no key) and, with ``keep_probs``, the
+    attention probabilities ``[B, H, N, K4]`` over the table's slots (0 where there is no key; else None);
+    contiguous float32/64 inputs."""
     fwd, _ = _functions(q.dtype)
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3])
+    probs = q.new_empty(*q.shape[:3], tables.table.shape[1]) if keep_probs else None
     fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), *_bias_args(bias),
-        out.data_ptr(), lse.data_ptr(), *_sizes(q, k, tables.table), scale,
-        torch.get_num_threads())
-    return out, lse
+        out.data_ptr(), lse.data_ptr(), _ptr(probs), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
+    return out, lse, probs
 
 
-def gather_backward(q, k, v, tables: KeyTables, lse, delta, dout, scale: float, bias: Bias | None = None
-                    ) -> tuple[torch.Tensor, ...]:
-    """``dq, dk, dv`` (and ``dbias`` ``[H, T]`` with a bias) given ``delta = rowsum(dout * out) - dlse``."""
+def gather_backward(q, k, v, tables: KeyTables, lse, out, dout, scale: float, bias: Bias | None = None,
+                    dlse: torch.Tensor | None = None, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """``dq, dk, dv`` (and ``dbias`` ``[H, T]`` with a bias) from the forward's ``out``, ``lse`` and optionally
+    ``probs`` (else recomputed), the output gradient ``dout`` ``[B, H, N, D]`` and optionally the gradient of
+    ``lse`` ``dlse`` ``[B, H, N]`` (all contiguous)."""
     _, bwd = _functions(q.dtype)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = q.new_zeros(q.shape[0], q.shape[1], bias.table.shape[1]) if bias is not None else None
     bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), *_bias_args(bias),
-        _ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(),
-        tables.inv_q.data_ptr(), lse.data_ptr(), delta.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(),
-        dv.data_ptr(), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
+        _ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(), tables.inv_q.data_ptr(), lse.data_ptr(),
+        _ptr(probs), out.data_ptr(), dout.data_ptr(), _ptr(dlse), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))
+
+
+def keeps_probs(keys: int, head_dim: int) -> bool:
+    """Whether the forward keeps the probabilities for the backward: when a query's padded key count is at
+    most :data:`KEEP_PROBS_KEYS_PER_DIM` x the head dim (they then take at most that many times the memory of
+    ``q``); the backward then skips recomputing the scores (benchmarks/RESULTS.md)."""
+    return keys <= KEEP_PROBS_KEYS_PER_DIM * head_dim
 
 
 class _GatherFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tables: KeyTables, scale: float, bias_index, q, k, v, bias_table):
         bias = Bias(bias_table, bias_index) if bias_table is not None else None
-        out, lse = gather_forward(q, k, v, tables, scale, bias)
-        ctx.save_for_backward(q, k, v, out, lse)
+        keep = keeps_probs(tables.table.shape[1], q.shape[-1])
+        out, lse, probs = gather_forward(q, k, v, tables, scale, bias, keep_probs=keep)
+        ctx.save_for_backward(q, k, v, out, lse, probs)
         ctx.tables, ctx.scale, ctx.bias = tables, scale, bias
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout.contiguous()
-        delta = (out * dout).sum(-1)
-        if dlse is not None:  # d lse / d s = p: fold it into delta
-            delta = delta - torch.where(torch.isfinite(lse), dlse, 0.0)
-        grads = gather_backward(q, k, v, ctx.tables, lse, delta.contiguous(), dout, ctx.scale, ctx.bias)
+        q, k, v, out, lse, probs = ctx.saved_tensors
+        dlse = None if dlse is None else dlse.contiguous()
+        grads = gather_backward(q, k, v, ctx.tables, lse, out, dout.contiguous(), ctx.scale, ctx.bias, dlse, probs)
         return None, None, None, *grads[:3], (grads[3] if ctx.bias is not None else None)
 
 
@@ -271,9 +285,10 @@ class Gather(Backend):
             out, lse = _GatherFn.apply(tables, p.scale, bias_index, q, k, v, bias_table)
         else:
             bias = Bias(bias_table, bias_index) if bias_table is not None else None
-            out, lse = gather_forward(q, k, v, tables, p.scale, bias)
+            out, lse, _ = gather_forward(q, k, v, tables, p.scale, bias)
         return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
 
 
-__all__ = ["Bias", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D", "build_tables", "gather_backward",
-           "gather_form", "gather_forward", "key_tables", "max_keys_auto", "pattern_reason"]
+__all__ = ["KEEP_PROBS_KEYS_PER_DIM", "Bias", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D",
+           "build_tables", "gather_backward", "gather_form", "gather_forward", "keeps_probs", "key_tables",
+           "max_keys_auto", "pattern_reason"]

@@ -4,9 +4,11 @@
 // key_ok [B, M] uint8 or null (key padding: 0 = the key is hidden from every query of that batch element),
 // bias [H, n_bias] and bias_idx [N, K4] or null (an additive per-head bias, e.g. relative positions; the
 // backward then writes its gradient per (batch, head) into dbias [B, H, n_bias]),
-// out [B, H, N, D], lse [B, H, N]; the backward takes delta = rowsum(dout * out) - dlse and the inverse
-// table (keys -> positions in idx, CSR), and writes dq, dk, dv, which the caller zero-fills. The backward
-// computes dq per query and dk, dv per key (accumulating in registers, no read-modify-write per pair).
+// out [B, H, N, D], lse [B, H, N], and if probs is not null the attention probabilities [B, H, N, K4] (0 for no key).
+// The backward takes out, dout, dlse [B, H, N] or null (the gradient of lse), the forward's probs or null (then
+// it recomputes them from q, k and lse) and the inverse table (keys -> positions in idx, CSR), and writes dq, dk,
+// dv (every element; dbias the caller zero-fills). It computes dq per query and dk, dv per key (accumulating in
+// registers, no read-modify-write per pair).
 //
 // Per query: K dot products, a softmax, K weighted rows of V. The float32 path with D a multiple of 8
 // uses explicit vectors (GCC / Clang vector extensions): dot products twelve keys at a time on 4-lane
@@ -260,8 +262,8 @@ inline void block_keys(const int32_t* idx, const uint8_t* key_ok, int64_t n0, in
 
 template <typename T, int DC>
 void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,
-             const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t B, int64_t H, int64_t Hk, int64_t N,
-             int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
+             const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, T* probs, int64_t B, int64_t H, int64_t Hk,
+             int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -301,6 +303,10 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
           if (live[i]) add_weighted_rows<T, DC>(s.data() + i * k4, nullptr, rows[i], 0, k4, vb, d, acc.data());
           const T w = live[i] ? inv[i] : T(0);
           for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * w;
+          if (probs != nullptr) {
+            T* pr = probs + (bh * N + n0 + i) * k4;
+            for (int64_t t = 0; t < k4; ++t) pr[t] = s[i * k4 + t] * w;
+          }
         }
       }
     }
@@ -312,15 +318,16 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
 template <typename T, int DC>
 void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,
               const int32_t* bias_idx, int64_t n_bias, T* dbias, const int32_t* inv_off, const int32_t* inv_pos,
-              const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,
-              int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale, int threads) {
+              const int32_t* inv_q, const T* lse, const T* probs, const T* out, const T* dout, const T* dlse, T* dq,
+              T* dk, T* dv, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t d_rt, int64_t k4, T scale,
+              int threads) {
   const int64_t G = H / Hk;
   const int64_t d = DC > 0 ? DC : d_rt;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   // One (batch, kv head) per task: its dK and dV are written by this task only.
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> p(N * k4), ds(N * k4);
+    std::vector<T> p(probs == nullptr ? N * k4 : 0), ds(N * k4), delta(kBlock);
     std::vector<int32_t> masked(kBlock * k4);
     const int32_t* rows[kBlock];
     bool live[kBlock];
@@ -335,11 +342,15 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
       for (int64_t g = 0; g < G; ++g) {
         const int64_t bh = b * H + hk * G + g;
         const T* qh = q + bh * N * d;
+        const T* oh = out + bh * N * d;
         const T* doh = dout + bh * N * d;
+        T* ph = probs == nullptr ? p.data() : const_cast<T*>(probs + bh * N * k4);  // written only when computed here
         // Key-centric: dk[j] += sum ds * q, dv[j] += sum p * dout over the queries that see key j.
         auto key_grads = [&](int64_t j) {
+          if (g == 0)
+            for (int64_t c = 0; c < d; ++c) dkb[j * d + c] = dvb[j * d + c] = 0;
           add_weighted_rows<T, DC, true>(ds.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], qh, d, dkb + j * d);
-          add_weighted_rows<T, DC, true>(p.data(), inv_pos, inv_q, inv_off[j], inv_off[j + 1], doh, d, dvb + j * d);
+          add_weighted_rows<T, DC, true>(ph, inv_pos, inv_q, inv_off[j], inv_off[j + 1], doh, d, dvb + j * d);
         };
         // Keys whose queries (inv_q is increasing per key) are all below `done`.
         auto key_ready = [&](int64_t j, int64_t done) {
@@ -354,25 +365,34 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
           block_keys(idx, ok, n0, nb, k4, masked.data(), rows, live);
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t n = n0 + i;
-            T* pn = p.data() + n * k4;
+            T* pn = ph + n * k4;
             T* dsn = ds.data() + n * k4;
             live[i] = live[i] && lse[bh * N + n] != neg_inf;
             if (!live[i]) {
-              for (int64_t t = 0; t < k4; ++t) pn[t] = dsn[t] = 0;
+              for (int64_t t = 0; t < k4; ++t) dsn[t] = 0;
+              if (probs == nullptr)
+                for (int64_t t = 0; t < k4; ++t) pn[t] = 0;
               continue;
             }
-            dots<T, DC>(qh + n * d, kb, rows[i], k4, d, scale, pn);
-            add_bias(pn, bias, bias_idx, hk * G + g, n_bias, n, k4);
+            if (probs == nullptr) {
+              dots<T, DC>(qh + n * d, kb, rows[i], k4, d, scale, pn);
+              add_bias(pn, bias, bias_idx, hk * G + g, n_bias, n, k4);
+            }
             dots<T, DC>(doh + n * d, vb, rows[i], k4, d, T(1), dsn);
+            // delta = rowsum(dout * out) - dlse (d lse / d s = p folds into delta)
+            T dn = 0;
+#pragma omp simd reduction(+ : dn)
+            for (int64_t c = 0; c < d; ++c) dn += doh[n * d + c] * oh[n * d + c];
+            delta[i] = dlse == nullptr ? dn : dn - dlse[bh * N + n];
           }
           for (int64_t i = 0; i < nb; ++i) {
             if (!live[i]) continue;
             const int64_t n = n0 + i;
             const int32_t* row = rows[i];
-            T* pn = p.data() + n * k4;
+            T* pn = ph + n * k4;
             T* dsn = ds.data() + n * k4;
-            const T dn = delta[bh * N + n];
-            exp_shifted<T>(pn, row, k4, lse[bh * N + n]);
+            const T dn = delta[i];
+            if (probs == nullptr) exp_shifted<T>(pn, row, k4, lse[bh * N + n]);
             for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn);
             if (dbias != nullptr) {  // d score = d bias; one [n_bias] row per (batch, head): no two tasks share it
               T* db = dbias + bh * n_bias;
@@ -382,9 +402,10 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
             for (int64_t t = 0; t < k4; ++t) dsn[t] *= scale;
           }
           for (int64_t i = 0; i < nb; ++i) {
-            if (!live[i]) continue;
             const int64_t n = n0 + i;
-            add_weighted_rows<T, DC>(ds.data() + n * k4, nullptr, rows[i], 0, k4, kb, d, dq + (bh * N + n) * d);
+            T* dqn = dq + (bh * N + n) * d;
+            for (int64_t c = 0; c < d; ++c) dqn[c] = 0;
+            if (live[i]) add_weighted_rows<T, DC>(ds.data() + n * k4, nullptr, rows[i], 0, k4, kb, d, dqn);
           }
           for (; j_next < M && key_ready(j_next, n0 + nb); ++j_next) key_grads(j_next);
         }
@@ -409,22 +430,23 @@ void by_dim(int64_t d, F&& f) {
 #define ATTNZOO_GATHER(T, SUFFIX)                                                                                  \
   extern "C" void attnzoo_gather_forward_##SUFFIX(                                                               \
       const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,                \
-      const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t B, int64_t H, int64_t Hk, int64_t N,       \
-      int64_t M, int64_t D, int64_t K4, double scale, int threads) {                                              \
+      const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, T* probs, int64_t B, int64_t H, int64_t Hk,         \
+      int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {                                   \
     by_dim(D, [&](auto dc) {                                                                                       \
-      forward<T, decltype(dc)::value>(q, k, v, idx, key_ok, bias, bias_idx, n_bias, out, lse, B, H, Hk, N, M, D,   \
-                                      K4, T(scale), threads);                                                      \
+      forward<T, decltype(dc)::value>(q, k, v, idx, key_ok, bias, bias_idx, n_bias, out, lse, probs, B, H, Hk, N,  \
+                                      M, D, K4, T(scale), threads);                                                \
     });                                                                                                            \
   }                                                                                                                \
   extern "C" void attnzoo_gather_backward_##SUFFIX(                                                              \
       const T* q, const T* k, const T* v, const int32_t* idx, const uint8_t* key_ok, const T* bias,                \
       const int32_t* bias_idx, int64_t n_bias, T* dbias, const int32_t* inv_off, const int32_t* inv_pos,           \
-      const int32_t* inv_q, const T* lse, const T* delta, const T* dout, T* dq, T* dk, T* dv, int64_t B,           \
-      int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale, int threads) {             \
+      const int32_t* inv_q, const T* lse, const T* probs, const T* out, const T* dout, const T* dlse, T* dq,       \
+      T* dk, T* dv, int64_t B, int64_t H, int64_t Hk, int64_t N, int64_t M, int64_t D, int64_t K4, double scale,   \
+      int threads) {                                                                                               \
     by_dim(D, [&](auto dc) {                                                                                       \
       backward<T, decltype(dc)::value>(q, k, v, idx, key_ok, bias, bias_idx, n_bias, dbias, inv_off, inv_pos,      \
-                                       inv_q, lse, delta, dout, dq, dk, dv, B, H, Hk, N, M, D, K4, T(scale),       \
-                                       threads);                                                                   \
+                                       inv_q, lse, probs, out, dout, dlse, dq, dk, dv, B, H, Hk, N, M, D, K4,      \
+                                       T(scale), threads);                                                         \
     });                                                                                                            \
   }
 
