@@ -434,15 +434,25 @@ def test_auto_uses_gather_for_small_neighbourhoods_on_cpu():
 
 
 @needs_kernels
+def test_auto_leaves_dense_key_lists_to_the_dense_paths():
+    """A key list covering half of the keys or more goes to SDPA with a mask or tiles, not per-query loops."""
+    q = torch.zeros(1, 2, 64, 16)
+    expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(7, grid=(8, 8)))  # 49 of 64 keys
+    assert expl.backend != "gather" and "49 keys per query out of 64" in expl.reasons["gather"]
+    q = torch.zeros(1, 2, 256, 16)
+    assert attnzoo.explain(q, q, q, pattern=P.Neighborhood(7, grid=(16, 16))).backend == "gather"  # 49 of 256
+
+
+@needs_kernels
 def test_auto_keeps_tiles_for_large_neighbourhoods():
     q = torch.zeros(1, 2, 128 * 128, 16)
     expl = attnzoo.explain(q, q, q, pattern=P.Neighborhood(29, grid=(128, 128)))  # 841 keys
     assert expl.backend == "blocksparse"
     assert "841 keys per query: above 768" in expl.reasons["gather"]
     q1 = torch.zeros(1, 2, 1024, 16)
-    expl = attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(129))
-    assert expl.backend == "blocksparse" and "above 128" in expl.reasons["gather"]
-    out = attnzoo.attention(q1, q1, q1, pattern=P.Neighborhood(129), backend="gather")  # explicit still runs
+    expl = attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(257))
+    assert expl.backend == "blocksparse" and "above 256" in expl.reasons["gather"]
+    out = attnzoo.attention(q1, q1, q1, pattern=P.Neighborhood(257), backend="gather")  # explicit still runs
     assert out.shape == q1.shape
 
 

@@ -17,7 +17,7 @@ slow on a CPU.
 Kernels: ``gather_kernels.cpp`` (C ABI, float32 and float64; float16 / bfloat16 are computed
 in float32), built at first use by :mod:`attnzoo.ops.native`; OpenMP over batch x heads; queries in
 blocks of 16, each step for the whole block. The forward writes the log-sum-exp and, when autograd
-needs it and it is small (:func:`keeps_probs`: at most twice the memory of ``q``), the attention
+needs it and it is small (:func:`keeps_probs`: at most four times the memory of ``q``), the attention
 probabilities. The backward (OpenMP over batch x key heads) reads those probabilities or recomputes
 them, computes ``rowsum(dout * out)`` itself, writes dQ per query, and sums dK / dV per key over the
 queries that see it, read from the inverse of the key table (:class:`KeyTables`): no atomics, no
@@ -41,9 +41,10 @@ from attnzoo.ops.problem import Problem
 # Above this many keys per query the tiled blocksparse path is cheaper (measured on CPU, one
 # thread, H=8, D=64: benchmarks/RESULTS.md); 1-D band tiles waste less, so their bound is lower.
 MAX_KEYS_AUTO = 768
-MAX_KEYS_AUTO_1D = 128
-# The forward keeps the probabilities for the backward up to this many (padded) keys per query per head dim.
-KEEP_PROBS_KEYS_PER_DIM = 2
+MAX_KEYS_AUTO_1D = 256
+# The forward keeps the probabilities for the backward up to this many (padded) keys per query per head dim: at
+# most the memory of q, k, v and out together, which autograd holds anyway.
+KEEP_PROBS_KEYS_PER_DIM = 4
 
 
 def _grid_ndim(pattern: Any) -> int:
@@ -57,6 +58,21 @@ def _grid_ndim(pattern: Any) -> int:
 def max_keys_auto(pattern: Any) -> int:
     """The most keys per query for which ``auto`` prefers ``gather`` over tiles."""
     return MAX_KEYS_AUTO_1D if _grid_ndim(pattern) == 1 else MAX_KEYS_AUTO
+
+
+def auto_skip_reason(keys: int, n_kv: int, pattern: Any) -> str | None:
+    """Why ``auto`` passes over ``gather`` for ``keys`` keys per query out of ``n_kv`` (None: it picks it).
+
+    Above :func:`max_keys_auto` the tiles are cheaper; from half of the keys on, a dense masked
+    kernel wastes at most half of its products and runs them faster than a per-query loop."""
+    bound = max_keys_auto(pattern)
+    if keys > bound:
+        return (f"{keys} keys per query: above {bound} the tiled blocksparse path is cheaper "
+                "(pass backend='gather' to use it anyway)")
+    if 2 * keys >= n_kv:
+        return (f"{keys} keys per query out of {n_kv}: at half of the keys or more the dense or tiled paths are "
+                "cheaper (pass backend='gather' to use it anyway)")
+    return None
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -262,11 +278,7 @@ class Gather(Backend):
         """Why ``auto`` passed over this backend although it can run ``p`` (None if it cannot)."""
         if self.why_not(p) is not None:
             return None
-        keys, bound = self.keys_per_query(p), max_keys_auto(p.pattern)
-        if keys > bound:
-            return (f"{keys} keys per query: above {bound} the tiled blocksparse path is cheaper "
-                    "(pass backend='gather' to use it anyway)")
-        return None
+        return auto_skip_reason(self.keys_per_query(p), p.shape.n_kv, p.pattern)
 
     def keys_per_query(self, p: Problem) -> int:
         base, _ = gather_form(p.pattern, p.shape)
@@ -290,5 +302,5 @@ class Gather(Backend):
 
 
 __all__ = ["KEEP_PROBS_KEYS_PER_DIM", "Bias", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D",
-           "build_tables", "gather_backward", "gather_form", "gather_forward", "keeps_probs", "key_tables",
-           "max_keys_auto", "pattern_reason"]
+           "auto_skip_reason", "build_tables", "gather_backward", "gather_form", "gather_forward", "keeps_probs",
+           "key_tables", "max_keys_auto", "pattern_reason"]
