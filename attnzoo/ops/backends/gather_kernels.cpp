@@ -305,7 +305,7 @@ void forward(const T* q, const T* k, const T* v, const int32_t* idx, const uint8
           for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * w;
           if (probs != nullptr) {
             T* pr = probs + (bh * N + n0 + i) * k4;
-            for (int64_t t = 0; t < k4; ++t) pr[t] = s[i * k4 + t] * w;
+            for (int64_t t = 0; t < k4; ++t) pr[t] = live[i] ? s[i * k4 + t] * w : T(0);
           }
         }
       }
@@ -344,7 +344,7 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
         const T* qh = q + bh * N * d;
         const T* oh = out + bh * N * d;
         const T* doh = dout + bh * N * d;
-        T* ph = probs == nullptr ? p.data() : const_cast<T*>(probs + bh * N * k4);  // written only when computed here
+        const T* ph = probs == nullptr ? p.data() : probs + bh * N * k4;
         // Key-centric: dk[j] += sum ds * q, dv[j] += sum p * dout over the queries that see key j.
         auto key_grads = [&](int64_t j) {
           if (g == 0)
@@ -359,13 +359,13 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
         int64_t j_next = 0;
         // Query-centric, kBlock queries per step: probabilities p, score gradients ds and dq. After each block, the
         // keys in order whose queries are all done (for local patterns, while their p, ds, q and dout rows are
-        // still in cache; the rest at the end).
+        // still in cache); the rest (e.g. sink keys, seen by every query) at the end.
         for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
           const int64_t nb = N - n0 < kBlock ? N - n0 : kBlock;
           block_keys(idx, ok, n0, nb, k4, masked.data(), rows, live);
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t n = n0 + i;
-            T* pn = ph + n * k4;
+            T* pn = p.data() + n * k4;  // only when the probabilities are recomputed here
             T* dsn = ds.data() + n * k4;
             live[i] = live[i] && lse[bh * N + n] != neg_inf;
             if (!live[i]) {
@@ -389,10 +389,10 @@ void backward(const T* q, const T* k, const T* v, const int32_t* idx, const uint
             if (!live[i]) continue;
             const int64_t n = n0 + i;
             const int32_t* row = rows[i];
-            T* pn = ph + n * k4;
+            if (probs == nullptr) exp_shifted<T>(p.data() + n * k4, row, k4, lse[bh * N + n]);
+            const T* pn = ph + n * k4;
             T* dsn = ds.data() + n * k4;
             const T dn = delta[i];
-            if (probs == nullptr) exp_shifted<T>(pn, row, k4, lse[bh * N + n]);
             for (int64_t t = 0; t < k4; ++t) dsn[t] = row[t] < 0 ? T(0) : pn[t] * (dsn[t] - dn);
             if (dbias != nullptr) {  // d score = d bias; one [n_bias] row per (batch, head): no two tasks share it
               T* db = dbias + bh * n_bias;
