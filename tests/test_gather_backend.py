@@ -431,6 +431,9 @@ def test_auto_uses_gather_for_small_neighbourhoods_on_cpu():
     for pattern in (P.Neighborhood(31), P.SlidingWindow(128, causal=True), P.SlidingWindow(16, n_sink=4),
                     P.DilatedWindow(8, 3)):
         assert attnzoo.explain(q1, q1, q1, pattern=pattern).backend == "gather", pattern
+    q2 = torch.zeros(1, 2, 4096, 16)
+    expl = attnzoo.explain(q2, q2, q2, pattern=P.SlidingWindow(256, causal=True))  # at the 1-D bound
+    assert expl.backend == "gather" and "256 keys per query" in expl.reasons["blocksparse"]
 
 
 @needs_kernels
