@@ -8,8 +8,8 @@ these with batch-independent patterns, e.g. ``Causal()``), optionally ``&`` a
 :class:`~attnzoo.patterns.KeyPadding` (passed to the kernels as a per-batch key mask), and
 optionally with a score modifier that is an additive per-head table read at an index of the pair
 (``ScoreMod.indexed_bias``: :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`, the NAT / DiNAT
-relative-position bias; its gradient is summed per (batch, head) in the backward), runs here one
-query at a time: ``K`` dot products, a softmax, ``K`` weighted rows of ``V``, nothing else.
+relative-position bias; its gradient is summed per (batch, head) in the backward), runs here as
+per-query work: ``K`` dot products, a softmax, ``K`` weighted rows of ``V``, nothing else.
 Tile-based paths compute whole key boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles
 wastes half of its products, in 8 x 8 tiles three quarters), and small batched products are
 slow on a CPU.
