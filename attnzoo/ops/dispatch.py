@@ -10,14 +10,12 @@ from typing import Any
 import torch
 
 from attnzoo.ops.backends import BACKENDS, Result
+from attnzoo.ops.backends.base import DENSE_FRACTION
 from attnzoo.ops.backends.blocksparse import default_block
 from attnzoo.ops.backends.gather import auto_skip_reason
 from attnzoo.ops.backends.triton_local import auto_enabled
 from attnzoo.ops.config import limits
 from attnzoo.ops.problem import Problem, make_problem
-
-# Above this fraction of visited tiles a masked dense kernel beats skipping blocks.
-DENSE_FRACTION = 0.5
 
 
 @dataclass

@@ -10,6 +10,10 @@ import torch
 
 from attnzoo.ops.problem import Problem
 
+# From this fraction of the (query, key) work a pattern keeps (of its tiles, or of the keys per query), a masked
+# dense kernel beats skipping the rest; `auto` uses it for SDPA vs blocksparse and for gather.
+DENSE_FRACTION = 0.5
+
 
 class Result(NamedTuple):
     """``out`` ``[B, H, N, D_v]``; ``weights`` ``[B, H, N, M]`` and ``lse`` ``[B, H, N]`` when asked for."""

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from attnzoo.ops import native
-from attnzoo.ops.backends.base import Backend, Result, compute_dtype
+from attnzoo.ops.backends.base import DENSE_FRACTION, Backend, Result, compute_dtype
 from attnzoo.ops.layout import Shape
 from attnzoo.ops.problem import Problem
 
@@ -63,15 +63,15 @@ def max_keys_auto(pattern: Any) -> int:
 def auto_skip_reason(keys: int, n_kv: int, pattern: Any) -> str | None:
     """Why ``auto`` passes over ``gather`` for ``keys`` keys per query out of ``n_kv`` (None: it picks it).
 
-    Above :func:`max_keys_auto` the tiles are cheaper; from half of the keys on, a dense masked
-    kernel wastes at most half of its products and runs them faster than a per-query loop."""
+    Above :func:`max_keys_auto` the tiles are cheaper; from :data:`DENSE_FRACTION` of the keys on, a dense
+    masked kernel wastes little enough of its products to beat a per-query loop."""
     bound = max_keys_auto(pattern)
     if keys > bound:
         return (f"{keys} keys per query: above {bound} the tiled blocksparse path is cheaper "
                 "(pass backend='gather' to use it anyway)")
-    if 2 * keys >= n_kv:
-        return (f"{keys} keys per query out of {n_kv}: at half of the keys or more the dense or tiled paths are "
-                "cheaper (pass backend='gather' to use it anyway)")
+    if keys >= DENSE_FRACTION * n_kv:
+        return (f"{keys} keys per query out of {n_kv}: from {DENSE_FRACTION:.0%} of the keys on, the dense or "
+                "tiled paths are cheaper (pass backend='gather' to use it anyway)")
     return None
 
 

@@ -35,6 +35,8 @@ inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
 inline float hsum(vf x) { return (x[0] + x[1]) + (x[2] + x[3]); }
 inline vf splat(float x) { return vf{x, x, x, x}; }
+// Which of idx[0 .. 3] hold a key: a lane of all ones, or 0.
+inline vi has_key4(const int32_t* idx) { return vi{idx[0], idx[1], idx[2], idx[3]} >= 0; }
 // {sum(a), sum(b), sum(c), sum(d)}: a 4x4 transpose folded into adds, without leaving the vector registers.
 inline vf hsum4(vf a, vf b, vf c, vf d) {
   const vf ab = __builtin_shufflevector(a, b, 0, 4, 1, 5) + __builtin_shufflevector(a, b, 2, 6, 3, 7);
@@ -144,7 +146,7 @@ inline T exp_shifted(T* s, const int32_t* idx, int64_t k4, T shift) {
   if constexpr (std::is_same<T, float>::value) {
     vf total{};
     for (int64_t t = 0; t < k4; t += 4) {
-      const vi keep = vi{idx[t], idx[t + 1], idx[t + 2], idx[t + 3]} >= 0;
+      const vi keep = has_key4(idx + t);
       const vf e = (vf)((vi)vexp(vload(s + t) - shift) & keep);
       vstore(s + t, e);
       total += e;
@@ -167,7 +169,7 @@ inline T masked_max(const T* s, const int32_t* idx, int64_t k4) {
     const vf none = splat(-std::numeric_limits<float>::infinity());
     vf m = none;
     for (int64_t t = 0; t < k4; t += 4) {
-      const vf x = vi{idx[t], idx[t + 1], idx[t + 2], idx[t + 3]} >= 0 ? vload(s + t) : none;
+      const vf x = has_key4(idx + t) ? vload(s + t) : none;
       m = m > x ? m : x;
     }
     const float a = m[0] > m[1] ? m[0] : m[1], b = m[2] > m[3] ? m[2] : m[3];
