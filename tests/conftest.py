@@ -68,6 +68,14 @@ def small_block(monkeypatch: pytest.MonkeyPatch) -> int:
     return 16
 
 
+@pytest.fixture
+def no_tile_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run blocksparse's tiled path on PyTorch ops (the compiled tile kernels switched off)."""
+    from attnzoo.ops.backends import tile_native
+
+    monkeypatch.setattr(tile_native, "why_not", lambda *a: "switched off by the test")
+
+
 def forward_backward(
     backend: str,
     q: torch.Tensor,

@@ -426,6 +426,40 @@ def test_reference_weights_and_lse_are_consistent(qkv):
     torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
 
 
+# name -> (pattern, N): block-layout paths (none, key padding) and tile plans (strided band, gathered
+# neighbourhood, permuted Swin windows, which the fused flash backward takes when the lse is not returned).
+LSE_GRAD_CASES: dict[str, tuple[Callable[[], Any], int]] = {
+    "none": (lambda: None, 37),
+    "key_padding": (lambda: P.KeyPadding(_padding(torch.Generator().manual_seed(5), B, 37)), 37),
+    "window": (lambda: P.SlidingWindow(5, causal=True), 37),
+    "nbhd_2d": (lambda: P.Neighborhood(3, grid=(5, 8)), 40),
+    "swin": (lambda: P.WindowPartition(4, grid=(8, 8)), 64),
+    "maxvit_grid": (lambda: P.GridPartition(4, grid=(8, 8)), 64),
+}
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "blocksparse16"])
+@pytest.mark.parametrize("only_lse", [False, True], ids=["out_and_lse", "only_lse"])
+@pytest.mark.parametrize("case", list(LSE_GRAD_CASES))
+def test_lse_gradient_matches_reference(case, only_lse, backend, request, qkv, randn, tol):
+    """Gradients through the returned log-sum-exp (merging partial attentions trains through it) equal
+    the reference's, with the output in the loss too or alone."""
+    build, n = LSE_GRAD_CASES[case]
+    q, k, v = qkv(B, H, 2, n, n, 8, 5)
+    dout, dlse = randn(B, H, n, 5), randn(B, H, n)
+
+    def grads(name: str) -> tuple[torch.Tensor, ...]:
+        out, lse = attnzoo.attention(q, k, v, pattern=build(), backend=name, return_lse=True)
+        loss = (lse.nan_to_num(neginf=0.0) * dlse).sum() + (0 if only_lse else (out * dout).sum())
+        got = torch.autograd.grad(loss, (q, k, v), allow_unused=True)  # the lse does not depend on v
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(got, (q, k, v)))
+
+    ref = grads("reference")
+    assert ref[0].abs().max() > 0.1
+    for name, got, want in zip("qkv", grads(_resolve(backend, request)), ref):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "blocksparse16"])
 @pytest.mark.parametrize(
     "dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)], ids=str

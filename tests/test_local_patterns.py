@@ -269,10 +269,15 @@ def _mod(name: str, shape: Shape, rng: torch.Generator):
     return rpb, (rpb.table,)
 
 
-@pytest.mark.parametrize("backend, mod", [("blocksparse", "none"), ("blocksparse", "alibi"),
-                                          ("blocksparse", "rpb_grad"), ("sdpa", "none")])
+@pytest.mark.parametrize("backend, mod", [("blocksparse", "none"), ("blocksparse-torch", "none"),
+                                          ("blocksparse", "alibi"), ("blocksparse", "rpb_grad"), ("sdpa", "none")])
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_backends_match_reference(name, backend, mod, qkv, randn, fwd_bwd, tol, rng):
+def test_backends_match_reference(name, backend, mod, qkv, randn, fwd_bwd, tol, rng, request):
+    """blocksparse: its compiled tile kernels where they apply (no score modifier, D and D_v multiples of 8
+    in float64); blocksparse-torch: the same calls on its PyTorch tile path."""
+    if backend == "blocksparse-torch":
+        request.getfixturevalue("no_tile_kernel")
+        backend = "blocksparse"
     pattern, n, m = PATTERNS[name]
     shape = Shape(2, 4, n, m)
     score_mod, extra = _mod(mod, shape, rng)
@@ -290,8 +295,8 @@ def test_backends_match_reference(name, backend, mod, qkv, randn, fwd_bwd, tol, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tiled_fused_and_unfused_forward_agree(dtype, monkeypatch):
-    """The fused (flash kernel) forward of the tiled path equals its unfused forward."""
+def test_tiled_fused_and_unfused_forward_agree(dtype, monkeypatch, no_tile_kernel):
+    """The fused (flash kernel) forward of the PyTorch tiled path equals its unfused forward."""
     from attnzoo.ops.backends import blocksparse as bs
 
     g = torch.Generator().manual_seed(0)
@@ -300,9 +305,9 @@ def test_tiled_fused_and_unfused_forward_agree(dtype, monkeypatch):
             P.WindowPartition((4, 4), grid=(8, 12), shift=(2, 2)), P.GridPartition((2, 3), grid=(8, 12))]
     for pat in pats:
         fused = attnzoo.attention(q, k[:, :2], v[:, :2], pattern=pat, backend="blocksparse", return_lse=True)
-        monkeypatch.setattr(bs, "_fusable", lambda *a: False)
-        plain = attnzoo.attention(q, k[:, :2], v[:, :2], pattern=pat, backend="blocksparse", return_lse=True)
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:
+            patch.setattr(bs, "_fusable", lambda *a: False)
+            plain = attnzoo.attention(q, k[:, :2], v[:, :2], pattern=pat, backend="blocksparse", return_lse=True)
         tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
         torch.testing.assert_close(fused[0], plain[0], **tol)
         torch.testing.assert_close(fused[1], plain[1], **tol)
@@ -312,7 +317,7 @@ def test_tiled_fused_and_unfused_forward_agree(dtype, monkeypatch):
 @pytest.mark.parametrize("pat, fused_path", [(P.WindowPartition((4, 4), grid=(8, 12)), True),
                                              (P.GridPartition((2, 3), grid=(8, 12)), True),
                                              (P.WindowPartition((4, 4), grid=(8, 12), shift=(2, 2)), False)], ids=str)
-def test_tiled_fused_backward_of_permuted_plans(pat, fused_path, monkeypatch):
+def test_tiled_fused_backward_of_permuted_plans(pat, fused_path, monkeypatch, no_tile_kernel):
     """Permuted block-diagonal plans (not shifted windows) take the fused CPU flash backward; both backwards equal
     the float64 reference (GQA, gradients of q, k, v)."""
     from attnzoo.ops.backends import blocksparse as bs

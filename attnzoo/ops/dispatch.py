@@ -25,9 +25,12 @@ class Explanation:
     backend: str
     reasons: dict[str, str] = field(default_factory=dict)
     tile_fraction: float | None = None
+    path: str | None = None  # how the chosen backend runs the call (blocksparse: tile plan or block layout)
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend}"]
+        if self.path is not None:
+            lines.append(f"{self.backend} runs: {self.path}")
         if self.tile_fraction is not None:
             lines.append(f"fraction of (query block, key block) tiles visited: {self.tile_fraction:.4f}")
         lines += [f"  not {name}: {why}" for name, why in self.reasons.items()]
@@ -82,7 +85,8 @@ def _choose(p: Problem) -> Explanation:
         if other != name:
             note = notes.get(other) or (backend.auto_note(p) if hasattr(backend, "auto_note") else None)
             reasons[other] = backend.why_not(p) or note or f"{name} is preferred for this call"
-    return Explanation(name, dict(sorted(reasons.items())), fraction)
+    path = BACKENDS["blocksparse"].path(p) if name == "blocksparse" else None
+    return Explanation(name, dict(sorted(reasons.items())), fraction, path)
 
 
 # Validated calls seen recently: a repeated call (same pattern object, shapes, dtypes, devices

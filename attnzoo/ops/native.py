@@ -25,7 +25,10 @@ from pathlib import Path
 
 ENV_DISABLE = "ATTNZOO_NATIVE"
 ENV_CACHE = "ATTNZOO_CACHE"
-_SOURCES = {"gather": Path(__file__).parent / "backends" / "gather_kernels.cpp"}
+_SOURCES = {
+    "gather": Path(__file__).parent / "backends" / "gather_kernels.cpp",
+    "tiles": Path(__file__).parent / "backends" / "tile_kernels.cpp",
+}
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from attnzoo.ops.backends import tile_native
 from attnzoo.ops.backends.base import Backend, Result, compute_dtype
 from attnzoo.ops.layout import FULL, BlockLayout, Bucket, Shape
 from attnzoo.ops.problem import Problem
@@ -203,10 +204,13 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return out, lse
 
 
-def _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors):
+def _backward(plan, q, k, v, out_f, lse_f, dout, dlse, mod_tensors):
     qf, kf, vf = _fold_q(q * plan.scale, plan), _fold_kv(k, plan), _fold_kv(v, plan)
     do_f = _fold_q(dout, plan)
+    # d lse / d s = p, so the lse's gradient joins the row term: ds = p * (dp - (rowsum(dout * out) - dlse))
     delta = (do_f * out_f).sum(-1)
+    if dlse is not None:
+        delta = delta - _fold_q(dlse.unsqueeze(-1), plan).squeeze(-1)
     lse_safe = torch.where(torch.isinf(lse_f), torch.zeros_like(lse_f), lse_f)
     dq_f = torch.zeros_like(qf)
     dk_f, dv_f = torch.zeros_like(kf), torch.zeros_like(vf)
@@ -238,11 +242,17 @@ def _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors):
     return dq_f, dk_f, dv_f, mod_grads
 
 
+def _grad_or_zeros(dout: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``dout``, or zeros ``[B, H, N, D_v]`` when only the lse reaches the loss."""
+    return dout.contiguous() if dout is not None else q.new_zeros(*q.shape[:-1], v.shape[-1])
+
+
 class _BlockSparseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, q, k, v, *mod_tensors):
         out_f, lse_f = _forward(plan, q, k, v)
         ctx.plan = plan
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out_f, lse_f, *mod_tensors)
         n = q.shape[2]
         return _unfold_q(out_f, plan, n), _unfold_q(lse_f, plan, n)
@@ -251,7 +261,8 @@ class _BlockSparseFn(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out_f, lse_f, *mod_tensors = ctx.saved_tensors
         plan = ctx.plan
-        dq_f, dk_f, dv_f, mod_grads = _backward(plan, q, k, v, out_f, lse_f, dout, mod_tensors)
+        dout = _grad_or_zeros(dout, q, v)
+        dq_f, dk_f, dv_f, mod_grads = _backward(plan, q, k, v, out_f, lse_f, dout, dlse, mod_tensors)
         m = k.shape[2]
         dq = _unfold_q(dq_f, plan, q.shape[2])
         dk = dk_f.flatten(2, 3)[:, :, :m]
@@ -299,13 +310,28 @@ class BlockSparse(Backend):
             return None
         return _Tiles.build(p, plan)
 
+    def path(self, p: Problem) -> str:
+        """How :meth:`run` computes ``p``: its tile plan on the compiled tile kernels or on PyTorch ops (and why
+        not the kernels), or the pattern's block layout."""
+        tiles = self.tiles(p)
+        if tiles is None:
+            return "the pattern's block layout (it has no tile plan for this shape)"
+        dtype = compute_dtype(p.q.dtype)
+        reason = tile_native.why_not(tiles, p.q.to(dtype), p.v.to(dtype))
+        if reason is None:
+            return "its tile plan on the compiled tile kernel"
+        return f"its tile plan on PyTorch ops (not the compiled tile kernel: {reason})"
+
     def run(self, p: Problem) -> Result:
         dtype = compute_dtype(p.q.dtype)
         tiles = self.tiles(p)
         if tiles is not None:
             mod_tensors = p.score_mod.tensors() if p.score_mod is not None else []
             q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
-            out, lse = _TileFn.apply(tiles, q, k, v, *mod_tensors)
+            if tile_native.why_not(tiles, q, v) is None:
+                out, lse = tile_native.attention(tiles, q, k, v, p.scale, p.needs_grad)
+            else:
+                out, lse = _TileFn.apply(tiles, not p.return_lse, q, k, v, *mod_tensors)
             return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
         layout = self.layout(p)
         plan = _Plan(layout, p.pattern, p.score_mod, p.shape, p.scale, p.groups, [])
@@ -342,6 +368,7 @@ class _Tiles:
         self.kv_flat = torch.where(self.kv_index >= 0, self.kv_index, s.n_kv).flatten()
         self.mask, self.row_any = self._mask(device)
         self._fmask: dict[Any, torch.Tensor] = {}
+        self.native: dict[Any, Any] = {}  # the compiled tile kernels' arrays (tile_native.plan_arrays)
 
     @staticmethod
     def build(p: Problem, plan: Any) -> _Tiles:
@@ -452,12 +479,9 @@ def _tile_q(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
     b, h, n = t.shape[:3]
     rest = t.shape[3:]
     g = tiles.groups
-    if tiles.q_identity:
-        gathered = t
-    elif tiles.grid_perm is not None:
-        gathered = _grid_permute(t, tiles.grid_perm)
-    else:
-        gathered = _gather_tokens(t, tiles.q_flat)
+    if tiles.grid_perm is not None:
+        return _grid_permute(t, tiles.grid_perm, g)
+    gathered = t if tiles.q_identity else _gather_tokens(t, tiles.q_flat)
     gathered = gathered.reshape(b, h // g, g, tiles.n_tiles, tiles.bq, *rest)
     if g == 1:
         return gathered.reshape(b, h, tiles.n_tiles, tiles.bq, *rest)
@@ -465,16 +489,17 @@ def _tile_q(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
 
 
 def _untile_q(t: torch.Tensor, tiles: _Tiles, fill: float = 0.0) -> torch.Tensor:
-    """Inverse of :func:`_tile_q`: ``[B, H_kv, T, G*bq, *rest]`` -> ``[B, H, N, *rest]`` (``fill`` where unseen)."""
+    """Inverse of :func:`_tile_q`: ``[B, H_kv, T, G*bq, *rest]`` (any strides) -> ``[B, H, N, *rest]``
+    (``fill`` where unseen)."""
     b, hkv = t.shape[:2]
     rest = t.shape[4:]
     g, n = tiles.groups, tiles.shape.n_q
+    if tiles.grid_perm is not None:
+        return _grid_unpermute(t, tiles.grid_perm, g)
     t = t.reshape(b, hkv, tiles.n_tiles, g, tiles.bq, *rest).transpose(2, 3).reshape(
         b, hkv * g, tiles.n_tiles * tiles.bq, *rest)
     if tiles.q_identity:
         return t
-    if tiles.grid_perm is not None:
-        return _grid_permute(t, tiles.grid_perm, inverse=True)
     out = t.new_full((b, hkv * g, n + 1, *rest), fill)
     out.index_copy_(2, tiles.q_flat, t)
     return out[:, :, :n]
@@ -492,7 +517,7 @@ def _tile_kv(t: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
         return padded.as_strided((b, hkv, tiles.n_tiles, tiles.r, d), (hkv * mp * d, mp * d, step * d, d, 1),
                                  padded.storage_offset() + (start + lo) * d)
     if tiles.grid_perm is not None:
-        return _grid_permute(t, tiles.grid_perm).view(b, hkv, tiles.n_tiles, tiles.r, d)
+        return _grid_permute(t, tiles.grid_perm)
     return _gather_tokens(t, tiles.kv_flat).view(b, hkv, tiles.n_tiles, tiles.r, d)
 
 
@@ -520,26 +545,47 @@ def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(b, h, 1, *rest)], dim=2).index_select(2, index)
 
 
-def _grid_permute(t: torch.Tensor, grid_perm: Any, inverse: bool = False) -> torch.Tensor:
-    """Tokens ``[B, H, N, *rest]`` <-> tiles ``[B, H, T * a, *rest]`` of a pure axis permutation (one copy)."""
-    grid, axes = grid_perm
-    b, h = t.shape[:2]
-    rest = t.shape[3:]
+def _grid_axes(grid_perm: Any) -> tuple[list[int], list[int], list[int]]:
+    """Sizes of the split grid axes (token order) and the positions of their tile and slot parts."""
+    _, axes = grid_perm
     dims: list[int] = []
     tile_pos, slot_pos = [], []
     for n_tiles, a, strided in axes:
-        pair = (a, n_tiles) if strided else (n_tiles, a)
-        dims += pair
-        base = 2 + len(dims) - 2
-        tile_pos.append(base + (1 if strided else 0))
-        slot_pos.append(base + (0 if strided else 1))
-    tail = list(range(2 + len(dims), 2 + len(dims) + len(rest)))
-    perm = [0, 1, *tile_pos, *slot_pos, *tail]
-    if not inverse:
-        return t.reshape(b, h, *dims, *rest).permute(perm).reshape(b, h, -1, *rest)
-    permuted_dims = [([b, h, *dims, *rest])[i] for i in perm]
-    inv = [perm.index(i) for i in range(len(perm))]
-    return t.reshape(permuted_dims).permute(inv).reshape(b, h, -1, *rest)
+        dims += (a, n_tiles) if strided else (n_tiles, a)
+        tile_pos.append(len(dims) - (1 if strided else 2))
+        slot_pos.append(len(dims) - (2 if strided else 1))
+    return dims, tile_pos, slot_pos
+
+
+def _grid_permute(t: torch.Tensor, grid_perm: Any, groups: int = 1) -> torch.Tensor:
+    """Tokens ``[B, H, N, *rest]`` -> tiles ``[B, H/G, T, G*bq, *rest]`` of a pure axis permutation, in
+    one copy (the ``G`` heads sharing a key head become rows of the same tile)."""
+    dims, tile_pos, slot_pos = _grid_axes(grid_perm)
+    b, h = t.shape[:2]
+    rest = t.shape[3:]
+    nd = len(dims)
+    tail = list(range(3 + nd, 3 + nd + len(rest)))
+    perm = [0, 1, *(3 + i for i in tile_pos), 2, *(3 + i for i in slot_pos), *tail]
+    n_tiles = math.prod(dims[i] for i in tile_pos)
+    slots = math.prod(dims[i] for i in slot_pos)
+    split = t.reshape(b, h // groups, groups, *dims, *rest)
+    return split.permute(perm).reshape(b, h // groups, n_tiles, groups * slots, *rest)
+
+
+def _grid_unpermute(t: torch.Tensor, grid_perm: Any, groups: int = 1) -> torch.Tensor:
+    """Inverse of :func:`_grid_permute`: ``[B, H/G, T, G*bq, *rest]`` (any strides) -> ``[B, H, N, *rest]``,
+    one copy."""
+    dims, tile_pos, slot_pos = _grid_axes(grid_perm)
+    b, hkv = t.shape[:2]
+    rest = t.shape[4:]
+    nd = len(dims)
+    split = t.unflatten(3, (groups, *(dims[i] for i in slot_pos))).unflatten(2, tuple(dims[i] for i in tile_pos))
+    # split: [B, Hkv, *tile dims, G, *slot dims, *rest]; token order wants [B, Hkv, G, *dims, *rest]
+    where = {2 + ti: pos for ti, pos in enumerate(tile_pos)}
+    where.update({3 + nd // 2 + si: pos for si, pos in enumerate(slot_pos)})
+    order = sorted(where, key=where.get)
+    tail = list(range(3 + nd, 3 + nd + len(rest)))
+    return split.permute(0, 1, 2 + nd // 2, *order, *tail).reshape(b, hkv * groups, -1, *rest)
 
 
 def _tile_chunks(tiles: _Tiles, batch_heads: int) -> list[slice]:
@@ -567,10 +613,12 @@ def _fusable(tiles: _Tiles, q: torch.Tensor, v: torch.Tensor) -> bool:
             and (tiles.score_mod is None or getattr(tiles.score_mod, "additive", False)))
 
 
-def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out [B, H, N, D_v]`` and ``lse [B, H, N]``."""
+def _tile_forward(tiles: _Tiles, q, k, v, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor, _FlashTiles | None]:
+    """``out [B, H, N, D_v]``, ``lse [B, H, N]``, and (``keep``) the fused backward's tiled inputs when it
+    applies."""
     b, hkv = k.shape[:2]
     qt, kt, vt = _tile_q(q, tiles), _KVTiles(k, tiles), _KVTiles(v, tiles)
+    kept = None
     if _fusable(tiles, q, v):
         bh = b * hkv
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -586,8 +634,13 @@ def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
             o, lse = op(qf[:, rows], kc, vc, 0.0, False, attn_mask=fm, scale=tiles.scale)
             outs.append(o)
             lses.append(lse)
-        out_t = (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).view(b, hkv, tiles.n_tiles, -1, v.shape[-1])
-        lse_t = (lses[0] if len(lses) == 1 else torch.cat(lses, 1)).view(b, hkv, tiles.n_tiles, -1)
+        of = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        lsef = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
+        if keep and _fused_backward_ok(tiles, q, v):
+            kept = _FlashTiles(qf, kt.whole.reshape(bh, tiles.n_tiles, tiles.r, -1),
+                               vt.whole.reshape(bh, tiles.n_tiles, tiles.r, -1), of, lsef)
+        out_t = of.view(b, hkv, tiles.n_tiles, -1, v.shape[-1])
+        lse_t = lsef.view(b, hkv, tiles.n_tiles, -1)
         if tiles.row_any is not None:  # rows that see no key: out is 0, lse must be -inf
             seen = _heads6(tiles.row_any, tiles.groups)
             seen = seen.expand(*seen.shape[:3], tiles.groups, tiles.bq).flatten(3, 4)
@@ -604,47 +657,58 @@ def _tile_forward(tiles: _Tiles, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
             denom = p.sum(-1, keepdim=True)
             out_t[:, :, rows] = torch.matmul(p, vt.chunk(rows)).div_(denom.clamp_min(torch.finfo(p.dtype).tiny))
             lse_t[:, :, rows] = (m + torch.log(denom)).squeeze(-1)
-    return _untile_q(out_t, tiles), _untile_q(lse_t, tiles, float("-inf"))
+    return _untile_q(out_t, tiles), _untile_q(lse_t, tiles, float("-inf")), kept
 
 
-def _fused_backward_ok(tiles: _Tiles, q: torch.Tensor, v: torch.Tensor, mod_tensors: Any) -> bool:
+@dataclass
+class _FlashTiles:
+    """The fused CPU backward's inputs in tile layout ``[B*H_kv, T, rows, D]`` (``lse``: the forward op's
+    own ``[B*H_kv, T, G*bq]``), kept from the forward so the backward does not permute them again."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def _fused_backward_ok(tiles: _Tiles, q: torch.Tensor, v: torch.Tensor) -> bool:
     """Permutation plans without a score modifier where every query sees a key: CPU flash backward."""
-    return (tiles.grid_perm is not None and tiles.score_mod is None and not mod_tensors and _fusable(tiles, q, v)
+    return (tiles.grid_perm is not None and tiles.score_mod is None and _fusable(tiles, q, v)
             and (tiles.row_any is None or bool(tiles.row_any.all())))
 
 
-def _fused_tile_backward(tiles: _Tiles, q, k, v, out, lse, dout):
+def _fused_tile_backward(tiles: _Tiles, kept: _FlashTiles, dout: torch.Tensor):
     """Backward of block-diagonal (permuted) tiles with PyTorch's fused CPU flash backward, per tile group."""
-    b, hkv, _, d = k.shape
-    bh, t = b * hkv, tiles.n_tiles
+    bh, t, _, d = kept.k.shape
+    b = dout.shape[0]
+    hkv = bh // b
     opb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    qf, of, dof = (_tile_q(x, tiles).reshape(bh, t, -1, x.shape[-1]) for x in (q, out, dout))
-    lsef = _tile_q(lse, tiles).reshape(bh, t, -1)
-    kf, vf = (_tile_kv(x, tiles).reshape(bh, t, tiles.r, x.shape[-1]) for x in (k, v))
+    dof = _tile_q(dout, tiles).reshape(bh, t, -1, dout.shape[-1])
     step = max(1, TILE_FUSED_MASK_ELEMENTS // max(bh * tiles.groups * tiles.bq * tiles.r, 1))
     grads: list[list[torch.Tensor]] = [[], [], []]
     for i in range(0, t, step):
         rows = slice(i, min(t, i + step))
-        fm = tiles.fused_mask(rows, q.dtype, bh)
-        for acc, g in zip(grads, opb(dof[:, rows], qf[:, rows], kf[:, rows], vf[:, rows], of[:, rows], lsef[:, rows],
-                                     0.0, False, attn_mask=fm, scale=tiles.scale)):
+        fm = tiles.fused_mask(rows, dof.dtype, bh)
+        for acc, g in zip(grads, opb(dof[:, rows], kept.q[:, rows], kept.k[:, rows], kept.v[:, rows],
+                                     kept.out[:, rows], kept.lse[:, rows], 0.0, False, attn_mask=fm,
+                                     scale=tiles.scale)):
             acc.append(g)
     dq_t, dk_t, dv_t = (g[0] if len(g) == 1 else torch.cat(g, 1) for g in grads)
-    dq = _untile_q(dq_t.reshape(b, hkv, t, -1, d), tiles)
-    dk = _grid_permute(dk_t.reshape(b, hkv, t * tiles.r, d), tiles.grid_perm, inverse=True)
-    dv = _grid_permute(dv_t.reshape(b, hkv, t * tiles.r, v.shape[-1]), tiles.grid_perm, inverse=True)
-    return dq, dk, dv, []
+    dq = _untile_q(dq_t.view(b, hkv, t, -1, d), tiles)
+    dk = _grid_unpermute(dk_t.view(b, hkv, t, tiles.r, d), tiles.grid_perm)
+    dv = _grid_unpermute(dv_t.view(b, hkv, t, tiles.r, dv_t.shape[-1]), tiles.grid_perm)
+    return dq, dk, dv
 
 
-def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
-    if _fused_backward_ok(tiles, q, v, mod_tensors):
-        return _fused_tile_backward(tiles, q, k, v, out, lse, dout)
+def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, dlse, mod_tensors):
     b, hkv, m, d = k.shape
     bh = b * hkv
     qt = _tile_q(q * tiles.scale, tiles)
     kt, vt = _KVTiles(k, tiles), _KVTiles(v, tiles)
     do_t = _tile_q(dout, tiles)
-    delta_t = _tile_q((dout * out).sum(-1), tiles)
+    delta = (dout * out).sum(-1)
+    delta_t = _tile_q(delta if dlse is None else delta - dlse, tiles)
     lse_t = _tile_q(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse), tiles)
     dq_t = torch.empty_like(qt)
     if tiles.grid_perm is not None:
@@ -694,21 +758,34 @@ def _tile_backward(tiles: _Tiles, q, k, v, out, lse, dout, mod_tensors):
         dk.index_add_(2, flat, dk_c.reshape(b, hkv, -1, d))
         dv.index_add_(2, flat, dv_c.reshape(b, hkv, -1, dv_c.shape[-1]))
     if dk_t is not None:  # each key in exactly one tile: undo the permutation
-        return (_untile_q(dq_t, tiles), _grid_permute(dk_t.flatten(2, 3), tiles.grid_perm, inverse=True),
-                _grid_permute(dv_t.flatten(2, 3), tiles.grid_perm, inverse=True), mod_grads)
+        return (_untile_q(dq_t, tiles), _grid_unpermute(dk_t, tiles.grid_perm),
+                _grid_unpermute(dv_t, tiles.grid_perm), mod_grads)
     return _untile_q(dq_t, tiles), dk[:, :, :m], dv[:, :, :m], mod_grads
 
 
 class _TileFn(torch.autograd.Function):
+    """``keep``: the caller does not take the lse, so a fused backward may start from the forward's tiles."""
+
     @staticmethod
-    def forward(ctx, tiles: _Tiles, q, k, v, *mod_tensors):
-        out, lse = _tile_forward(tiles, q, k, v)
-        ctx.tiles = tiles
-        ctx.save_for_backward(q, k, v, out, lse, *mod_tensors)
+    def forward(ctx, tiles: _Tiles, keep: bool, q, k, v, *mod_tensors):
+        out, lse, kept = _tile_forward(tiles, q, k, v, keep=keep and not mod_tensors)
+        ctx.tiles, ctx.kept = tiles, kept is not None
+        ctx.set_materialize_grads(False)
+        if kept is not None:
+            ctx.save_for_backward(kept.q, kept.k, kept.v, kept.out, kept.lse)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse, *mod_tensors)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if ctx.kept:
+            kept = _FlashTiles(*ctx.saved_tensors)
+            if dout is None:  # the lse is not returned, so the output is what reached the loss
+                return None, None, None, None, None
+            dq, dk, dv = _fused_tile_backward(ctx.tiles, kept, dout.contiguous())
+            return None, None, dq, dk, dv
         q, k, v, out, lse, *mod_tensors = ctx.saved_tensors
-        dq, dk, dv, mod_grads = _tile_backward(ctx.tiles, q, k, v, out, lse, dout.contiguous(), mod_tensors)
-        return (None, dq, dk, dv, *mod_grads)
+        dout = _grad_or_zeros(dout, q, v)
+        dq, dk, dv, mod_grads = _tile_backward(ctx.tiles, q, k, v, out, lse, dout, dlse, mod_tensors)
+        return (None, None, dq, dk, dv, *mod_grads)

@@ -1,0 +1,347 @@
+// attnzoo: CPU kernels for dense attention inside the tiles of a tile plan (Swin and MaxViT windows,
+// neighbourhood and band tiles): each tile is a set of query tokens that all see one list of key tokens.
+// Plain C ABI (loaded with ctypes; no Python or torch headers). Tensors are contiguous:
+// q [B, H, N, D], k [B, Hk, M, D], v [B, Hk, M, Dv] (H a multiple of Hk: the H / Hk query heads of a key
+// head share its tiles), q_idx [T, bq] and kv_idx [T, R] int32 token ids (-1: an empty slot), mask [T, bq, R]
+// additive (0 / -inf or a bias; shared by every batch element and head) or null, out [B, H, N, Dv] and lse
+// [B, H, N] (rows of queries in no tile are left as they are). The backward takes out, lse, dout, dlse [B, H, N]
+// or null, writes dq for the queries of the tiles and adds dk, dv into zero-initialised buffers (a key may
+// belong to several tiles).
+//
+// Tokens are read and written in place through row pointers: no tiled copies of q, k, v, out or the gradients.
+// Per tile, K (and for the backward V) are packed transposed into a small buffer; every product is one
+// register-blocked kernel: six rows of the result by two vectors of columns (12 FMA chains), one broadcast of the
+// left operand per row and step, the reduction loop unrolled by four. D and Dv must be multiples of 16 floats
+// (8 doubles). OpenMP over batch x key heads (the tiles of one key head run in order: a key may be in several).
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  typedef float V __attribute__((vector_size(32), aligned(4), __may_alias__));
+  typedef int32_t I __attribute__((vector_size(32), aligned(4), __may_alias__));
+  static constexpr int L = 8;
+  static V splat(float x) { return V{x, x, x, x, x, x, x, x}; }
+};
+template <> struct Vec<double> {
+  typedef double V __attribute__((vector_size(32), aligned(8), __may_alias__));
+  static constexpr int L = 4;
+  static V splat(double x) { return V{x, x, x, x}; }
+};
+
+// c[r][n, n + 2L) (+)= sum_{k < kdim} a[r][k * astep] * b[k][n, n + 2L) for r < MR.
+template <typename T, int MR, bool kAdd>
+inline void micro(const T* const* a, int64_t astep, const T* const* b, int64_t kdim, int64_t n, T* const* c) {
+  typedef typename Vec<T>::V V;
+  constexpr int L = Vec<T>::L;
+  const T* ar[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) ar[r] = a[r];
+  V acc0[MR], acc1[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = V{};
+#pragma GCC unroll 4
+  for (int64_t kk = 0; kk < kdim; ++kk) {
+    const T* bk = b[kk] + n;
+    const V b0 = *reinterpret_cast<const V*>(bk), b1 = *reinterpret_cast<const V*>(bk + L);
+    const int64_t off = kk * astep;
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const V x = Vec<T>::splat(ar[r][off]);
+      acc0[r] += x * b0;
+      acc1[r] += x * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    V* cr = reinterpret_cast<V*>(c[r] + n);
+    if (kAdd) {
+      cr[0] += acc0[r];
+      cr[1] += acc1[r];
+    } else {
+      cr[0] = acc0[r];
+      cr[1] = acc1[r];
+    }
+  }
+}
+
+// C (m rows, row pointers c) (+)= A (row pointers a, element k at a[r][k * astep]) x B (kdim row pointers b,
+// ncols columns, a multiple of 2L).
+template <typename T, bool kAdd>
+void gemm(const T* const* a, int64_t astep, const T* const* b, int64_t kdim, int64_t ncols, T* const* c, int64_t m) {
+  constexpr int W = 2 * Vec<T>::L;
+  int64_t r = 0;
+  for (; r + 6 <= m; r += 6)
+    for (int64_t n = 0; n < ncols; n += W) micro<T, 6, kAdd>(a + r, astep, b, kdim, n, c + r);
+  const int64_t left = m - r;
+  for (int64_t n = 0; n < ncols && left > 0; n += W) {
+    switch (left) {
+      case 5: micro<T, 5, kAdd>(a + r, astep, b, kdim, n, c + r); break;
+      case 4: micro<T, 4, kAdd>(a + r, astep, b, kdim, n, c + r); break;
+      case 3: micro<T, 3, kAdd>(a + r, astep, b, kdim, n, c + r); break;
+      case 2: micro<T, 2, kAdd>(a + r, astep, b, kdim, n, c + r); break;
+      default: micro<T, 1, kAdd>(a + r, astep, b, kdim, n, c + r); break;
+    }
+  }
+}
+
+// exp on eight float lanes: Cody-Waite reduction by ln 2 and a degree-7 polynomial (relative error ~1.2e-7 on
+// [-87, 0]); -inf gives exactly 0.
+inline Vec<float>::V vexp(Vec<float>::V x) {
+  typedef Vec<float>::V V;
+  typedef Vec<float>::I I;
+  const I dead = x < -87.33654f;
+  x = dead ? V{} - 87.33654f : x;
+  const V fx = x * 1.44269504088896341f + 0.5f;
+  I n = __builtin_convertvector(fx, I);
+  V nf = __builtin_convertvector(n, V);
+  n += (I)(nf > fx);  // floor
+  nf = __builtin_convertvector(n, V);
+  const V r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  return (V)((I)(y * (V)((n + 127) << 23)) & ~dead);
+}
+
+// p[j] <- exp(p[j] - shift) for j < width (a multiple of 8); returns the sum.
+inline float exp_row(float* p, int64_t width, float shift) {
+  typedef Vec<float>::V V;
+  V total{};
+  for (int64_t j = 0; j < width; j += 8) {
+    V* pj = reinterpret_cast<V*>(p + j);
+    *pj = vexp(*pj - shift);
+    total += *pj;
+  }
+  return ((total[0] + total[1]) + (total[2] + total[3])) + ((total[4] + total[5]) + (total[6] + total[7]));
+}
+
+inline double exp_row(double* p, int64_t width, double shift) {
+  double total = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    p[j] = std::exp(p[j] - shift);
+    total += p[j];
+  }
+  return total;
+}
+
+struct Sizes {
+  int64_t batch, heads, kv_heads, n, m, d, dv, tiles, bq, r;
+};
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Per thread: the tile's packed keys and rows, for one (batch, key head) at a time.
+template <typename T>
+struct TileWork {
+  const Sizes& s;
+  int64_t rp;  // R rounded up to the column panel
+  std::vector<T> kt, vt, sc, dp, zero, sink;
+  std::vector<const T*> kp, vp, ktp, vtp, qp, dop, op;
+  std::vector<T*> scp, dpp, outp, dqp, dkp, dvp;
+  std::vector<const T*> pcol, dscol;
+  std::vector<int64_t> slot, tok;
+
+  explicit TileWork(const Sizes& sz)
+      : s(sz), rp(round_up(sz.r, 2 * Vec<T>::L)), kt(sz.d * rp), vt(sz.dv * rp), sc(sz.bq * rp), dp(sz.bq * rp),
+        zero(sz.d > sz.dv ? sz.d : sz.dv), sink(zero.size()), kp(sz.r), vp(sz.r), ktp(sz.d), vtp(sz.dv),
+        qp(sz.bq), dop(sz.bq), op(sz.bq), scp(sz.bq), dpp(sz.bq), outp(sz.bq), dqp(sz.bq), dkp(sz.r), dvp(sz.r),
+        pcol(rp), dscol(rp), slot(sz.bq), tok(sz.bq) {
+    for (int64_t i = 0; i < s.d; ++i) ktp[i] = kt.data() + i * rp;
+    for (int64_t i = 0; i < s.dv; ++i) vtp[i] = vt.data() + i * rp;
+    for (int64_t i = 0; i < s.bq; ++i) scp[i] = sc.data() + i * rp, dpp[i] = dp.data() + i * rp;
+    for (int64_t j = 0; j < rp; ++j) pcol[j] = sc.data() + j, dscol[j] = dp.data() + j;
+  }
+
+  // Key / value row pointers of tile t (empty slots read a zero row) and K^T (and V^T) packed, zero-padded.
+  void load_keys(const int32_t* kv_idx, const T* kb, const T* vb, bool pack_v) {
+    for (int64_t j = 0; j < s.r; ++j) {
+      const int32_t id = kv_idx[j];
+      kp[j] = id < 0 ? zero.data() : kb + id * s.d;
+      vp[j] = id < 0 ? zero.data() : vb + id * s.dv;
+    }
+    pack(kp, s.d, kt);
+    if (pack_v) pack(vp, s.dv, vt);
+  }
+
+  // dst[i * rp + j] = rows[j][i]: row by row (each source row read once, in order), zero columns from R to rp.
+  void pack(const std::vector<const T*>& rows, int64_t width, std::vector<T>& dst) {
+    T* out = dst.data();
+    for (int64_t j = 0; j < s.r; ++j) {
+      const T* src = rows[j];
+      for (int64_t i = 0; i < width; ++i) out[i * rp + j] = src[i];
+    }
+    for (int64_t i = 0; i < width; ++i)
+      for (int64_t j = s.r; j < rp; ++j) out[i * rp + j] = T(0);
+  }
+
+  // The real query slots of tile t: count, with slot[] and token[] filled.
+  int64_t load_queries(const int32_t* q_idx) {
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < s.bq; ++i)
+      if (q_idx[i] >= 0) slot[cnt] = i, tok[cnt++] = q_idx[i];
+    return cnt;
+  }
+
+  // Scores of the cnt query rows qp[] into sc (scale, mask; padded columns -inf), then probabilities: exp(x - lse)
+  // with lse given (backward), or normalised with lse written (forward, lse_out != null). Rows without a key: 0.
+  void probabilities(int64_t cnt, const T* mask_t, T scale, const T* lse_in, T* lse_out) {
+    typedef typename Vec<T>::V V;
+    constexpr int L = Vec<T>::L;
+    gemm<T, false>(qp.data(), 1, ktp.data(), s.d, rp, scp.data(), cnt);
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const int64_t body = s.r / L * L;
+    for (int64_t i = 0; i < cnt; ++i) {
+      T* row = scp[i];
+      const T* mk = mask_t ? mask_t + slot[i] * s.r : nullptr;
+      V vmax = Vec<T>::splat(ninf);
+      for (int64_t j = 0; j < body; j += L) {
+        V* x = reinterpret_cast<V*>(row + j);
+        *x *= scale;
+        if (mk) *x += *reinterpret_cast<const V*>(mk + j);
+        vmax = vmax > *x ? vmax : *x;
+      }
+      T mx = vmax[0];
+      for (int u = 1; u < L; ++u) mx = vmax[u] > mx ? vmax[u] : mx;
+      for (int64_t j = body; j < s.r; ++j) {
+        row[j] = row[j] * scale + (mk ? mk[j] : T(0));
+        mx = row[j] > mx ? row[j] : mx;
+      }
+      for (int64_t j = s.r; j < rp; ++j) row[j] = ninf;
+      const T shift = lse_out ? mx : lse_in[i];
+      if (shift == ninf) {
+        for (int64_t j = 0; j < rp; ++j) row[j] = T(0);
+        if (lse_out) lse_out[i] = ninf;
+        continue;
+      }
+      const T total = exp_row(row, rp, shift);
+      if (lse_out) {
+        const V inv = Vec<T>::splat(T(1) / total);
+        for (int64_t j = 0; j < rp; j += L) *reinterpret_cast<V*>(row + j) *= inv;
+        lse_out[i] = mx + std::log(total);
+      }
+    }
+  }
+};
+
+template <typename T>
+void forward(const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask,
+             T* out, T* lse, const Sizes& s, T scale, int threads) {
+  const int64_t g = s.heads / s.kv_heads;
+#pragma omp parallel num_threads(threads)
+  {
+    TileWork<T> w(s);
+    std::vector<T> lse_row(s.bq);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
+      const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
+      const T* kb = k + bh * s.m * s.d;
+      const T* vb = v + bh * s.m * s.dv;
+      for (int64_t t = 0; t < s.tiles; ++t) {
+        const int64_t cnt = w.load_queries(q_idx + t * s.bq);
+        if (cnt == 0) continue;
+        w.load_keys(kv_idx + t * s.r, kb, vb, false);
+        for (int64_t gi = 0; gi < g; ++gi) {
+          const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
+          for (int64_t i = 0; i < cnt; ++i) {
+            w.qp[i] = q + (row0 + w.tok[i]) * s.d;
+            w.outp[i] = out + (row0 + w.tok[i]) * s.dv;
+          }
+          w.probabilities(cnt, mask ? mask + t * s.bq * s.r : nullptr, scale, nullptr, lse_row.data());
+          gemm<T, false>(w.scp.data(), 1, w.vp.data(), s.r, s.dv, w.outp.data(), cnt);
+          for (int64_t i = 0; i < cnt; ++i) lse[row0 + w.tok[i]] = lse_row[i];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask,
+              const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, const Sizes& s, T scale,
+              int threads) {
+  const int64_t g = s.heads / s.kv_heads;
+#pragma omp parallel num_threads(threads)
+  {
+    TileWork<T> w(s);
+    std::vector<T> lse_row(s.bq);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
+      const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
+      const T* kb = k + bh * s.m * s.d;
+      const T* vb = v + bh * s.m * s.dv;
+      for (int64_t t = 0; t < s.tiles; ++t) {
+        const int64_t cnt = w.load_queries(q_idx + t * s.bq);
+        if (cnt == 0) continue;
+        w.load_keys(kv_idx + t * s.r, kb, vb, true);
+        for (int64_t j = 0; j < s.r; ++j) {
+          const int32_t id = kv_idx[t * s.r + j];
+          w.dkp[j] = id < 0 ? w.sink.data() : dk + (bh * s.m + id) * s.d;
+          w.dvp[j] = id < 0 ? w.sink.data() : dv + (bh * s.m + id) * s.dv;
+        }
+        for (int64_t gi = 0; gi < g; ++gi) {
+          const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
+          for (int64_t i = 0; i < cnt; ++i) {
+            const int64_t at = row0 + w.tok[i];
+            w.qp[i] = q + at * s.d;
+            w.dop[i] = dout + at * s.dv;
+            w.op[i] = out + at * s.dv;
+            w.dqp[i] = dq + at * s.d;
+            lse_row[i] = lse[at];
+          }
+          w.probabilities(cnt, mask ? mask + t * s.bq * s.r : nullptr, scale, lse_row.data(), nullptr);
+          // dP = dO V^T, then dS = scale * P * (dP - delta), delta = rowsum(dO * O) - dlse.
+          gemm<T, false>(w.dop.data(), 1, w.vtp.data(), s.dv, w.rp, w.dpp.data(), cnt);
+          for (int64_t i = 0; i < cnt; ++i) {
+            T delta = 0;
+            const T* o = w.op[i];
+            const T* d_o = w.dop[i];
+#pragma omp simd reduction(+ : delta)
+            for (int64_t c = 0; c < s.dv; ++c) delta += o[c] * d_o[c];
+            if (dlse) delta -= dlse[row0 + w.tok[i]];
+            const T* p = w.scp[i];
+            T* ds = w.dpp[i];
+#pragma omp simd
+            for (int64_t j = 0; j < w.rp; ++j) ds[j] = scale * p[j] * (ds[j] - delta);
+          }
+          gemm<T, false>(w.dpp.data(), 1, w.kp.data(), s.r, s.d, w.dqp.data(), cnt);
+          // dV += P^T dO and dK += dS^T Q: the left operands are columns of P and dS (stride rp).
+          gemm<T, true>(w.pcol.data(), w.rp, w.dop.data(), cnt, s.dv, w.dvp.data(), s.r);
+          gemm<T, true>(w.dscol.data(), w.rp, w.qp.data(), cnt, s.d, w.dkp.data(), s.r);
+        }
+      }
+    }
+  }
+}
+
+Sizes sizes(int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dv, int64_t t, int64_t bq,
+            int64_t r) {
+  return Sizes{b, h, hk, n, m, d, dv, t, bq, r};
+}
+
+}  // namespace
+
+#define ATTNZOO_TILE_ABI(T, SUFFIX)                                                                                   \
+  extern "C" void attnzoo_tile_forward_##SUFFIX(const T* q, const T* k, const T* v, const int32_t* q_idx,             \
+                                                const int32_t* kv_idx, const T* mask, T* out, T* lse, int64_t b,      \
+                                                int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dv,   \
+                                                int64_t t, int64_t bq, int64_t r, double scale, int threads) {        \
+    forward<T>(q, k, v, q_idx, kv_idx, mask, out, lse, sizes(b, h, hk, n, m, d, dv, t, bq, r), T(scale), threads);   \
+  }                                                                                                                   \
+  extern "C" void attnzoo_tile_backward_##SUFFIX(                                                                     \
+      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* out,   \
+      const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, int64_t b, int64_t h, int64_t hk, int64_t n,   \
+      int64_t m, int64_t d, int64_t dvs, int64_t t, int64_t bq, int64_t r, double scale, int threads) {               \
+    backward<T>(q, k, v, q_idx, kv_idx, mask, out, lse, dout, dlse, dq, dk, dv, sizes(b, h, hk, n, m, d, dvs, t, bq, r), \
+                T(scale), threads);                                                                                   \
+  }
+
+ATTNZOO_TILE_ABI(float, f32)
+ATTNZOO_TILE_ABI(double, f64)

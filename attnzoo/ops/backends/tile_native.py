@@ -1,0 +1,150 @@
+"""Compiled CPU kernels for the tiled path of ``blocksparse``: dense attention inside each tile, in place.
+
+A tile plan (:mod:`attnzoo.patterns.tiles`: Swin and MaxViT windows, neighbourhood and band tiles) lists,
+per tile, its query tokens and the key tokens they all see. ``tile_kernels.cpp`` reads those rows of
+``q``, ``k``, ``v`` where they are and writes ``out``, ``lse`` and the gradients in place, so the tiled
+copies of every input and output that the PyTorch tile path makes (gathers or permutations, one read
+and one write of each tensor) disappear; the products run in a register-blocked kernel of our own.
+The backward recomputes the probabilities from the saved ``lse`` and takes the gradient of ``lse``
+too. :func:`why_not` says when the kernels do not apply: the blocksparse backend then runs its
+PyTorch tile path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, NamedTuple
+
+import torch
+
+from attnzoo.ops import native
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class PlanArrays(NamedTuple):
+    """A tile plan as the kernels read it: ``q_idx`` ``[T, bq]`` and ``kv_idx`` ``[T, R]`` int32 (-1: empty
+    slot), ``mask`` ``[T, bq, R]`` additive (0 / -inf) or None, and whether the tiles cover every query."""
+
+    q_idx: torch.Tensor
+    kv_idx: torch.Tensor
+    mask: torch.Tensor | None
+    covers_all: bool
+
+
+def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
+    lib = native.load("tiles")
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    fwd = getattr(lib, f"attnzoo_tile_forward_{suffix}")
+    bwd = getattr(lib, f"attnzoo_tile_backward_{suffix}")
+    if fwd.argtypes is None:
+        fwd.argtypes = [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 13 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
+        fwd.restype = bwd.restype = None
+    return fwd, bwd
+
+
+def column_width(dtype: torch.dtype) -> int:
+    """Head dims must be multiples of this (two 32-byte vectors)."""
+    return 8 if dtype == torch.float64 else 16
+
+
+def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the compiled tile kernels cannot run this tiled call (None when they can)."""
+    if q.device.type != "cpu":
+        return f"the compiled tile kernels run on CPU tensors, got device {q.device}"
+    if q.dtype not in (torch.float32, torch.float64):
+        return f"the compiled tile kernels run float32 and float64, got {q.dtype}"
+    width = column_width(q.dtype)
+    if q.shape[-1] % width or v.shape[-1] % width:
+        return (f"the compiled tile kernels need head dims that are multiples of {width} for {q.dtype}, got "
+                f"D={q.shape[-1]}, D_v={v.shape[-1]}")
+    if tiles.score_mod is not None:
+        return f"score_mod {type(tiles.score_mod).__name__} runs on the PyTorch tile path"
+    if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1):
+        return "a per-batch or per-head mask (e.g. key padding) runs on the PyTorch tile path"
+    return native.unavailable("tiles")
+
+
+def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
+    """The kernels' view of ``tiles`` (cached on it per dtype)."""
+    key = ("native", dtype)
+    cached = tiles.native.get(key)
+    if cached is None:
+        q_idx = tiles.q_index.to(torch.int32).contiguous()
+        kv_idx = tiles.kv_index.to(torch.int32).contiguous()
+        mask = None
+        if tiles.mask is not None:
+            mask = torch.zeros(tiles.mask.shape[2:], dtype=dtype).masked_fill_(~tiles.mask[0, 0], float("-inf"))
+        covers_all = int((q_idx >= 0).sum()) == tiles.shape.n_q
+        cached = tiles.native[key] = PlanArrays(q_idx, kv_idx, mask, covers_all)
+    return cached
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays) -> tuple[int, ...]:
+    b, h, n, d = q.shape
+    t, bq = arrays.q_idx.shape
+    return b, h, k.shape[1], n, k.shape[2], d, v.shape[-1], t, bq, arrays.kv_idx.shape[1]
+
+
+def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` ``[B, H, N, D_v]`` and ``lse`` ``[B, H, N]`` (``0`` / ``-inf`` for queries in no tile)."""
+    fwd, _ = _functions(q.dtype)
+    shape = (*q.shape[:-1], v.shape[-1])
+    if arrays.covers_all:
+        out, lse = q.new_empty(shape), q.new_empty(q.shape[:-1])
+    else:
+        out, lse = q.new_zeros(shape), q.new_full(q.shape[:-1], float("-inf"))
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
+        _ptr(arrays.mask), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays), scale,
+        torch.get_num_threads())
+    return out, lse
+
+
+def tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays, scale: float,
+                  out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                  dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` from the forward's ``out`` and ``lse``, ``dout`` ``[B, H, N, D_v]`` and optionally the
+    gradient of ``lse`` ``dlse`` ``[B, H, N]`` (all contiguous)."""
+    _, bwd = _functions(q.dtype)
+    dq = torch.empty_like(q) if arrays.covers_all else torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
+        _ptr(arrays.mask), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), _ptr(dlse), dq.data_ptr(),
+        dk.data_ptr(), dv.data_ptr(), *_sizes(q, k, v, arrays), scale, torch.get_num_threads())
+    return dq, dk, dv
+
+
+class _TileKernelFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, arrays: PlanArrays, scale: float, q, k, v):
+        out, lse = tile_forward(q, k, v, arrays, scale)
+        ctx.arrays, ctx.scale = arrays, scale
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
+        dlse = dlse.contiguous() if dlse is not None else None
+        return None, None, *tile_backward(q, k, v, ctx.arrays, ctx.scale, out, lse, dout, dlse)
+
+
+def attention(tiles: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` and ``lse`` of the tiled problem (call only when :func:`why_not` returns None)."""
+    arrays = plan_arrays(tiles, q.dtype)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    if needs_grad:
+        return _TileKernelFn.apply(arrays, scale, q, k, v)
+    return tile_forward(q, k, v, arrays, scale)
+
+
+__all__ = ["PlanArrays", "attention", "column_width", "plan_arrays", "tile_backward", "tile_forward", "why_not"]
