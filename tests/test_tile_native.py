@@ -13,7 +13,11 @@ import torch
 
 import attnzoo
 from attnzoo import patterns as P
+from attnzoo.ops import native
 from attnzoo.ops.backends import tile_native
+
+needs_kernels = pytest.mark.skipif(native.unavailable("tiles") is not None,
+                                   reason=f"tile kernels unavailable: {native.unavailable('tiles')}")
 
 # name -> (pattern, N)
 PLANS = {
@@ -45,6 +49,7 @@ def _grads(backend, q, k, v, pattern, dout, dlse, scale=None):
     return (out.detach(), lse.detach(), *torch.autograd.grad(loss, leaves))
 
 
+@needs_kernels
 @pytest.mark.parametrize("h_kv", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("name", list(PLANS))
 def test_matches_reference_float64(name, h_kv, randn, kernel_calls, tol):
@@ -58,6 +63,7 @@ def test_matches_reference_float64(name, h_kv, randn, kernel_calls, tol):
         torch.testing.assert_close(g, w, **tol, msg=lambda m, label=label: f"{label}: {m}")
 
 
+@needs_kernels
 @pytest.mark.parametrize("name", ["swin", "swin_shift", "nbhd_2d_dilated", "window_sink"])
 def test_matches_reference_float32(name, kernel_calls):
     pattern, n = PLANS[name]
@@ -71,6 +77,7 @@ def test_matches_reference_float32(name, kernel_calls):
         torch.testing.assert_close(gt.double(), w, rtol=1e-4, atol=2e-5, msg=lambda m, label=label: f"{label}: {m}")
 
 
+@needs_kernels
 def test_forward_without_grad_matches_reference(randn, kernel_calls, tol):
     pattern, n = PLANS["swin_shift"]
     q, k, v = randn(1, 2, n, 16), randn(1, 2, n, 16), randn(1, 2, n, 16)
@@ -78,6 +85,24 @@ def test_forward_without_grad_matches_reference(randn, kernel_calls, tol):
         got = attnzoo.attention(q, k, v, pattern=pattern, backend="blocksparse")
     assert kernel_calls
     torch.testing.assert_close(got, attnzoo.attention(q, k, v, pattern=pattern, backend="reference"), **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["swin", "nbhd_2d_dilated"])  # keys in one tile / in several
+def test_thread_count_does_not_change_results(name, randn):
+    """Parallel over tiles (disjoint keys) or over heads (shared keys): bitwise the same as one thread."""
+    pattern, n = PLANS[name]
+    q, k, v, dout = randn(1, 2, n, 8), randn(1, 1, n, 8), randn(1, 1, n, 8), randn(1, 2, n, 8)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            runs.append(_grads("blocksparse", q, k, v, pattern, dout, torch.zeros(1, 2, n, dtype=q.dtype)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def _hand_plan(n: int, d: int) -> tuple[tile_native.PlanArrays, torch.Tensor]:
@@ -92,9 +117,10 @@ def _hand_plan(n: int, d: int) -> tuple[tile_native.PlanArrays, torch.Tensor]:
     allowed[:4, :8] = True
     allowed[2] = False
     allowed[4:8, 5:12] = True
-    return tile_native.PlanArrays(q_idx, kv_idx, mask, covers_all=False), allowed
+    return tile_native.PlanArrays(q_idx, kv_idx, mask, covers_all=False, keys_disjoint=False), allowed
 
 
+@needs_kernels
 def test_uncovered_queries_and_empty_rows_are_zero(randn, tol):
     """Queries in no tile and rows that see no key: out 0, lse -inf, zero gradients; the rest equals the
     reference with the same dense mask."""
@@ -154,6 +180,7 @@ def test_blocksparse_falls_back_to_the_torch_tile_path(randn, kernel_calls, tol)
     torch.testing.assert_close(got, attnzoo.attention(q, k, v, pattern=pattern, backend="reference"), **tol)
 
 
+@needs_kernels
 def test_explain_says_which_tile_path_runs():
     q = torch.randn(1, 2, 64, 16)
     expl = attnzoo.explain(q, q, q, pattern=P.WindowPartition(4, grid=(8, 8)))
@@ -166,5 +193,7 @@ def test_explain_says_which_tile_path_runs():
 def test_plan_arrays_cover_a_partition():
     q = torch.randn(1, 2, 64, 16)
     arrays = tile_native.plan_arrays(_tiles(P.WindowPartition(4, grid=(8, 8)), q, q), torch.float32)
-    assert arrays.covers_all and arrays.mask is None
+    assert arrays.covers_all and arrays.keys_disjoint and arrays.mask is None
+    overlapping = tile_native.plan_arrays(_tiles(P.Neighborhood(3, grid=(8, 8)), q, q), torch.float32)
+    assert overlapping.covers_all and not overlapping.keys_disjoint
     assert sorted(arrays.q_idx.flatten().tolist()) == list(range(64))

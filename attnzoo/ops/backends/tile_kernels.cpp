@@ -12,7 +12,8 @@
 // Per tile, K (and for the backward V) are packed transposed into a small buffer; every product is one
 // register-blocked kernel: six rows of the result by two vectors of columns (12 FMA chains), one broadcast of the
 // left operand per row and step, the reduction loop unrolled by four. D and Dv must be multiples of 16 floats
-// (8 doubles). OpenMP over batch x key heads (the tiles of one key head run in order: a key may be in several).
+// (8 doubles). OpenMP over (batch x key head, tile) pairs; in the backward, when a key may be in several tiles,
+// over batch x key heads only, with the tiles of each in order.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -231,92 +232,115 @@ struct TileWork {
   }
 };
 
+// The inputs of one call, shared by the per-tile steps.
 template <typename T>
-void forward(const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask,
-             T* out, T* lse, const Sizes& s, T scale, int threads) {
-  const int64_t g = s.heads / s.kv_heads;
-#pragma omp parallel num_threads(threads)
-  {
-    TileWork<T> w(s);
-    std::vector<T> lse_row(s.bq);
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
-      const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
-      const T* kb = k + bh * s.m * s.d;
-      const T* vb = v + bh * s.m * s.dv;
-      for (int64_t t = 0; t < s.tiles; ++t) {
-        const int64_t cnt = w.load_queries(q_idx + t * s.bq);
-        if (cnt == 0) continue;
-        w.load_keys(kv_idx + t * s.r, kb, vb, false);
-        for (int64_t gi = 0; gi < g; ++gi) {
-          const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
-          for (int64_t i = 0; i < cnt; ++i) {
-            w.qp[i] = q + (row0 + w.tok[i]) * s.d;
-            w.outp[i] = out + (row0 + w.tok[i]) * s.dv;
-          }
-          w.probabilities(cnt, mask ? mask + t * s.bq * s.r : nullptr, scale, nullptr, lse_row.data());
-          gemm<T, false>(w.scp.data(), 1, w.vp.data(), s.r, s.dv, w.outp.data(), cnt);
-          for (int64_t i = 0; i < cnt; ++i) lse[row0 + w.tok[i]] = lse_row[i];
-        }
-      }
+struct Call {
+  const T *q, *k, *v;
+  const int32_t *q_idx, *kv_idx;
+  const T* mask;
+  const Sizes& s;
+  T scale;
+};
+
+// Forward of tile t for batch x key head bh (every query head of the group).
+template <typename T>
+void forward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int64_t bh, int64_t t, T* out, T* lse) {
+  const Sizes& s = c.s;
+  const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
+  const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
+  if (cnt == 0) return;
+  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, false);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
+    for (int64_t i = 0; i < cnt; ++i) {
+      w.qp[i] = c.q + (row0 + w.tok[i]) * s.d;
+      w.outp[i] = out + (row0 + w.tok[i]) * s.dv;
     }
+    w.probabilities(cnt, c.mask ? c.mask + t * s.bq * s.r : nullptr, c.scale, nullptr, lse_row.data());
+    gemm<T, false>(w.scp.data(), 1, w.vp.data(), s.r, s.dv, w.outp.data(), cnt);
+    for (int64_t i = 0; i < cnt; ++i) lse[row0 + w.tok[i]] = lse_row[i];
   }
 }
 
+// Backward of tile t for batch x key head bh: writes dq of its queries, adds into dk, dv of its keys.
 template <typename T>
-void backward(const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask,
-              const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, const Sizes& s, T scale,
-              int threads) {
-  const int64_t g = s.heads / s.kv_heads;
+void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int64_t bh, int64_t t, const T* out,
+                   const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv) {
+  const Sizes& s = c.s;
+  const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
+  const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
+  if (cnt == 0) return;
+  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, true);
+  for (int64_t j = 0; j < s.r; ++j) {
+    const int32_t id = c.kv_idx[t * s.r + j];
+    w.dkp[j] = id < 0 ? w.sink.data() : dk + (bh * s.m + id) * s.d;
+    w.dvp[j] = id < 0 ? w.sink.data() : dv + (bh * s.m + id) * s.dv;
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
+    for (int64_t i = 0; i < cnt; ++i) {
+      const int64_t at = row0 + w.tok[i];
+      w.qp[i] = c.q + at * s.d;
+      w.dop[i] = dout + at * s.dv;
+      w.op[i] = out + at * s.dv;
+      w.dqp[i] = dq + at * s.d;
+      lse_row[i] = lse[at];
+    }
+    w.probabilities(cnt, c.mask ? c.mask + t * s.bq * s.r : nullptr, c.scale, lse_row.data(), nullptr);
+    // dP = dO V^T, then dS = scale * P * (dP - delta), delta = rowsum(dO * O) - dlse.
+    gemm<T, false>(w.dop.data(), 1, w.vtp.data(), s.dv, w.rp, w.dpp.data(), cnt);
+    for (int64_t i = 0; i < cnt; ++i) {
+      T delta = 0;
+      const T* o = w.op[i];
+      const T* d_o = w.dop[i];
+#pragma omp simd reduction(+ : delta)
+      for (int64_t col = 0; col < s.dv; ++col) delta += o[col] * d_o[col];
+      if (dlse) delta -= dlse[row0 + w.tok[i]];
+      const T* p = w.scp[i];
+      T* ds = w.dpp[i];
+#pragma omp simd
+      for (int64_t j = 0; j < w.rp; ++j) ds[j] = c.scale * p[j] * (ds[j] - delta);
+    }
+    gemm<T, false>(w.dpp.data(), 1, w.kp.data(), s.r, s.d, w.dqp.data(), cnt);
+    // dV += P^T dO and dK += dS^T Q: the left operands are columns of P and dS (stride rp).
+    gemm<T, true>(w.pcol.data(), w.rp, w.dop.data(), cnt, s.dv, w.dvp.data(), s.r);
+    gemm<T, true>(w.dscol.data(), w.rp, w.qp.data(), cnt, s.d, w.dkp.data(), s.r);
+  }
+}
+
+// Query tiles never share a query, so the forward runs every (batch x key head, tile) pair in parallel.
+template <typename T>
+void forward(const Call<T>& c, T* out, T* lse, int threads) {
+  const Sizes& s = c.s;
+  const int64_t pairs = s.batch * s.kv_heads * s.tiles;
 #pragma omp parallel num_threads(threads)
   {
     TileWork<T> w(s);
     std::vector<T> lse_row(s.bq);
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
-      const int64_t b = bh / s.kv_heads, hk = bh % s.kv_heads;
-      const T* kb = k + bh * s.m * s.d;
-      const T* vb = v + bh * s.m * s.dv;
-      for (int64_t t = 0; t < s.tiles; ++t) {
-        const int64_t cnt = w.load_queries(q_idx + t * s.bq);
-        if (cnt == 0) continue;
-        w.load_keys(kv_idx + t * s.r, kb, vb, true);
-        for (int64_t j = 0; j < s.r; ++j) {
-          const int32_t id = kv_idx[t * s.r + j];
-          w.dkp[j] = id < 0 ? w.sink.data() : dk + (bh * s.m + id) * s.d;
-          w.dvp[j] = id < 0 ? w.sink.data() : dv + (bh * s.m + id) * s.dv;
-        }
-        for (int64_t gi = 0; gi < g; ++gi) {
-          const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
-          for (int64_t i = 0; i < cnt; ++i) {
-            const int64_t at = row0 + w.tok[i];
-            w.qp[i] = q + at * s.d;
-            w.dop[i] = dout + at * s.dv;
-            w.op[i] = out + at * s.dv;
-            w.dqp[i] = dq + at * s.d;
-            lse_row[i] = lse[at];
-          }
-          w.probabilities(cnt, mask ? mask + t * s.bq * s.r : nullptr, scale, lse_row.data(), nullptr);
-          // dP = dO V^T, then dS = scale * P * (dP - delta), delta = rowsum(dO * O) - dlse.
-          gemm<T, false>(w.dop.data(), 1, w.vtp.data(), s.dv, w.rp, w.dpp.data(), cnt);
-          for (int64_t i = 0; i < cnt; ++i) {
-            T delta = 0;
-            const T* o = w.op[i];
-            const T* d_o = w.dop[i];
-#pragma omp simd reduction(+ : delta)
-            for (int64_t c = 0; c < s.dv; ++c) delta += o[c] * d_o[c];
-            if (dlse) delta -= dlse[row0 + w.tok[i]];
-            const T* p = w.scp[i];
-            T* ds = w.dpp[i];
-#pragma omp simd
-            for (int64_t j = 0; j < w.rp; ++j) ds[j] = scale * p[j] * (ds[j] - delta);
-          }
-          gemm<T, false>(w.dpp.data(), 1, w.kp.data(), s.r, s.d, w.dqp.data(), cnt);
-          // dV += P^T dO and dK += dS^T Q: the left operands are columns of P and dS (stride rp).
-          gemm<T, true>(w.pcol.data(), w.rp, w.dop.data(), cnt, s.dv, w.dvp.data(), s.r);
-          gemm<T, true>(w.dscol.data(), w.rp, w.qp.data(), cnt, s.d, w.dkp.data(), s.r);
-        }
-      }
+    for (int64_t i = 0; i < pairs; ++i) forward_tile(c, w, lse_row, i / s.tiles, i % s.tiles, out, lse);
+  }
+}
+
+// Tiles that share a key add into the same dk, dv rows: in parallel over pairs only when no key is in two tiles
+// (keys_disjoint), else over batch x key heads with the tiles of each in order.
+template <typename T>
+void backward(const Call<T>& c, const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv,
+              bool keys_disjoint, int threads) {
+  const Sizes& s = c.s;
+  const int64_t bhk = s.batch * s.kv_heads;
+#pragma omp parallel num_threads(threads)
+  {
+    TileWork<T> w(s);
+    std::vector<T> lse_row(s.bq);
+    if (keys_disjoint) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < bhk * s.tiles; ++i)
+        backward_tile(c, w, lse_row, i / s.tiles, i % s.tiles, out, lse, dout, dlse, dq, dk, dv);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < bhk; ++bh)
+        for (int64_t t = 0; t < s.tiles; ++t) backward_tile(c, w, lse_row, bh, t, out, lse, dout, dlse, dq, dk, dv);
     }
   }
 }
@@ -333,14 +357,17 @@ Sizes sizes(int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, i
                                                 const int32_t* kv_idx, const T* mask, T* out, T* lse, int64_t b,      \
                                                 int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dv,   \
                                                 int64_t t, int64_t bq, int64_t r, double scale, int threads) {        \
-    forward<T>(q, k, v, q_idx, kv_idx, mask, out, lse, sizes(b, h, hk, n, m, d, dv, t, bq, r), T(scale), threads);   \
+    const Sizes s = sizes(b, h, hk, n, m, d, dv, t, bq, r);                                                           \
+    forward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, s, T(scale)}, out, lse, threads);                               \
   }                                                                                                                   \
   extern "C" void attnzoo_tile_backward_##SUFFIX(                                                                     \
       const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* out,   \
       const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, int64_t b, int64_t h, int64_t hk, int64_t n,   \
-      int64_t m, int64_t d, int64_t dvs, int64_t t, int64_t bq, int64_t r, double scale, int threads) {               \
-    backward<T>(q, k, v, q_idx, kv_idx, mask, out, lse, dout, dlse, dq, dk, dv, sizes(b, h, hk, n, m, d, dvs, t, bq, r), \
-                T(scale), threads);                                                                                   \
+      int64_t m, int64_t d, int64_t dvs, int64_t t, int64_t bq, int64_t r, double scale, int keys_disjoint,           \
+      int threads) {                                                                                                  \
+    const Sizes s = sizes(b, h, hk, n, m, d, dvs, t, bq, r);                                                          \
+    backward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, s, T(scale)}, out, lse, dout, dlse, dq, dk, dv,                 \
+                keys_disjoint != 0, threads);                                                                         \
   }
 
 ATTNZOO_TILE_ABI(float, f32)

@@ -24,12 +24,14 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 class PlanArrays(NamedTuple):
     """A tile plan as the kernels read it: ``q_idx`` ``[T, bq]`` and ``kv_idx`` ``[T, R]`` int32 (-1: empty
-    slot), ``mask`` ``[T, bq, R]`` additive (0 / -inf) or None, and whether the tiles cover every query."""
+    slot), ``mask`` ``[T, bq, R]`` additive (0 / -inf) or None, whether the tiles cover every query, and
+    whether no key is in two tiles (then the backward runs the tiles of one head in parallel)."""
 
     q_idx: torch.Tensor
     kv_idx: torch.Tensor
     mask: torch.Tensor | None
     covers_all: bool
+    keys_disjoint: bool
 
 
 def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
@@ -39,7 +41,7 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     bwd = getattr(lib, f"attnzoo_tile_backward_{suffix}")
     if fwd.argtypes is None:
         fwd.argtypes = [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 13 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 13 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
         fwd.restype = bwd.restype = None
     return fwd, bwd
 
@@ -77,7 +79,9 @@ def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
         if tiles.mask is not None:
             mask = torch.zeros(tiles.mask.shape[2:], dtype=dtype).masked_fill_(~tiles.mask[0, 0], float("-inf"))
         covers_all = int((q_idx >= 0).sum()) == tiles.shape.n_q
-        cached = tiles.native[key] = PlanArrays(q_idx, kv_idx, mask, covers_all)
+        keys = kv_idx[kv_idx >= 0].long()
+        disjoint = keys.numel() == 0 or int(torch.bincount(keys).max()) == 1
+        cached = tiles.native[key] = PlanArrays(q_idx, kv_idx, mask, covers_all, disjoint)
     return cached
 
 
@@ -116,7 +120,8 @@ def tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: Pla
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
         _ptr(arrays.mask), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), _ptr(dlse), dq.data_ptr(),
-        dk.data_ptr(), dv.data_ptr(), *_sizes(q, k, v, arrays), scale, torch.get_num_threads())
+        dk.data_ptr(), dv.data_ptr(), *_sizes(q, k, v, arrays), scale, int(arrays.keys_disjoint),
+        torch.get_num_threads())
     return dq, dk, dv
 
 
