@@ -15,6 +15,7 @@ import attnzoo
 from attnzoo import patterns as P
 from attnzoo.ops import native
 from attnzoo.ops.backends import tile_native
+from attnzoo.patterns.grid_bias import GridRelativeBias
 
 needs_kernels = pytest.mark.skipif(native.unavailable("tiles") is not None,
                                    reason=f"tile kernels unavailable: {native.unavailable('tiles')}")
@@ -60,6 +61,45 @@ def test_matches_reference_float64(name, h_kv, randn, kernel_calls, tol):
     assert kernel_calls, "the compiled tile kernel did not run"
     want = _grads("reference", q, k, v, pattern, dout, dlse)
     for label, g, w in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, label=label: f"{label}: {m}")
+
+
+# name -> (pattern, relative-position bias (heads 4), grid)
+BIASED = {
+    "swin": (P.WindowPartition((4, 4), grid=(8, 12)), GridRelativeBias(4, (4, 4)), (8, 12)),
+    "swin_shift": (P.WindowPartition(4, grid=(8, 8), shift=2), GridRelativeBias(4, (4, 4)), (8, 8)),
+    "maxvit_grid": (P.GridPartition((2, 3), grid=(8, 12)), GridRelativeBias(4, (2, 3), step=(4, 4)), (8, 12)),
+    "nbhd_2d_dilated": (P.Neighborhood(3, dilation=2, grid=(8, 12)), GridRelativeBias(4, (3, 3), step=2), (8, 12)),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("h_kv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("name", list(BIASED))
+def test_relative_position_bias_matches_reference(name, h_kv, randn, kernel_calls, tol):
+    """The bias is added in the kernels and its table's gradient summed over batch and tiles."""
+    pattern, rpb, grid = BIASED[name]
+    n = grid[0] * grid[1]
+    rpb = rpb.double()
+    with torch.no_grad():
+        rpb.table.copy_(randn(*rpb.table.shape))
+    mod = rpb.at(grid)
+    q, k, v = randn(2, 4, n, 8), randn(2, h_kv, n, 8), randn(2, h_kv, n, 8)
+    dout, dlse = randn(2, 4, n, 8), randn(2, 4, n)
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        rpb.table.grad = None
+        out, lse = attnzoo.attention(*leaves, pattern=pattern, score_mod=mod, backend=backend, return_lse=True)
+        loss = (out * dout).sum() + (lse * dlse).sum()
+        loss.backward()
+        return out.detach(), lse.detach(), *(t.grad for t in leaves), rpb.table.grad.clone()
+
+    got = run("blocksparse")
+    assert kernel_calls, "the compiled tile kernel did not run"
+    want = run("reference")
+    assert want[-1].abs().max() > 0.1
+    for label, g, w in zip(["out", "lse", "dq", "dk", "dv", "dtable"], got, want):
         torch.testing.assert_close(g, w, **tol, msg=lambda m, label=label: f"{label}: {m}")
 
 
@@ -153,7 +193,7 @@ def _tiles(pattern, q, k, score_mod=None):
 @pytest.mark.parametrize("case, match", [
     ("head_dim", "multiples of 16 for torch.float32, got D=24"),
     ("half", "float32 and float64, got torch.bfloat16"),
-    ("score_mod", "score_mod ALiBi runs on the PyTorch tile path"),
+    ("score_mod", "score_mod ALiBi runs on the PyTorch tile path (the compiled tile kernels take additive"),
     ("key_padding", "per-batch or per-head mask"),
 ])
 def test_why_not_names_the_reason(case, match):

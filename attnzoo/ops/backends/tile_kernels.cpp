@@ -3,10 +3,11 @@
 // Plain C ABI (loaded with ctypes; no Python or torch headers). Tensors are contiguous:
 // q [B, H, N, D], k [B, Hk, M, D], v [B, Hk, M, Dv] (H a multiple of Hk: the H / Hk query heads of a key
 // head share its tiles), q_idx [T, bq] and kv_idx [T, R] int32 token ids (-1: an empty slot), mask [T, bq, R]
-// additive (0 / -inf or a bias; shared by every batch element and head) or null, out [B, H, N, Dv] and lse
-// [B, H, N] (rows of queries in no tile are left as they are). The backward takes out, lse, dout, dlse [B, H, N]
-// or null, writes dq for the queries of the tiles and adds dk, dv into zero-initialised buffers (a key may
-// belong to several tiles).
+// additive (0 / -inf; shared by every batch element and head) or null, bias [H, n_bias] and bias_idx [T, bq, R]
+// or null (an additive per-head bias read at an index of the pair, e.g. relative positions), out [B, H, N, Dv]
+// and lse [B, H, N] (rows of queries in no tile are left as they are). The backward takes out, lse, dout, dlse
+// [B, H, N] or null, writes dq for the queries of the tiles and adds dk, dv into zero-initialised buffers (a key
+// may belong to several tiles) and, with a bias, its gradient into dbias [B, H, n_bias] (zero-initialised).
 //
 // Tokens are read and written in place through row pointers: no tiled copies of q, k, v, out or the gradients.
 // Per tile, K (and for the backward V) are packed transposed into a small buffer; every product is one
@@ -191,9 +192,11 @@ struct TileWork {
     return cnt;
   }
 
-  // Scores of the cnt query rows qp[] into sc (scale, mask; padded columns -inf), then probabilities: exp(x - lse)
-  // with lse given (backward), or normalised with lse written (forward, lse_out != null). Rows without a key: 0.
-  void probabilities(int64_t cnt, const T* mask_t, T scale, const T* lse_in, T* lse_out) {
+  // Scores of the cnt query rows qp[] into sc (scale, mask, bias; padded columns -inf), then probabilities:
+  // exp(x - lse) with lse given (backward), or normalised with lse written (forward, lse_out != null). Rows
+  // without a key: 0.
+  void probabilities(int64_t cnt, const T* mask_t, const T* bias_h, const int32_t* bidx_t, T scale, const T* lse_in,
+                     T* lse_out) {
     typedef typename Vec<T>::V V;
     constexpr int L = Vec<T>::L;
     gemm<T, false>(qp.data(), 1, ktp.data(), s.d, rp, scp.data(), cnt);
@@ -202,20 +205,24 @@ struct TileWork {
     for (int64_t i = 0; i < cnt; ++i) {
       T* row = scp[i];
       const T* mk = mask_t ? mask_t + slot[i] * s.r : nullptr;
-      V vmax = Vec<T>::splat(ninf);
       for (int64_t j = 0; j < body; j += L) {
         V* x = reinterpret_cast<V*>(row + j);
         *x *= scale;
         if (mk) *x += *reinterpret_cast<const V*>(mk + j);
-        vmax = vmax > *x ? vmax : *x;
+      }
+      for (int64_t j = body; j < s.r; ++j) row[j] = row[j] * scale + (mk ? mk[j] : T(0));
+      if (bias_h) {
+        const int32_t* bi = bidx_t + slot[i] * s.r;
+        for (int64_t j = 0; j < s.r; ++j) row[j] += bias_h[bi[j]];
+      }
+      for (int64_t j = s.r; j < rp; ++j) row[j] = ninf;
+      V vmax = Vec<T>::splat(ninf);
+      for (int64_t j = 0; j < rp; j += L) {
+        const V x = *reinterpret_cast<V*>(row + j);
+        vmax = vmax > x ? vmax : x;
       }
       T mx = vmax[0];
       for (int u = 1; u < L; ++u) mx = vmax[u] > mx ? vmax[u] : mx;
-      for (int64_t j = body; j < s.r; ++j) {
-        row[j] = row[j] * scale + (mk ? mk[j] : T(0));
-        mx = row[j] > mx ? row[j] : mx;
-      }
-      for (int64_t j = s.r; j < rp; ++j) row[j] = ninf;
       const T shift = lse_out ? mx : lse_in[i];
       if (shift == ninf) {
         for (int64_t j = 0; j < rp; ++j) row[j] = T(0);
@@ -238,8 +245,15 @@ struct Call {
   const T *q, *k, *v;
   const int32_t *q_idx, *kv_idx;
   const T* mask;
+  const T* bias;  // [H, n_bias] or null
+  const int32_t* bias_idx;  // [T, bq, R]
+  int64_t n_bias;
   const Sizes& s;
   T scale;
+
+  const T* bias_row(int64_t h) const { return bias ? bias + h * n_bias : nullptr; }
+  const int32_t* bias_tile(int64_t t) const { return bias ? bias_idx + t * s.bq * s.r : nullptr; }
+  const T* mask_tile(int64_t t) const { return mask ? mask + t * s.bq * s.r : nullptr; }
 };
 
 // Forward of tile t for batch x key head bh (every query head of the group).
@@ -256,7 +270,8 @@ void forward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int
       w.qp[i] = c.q + (row0 + w.tok[i]) * s.d;
       w.outp[i] = out + (row0 + w.tok[i]) * s.dv;
     }
-    w.probabilities(cnt, c.mask ? c.mask + t * s.bq * s.r : nullptr, c.scale, nullptr, lse_row.data());
+    const int64_t h = hk * g + gi;
+    w.probabilities(cnt, c.mask_tile(t), c.bias_row(h), c.bias_tile(t), c.scale, nullptr, lse_row.data());
     gemm<T, false>(w.scp.data(), 1, w.vp.data(), s.r, s.dv, w.outp.data(), cnt);
     for (int64_t i = 0; i < cnt; ++i) lse[row0 + w.tok[i]] = lse_row[i];
   }
@@ -265,7 +280,7 @@ void forward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int
 // Backward of tile t for batch x key head bh: writes dq of its queries, adds into dk, dv of its keys.
 template <typename T>
 void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int64_t bh, int64_t t, const T* out,
-                   const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv) {
+                   const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, T* dbias) {
   const Sizes& s = c.s;
   const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
@@ -286,8 +301,11 @@ void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, in
       w.dqp[i] = dq + at * s.d;
       lse_row[i] = lse[at];
     }
-    w.probabilities(cnt, c.mask ? c.mask + t * s.bq * s.r : nullptr, c.scale, lse_row.data(), nullptr);
-    // dP = dO V^T, then dS = scale * P * (dP - delta), delta = rowsum(dO * O) - dlse.
+    const int64_t h = hk * g + gi;
+    w.probabilities(cnt, c.mask_tile(t), c.bias_row(h), c.bias_tile(t), c.scale, lse_row.data(), nullptr);
+    T* db = dbias ? dbias + (b * s.heads + h) * c.n_bias : nullptr;
+    // dP = dO V^T, then dX = P * (dP - delta) for the logits (delta = rowsum(dO * O) - dlse: the bias's gradient)
+    // and dS = scale * dX for the products.
     gemm<T, false>(w.dop.data(), 1, w.vtp.data(), s.dv, w.rp, w.dpp.data(), cnt);
     for (int64_t i = 0; i < cnt; ++i) {
       T delta = 0;
@@ -299,7 +317,13 @@ void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, in
       const T* p = w.scp[i];
       T* ds = w.dpp[i];
 #pragma omp simd
-      for (int64_t j = 0; j < w.rp; ++j) ds[j] = c.scale * p[j] * (ds[j] - delta);
+      for (int64_t j = 0; j < w.rp; ++j) ds[j] = p[j] * (ds[j] - delta);
+      if (db) {
+        const int32_t* bi = c.bias_tile(t) + w.slot[i] * s.r;
+        for (int64_t j = 0; j < s.r; ++j) db[bi[j]] += ds[j];
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < w.rp; ++j) ds[j] *= c.scale;
     }
     gemm<T, false>(w.dpp.data(), 1, w.kp.data(), s.r, s.d, w.dqp.data(), cnt);
     // dV += P^T dO and dK += dS^T Q: the left operands are columns of P and dS (stride rp).
@@ -322,25 +346,27 @@ void forward(const Call<T>& c, T* out, T* lse, int threads) {
   }
 }
 
-// Tiles that share a key add into the same dk, dv rows: in parallel over pairs only when no key is in two tiles
-// (keys_disjoint), else over batch x key heads with the tiles of each in order.
+// Tiles that share a key add into the same dk, dv rows, and every tile of a head into its dbias: in parallel over
+// pairs only when no key is in two tiles (keys_disjoint) and there is no bias, else over batch x key heads with the
+// tiles of each in order.
 template <typename T>
 void backward(const Call<T>& c, const T* out, const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv,
-              bool keys_disjoint, int threads) {
+              T* dbias, bool keys_disjoint, int threads) {
   const Sizes& s = c.s;
   const int64_t bhk = s.batch * s.kv_heads;
 #pragma omp parallel num_threads(threads)
   {
     TileWork<T> w(s);
     std::vector<T> lse_row(s.bq);
-    if (keys_disjoint) {
+    if (keys_disjoint && !dbias) {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < bhk * s.tiles; ++i)
-        backward_tile(c, w, lse_row, i / s.tiles, i % s.tiles, out, lse, dout, dlse, dq, dk, dv);
+        backward_tile(c, w, lse_row, i / s.tiles, i % s.tiles, out, lse, dout, dlse, dq, dk, dv, dbias);
     } else {
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < bhk; ++bh)
-        for (int64_t t = 0; t < s.tiles; ++t) backward_tile(c, w, lse_row, bh, t, out, lse, dout, dlse, dq, dk, dv);
+        for (int64_t t = 0; t < s.tiles; ++t)
+          backward_tile(c, w, lse_row, bh, t, out, lse, dout, dlse, dq, dk, dv, dbias);
     }
   }
 }
@@ -353,21 +379,21 @@ Sizes sizes(int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, i
 }  // namespace
 
 #define ATTNZOO_TILE_ABI(T, SUFFIX)                                                                                   \
-  extern "C" void attnzoo_tile_forward_##SUFFIX(const T* q, const T* k, const T* v, const int32_t* q_idx,             \
-                                                const int32_t* kv_idx, const T* mask, T* out, T* lse, int64_t b,      \
-                                                int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dv,   \
-                                                int64_t t, int64_t bq, int64_t r, double scale, int threads) {        \
+  extern "C" void attnzoo_tile_forward_##SUFFIX(                                                                      \
+      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* bias,  \
+      const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, \
+      int64_t d, int64_t dv, int64_t t, int64_t bq, int64_t r, double scale, int threads) {                           \
     const Sizes s = sizes(b, h, hk, n, m, d, dv, t, bq, r);                                                           \
-    forward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, s, T(scale)}, out, lse, threads);                               \
+    forward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, bias, bias_idx, n_bias, s, T(scale)}, out, lse, threads);       \
   }                                                                                                                   \
   extern "C" void attnzoo_tile_backward_##SUFFIX(                                                                     \
-      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* out,   \
-      const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, int64_t b, int64_t h, int64_t hk, int64_t n,   \
-      int64_t m, int64_t d, int64_t dvs, int64_t t, int64_t bq, int64_t r, double scale, int keys_disjoint,           \
-      int threads) {                                                                                                  \
+      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* bias,  \
+      const int32_t* bias_idx, int64_t n_bias, const T* out, const T* lse, const T* dout, const T* dlse, T* dq,       \
+      T* dk, T* dv, T* dbias, int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dvs,         \
+      int64_t t, int64_t bq, int64_t r, double scale, int keys_disjoint, int threads) {                               \
     const Sizes s = sizes(b, h, hk, n, m, d, dvs, t, bq, r);                                                          \
-    backward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, s, T(scale)}, out, lse, dout, dlse, dq, dk, dv,                 \
-                keys_disjoint != 0, threads);                                                                         \
+    backward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, bias, bias_idx, n_bias, s, T(scale)}, out, lse, dout, dlse,    \
+                dq, dk, dv, dbias, keys_disjoint != 0, threads);                                                      \
   }
 
 ATTNZOO_TILE_ABI(float, f32)

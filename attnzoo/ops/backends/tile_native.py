@@ -6,8 +6,10 @@ per tile, its query tokens and the key tokens they all see. ``tile_kernels.cpp``
 copies of every input and output that the PyTorch tile path makes (gathers or permutations, one read
 and one write of each tensor) disappear; the products run in a register-blocked kernel of our own.
 The backward recomputes the probabilities from the saved ``lse`` and takes the gradient of ``lse``
-too. :func:`why_not` says when the kernels do not apply: the blocksparse backend then runs its
-PyTorch tile path.
+too. An additive per-head bias read at an index of the pair (``ScoreMod.indexed_bias``: the
+relative-position bias of Swin, MaxViT and NAT, :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`)
+is added in the kernels, and its gradient summed per (batch, head). :func:`why_not` says when the
+kernels do not apply: the blocksparse backend then runs its PyTorch tile path.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
     fwd = getattr(lib, f"attnzoo_tile_forward_{suffix}")
     bwd = getattr(lib, f"attnzoo_tile_backward_{suffix}")
     if fwd.argtypes is None:
-        fwd.argtypes = [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 13 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
+        fwd.argtypes = [_P] * 8 + [_I] + [_P] * 2 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
+        bwd.argtypes = [_P] * 8 + [_I] + [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
         fwd.restype = bwd.restype = None
     return fwd, bwd
 
@@ -62,7 +64,12 @@ def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
         return (f"the compiled tile kernels need head dims that are multiples of {width} for {q.dtype}, got "
                 f"D={q.shape[-1]}, D_v={v.shape[-1]}")
     if tiles.score_mod is not None:
-        return f"score_mod {type(tiles.score_mod).__name__} runs on the PyTorch tile path"
+        table = tiles.score_mod.indexed_bias() if hasattr(tiles.score_mod, "indexed_bias") else None
+        if table is None:
+            return (f"score_mod {type(tiles.score_mod).__name__} runs on the PyTorch tile path (the compiled tile "
+                    "kernels take additive per-head biases read at an index of the pair, e.g. GridRelativeBias)")
+        if table.dim() != 2 or table.shape[0] != q.shape[1]:
+            return f"the compiled tile kernels need a bias table [H={q.shape[1]}, T], got {list(table.shape)}"
     if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1):
         return "a per-batch or per-head mask (e.g. key padding) runs on the PyTorch tile path"
     return native.unavailable("tiles")
@@ -85,6 +92,31 @@ def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
     return cached
 
 
+class TileBias(NamedTuple):
+    """An additive per-head bias for the kernels: ``table`` ``[H, n_bias]`` read at ``index`` ``[T, bq, R]`` int32."""
+
+    table: torch.Tensor
+    index: torch.Tensor
+
+
+def tile_bias(tiles: Any, dtype: torch.dtype) -> TileBias | None:
+    """The score modifier of ``tiles`` as a :class:`TileBias` (None without one); the index is cached per modifier."""
+    mod = tiles.score_mod
+    if mod is None:
+        return None
+    key = ("bias_index", id(mod))
+    cached = tiles.native.get(key)
+    if cached is None or cached[0] is not mod:  # the entry holds the modifier, so its id is not reused meanwhile
+        q_pos = tiles.q_index.clamp(min=0).unsqueeze(-1)
+        kv_pos = tiles.kv_index.clamp(min=0).unsqueeze(1)
+        cached = tiles.native[key] = (mod, mod.index(q_pos, kv_pos).to(torch.int32).contiguous())
+    return TileBias(mod.indexed_bias().to(dtype).contiguous(), cached[1])
+
+
+def _bias_args(bias: TileBias | None) -> tuple[int | None, int | None, int]:
+    return (None, None, 0) if bias is None else (bias.table.data_ptr(), bias.index.data_ptr(), bias.table.shape[1])
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -95,8 +127,8 @@ def _sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays
     return b, h, k.shape[1], n, k.shape[2], d, v.shape[-1], t, bq, arrays.kv_idx.shape[1]
 
 
-def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays, scale: float,
+                 bias: TileBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``[B, H, N, D_v]`` and ``lse`` ``[B, H, N]`` (``0`` / ``-inf`` for queries in no tile)."""
     fwd, _ = _functions(q.dtype)
     shape = (*q.shape[:-1], v.shape[-1])
@@ -105,31 +137,33 @@ def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: Plan
     else:
         out, lse = q.new_zeros(shape), q.new_full(q.shape[:-1], float("-inf"))
     fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
-        _ptr(arrays.mask), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays), scale,
+        _ptr(arrays.mask), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays), scale,
         torch.get_num_threads())
     return out, lse
 
 
 def tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays, scale: float,
-                  out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                  dlse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dq, dk, dv`` from the forward's ``out`` and ``lse``, ``dout`` ``[B, H, N, D_v]`` and optionally the
-    gradient of ``lse`` ``dlse`` ``[B, H, N]`` (all contiguous)."""
+                  out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None,
+                  bias: TileBias | None = None) -> tuple[torch.Tensor, ...]:
+    """``dq, dk, dv`` (and ``dtable`` ``[H, n_bias]`` with a bias) from the forward's ``out`` and ``lse``,
+    ``dout`` ``[B, H, N, D_v]`` and optionally the gradient of ``lse`` ``dlse`` ``[B, H, N]`` (all contiguous)."""
     _, bwd = _functions(q.dtype)
     dq = torch.empty_like(q) if arrays.covers_all else torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dbias = q.new_zeros(q.shape[0], q.shape[1], bias.table.shape[1]) if bias is not None else None
     bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
-        _ptr(arrays.mask), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), _ptr(dlse), dq.data_ptr(),
-        dk.data_ptr(), dv.data_ptr(), *_sizes(q, k, v, arrays), scale, int(arrays.keys_disjoint),
-        torch.get_num_threads())
-    return dq, dk, dv
+        _ptr(arrays.mask), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), _ptr(dlse),
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _ptr(dbias), *_sizes(q, k, v, arrays), scale,
+        int(arrays.keys_disjoint), torch.get_num_threads())
+    return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))
 
 
 class _TileKernelFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, arrays: PlanArrays, scale: float, q, k, v):
-        out, lse = tile_forward(q, k, v, arrays, scale)
-        ctx.arrays, ctx.scale = arrays, scale
+    def forward(ctx, arrays: PlanArrays, scale: float, bias_index, q, k, v, bias_table):
+        bias = TileBias(bias_table, bias_index) if bias_table is not None else None
+        out, lse = tile_forward(q, k, v, arrays, scale, bias)
+        ctx.arrays, ctx.scale, ctx.bias = arrays, scale, bias
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
@@ -139,17 +173,21 @@ class _TileKernelFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
         dlse = dlse.contiguous() if dlse is not None else None
-        return None, None, *tile_backward(q, k, v, ctx.arrays, ctx.scale, out, lse, dout, dlse)
+        grads = tile_backward(q, k, v, ctx.arrays, ctx.scale, out, lse, dout, dlse, ctx.bias)
+        return None, None, None, *grads[:3], (grads[3] if ctx.bias is not None else None)
 
 
 def attention(tiles: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` and ``lse`` of the tiled problem (call only when :func:`why_not` returns None)."""
     arrays = plan_arrays(tiles, q.dtype)
+    bias = tile_bias(tiles, q.dtype)
     q, k, v = (t.contiguous() for t in (q, k, v))
     if needs_grad:
-        return _TileKernelFn.apply(arrays, scale, q, k, v)
-    return tile_forward(q, k, v, arrays, scale)
+        table, index = (bias.table, bias.index) if bias is not None else (None, None)
+        return _TileKernelFn.apply(arrays, scale, index, q, k, v, table)
+    return tile_forward(q, k, v, arrays, scale, bias)
 
 
-__all__ = ["PlanArrays", "attention", "column_width", "plan_arrays", "tile_backward", "tile_forward", "why_not"]
+__all__ = ["PlanArrays", "TileBias", "attention", "column_width", "plan_arrays", "tile_backward", "tile_bias",
+           "tile_forward", "why_not"]
