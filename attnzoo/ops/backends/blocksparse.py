@@ -7,10 +7,12 @@ each chunk's scores, so memory stays linear in N for a fixed window, on any devi
 
 Patterns with a regular structure (sliding windows, neighbourhoods, Swin windows, MaxViT
 axes) give a *tile plan* instead (``pattern.tile_plan(shape, block)``, see
-:mod:`attnzoo.patterns.tiles`): query tiles, each with one fixed list of keys. Those run on
-the tiled path below: gather each tile's queries and keys once (overlapping strided views
-for 1-D bands, no copy), one masked softmax per tile (on CPU the fused flash kernel of
-PyTorch for the forward), and a chunked recomputing backward sized to stay in cache.
+:mod:`attnzoo.patterns.tiles`): query tiles, each with one fixed list of keys. On CPU those
+run on our compiled tile kernels where :func:`attnzoo.ops.backends.tile_native.why_not`
+allows (rows read and written in place); otherwise on the tiled path below: gather each
+tile's queries and keys once (overlapping strided views for 1-D bands, no copy), one masked
+softmax per tile (on CPU the fused flash kernel of PyTorch for the forward), and a chunked
+recomputing backward sized to stay in cache.
 """
 
 from __future__ import annotations
