@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 ENV_DISABLE = "ATTNZOO_NATIVE"
 ENV_CACHE = "ATTNZOO_CACHE"
@@ -29,6 +30,8 @@ _SOURCES = {
     "gather": Path(__file__).parent / "backends" / "gather_kernels.cpp",
     "tiles": Path(__file__).parent / "backends" / "tile_kernels.cpp",
 }
+# Headers the sources include (next to them): part of every library's hash.
+_HEADERS = (Path(__file__).parent / "backends" / "kernels_exp.h",)
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
@@ -88,6 +91,8 @@ def _cpu_tag() -> str:
 def _library_path(name: str, cxx: str) -> Path:
     digest = hashlib.sha256()
     digest.update(_SOURCES[name].read_bytes())
+    for header in _HEADERS:
+        digest.update(header.read_bytes())
     for part in (cxx, repr(_FLAG_SETS), repr(_BASE_FLAGS), _cpu_tag()):
         digest.update(part.encode())
     return cache_dir() / f"{name}-{digest.hexdigest()[:16]}" / f"libattnzoo_{name}.so"
@@ -145,6 +150,18 @@ def unavailable(name: str = "gather") -> str | None:
     return None
 
 
+def kernel_pair(name: str, prefix: str, suffix: str, forward_args: list, backward_args: list) -> tuple[Any, Any]:
+    """``{prefix}_forward_{suffix}`` and ``{prefix}_backward_{suffix}`` of library ``name``, with their ctypes
+    argument types set on first use."""
+    lib = load(name)
+    fwd = getattr(lib, f"{prefix}_forward_{suffix}")
+    bwd = getattr(lib, f"{prefix}_backward_{suffix}")
+    if fwd.argtypes is None:
+        fwd.argtypes, bwd.argtypes = forward_args, backward_args
+        fwd.restype = bwd.restype = None
+    return fwd, bwd
+
+
 def reset() -> None:
     """Forget loaded libraries and recorded build errors (tests; a later call rebuilds or reloads)."""
     with _lock:
@@ -152,4 +169,4 @@ def reset() -> None:
         _errors.clear()
 
 
-__all__ = ["ENV_DISABLE", "cache_dir", "compiler", "enabled", "load", "reset", "unavailable"]
+__all__ = ["ENV_DISABLE", "cache_dir", "compiler", "enabled", "kernel_pair", "load", "reset", "unavailable"]

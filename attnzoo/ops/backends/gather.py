@@ -76,18 +76,13 @@ def auto_skip_reason(keys: int, n_kv: int, pattern: Any) -> str | None:
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+_FORWARD_ARGS = [_P] * 7 + [_I] + [_P] * 3 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+_BACKWARD_ARGS = [_P] * 7 + [_I] + [_P] * 12 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
 
 
 def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
-    lib = native.load("gather")
     suffix = "f64" if dtype == torch.float64 else "f32"
-    fwd = getattr(lib, f"attnzoo_gather_forward_{suffix}")
-    bwd = getattr(lib, f"attnzoo_gather_backward_{suffix}")
-    if fwd.argtypes is None:
-        fwd.argtypes = [_P] * 7 + [_I] + [_P] * 3 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 7 + [_I] + [_P] * 12 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
-        fwd.restype = bwd.restype = None
-    return fwd, bwd
+    return native.kernel_pair("gather", "attnzoo_gather", suffix, _FORWARD_ARGS, _BACKWARD_ARGS)
 
 
 class KeyTables(NamedTuple):

@@ -15,6 +15,8 @@
 // vectors (twelve FMA chains in flight), a polynomial exp over four scores at a time, and weighted rows
 // held in registers 64 floats at a time on 8-lane vectors (D a multiple of 64) or 32 on 4-lane vectors.
 // Other cases (float64, other D) use plain loops.
+#include "kernels_exp.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -42,25 +44,6 @@ inline vf hsum4(vf a, vf b, vf c, vf d) {
   const vf ab = __builtin_shufflevector(a, b, 0, 4, 1, 5) + __builtin_shufflevector(a, b, 2, 6, 3, 7);
   const vf cd = __builtin_shufflevector(c, d, 0, 4, 1, 5) + __builtin_shufflevector(c, d, 2, 6, 3, 7);
   return __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
-}
-
-// exp on four lanes: Cody-Waite reduction by ln 2 and a degree-7 polynomial (relative error ~1.2e-7
-// on [-87, 0]); inputs below -87.3 give ~1e-38 instead of 0 (the callers zero invalid lanes).
-inline vf vexp(vf x) {
-  x = x < splat(-87.33654f) ? splat(-87.33654f) : x;
-  const vf fx = x * 1.44269504088896341f + 0.5f;
-  vi n = __builtin_convertvector(fx, vi);
-  vf nf = __builtin_convertvector(n, vf);
-  n += (vi)(nf > fx);  // floor
-  nf = __builtin_convertvector(n, vf);
-  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vf y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  return y * (vf)((n + 127) << 23);
 }
 
 template <typename T, int DC>
@@ -147,7 +130,7 @@ inline T exp_shifted(T* s, const int32_t* idx, int64_t k4, T shift) {
     vf total{};
     for (int64_t t = 0; t < k4; t += 4) {
       const vi keep = has_key4(idx + t);
-      const vf e = (vf)((vi)vexp(vload(s + t) - shift) & keep);
+      const vf e = (vf)((vi)attnzoo_kernels::vexp<vf, vi>(vload(s + t) - shift) & keep);
       vstore(s + t, e);
       total += e;
     }

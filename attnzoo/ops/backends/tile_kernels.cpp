@@ -15,6 +15,8 @@
 // left operand per row and step, the reduction loop unrolled by four. D and Dv must be multiples of 16 floats
 // (8 doubles). OpenMP over (batch x key head, tile) pairs; in the backward, when a key may be in several tiles,
 // over batch x key heads only, with the tiles of each in order.
+#include "kernels_exp.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -91,35 +93,13 @@ void gemm(const T* const* a, int64_t astep, const T* const* b, int64_t kdim, int
   }
 }
 
-// exp on eight float lanes: Cody-Waite reduction by ln 2 and a degree-7 polynomial (relative error ~1.2e-7 on
-// [-87, 0]); -inf gives exactly 0.
-inline Vec<float>::V vexp(Vec<float>::V x) {
-  typedef Vec<float>::V V;
-  typedef Vec<float>::I I;
-  const I dead = x < -87.33654f;
-  x = dead ? V{} - 87.33654f : x;
-  const V fx = x * 1.44269504088896341f + 0.5f;
-  I n = __builtin_convertvector(fx, I);
-  V nf = __builtin_convertvector(n, V);
-  n += (I)(nf > fx);  // floor
-  nf = __builtin_convertvector(n, V);
-  const V r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  return (V)((I)(y * (V)((n + 127) << 23)) & ~dead);
-}
-
 // p[j] <- exp(p[j] - shift) for j < width (a multiple of 8); returns the sum.
 inline float exp_row(float* p, int64_t width, float shift) {
   typedef Vec<float>::V V;
   V total{};
   for (int64_t j = 0; j < width; j += 8) {
     V* pj = reinterpret_cast<V*>(p + j);
-    *pj = vexp(*pj - shift);
+    *pj = attnzoo_kernels::vexp<V, Vec<float>::I>(*pj - shift);
     total += *pj;
   }
   return ((total[0] + total[1]) + (total[2] + total[3])) + ((total[4] + total[5]) + (total[6] + total[7]));

@@ -22,6 +22,8 @@ import torch
 from attnzoo.ops import native
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+_FORWARD_ARGS = [_P] * 8 + [_I] + [_P] * 2 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
+_BACKWARD_ARGS = [_P] * 8 + [_I] + [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
 
 
 class PlanArrays(NamedTuple):
@@ -37,15 +39,8 @@ class PlanArrays(NamedTuple):
 
 
 def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
-    lib = native.load("tiles")
     suffix = "f64" if dtype == torch.float64 else "f32"
-    fwd = getattr(lib, f"attnzoo_tile_forward_{suffix}")
-    bwd = getattr(lib, f"attnzoo_tile_backward_{suffix}")
-    if fwd.argtypes is None:
-        fwd.argtypes = [_P] * 8 + [_I] + [_P] * 2 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
-        bwd.argtypes = [_P] * 8 + [_I] + [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
-        fwd.restype = bwd.restype = None
-    return fwd, bwd
+    return native.kernel_pair("tiles", "attnzoo_tile", suffix, _FORWARD_ARGS, _BACKWARD_ARGS)
 
 
 def column_width(dtype: torch.dtype) -> int:
