@@ -3,7 +3,8 @@
 // Plain C ABI (loaded with ctypes; no Python or torch headers). Tensors are contiguous:
 // q [B, H, N, D], k [B, Hk, M, D], v [B, Hk, M, Dv] (H a multiple of Hk: the H / Hk query heads of a key
 // head share its tiles), q_idx [T, bq] and kv_idx [T, R] int32 token ids (-1: an empty slot), mask [T, bq, R]
-// additive (0 / -inf; shared by every batch element and head) or null, bias [H, n_bias] and bias_idx [T, bq, R]
+// additive (0 / -inf; shared by every batch element and head) or null, key_ok [B, M] uint8 or null (key padding:
+// 0 = the key is hidden from every query of that batch element), bias [H, n_bias] and bias_idx [T, bq, R]
 // or null (an additive per-head bias read at an index of the pair, e.g. relative positions), out [B, H, N, Dv]
 // and lse [B, H, N] (rows of queries in no tile are left as they are). The backward takes out, lse, dout, dlse
 // [B, H, N] or null, writes dq for the queries of the tiles and adds dk, dv into zero-initialised buffers (a key
@@ -125,7 +126,7 @@ template <typename T>
 struct TileWork {
   const Sizes& s;
   int64_t rp;  // R rounded up to the column panel
-  std::vector<T> kt, vt, sc, dp, zero, sink;
+  std::vector<T> kt, vt, sc, dp, zero, sink, col;
   std::vector<const T*> kp, vp, ktp, vtp, qp, dop, op;
   std::vector<T*> scp, dpp, outp, dqp, dkp, dvp;
   std::vector<const T*> pcol, dscol;
@@ -133,7 +134,7 @@ struct TileWork {
 
   explicit TileWork(const Sizes& sz)
       : s(sz), rp(round_up(sz.r, 2 * Vec<T>::L)), kt(sz.d * rp), vt(sz.dv * rp), sc(sz.bq * rp), dp(sz.bq * rp),
-        zero(sz.d > sz.dv ? sz.d : sz.dv), sink(zero.size()), kp(sz.r), vp(sz.r), ktp(sz.d), vtp(sz.dv),
+        zero(sz.d > sz.dv ? sz.d : sz.dv), sink(zero.size()), col(sz.r), kp(sz.r), vp(sz.r), ktp(sz.d), vtp(sz.dv),
         qp(sz.bq), dop(sz.bq), op(sz.bq), scp(sz.bq), dpp(sz.bq), outp(sz.bq), dqp(sz.bq), dkp(sz.r), dvp(sz.r),
         pcol(rp), dscol(rp), slot(sz.bq), tok(sz.bq) {
     for (int64_t i = 0; i < s.d; ++i) ktp[i] = kt.data() + i * rp;
@@ -143,11 +144,13 @@ struct TileWork {
   }
 
   // Key / value row pointers of tile t (empty slots read a zero row) and K^T (and V^T) packed, zero-padded.
-  void load_keys(const int32_t* kv_idx, const T* kb, const T* vb, bool pack_v) {
+  // With key padding (key_ok of this batch element), col[j] is 0 for a visible key and -inf for a hidden one.
+  void load_keys(const int32_t* kv_idx, const T* kb, const T* vb, bool pack_v, const uint8_t* key_ok) {
     for (int64_t j = 0; j < s.r; ++j) {
       const int32_t id = kv_idx[j];
       kp[j] = id < 0 ? zero.data() : kb + id * s.d;
       vp[j] = id < 0 ? zero.data() : vb + id * s.dv;
+      if (key_ok) col[j] = id >= 0 && key_ok[id] ? T(0) : -std::numeric_limits<T>::infinity();
     }
     pack(kp, s.d, kt);
     if (pack_v) pack(vp, s.dv, vt);
@@ -175,8 +178,8 @@ struct TileWork {
   // Scores of the cnt query rows qp[] into sc (scale, mask, bias; padded columns -inf), then probabilities:
   // exp(x - lse) with lse given (backward), or normalised with lse written (forward, lse_out != null). Rows
   // without a key: 0.
-  void probabilities(int64_t cnt, const T* mask_t, const T* bias_h, const int32_t* bidx_t, T scale, const T* lse_in,
-                     T* lse_out) {
+  void probabilities(int64_t cnt, const T* mask_t, const T* pad, const T* bias_h, const int32_t* bidx_t, T scale,
+                     const T* lse_in, T* lse_out) {
     typedef typename Vec<T>::V V;
     constexpr int L = Vec<T>::L;
     gemm<T, false>(qp.data(), 1, ktp.data(), s.d, rp, scp.data(), cnt);
@@ -189,8 +192,9 @@ struct TileWork {
         V* x = reinterpret_cast<V*>(row + j);
         *x *= scale;
         if (mk) *x += *reinterpret_cast<const V*>(mk + j);
+        if (pad) *x += *reinterpret_cast<const V*>(pad + j);
       }
-      for (int64_t j = body; j < s.r; ++j) row[j] = row[j] * scale + (mk ? mk[j] : T(0));
+      for (int64_t j = body; j < s.r; ++j) row[j] = row[j] * scale + (mk ? mk[j] : T(0)) + (pad ? pad[j] : T(0));
       if (bias_h) {
         const int32_t* bi = bidx_t + slot[i] * s.r;
         for (int64_t j = 0; j < s.r; ++j) row[j] += bias_h[bi[j]];
@@ -225,6 +229,7 @@ struct Call {
   const T *q, *k, *v;
   const int32_t *q_idx, *kv_idx;
   const T* mask;
+  const uint8_t* key_ok;  // [B, M] or null
   const T* bias;  // [H, n_bias] or null
   const int32_t* bias_idx;  // [T, bq, R]
   int64_t n_bias;
@@ -234,6 +239,7 @@ struct Call {
   const T* bias_row(int64_t h) const { return bias ? bias + h * n_bias : nullptr; }
   const int32_t* bias_tile(int64_t t) const { return bias ? bias_idx + t * s.bq * s.r : nullptr; }
   const T* mask_tile(int64_t t) const { return mask ? mask + t * s.bq * s.r : nullptr; }
+  const uint8_t* keys_of(int64_t b) const { return key_ok ? key_ok + b * s.m : nullptr; }
 };
 
 // Forward of tile t for batch x key head bh (every query head of the group).
@@ -243,7 +249,8 @@ void forward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int
   const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
   if (cnt == 0) return;
-  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, false);
+  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, false, c.keys_of(b));
+  const T* pad = c.key_ok ? w.col.data() : nullptr;
   for (int64_t gi = 0; gi < g; ++gi) {
     const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
     for (int64_t i = 0; i < cnt; ++i) {
@@ -251,7 +258,7 @@ void forward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int
       w.outp[i] = out + (row0 + w.tok[i]) * s.dv;
     }
     const int64_t h = hk * g + gi;
-    w.probabilities(cnt, c.mask_tile(t), c.bias_row(h), c.bias_tile(t), c.scale, nullptr, lse_row.data());
+    w.probabilities(cnt, c.mask_tile(t), pad, c.bias_row(h), c.bias_tile(t), c.scale, nullptr, lse_row.data());
     gemm<T, false>(w.scp.data(), 1, w.vp.data(), s.r, s.dv, w.outp.data(), cnt);
     for (int64_t i = 0; i < cnt; ++i) lse[row0 + w.tok[i]] = lse_row[i];
   }
@@ -265,7 +272,8 @@ void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, in
   const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
   const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
   if (cnt == 0) return;
-  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, true);
+  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, true, c.keys_of(b));
+  const T* pad = c.key_ok ? w.col.data() : nullptr;
   for (int64_t j = 0; j < s.r; ++j) {
     const int32_t id = c.kv_idx[t * s.r + j];
     w.dkp[j] = id < 0 ? w.sink.data() : dk + (bh * s.m + id) * s.d;
@@ -282,7 +290,7 @@ void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, in
       lse_row[i] = lse[at];
     }
     const int64_t h = hk * g + gi;
-    w.probabilities(cnt, c.mask_tile(t), c.bias_row(h), c.bias_tile(t), c.scale, lse_row.data(), nullptr);
+    w.probabilities(cnt, c.mask_tile(t), pad, c.bias_row(h), c.bias_tile(t), c.scale, lse_row.data(), nullptr);
     T* db = dbias ? dbias + (b * s.heads + h) * c.n_bias : nullptr;
     // dP = dO V^T, then dX = P * (dP - delta) for the logits (delta = rowsum(dO * O) - dlse: the bias's gradient)
     // and dS = scale * dX for the products.
@@ -358,22 +366,25 @@ Sizes sizes(int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, i
 
 }  // namespace
 
-#define ATTNZOO_TILE_ABI(T, SUFFIX)                                                                                   \
-  extern "C" void attnzoo_tile_forward_##SUFFIX(                                                                      \
-      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* bias,  \
-      const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, \
-      int64_t d, int64_t dv, int64_t t, int64_t bq, int64_t r, double scale, int threads) {                           \
-    const Sizes s = sizes(b, h, hk, n, m, d, dv, t, bq, r);                                                           \
-    forward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, bias, bias_idx, n_bias, s, T(scale)}, out, lse, threads);       \
-  }                                                                                                                   \
-  extern "C" void attnzoo_tile_backward_##SUFFIX(                                                                     \
-      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask, const T* bias,  \
-      const int32_t* bias_idx, int64_t n_bias, const T* out, const T* lse, const T* dout, const T* dlse, T* dq,       \
-      T* dk, T* dv, T* dbias, int64_t b, int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dvs,         \
-      int64_t t, int64_t bq, int64_t r, double scale, int keys_disjoint, int threads) {                               \
-    const Sizes s = sizes(b, h, hk, n, m, d, dvs, t, bq, r);                                                          \
-    backward<T>(Call<T>{q, k, v, q_idx, kv_idx, mask, bias, bias_idx, n_bias, s, T(scale)}, out, lse, dout, dlse,    \
-                dq, dk, dv, dbias, keys_disjoint != 0, threads);                                                      \
+#define ATTNZOO_TILE_ABI(T, SUFFIX)                                                                               \
+  extern "C" void attnzoo_tile_forward_##SUFFIX(                                                                  \
+      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask,             \
+      const uint8_t* key_ok, const T* bias, const int32_t* bias_idx, int64_t n_bias, T* out, T* lse, int64_t b,   \
+      int64_t h, int64_t hk, int64_t n, int64_t m, int64_t d, int64_t dv, int64_t t, int64_t bq, int64_t r,       \
+      double scale, int threads) {                                                                                \
+    const Sizes s = sizes(b, h, hk, n, m, d, dv, t, bq, r);                                                       \
+    const Call<T> c{q, k, v, q_idx, kv_idx, mask, key_ok, bias, bias_idx, n_bias, s, T(scale)};                   \
+    forward<T>(c, out, lse, threads);                                                                             \
+  }                                                                                                               \
+  extern "C" void attnzoo_tile_backward_##SUFFIX(                                                                 \
+      const T* q, const T* k, const T* v, const int32_t* q_idx, const int32_t* kv_idx, const T* mask,             \
+      const uint8_t* key_ok, const T* bias, const int32_t* bias_idx, int64_t n_bias, const T* out, const T* lse,  \
+      const T* dout, const T* dlse, T* dq, T* dk, T* dv, T* dbias, int64_t b, int64_t h, int64_t hk, int64_t n,   \
+      int64_t m, int64_t d, int64_t dvs, int64_t t, int64_t bq, int64_t r, double scale, int keys_disjoint,       \
+      int threads) {                                                                                              \
+    const Sizes s = sizes(b, h, hk, n, m, d, dvs, t, bq, r);                                                      \
+    const Call<T> c{q, k, v, q_idx, kv_idx, mask, key_ok, bias, bias_idx, n_bias, s, T(scale)};                   \
+    backward<T>(c, out, lse, dout, dlse, dq, dk, dv, dbias, keys_disjoint != 0, threads);                         \
   }
 
 ATTNZOO_TILE_ABI(float, f32)

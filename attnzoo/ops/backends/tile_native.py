@@ -8,8 +8,10 @@ and one write of each tensor) disappear; the products run in a register-blocked 
 The backward recomputes the probabilities from the saved ``lse`` and takes the gradient of ``lse``
 too. An additive per-head bias read at an index of the pair (``ScoreMod.indexed_bias``: the
 relative-position bias of Swin, MaxViT and NAT, :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`)
-is added in the kernels, and its gradient summed per (batch, head). :func:`why_not` says when the
-kernels do not apply: the blocksparse backend then runs its PyTorch tile path.
+is added in the kernels, and its gradient summed per (batch, head). Key padding (``rest &
+KeyPadding(keep)``, e.g. the padded batches of the grid mixers) hides keys per batch element.
+:func:`why_not` says when the kernels do not apply: the blocksparse backend then runs its PyTorch
+tile path.
 """
 
 from __future__ import annotations
@@ -22,20 +24,22 @@ import torch
 from attnzoo.ops import native
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_FORWARD_ARGS = [_P] * 8 + [_I] + [_P] * 2 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
-_BACKWARD_ARGS = [_P] * 8 + [_I] + [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
+_FORWARD_ARGS = [_P] * 9 + [_I] + [_P] * 2 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
+_BACKWARD_ARGS = [_P] * 9 + [_I] + [_P] * 8 + [_I] * 10 + [ctypes.c_double, ctypes.c_int, ctypes.c_int]
 
 
 class PlanArrays(NamedTuple):
     """A tile plan as the kernels read it: ``q_idx`` ``[T, bq]`` and ``kv_idx`` ``[T, R]`` int32 (-1: empty
-    slot), ``mask`` ``[T, bq, R]`` additive (0 / -inf) or None, whether the tiles cover every query, and
-    whether no key is in two tiles (then the backward runs the tiles of one head in parallel)."""
+    slot), ``mask`` ``[T, bq, R]`` additive (0 / -inf) or None, whether the tiles cover every query, whether
+    no key is in two tiles (then the backward runs the tiles of one head in parallel), and the key padding
+    ``key_ok`` ``[B, M]`` uint8 (0: hidden from every query of that batch element) or None."""
 
     q_idx: torch.Tensor
     kv_idx: torch.Tensor
     mask: torch.Tensor | None
     covers_all: bool
     keys_disjoint: bool
+    key_ok: torch.Tensor | None = None
 
 
 def _functions(dtype: torch.dtype) -> tuple[Any, Any]:
@@ -65,9 +69,36 @@ def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
                     "kernels take additive per-head biases read at an index of the pair, e.g. GridRelativeBias)")
         if table.dim() != 2 or table.shape[0] != q.shape[1]:
             return f"the compiled tile kernels need a bias table [H={q.shape[1]}, T], got {list(table.shape)}"
-    if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1):
-        return "a per-batch or per-head mask (e.g. key padding) runs on the PyTorch tile path"
+    if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1) and _padding_split(tiles) is None:
+        return ("a per-batch or per-head mask other than key padding (e.g. per-head windows) runs on the PyTorch "
+                "tile path")
     return native.unavailable("tiles")
+
+
+def _padding_split(tiles: Any) -> tuple[Any, torch.Tensor] | None:
+    """``(rest, keep)`` when the pattern is ``rest & KeyPadding(keep)`` with ``rest`` (or None) the same for
+    every batch element and head, else None."""
+    split = tiles.pattern.key_padding()
+    if split is None or (split[0] is not None and (split[0].per_batch or split[0].per_head)):
+        return None
+    return split
+
+
+def _shared_mask(tiles: Any) -> torch.Tensor | None:
+    """Bool ``[T, bq, R]``: the pairs every batch element and head may use (None: all of them)."""
+    if tiles.mask is None:
+        return None
+    if tuple(tiles.mask.shape[:2]) == (1, 1):
+        return tiles.mask[0, 0]
+    rest, _ = _padding_split(tiles)
+    t, bq = tiles.q_index.shape
+    allowed = (tiles.kv_index >= 0).view(t, 1, -1).expand(t, bq, tiles.r)
+    if rest is not None:
+        zero = torch.zeros((), dtype=torch.long)
+        q = tiles.q_index.clamp(min=0).view(t, bq, 1)
+        kv = tiles.kv_index.clamp(min=0).view(t, 1, -1)
+        allowed = allowed & torch.as_tensor(rest.allow(zero, zero, q, kv, tiles.shape))
+    return None if bool(allowed.all()) else allowed
 
 
 def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
@@ -77,13 +108,16 @@ def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
     if cached is None:
         q_idx = tiles.q_index.to(torch.int32).contiguous()
         kv_idx = tiles.kv_index.to(torch.int32).contiguous()
-        mask = None
-        if tiles.mask is not None:
-            mask = torch.zeros(tiles.mask.shape[2:], dtype=dtype).masked_fill_(~tiles.mask[0, 0], float("-inf"))
+        shared = _shared_mask(tiles)
+        mask = None if shared is None else torch.zeros(shared.shape, dtype=dtype).masked_fill_(~shared, float("-inf"))
         covers_all = int((q_idx >= 0).sum()) == tiles.shape.n_q
         keys = kv_idx[kv_idx >= 0].long()
         disjoint = keys.numel() == 0 or int(torch.bincount(keys).max()) == 1
-        cached = tiles.native[key] = PlanArrays(q_idx, kv_idx, mask, covers_all, disjoint)
+        key_ok = None
+        if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1):
+            keep = _padding_split(tiles)[1]
+            key_ok = keep.expand(tiles.shape.batch, tiles.shape.n_kv).to(torch.uint8).contiguous()
+        cached = tiles.native[key] = PlanArrays(q_idx, kv_idx, mask, covers_all, disjoint, key_ok)
     return cached
 
 
@@ -116,6 +150,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _plan_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays) -> tuple[int | None, ...]:
+    """The kernels' leading ``q, k, v, q_idx, kv_idx, mask, key_ok`` pointers."""
+    return (q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
+            _ptr(arrays.mask), _ptr(arrays.key_ok))
+
+
 def _sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays) -> tuple[int, ...]:
     b, h, n, d = q.shape
     t, bq = arrays.q_idx.shape
@@ -131,9 +171,8 @@ def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: Plan
         out, lse = q.new_empty(shape), q.new_empty(q.shape[:-1])
     else:
         out, lse = q.new_zeros(shape), q.new_full(q.shape[:-1], float("-inf"))
-    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
-        _ptr(arrays.mask), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays), scale,
-        torch.get_num_threads())
+    fwd(*_plan_args(q, k, v, arrays), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays),
+        scale, torch.get_num_threads())
     return out, lse
 
 
@@ -146,9 +185,8 @@ def tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: Pla
     dq = torch.empty_like(q) if arrays.covers_all else torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     dbias = q.new_zeros(q.shape[0], q.shape[1], bias.table.shape[1]) if bias is not None else None
-    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
-        _ptr(arrays.mask), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), dout.data_ptr(), _ptr(dlse),
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _ptr(dbias), *_sizes(q, k, v, arrays), scale,
+    bwd(*_plan_args(q, k, v, arrays), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
+        _ptr(dlse), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _ptr(dbias), *_sizes(q, k, v, arrays), scale,
         int(arrays.keys_disjoint), torch.get_num_threads())
     return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))
 
