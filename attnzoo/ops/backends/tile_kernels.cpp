@@ -14,8 +14,8 @@
 // Per tile, K (and for the backward V) are packed transposed into a small buffer; every product is one
 // register-blocked kernel: six rows of the result by two vectors of columns (12 FMA chains), one broadcast of the
 // left operand per row and step, the reduction loop unrolled by four. D and Dv must be multiples of 16 floats
-// (8 doubles). OpenMP over (batch x key head, tile) pairs; in the backward, when a key may be in several tiles,
-// over batch x key heads only, with the tiles of each in order.
+// (8 doubles). OpenMP over (batch x key head, tile) pairs; in the backward, when a key may be in several tiles or
+// a bias gradient is summed, over batch x key heads only, with the tiles of each in order.
 #include "kernels_exp.h"
 
 #include <cmath>
