@@ -128,6 +128,29 @@ def test_key_padding_matches_reference(name, randn, kernel_calls, tol):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ["window_sink", "nbhd_1d", "swin"])
+def test_alibi_matches_reference(name, randn, kernel_calls, tol):
+    """ALiBi is read at the distance of each pair; its learnable slopes get their gradient through the table."""
+    pattern, n = PLANS[name]
+    slopes = (torch.rand(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1).requires_grad_()
+    mod = P.ALiBi(slopes)
+    q, k, v = randn(2, 4, n, 8), randn(2, 2, n, 8), randn(2, 2, n, 8)
+    dout, dlse = randn(2, 4, n, 8), randn(2, 4, n)
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = attnzoo.attention(*leaves, pattern=pattern, score_mod=mod, backend=backend, return_lse=True)
+        grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), [*leaves, slopes])
+        return out.detach(), lse.detach(), *grads
+
+    got = run("blocksparse")
+    assert kernel_calls, "the compiled tile kernel did not run"
+    want = run("reference")
+    for label, g, w in zip(["out", "lse", "dq", "dk", "dv", "dslopes"], got, want):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, label=label: f"{label}: {m}")
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", ["swin", "swin_shift", "nbhd_2d_dilated", "window_sink"])
 def test_matches_reference_float32(name, kernel_calls):
     pattern, n = PLANS[name]
@@ -217,7 +240,7 @@ def _tiles(pattern, q, k, score_mod=None):
 @pytest.mark.parametrize("case, match", [
     ("head_dim", "multiples of 16 for torch.float32, got D=24"),
     ("half", "float32 and float64, got torch.bfloat16"),
-    ("score_mod", "score_mod ALiBi runs on the PyTorch tile path (the compiled tile kernels take additive"),
+    ("score_mod", "score_mod SoftCap runs on the PyTorch tile path (the compiled tile kernels take additive"),
     ("per_head", "per-batch or per-head mask other than key padding"),
 ])
 def test_why_not_names_the_reason(case, match):
@@ -226,7 +249,7 @@ def test_why_not_names_the_reason(case, match):
     if case == "per_head":
         pattern = pattern & P.Custom(lambda b, h, qi, ki: (qi + h) % 3 != ki % 3, per_batch=False, per_head=True)
     q = torch.randn(2, 2, 64, d)
-    tiles = _tiles(pattern, q, q, score_mod=P.ALiBi(2) if case == "score_mod" else None)
+    tiles = _tiles(pattern, q, q, score_mod=P.SoftCap(30.0) if case == "score_mod" else None)
     assert tiles is not None
     if case == "half":
         q = q.bfloat16()

@@ -35,6 +35,20 @@ class ScoreMod:
         read at an integer index of the pair, e.g. relative positions), else None."""
         return None
 
+    def has_pair_bias(self) -> bool:
+        """Whether the modifier is ``s + table[h, index(q, kv)]``: see :meth:`pair_bias_index`."""
+        return self.indexed_bias() is not None
+
+    def pair_bias_index(self, q: torch.Tensor, kv: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, int]:
+        """For a modifier with :meth:`has_pair_bias`: the integer index of each pair of the broadcasting
+        position tensors ``q``, ``kv`` (in a call of ``shape``) and the table size it needs. It depends on
+        positions only, so callers may cache it; :meth:`pair_bias_table` gives the values."""
+        return self.index(q, kv), int(self.indexed_bias().shape[1])
+
+    def pair_bias_table(self, size: int) -> torch.Tensor:
+        """``table [H, size]`` of a modifier with :meth:`has_pair_bias` (differentiable in its parameters)."""
+        return self.indexed_bias()
+
     def flex(self, shape: Shape) -> Callable[..., torch.Tensor]:
         """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` bound to ``shape``.
 

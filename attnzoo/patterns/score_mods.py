@@ -60,6 +60,19 @@ class ALiBi(ScoreMod):
         slope = self.on(self.slopes, score)[h]
         return score - slope * (q + off - kv).abs().to(score.dtype)
 
+    def has_pair_bias(self) -> bool:
+        return True
+
+    def pair_bias_index(self, q: torch.Tensor, kv: torch.Tensor, shape: Shape) -> tuple[torch.Tensor, int]:
+        """The distance ``|q + offset - kv|`` of each pair, and one more than the largest."""
+        off = shape.offset if self.offset is None else self.offset
+        dist = (q + off - kv).abs()
+        return dist, int(dist.max()) + 1 if dist.numel() else 1
+
+    def pair_bias_table(self, size: int) -> torch.Tensor:
+        """``-slope_h * d`` for distances ``d < size``."""
+        return -self.slopes[:, None] * torch.arange(size, dtype=self.slopes.dtype, device=self.slopes.device)
+
 
 class SoftCap(ScoreMod):
     """``s = cap * tanh(s / cap)`` (Gemma 2 / Grok logit soft-capping)."""

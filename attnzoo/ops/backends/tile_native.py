@@ -6,9 +6,10 @@ per tile, its query tokens and the key tokens they all see. ``tile_kernels.cpp``
 copies of every input and output that the PyTorch tile path makes (gathers or permutations, one read
 and one write of each tensor) disappear; the products run in a register-blocked kernel of our own.
 The backward recomputes the probabilities from the saved ``lse`` and takes the gradient of ``lse``
-too. An additive per-head bias read at an index of the pair (``ScoreMod.indexed_bias``: the
-relative-position bias of Swin, MaxViT and NAT, :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`)
-is added in the kernels, and its gradient summed per (batch, head). Key padding (``rest &
+too. An additive per-head bias read at an index of the pair (``ScoreMod.pair_bias_index`` /
+``pair_bias_table``: the relative-position bias of Swin, MaxViT and NAT,
+:class:`~attnzoo.patterns.grid_bias.GridRelativeBias`, and ALiBi, read at the distance of the
+pair) is added in the kernels, and its gradient summed per (batch, head). Key padding (``rest &
 KeyPadding(keep)``, e.g. the padded batches of the grid mixers) hides keys per batch element.
 :func:`why_not` says when the kernels do not apply: the blocksparse backend then runs its PyTorch
 tile path.
@@ -62,11 +63,12 @@ def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
     if q.shape[-1] % width or v.shape[-1] % width:
         return (f"the compiled tile kernels need head dims that are multiples of {width} for {q.dtype}, got "
                 f"D={q.shape[-1]}, D_v={v.shape[-1]}")
-    if tiles.score_mod is not None:
-        table = tiles.score_mod.indexed_bias() if hasattr(tiles.score_mod, "indexed_bias") else None
-        if table is None:
-            return (f"score_mod {type(tiles.score_mod).__name__} runs on the PyTorch tile path (the compiled tile "
-                    "kernels take additive per-head biases read at an index of the pair, e.g. GridRelativeBias)")
+    mod = tiles.score_mod
+    if mod is not None:
+        if not (hasattr(mod, "has_pair_bias") and mod.has_pair_bias()):
+            return (f"score_mod {type(mod).__name__} runs on the PyTorch tile path (the compiled tile kernels take "
+                    "additive per-head biases read at an index of the pair: GridRelativeBias, ALiBi)")
+        table = mod.pair_bias_table(1)
         if table.dim() != 2 or table.shape[0] != q.shape[1]:
             return f"the compiled tile kernels need a bias table [H={q.shape[1]}, T], got {list(table.shape)}"
     if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1) and _padding_split(tiles) is None:
@@ -129,7 +131,8 @@ class TileBias(NamedTuple):
 
 
 def tile_bias(tiles: Any, dtype: torch.dtype) -> TileBias | None:
-    """The score modifier of ``tiles`` as a :class:`TileBias` (None without one); the index is cached per modifier."""
+    """The score modifier of ``tiles`` as a :class:`TileBias` (None without one); the index is cached per modifier,
+    the table read from it on every call."""
     mod = tiles.score_mod
     if mod is None:
         return None
@@ -138,8 +141,9 @@ def tile_bias(tiles: Any, dtype: torch.dtype) -> TileBias | None:
     if cached is None or cached[0] is not mod:  # the entry holds the modifier, so its id is not reused meanwhile
         q_pos = tiles.q_index.clamp(min=0).unsqueeze(-1)
         kv_pos = tiles.kv_index.clamp(min=0).unsqueeze(1)
-        cached = tiles.native[key] = (mod, mod.index(q_pos, kv_pos).to(torch.int32).contiguous())
-    return TileBias(mod.indexed_bias().to(dtype).contiguous(), cached[1])
+        index, size = mod.pair_bias_index(q_pos, kv_pos, tiles.shape)
+        cached = tiles.native[key] = (mod, index.to(torch.int32).contiguous(), size)
+    return TileBias(mod.pair_bias_table(cached[2]).to(dtype).contiguous(), cached[1])
 
 
 def _bias_args(bias: TileBias | None) -> tuple[int | None, int | None, int]:
