@@ -242,15 +242,31 @@ struct Call {
   const uint8_t* keys_of(int64_t b) const { return key_ok ? key_ok + b * s.m : nullptr; }
 };
 
+// Tile t of batch x key head bh loaded into w: its query slots, key rows, packed K^T (and with pack_v V^T) and
+// key padding. cnt = 0: the tile has no query.
+template <typename T>
+struct TileStart {
+  int64_t g, b, hk, cnt;
+  const T* pad;  // the key padding columns, or null
+
+  TileStart(const Call<T>& c, TileWork<T>& w, int64_t bh, int64_t t, bool pack_v)
+      : g(c.s.heads / c.s.kv_heads), b(bh / c.s.kv_heads), hk(bh % c.s.kv_heads), cnt(0), pad(nullptr) {
+    const Sizes& s = c.s;
+    cnt = w.load_queries(c.q_idx + t * s.bq);
+    if (cnt == 0) return;
+    w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, pack_v, c.keys_of(b));
+    pad = c.key_ok ? w.col.data() : nullptr;
+  }
+};
+
 // Forward of tile t for batch x key head bh (every query head of the group).
 template <typename T>
 void forward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int64_t bh, int64_t t, T* out, T* lse) {
   const Sizes& s = c.s;
-  const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
-  const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
+  const TileStart<T> ts(c, w, bh, t, false);
+  const int64_t g = ts.g, b = ts.b, hk = ts.hk, cnt = ts.cnt;
+  const T* pad = ts.pad;
   if (cnt == 0) return;
-  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, false, c.keys_of(b));
-  const T* pad = c.key_ok ? w.col.data() : nullptr;
   for (int64_t gi = 0; gi < g; ++gi) {
     const int64_t row0 = (b * s.heads + hk * g + gi) * s.n;
     for (int64_t i = 0; i < cnt; ++i) {
@@ -269,11 +285,10 @@ template <typename T>
 void backward_tile(const Call<T>& c, TileWork<T>& w, std::vector<T>& lse_row, int64_t bh, int64_t t, const T* out,
                    const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv, T* dbias) {
   const Sizes& s = c.s;
-  const int64_t g = s.heads / s.kv_heads, b = bh / s.kv_heads, hk = bh % s.kv_heads;
-  const int64_t cnt = w.load_queries(c.q_idx + t * s.bq);
+  const TileStart<T> ts(c, w, bh, t, true);
+  const int64_t g = ts.g, b = ts.b, hk = ts.hk, cnt = ts.cnt;
+  const T* pad = ts.pad;
   if (cnt == 0) return;
-  w.load_keys(c.kv_idx + t * s.r, c.k + bh * s.m * s.d, c.v + bh * s.m * s.dv, true, c.keys_of(b));
-  const T* pad = c.key_ok ? w.col.data() : nullptr;
   for (int64_t j = 0; j < s.r; ++j) {
     const int32_t id = c.kv_idx[t * s.r + j];
     w.dkp[j] = id < 0 ? w.sink.data() : dk + (bh * s.m + id) * s.d;
