@@ -215,6 +215,27 @@ def test_backward_from_kept_or_recomputed_probabilities(keep, dtype, d, monkeypa
 
 
 @needs_kernels
+@pytest.mark.parametrize("build", [lambda: P.SlidingWindow(9, causal=True, n_sink=2),
+                                   lambda: P.Neighborhood(3, grid=(6, 7)),
+                                   lambda: P.Neighborhood(5) & P.KeyPadding(_padding(2, 42))],
+                         ids=["window_sink", "nbhd_2d", "nbhd_1d_padded"])
+def test_gather_with_alibi_matches_reference(build, qkv, randn, tol):
+    """ALiBi reaches the kernels as a table read at each pair's distance: forward and gradients of q, k, v and
+    the learnable slopes."""
+    slopes = (torch.rand(4, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.1).requires_grad_()
+    mod, pattern = P.ALiBi(slopes), build()
+    q, k, v = qkv(2, 4, 2, 42, 42, 8, 8)
+    dout = randn(2, 4, 42, 8)
+    assert attnzoo.explain(q, k, v, pattern=pattern, score_mod=mod).backend == "gather"
+    results = []
+    for backend in ("reference", "gather"):
+        out = attnzoo.attention(q, k, v, pattern=pattern, score_mod=mod, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, slopes), dout)))
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dslopes"), results[1], results[0]):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_kernels
 def test_relative_position_bias_in_float32():
     torch.manual_seed(0)
     rpb = GridRelativeBias(4, (3, 3), init_std=1.0)
@@ -474,7 +495,9 @@ def test_why_not_names_the_obstacle():
     assert "Causal has no per-query key table" in gather.why_not(_problem(P.Causal(), 16))
     assert "never materialises" in gather.why_not(_problem(nbhd, 16, return_weights=True))
     assert "D_v == D" in gather.why_not(_problem(nbhd, 16, dv=8))
-    assert "score_mod ALiBi is not supported" in gather.why_not(_problem(nbhd, 16, score_mod=P.ALiBi(2)))
+    assert "score_mod SoftCap is not supported" in gather.why_not(_problem(nbhd, 16, score_mod=P.SoftCap(30.0)))
+    alibi = _problem(nbhd, 16, score_mod=P.ALiBi(2))  # a table read at the pair's distance: only the build can stop it
+    assert gather.why_not(alibi) == native.unavailable("gather")
     assert "CPU tensors, got device meta" in gather.why_not(_problem(nbhd, 16, device="meta"))
 
 

@@ -240,7 +240,7 @@ def _tiles(pattern, q, k, score_mod=None):
 @pytest.mark.parametrize("case, match", [
     ("head_dim", "multiples of 16 for torch.float32, got D=24"),
     ("half", "float32 and float64, got torch.bfloat16"),
-    ("score_mod", "score_mod SoftCap runs on the PyTorch tile path (the compiled tile kernels take additive"),
+    ("score_mod", "score_mod SoftCap is not supported by the compiled tile kernels (it takes additive per-head"),
     ("per_head", "per-batch or per-head mask other than key padding"),
 ])
 def test_why_not_names_the_reason(case, match):

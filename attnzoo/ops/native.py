@@ -22,7 +22,10 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
 
 ENV_DISABLE = "ATTNZOO_NATIVE"
 ENV_CACHE = "ATTNZOO_CACHE"
@@ -162,6 +165,24 @@ def kernel_pair(name: str, prefix: str, suffix: str, forward_args: list, backwar
     return fwd, bwd
 
 
+def ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for the kernels (None: a null pointer)."""
+    return None if t is None else t.data_ptr()
+
+
+class PairBias(NamedTuple):
+    """An additive per-head bias for the kernels: ``table`` ``[H, n_bias]`` read at ``index`` (int32, one entry
+    per (query, key slot) pair of the kernel's layout)."""
+
+    table: torch.Tensor
+    index: torch.Tensor
+
+
+def pair_bias_args(bias: PairBias | None) -> tuple[int | None, int | None, int]:
+    """The kernels' ``bias, bias_idx, n_bias`` arguments (null pointers and 0 without a bias)."""
+    return (None, None, 0) if bias is None else (bias.table.data_ptr(), bias.index.data_ptr(), bias.table.shape[1])
+
+
 def reset() -> None:
     """Forget loaded libraries and recorded build errors (tests; a later call rebuilds or reloads)."""
     with _lock:
@@ -169,4 +190,5 @@ def reset() -> None:
         _errors.clear()
 
 
-__all__ = ["ENV_DISABLE", "cache_dir", "compiler", "enabled", "kernel_pair", "load", "reset", "unavailable"]
+__all__ = ["ENV_DISABLE", "PairBias", "cache_dir", "compiler", "enabled", "kernel_pair", "load", "pair_bias_args",
+           "ptr", "reset", "unavailable"]

@@ -49,6 +49,17 @@ class ScoreMod:
         """``table [H, size]`` of a modifier with :meth:`has_pair_bias` (differentiable in its parameters)."""
         return self.indexed_bias()
 
+    def pair_bias_reason(self, heads: int, where: str) -> str | None:
+        """Why a kernel that adds a per-head pair bias itself (``where`` names it) cannot take this modifier,
+        or None when it can: it must have :meth:`has_pair_bias` and a table ``[heads, T]``."""
+        if not self.has_pair_bias():
+            return (f"score_mod {type(self).__name__} is not supported by {where} (it takes additive per-head biases "
+                    "read at an index of the pair: GridRelativeBias, ALiBi)")
+        table = self.pair_bias_table(1)
+        if table.dim() != 2 or table.shape[0] != heads:
+            return f"{where} needs a bias table [H={heads}, T], got {list(table.shape)}"
+        return None
+
     def flex(self, shape: Shape) -> Callable[..., torch.Tensor]:
         """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` bound to ``shape``.
 

@@ -368,7 +368,8 @@ class _Tiles:
             self.q_index.flatten(), torch.arange(s.n_q, device=device)))
         self.q_flat = torch.where(self.q_index >= 0, self.q_index, s.n_q).flatten()
         self.kv_flat = torch.where(self.kv_index >= 0, self.kv_index, s.n_kv).flatten()
-        self.mask, self.row_any = self._mask(device)
+        self.mask = self.pattern_mask(self.pattern)
+        self.row_any = None if self.mask is None else self.mask.any(-1)
         self._fmask: dict[Any, torch.Tensor] = {}
         self.native: dict[Any, Any] = {}  # the compiled tile kernels' arrays (tile_native.plan_arrays)
 
@@ -395,10 +396,12 @@ class _Tiles:
         kv = ki.clamp(min=0).view(1, 1, -1, 1, 1, self.r)
         return b, h, q, kv
 
-    def _mask(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        s, pat = self.shape, self.pattern
-        bsz = s.batch if pat.per_batch else 1
-        hsz = s.heads if pat.per_head else 1
+    def pattern_mask(self, pattern: Any) -> torch.Tensor | None:
+        """Bool ``[B'|1, H'|1, T, bq, R]``: the slot pairs ``pattern`` allows (None: every real pair, and every
+        slot is real); ``pattern`` None allows every real pair."""
+        s, device = self.shape, self.q_index.device
+        bsz = s.batch if getattr(pattern, "per_batch", False) else 1
+        hsz = s.heads if getattr(pattern, "per_head", False) else 1
         b = torch.arange(bsz, device=device).view(-1, 1, 1, 1, 1)
         h = torch.arange(hsz, device=device).view(1, -1, 1, 1, 1)
         per_tile = bsz * hsz * self.bq * self.r
@@ -408,13 +411,12 @@ class _Tiles:
             qi, ki = self.q_index[start:start + step], self.kv_index[start:start + step]
             q = qi.clamp(min=0).unsqueeze(-1).view(1, 1, -1, self.bq, 1)
             kv = ki.clamp(min=0).view(1, 1, -1, 1, self.r)
-            ok = (qi >= 0).view(1, 1, -1, self.bq, 1) & (ki >= 0).view(1, 1, -1, 1, self.r)
-            allowed = torch.as_tensor(pat.allow(b, h, q, kv, s), device=device) & ok
+            allowed = (qi >= 0).view(1, 1, -1, self.bq, 1) & (ki >= 0).view(1, 1, -1, 1, self.r)
+            if pattern is not None:
+                allowed = torch.as_tensor(pattern.allow(b, h, q, kv, s), device=device) & allowed
             parts.append(allowed.expand(*allowed.shape[:2], qi.shape[0], self.bq, self.r))
         mask = torch.cat(parts, dim=2)
-        if bool(mask.all()):
-            return None, None
-        return mask, mask.any(-1)
+        return None if bool(mask.all()) else mask
 
     def mask6(self, rows: slice) -> torch.Tensor | None:
         """The mask of tiles ``rows`` as ``[B'|1, Hkv|1, c, G|1, bq, R]``."""

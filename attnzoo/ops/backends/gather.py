@@ -7,8 +7,9 @@ window for all heads, sinks and offsets; :class:`~attnzoo.patterns.DilatedWindow
 these with batch-independent patterns, e.g. ``Causal()``), optionally ``&`` a
 :class:`~attnzoo.patterns.KeyPadding` (passed to the kernels as a per-batch key mask), and
 optionally with a score modifier that is an additive per-head table read at an index of the pair
-(``ScoreMod.indexed_bias``: :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`, the NAT / DiNAT
-relative-position bias; its gradient is summed per (batch, head) in the backward), runs here as
+(``ScoreMod.pair_bias_index`` / ``pair_bias_table``: :class:`~attnzoo.patterns.grid_bias.GridRelativeBias`,
+the NAT / DiNAT relative-position bias, and ALiBi; the table's gradient is summed per (batch, head) in
+the backward), runs here as
 per-query work: ``K`` dot products, a softmax, ``K`` weighted rows of ``V``, nothing else.
 Tile-based paths compute whole key boxes instead (a 7 x 7 neighbourhood in 4 x 4 query tiles
 wastes half of its products, in 8 x 8 tiles three quarters), and small batched products are
@@ -36,6 +37,7 @@ import torch
 from attnzoo.ops import native
 from attnzoo.ops.backends.base import DENSE_FRACTION, Backend, Result, compute_dtype
 from attnzoo.ops.layout import Shape
+from attnzoo.ops.native import PairBias, pair_bias_args, ptr
 from attnzoo.ops.problem import Problem
 
 # Above this many keys per query the tiled blocksparse path is cheaper (measured on CPU, one
@@ -161,23 +163,7 @@ def _sizes(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> list[int]:
     return [b, h, k.shape[1], n, k.shape[2], d, table.shape[1]]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-class Bias(NamedTuple):
-    """An additive per-head bias for the kernels: ``table`` ``[H, T]`` read at ``index`` ``[N, K4]`` int32."""
-
-    table: torch.Tensor
-    index: torch.Tensor
-
-
-def _bias_args(bias: Bias | None) -> tuple[int | None, int | None, int]:
-    """The kernels' ``bias, bias_idx, n_bias`` arguments (null pointers and 0 without a bias)."""
-    return (None, None, 0) if bias is None else (bias.table.data_ptr(), bias.index.data_ptr(), bias.table.shape[1])
-
-
-def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: Bias | None = None, keep_probs: bool = False
+def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: PairBias | None = None, keep_probs: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out`` ``[B, H, N, D]``, ``lse`` ``[B, H, N]`` (-inf for rows with no key) and, with ``keep_probs``, the
     attention probabilities ``[B, H, N, K4]`` over the table's slots (0 where there is no key; else None);
@@ -186,12 +172,12 @@ def gather_forward(q, k, v, tables: KeyTables, scale: float, bias: Bias | None =
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:3])
     probs = q.new_empty(*q.shape[:3], tables.table.shape[1]) if keep_probs else None
-    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), *_bias_args(bias),
-        out.data_ptr(), lse.data_ptr(), _ptr(probs), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
+    fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), ptr(tables.key_ok), *pair_bias_args(bias),
+        out.data_ptr(), lse.data_ptr(), ptr(probs), *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return out, lse, probs
 
 
-def gather_backward(q, k, v, tables: KeyTables, lse, out, dout, scale: float, bias: Bias | None = None,
+def gather_backward(q, k, v, tables: KeyTables, lse, out, dout, scale: float, bias: PairBias | None = None,
                     dlse: torch.Tensor | None = None, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``dq, dk, dv`` (and ``dbias`` ``[H, T]`` with a bias) from the forward's ``out``, ``lse`` and optionally
     ``probs`` (else recomputed), the output gradient ``dout`` ``[B, H, N, D]`` and optionally the gradient of
@@ -199,9 +185,9 @@ def gather_backward(q, k, v, tables: KeyTables, lse, out, dout, scale: float, bi
     _, bwd = _functions(q.dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = q.new_zeros(q.shape[0], q.shape[1], bias.table.shape[1]) if bias is not None else None
-    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), _ptr(tables.key_ok), *_bias_args(bias),
-        _ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(), tables.inv_q.data_ptr(), lse.data_ptr(),
-        _ptr(probs), out.data_ptr(), dout.data_ptr(), _ptr(dlse), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+    bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.table.data_ptr(), ptr(tables.key_ok), *pair_bias_args(bias),
+        ptr(dbias), tables.inv_off.data_ptr(), tables.inv_pos.data_ptr(), tables.inv_q.data_ptr(), lse.data_ptr(),
+        ptr(probs), out.data_ptr(), dout.data_ptr(), ptr(dlse), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         *_sizes(q, k, tables.table), scale, torch.get_num_threads())
     return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))
 
@@ -216,7 +202,7 @@ def keeps_probs(keys: int, head_dim: int) -> bool:
 class _GatherFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tables: KeyTables, scale: float, bias_index, q, k, v, bias_table):
-        bias = Bias(bias_table, bias_index) if bias_table is not None else None
+        bias = PairBias(bias_table, bias_index) if bias_table is not None else None
         keep = keeps_probs(tables.table.shape[1], q.shape[-1])
         out, lse, probs = gather_forward(q, k, v, tables, scale, bias, keep_probs=keep)
         ctx.save_for_backward(q, k, v, out, lse, probs)
@@ -253,12 +239,9 @@ class Gather(Backend):
         if p.device.type != "cpu":
             return f"the gather backend runs on CPU tensors, got device {p.device} (on CUDA: triton or flex)"
         if p.score_mod is not None:
-            table = p.score_mod.indexed_bias() if hasattr(p.score_mod, "indexed_bias") else None
-            if table is None:
-                return (f"score_mod {type(p.score_mod).__name__} is not supported by the gather backend (it runs "
-                        "additive per-head biases read at an index of the pair, e.g. GridRelativeBias)")
-            if table.dim() != 2 or table.shape[0] != p.shape.heads:
-                return f"the gather backend needs a bias table [H={p.shape.heads}, T], got {list(table.shape)}"
+            reason = p.score_mod.pair_bias_reason(p.shape.heads, "the gather backend")
+            if reason is not None:
+                return reason
         if p.v.shape[-1] != p.q.shape[-1]:
             return f"the gather backend needs D_v == D, got D={p.q.shape[-1]}, D_v={p.v.shape[-1]}"
         reason = pattern_reason(p.pattern, p.shape)
@@ -285,17 +268,18 @@ class Gather(Backend):
         q, k, v = (t.to(dtype).contiguous() for t in (p.q, p.k, p.v))
         bias_table = bias_index = None
         if p.score_mod is not None:
-            bias_table = p.score_mod.indexed_bias().to(dtype).contiguous()
             pairs = tables.table.clamp(min=0).long()
-            bias_index = p.score_mod.index(torch.arange(pairs.shape[0])[:, None], pairs).to(torch.int32).contiguous()
+            index, size = p.score_mod.pair_bias_index(torch.arange(pairs.shape[0])[:, None], pairs, p.shape)
+            bias_table = p.score_mod.pair_bias_table(size).to(dtype).contiguous()
+            bias_index = index.to(torch.int32).contiguous()
         if p.needs_grad:
             out, lse = _GatherFn.apply(tables, p.scale, bias_index, q, k, v, bias_table)
         else:
-            bias = Bias(bias_table, bias_index) if bias_table is not None else None
+            bias = PairBias(bias_table, bias_index) if bias_table is not None else None
             out, lse, _ = gather_forward(q, k, v, tables, p.scale, bias)
         return Result(out.to(p.q.dtype), None, lse if p.return_lse else None)
 
 
-__all__ = ["KEEP_PROBS_KEYS_PER_DIM", "Bias", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D",
+__all__ = ["KEEP_PROBS_KEYS_PER_DIM", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D",
            "auto_skip_reason", "build_tables", "gather_backward", "gather_form", "gather_forward", "keeps_probs",
            "key_tables", "max_keys_auto", "pattern_reason"]

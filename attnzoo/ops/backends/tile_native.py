@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 
 from attnzoo.ops import native
+from attnzoo.ops.native import PairBias, pair_bias_args, ptr
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FORWARD_ARGS = [_P] * 9 + [_I] + [_P] * 2 + [_I] * 10 + [ctypes.c_double, ctypes.c_int]
@@ -63,15 +64,11 @@ def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
     if q.shape[-1] % width or v.shape[-1] % width:
         return (f"the compiled tile kernels need head dims that are multiples of {width} for {q.dtype}, got "
                 f"D={q.shape[-1]}, D_v={v.shape[-1]}")
-    mod = tiles.score_mod
-    if mod is not None:
-        if not (hasattr(mod, "has_pair_bias") and mod.has_pair_bias()):
-            return (f"score_mod {type(mod).__name__} runs on the PyTorch tile path (the compiled tile kernels take "
-                    "additive per-head biases read at an index of the pair: GridRelativeBias, ALiBi)")
-        table = mod.pair_bias_table(1)
-        if table.dim() != 2 or table.shape[0] != q.shape[1]:
-            return f"the compiled tile kernels need a bias table [H={q.shape[1]}, T], got {list(table.shape)}"
-    if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1) and _padding_split(tiles) is None:
+    if tiles.score_mod is not None:
+        reason = tiles.score_mod.pair_bias_reason(q.shape[1], "the compiled tile kernels")
+        if reason is not None:
+            return f"{reason}; it runs on the PyTorch tile path"
+    if _per_batch_mask(tiles) and _padding_split(tiles) is None:
         return ("a per-batch or per-head mask other than key padding (e.g. per-head windows) runs on the PyTorch "
                 "tile path")
     return native.unavailable("tiles")
@@ -86,21 +83,8 @@ def _padding_split(tiles: Any) -> tuple[Any, torch.Tensor] | None:
     return split
 
 
-def _shared_mask(tiles: Any) -> torch.Tensor | None:
-    """Bool ``[T, bq, R]``: the pairs every batch element and head may use (None: all of them)."""
-    if tiles.mask is None:
-        return None
-    if tuple(tiles.mask.shape[:2]) == (1, 1):
-        return tiles.mask[0, 0]
-    rest, _ = _padding_split(tiles)
-    t, bq = tiles.q_index.shape
-    allowed = (tiles.kv_index >= 0).view(t, 1, -1).expand(t, bq, tiles.r)
-    if rest is not None:
-        zero = torch.zeros((), dtype=torch.long)
-        q = tiles.q_index.clamp(min=0).view(t, bq, 1)
-        kv = tiles.kv_index.clamp(min=0).view(t, 1, -1)
-        allowed = allowed & torch.as_tensor(rest.allow(zero, zero, q, kv, tiles.shape))
-    return None if bool(allowed.all()) else allowed
+def _per_batch_mask(tiles: Any) -> bool:
+    return tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1)
 
 
 def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
@@ -110,29 +94,24 @@ def plan_arrays(tiles: Any, dtype: torch.dtype) -> PlanArrays:
     if cached is None:
         q_idx = tiles.q_index.to(torch.int32).contiguous()
         kv_idx = tiles.kv_index.to(torch.int32).contiguous()
-        shared = _shared_mask(tiles)
-        mask = None if shared is None else torch.zeros(shared.shape, dtype=dtype).masked_fill_(~shared, float("-inf"))
+        shared, key_ok = tiles.mask, None
+        if _per_batch_mask(tiles):  # rest & KeyPadding(keep): rest's mask, and keep per batch element
+            rest, keep = _padding_split(tiles)
+            shared = tiles.pattern_mask(rest)
+            key_ok = keep.expand(tiles.shape.batch, tiles.shape.n_kv).to(torch.uint8).contiguous()
+        mask = None
+        if shared is not None:
+            mask = torch.zeros(shared.shape[2:], dtype=dtype).masked_fill_(~shared[0, 0], float("-inf"))
         covers_all = int((q_idx >= 0).sum()) == tiles.shape.n_q
         keys = kv_idx[kv_idx >= 0].long()
         disjoint = keys.numel() == 0 or int(torch.bincount(keys).max()) == 1
-        key_ok = None
-        if tiles.mask is not None and tuple(tiles.mask.shape[:2]) != (1, 1):
-            keep = _padding_split(tiles)[1]
-            key_ok = keep.expand(tiles.shape.batch, tiles.shape.n_kv).to(torch.uint8).contiguous()
         cached = tiles.native[key] = PlanArrays(q_idx, kv_idx, mask, covers_all, disjoint, key_ok)
     return cached
 
 
-class TileBias(NamedTuple):
-    """An additive per-head bias for the kernels: ``table`` ``[H, n_bias]`` read at ``index`` ``[T, bq, R]`` int32."""
-
-    table: torch.Tensor
-    index: torch.Tensor
-
-
-def tile_bias(tiles: Any, dtype: torch.dtype) -> TileBias | None:
-    """The score modifier of ``tiles`` as a :class:`TileBias` (None without one); the index is cached per modifier,
-    the table read from it on every call."""
+def tile_bias(tiles: Any, dtype: torch.dtype) -> PairBias | None:
+    """The score modifier of ``tiles`` as a :class:`~attnzoo.ops.native.PairBias` (None without one); the index
+    is cached per modifier, the table read from it on every call."""
     mod = tiles.score_mod
     if mod is None:
         return None
@@ -143,21 +122,13 @@ def tile_bias(tiles: Any, dtype: torch.dtype) -> TileBias | None:
         kv_pos = tiles.kv_index.clamp(min=0).unsqueeze(1)
         index, size = mod.pair_bias_index(q_pos, kv_pos, tiles.shape)
         cached = tiles.native[key] = (mod, index.to(torch.int32).contiguous(), size)
-    return TileBias(mod.pair_bias_table(cached[2]).to(dtype).contiguous(), cached[1])
-
-
-def _bias_args(bias: TileBias | None) -> tuple[int | None, int | None, int]:
-    return (None, None, 0) if bias is None else (bias.table.data_ptr(), bias.index.data_ptr(), bias.table.shape[1])
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    return PairBias(mod.pair_bias_table(cached[2]).to(dtype).contiguous(), cached[1])
 
 
 def _plan_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays) -> tuple[int | None, ...]:
     """The kernels' leading ``q, k, v, q_idx, kv_idx, mask, key_ok`` pointers."""
     return (q.data_ptr(), k.data_ptr(), v.data_ptr(), arrays.q_idx.data_ptr(), arrays.kv_idx.data_ptr(),
-            _ptr(arrays.mask), _ptr(arrays.key_ok))
+            ptr(arrays.mask), ptr(arrays.key_ok))
 
 
 def _sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays) -> tuple[int, ...]:
@@ -167,7 +138,7 @@ def _sizes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays
 
 
 def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays, scale: float,
-                 bias: TileBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 bias: PairBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``[B, H, N, D_v]`` and ``lse`` ``[B, H, N]`` (``0`` / ``-inf`` for queries in no tile)."""
     fwd, _ = _functions(q.dtype)
     shape = (*q.shape[:-1], v.shape[-1])
@@ -175,22 +146,22 @@ def tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: Plan
         out, lse = q.new_empty(shape), q.new_empty(q.shape[:-1])
     else:
         out, lse = q.new_zeros(shape), q.new_full(q.shape[:-1], float("-inf"))
-    fwd(*_plan_args(q, k, v, arrays), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays),
+    fwd(*_plan_args(q, k, v, arrays), *pair_bias_args(bias), out.data_ptr(), lse.data_ptr(), *_sizes(q, k, v, arrays),
         scale, torch.get_num_threads())
     return out, lse
 
 
 def tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: PlanArrays, scale: float,
                   out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None,
-                  bias: TileBias | None = None) -> tuple[torch.Tensor, ...]:
+                  bias: PairBias | None = None) -> tuple[torch.Tensor, ...]:
     """``dq, dk, dv`` (and ``dtable`` ``[H, n_bias]`` with a bias) from the forward's ``out`` and ``lse``,
     ``dout`` ``[B, H, N, D_v]`` and optionally the gradient of ``lse`` ``dlse`` ``[B, H, N]`` (all contiguous)."""
     _, bwd = _functions(q.dtype)
     dq = torch.empty_like(q) if arrays.covers_all else torch.zeros_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     dbias = q.new_zeros(q.shape[0], q.shape[1], bias.table.shape[1]) if bias is not None else None
-    bwd(*_plan_args(q, k, v, arrays), *_bias_args(bias), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
-        _ptr(dlse), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _ptr(dbias), *_sizes(q, k, v, arrays), scale,
+    bwd(*_plan_args(q, k, v, arrays), *pair_bias_args(bias), out.data_ptr(), lse.data_ptr(), dout.data_ptr(),
+        ptr(dlse), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ptr(dbias), *_sizes(q, k, v, arrays), scale,
         int(arrays.keys_disjoint), torch.get_num_threads())
     return (dq, dk, dv) if dbias is None else (dq, dk, dv, dbias.sum(0))
 
@@ -198,7 +169,7 @@ def tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arrays: Pla
 class _TileKernelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, arrays: PlanArrays, scale: float, bias_index, q, k, v, bias_table):
-        bias = TileBias(bias_table, bias_index) if bias_table is not None else None
+        bias = PairBias(bias_table, bias_index) if bias_table is not None else None
         out, lse = tile_forward(q, k, v, arrays, scale, bias)
         ctx.arrays, ctx.scale, ctx.bias = arrays, scale, bias
         ctx.set_materialize_grads(False)
@@ -226,5 +197,5 @@ def attention(tiles: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return tile_forward(q, k, v, arrays, scale, bias)
 
 
-__all__ = ["PlanArrays", "TileBias", "attention", "column_width", "plan_arrays", "tile_backward", "tile_bias",
+__all__ = ["PlanArrays", "attention", "column_width", "plan_arrays", "tile_backward", "tile_bias",
            "tile_forward", "why_not"]
