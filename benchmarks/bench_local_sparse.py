@@ -14,8 +14,9 @@ forward+backward (``fwd+bwd``), median time over repeats after a warm-up (dense 
 N = 16384 runs once, no warm-up), peak extra memory (RSS high-water mark over the inputs).
 ``blocksparse`` is ``attnzoo.attention(..., backend="blocksparse")``, which runs these patterns
 on their tile plans (on CPU with the compiled tile kernels, ``tile_kernels.cpp``); the
-neighbourhood and the sliding window also run on ``gather`` (the compiled per-query CPU kernels,
-which ``auto`` picks for both). Reported per row: the pattern's exact density, the target time
+neighbourhood and the sliding window also run on ``gather`` (the compiled per-query CPU kernels;
+``auto`` picks them for the neighbourhood and the tiles for the window of 256 keys, see run F in
+RESULTS.md). Reported per row: the pattern's exact density, the target time
 ``dense time x density`` (what the sparsity allows), the ratio to it (issue target: <= 2), and
 effective throughput: FLOPs of the kept (q, k) pairs, ``4 D`` per pair forward and 3.5x that
 for forward+backward, per second. ``--clock cpu`` measures process CPU time (use with

@@ -453,8 +453,33 @@ def test_auto_uses_gather_for_small_neighbourhoods_on_cpu():
                     P.DilatedWindow(8, 3)):
         assert attnzoo.explain(q1, q1, q1, pattern=pattern).backend == "gather", pattern
     q2 = torch.zeros(1, 2, 4096, 16)
-    expl = attnzoo.explain(q2, q2, q2, pattern=P.SlidingWindow(256, causal=True))  # at the 1-D bound
-    assert expl.backend == "gather" and "256 keys per query" in expl.reasons["blocksparse"]
+    expl = attnzoo.explain(q2, q2, q2, pattern=P.SlidingWindow(160, causal=True))  # at the 1-D bound
+    assert expl.backend == "gather" and "160 keys per query" in expl.reasons["blocksparse"]
+
+
+@needs_kernels
+def test_auto_bounds_follow_the_tile_path_and_the_backward():
+    """gather gives way to the tiles sooner when the compiled tile kernels take the call (1-D: above 160 keys)
+    and, on grids, when a backward follows (above 400); against the PyTorch tile path it keeps 256 / 768."""
+    window = P.SlidingWindow(256, causal=True)
+    q = torch.zeros(1, 2, 4096, 16)
+    expl = attnzoo.explain(q, q, q, pattern=window)
+    assert expl.backend == "blocksparse" and expl.path.startswith("its tile plan on the compiled tile kernel")
+    assert "256 keys per query: above 160 the compiled tile kernels are cheaper" in expl.reasons["gather"]
+    odd = torch.zeros(1, 2, 4096, 24)  # D=24: no compiled tile kernel for float32
+    assert attnzoo.explain(odd, odd, odd, pattern=window).backend == "gather"
+    expl = attnzoo.explain(odd, odd, odd, pattern=P.SlidingWindow(257, causal=True))
+    assert expl.backend == "blocksparse" and "above 256 the tiled blocksparse path is" in expl.reasons["gather"]
+
+    nbhd = P.Neighborhood(21, grid=(64, 64))  # 441 keys
+    q = torch.zeros(1, 2, 64 * 64, 16)
+    assert attnzoo.explain(q, q, q, pattern=nbhd).backend == "gather"
+    qg = q.clone().requires_grad_()
+    expl = attnzoo.explain(qg, qg, qg, pattern=nbhd)
+    assert expl.backend == "blocksparse" and "above 400 with a backward" in expl.reasons["gather"]
+    assert attnzoo.explain(qg, qg, qg, pattern=P.Neighborhood(19, grid=(64, 64))).backend == "gather"  # 361
+    odd = torch.zeros(1, 2, 64 * 64, 24, requires_grad=True)
+    assert attnzoo.explain(odd, odd, odd, pattern=nbhd).backend == "gather"
 
 
 @needs_kernels
@@ -475,7 +500,7 @@ def test_auto_keeps_tiles_for_large_neighbourhoods():
     assert "841 keys per query: above 768" in expl.reasons["gather"]
     q1 = torch.zeros(1, 2, 1024, 16)
     expl = attnzoo.explain(q1, q1, q1, pattern=P.Neighborhood(257))
-    assert expl.backend == "blocksparse" and "above 256" in expl.reasons["gather"]
+    assert expl.backend == "blocksparse" and "above 160" in expl.reasons["gather"]
     out = attnzoo.attention(q1, q1, q1, pattern=P.Neighborhood(257), backend="gather")  # explicit still runs
     assert out.shape == q1.shape
 

@@ -57,4 +57,4 @@ def test_relative_position_bias_2d_grid():
 def test_complex_attention_head_specific():
     c = attnzoo.create("complex_attention", head_dim=8, n_heads=2)
     assert {n for n, _ in c.named_parameters()} == {"alpha", "beta"}
-    assert math.isclose(float(c.alpha[0]), 1.0)
+    assert math.isclose(float(c.alpha[0].detach()), 1.0)

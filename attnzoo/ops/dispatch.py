@@ -12,7 +12,7 @@ import torch
 from attnzoo.ops.backends import BACKENDS, Result
 from attnzoo.ops.backends.base import DENSE_FRACTION
 from attnzoo.ops.backends.blocksparse import default_block
-from attnzoo.ops.backends.gather import auto_skip_reason
+from attnzoo.ops.backends.gather import problem_skip_reason
 from attnzoo.ops.backends.triton_local import auto_enabled
 from attnzoo.ops.config import limits
 from attnzoo.ops.problem import Problem, make_problem
@@ -61,7 +61,7 @@ def _decide(p: Problem) -> tuple[str, float | None, dict[str, str]]:
                               "flex": "SDPA runs this pattern natively"}
     if p.device.type == "cpu" and p.pattern is not None and BACKENDS["gather"].why_not(p) is None:
         keys = BACKENDS["gather"].keys_per_query(p)
-        if auto_skip_reason(keys, p.shape.n_kv, p.pattern) is None:
+        if problem_skip_reason(p, keys) is None:
             note = f"gather runs this pattern's {keys} keys per query directly (compiled CPU kernel)"
             return "gather", None, {"reference": _REF_NOTE, "flex": _FLEX_CPU_NOTE, "sdpa": note,
                                     "blocksparse": note}

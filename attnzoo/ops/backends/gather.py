@@ -35,15 +35,22 @@ from typing import Any, NamedTuple
 import torch
 
 from attnzoo.ops import native
+from attnzoo.ops.backends import tile_native
 from attnzoo.ops.backends.base import DENSE_FRACTION, Backend, Result, compute_dtype
 from attnzoo.ops.layout import Shape
 from attnzoo.ops.native import PairBias, pair_bias_args, ptr
 from attnzoo.ops.problem import Problem
 
-# Above this many keys per query the tiled blocksparse path is cheaper (measured on CPU, one
-# thread, H=8, D=64: benchmarks/RESULTS.md); 1-D band tiles waste less, so their bound is lower.
+# The most keys per query for which auto prefers gather to the tiles of blocksparse (measured on CPU, one
+# thread, H=8, D=64: benchmarks/RESULTS.md, run F). Against the compiled tile kernels: 1-D band tiles waste
+# little, so gather wins only on short windows; on 2-D / 3-D grids the tiles compute whole key boxes, and
+# gather keeps the forward up to 729 keys but loses the backward from about 441.
+MAX_KEYS_AUTO_1D = 160
 MAX_KEYS_AUTO = 768
-MAX_KEYS_AUTO_1D = 256
+MAX_KEYS_AUTO_TRAIN = 400
+# Against the PyTorch tile path (the tile kernels cannot take the call: bfloat16, head dims that are not
+# multiples of 16 / 8): gather wins further.
+MAX_KEYS_AUTO_1D_TORCH_TILES = 256
 # The forward keeps the probabilities for the backward up to this many (padded) keys per query per head dim: at
 # most the memory of q, k, v and out together, which autograd holds anyway.
 KEEP_PROBS_KEYS_PER_DIM = 4
@@ -57,24 +64,38 @@ def _grid_ndim(pattern: Any) -> int:
     return getattr(pattern, "ndim", 1)
 
 
-def max_keys_auto(pattern: Any) -> int:
-    """The most keys per query for which ``auto`` prefers ``gather`` over tiles."""
-    return MAX_KEYS_AUTO_1D if _grid_ndim(pattern) == 1 else MAX_KEYS_AUTO
+def max_keys_auto(pattern: Any, *, tile_kernels: bool = True, needs_grad: bool = False) -> int:
+    """The most keys per query for which ``auto`` prefers ``gather`` to tiles: on a 1-D or a grid
+    ``pattern``, against the compiled tile kernels or the PyTorch tile path, with or without a backward."""
+    if _grid_ndim(pattern) == 1:
+        return MAX_KEYS_AUTO_1D if tile_kernels else MAX_KEYS_AUTO_1D_TORCH_TILES
+    return MAX_KEYS_AUTO_TRAIN if tile_kernels and needs_grad else MAX_KEYS_AUTO
 
 
-def auto_skip_reason(keys: int, n_kv: int, pattern: Any) -> str | None:
+def auto_skip_reason(keys: int, n_kv: int, pattern: Any, *, tile_kernels: bool = True,
+                     needs_grad: bool = False) -> str | None:
     """Why ``auto`` passes over ``gather`` for ``keys`` keys per query out of ``n_kv`` (None: it picks it).
 
     Above :func:`max_keys_auto` the tiles are cheaper; from :data:`DENSE_FRACTION` of the keys on, a dense
     masked kernel wastes little enough of its products to beat a per-query loop."""
-    bound = max_keys_auto(pattern)
+    bound = max_keys_auto(pattern, tile_kernels=tile_kernels, needs_grad=needs_grad)
     if keys > bound:
-        return (f"{keys} keys per query: above {bound} the tiled blocksparse path is cheaper "
+        tiles = "the compiled tile kernels are" if tile_kernels else "the tiled blocksparse path is"
+        train = " with a backward" if tile_kernels and needs_grad and _grid_ndim(pattern) > 1 else ""
+        return (f"{keys} keys per query: above {bound}{train} {tiles} cheaper "
                 "(pass backend='gather' to use it anyway)")
     if keys >= DENSE_FRACTION * n_kv:
         return (f"{keys} keys per query out of {n_kv}: from {DENSE_FRACTION:.0%} of the keys on, the dense or "
                 "tiled paths are cheaper (pass backend='gather' to use it anyway)")
     return None
+
+
+def problem_skip_reason(p: Problem, keys: int) -> str | None:
+    """:func:`auto_skip_reason` for the call ``p`` (whether the tile kernels take its tensors, whether a
+    backward follows)."""
+    # Up to MAX_KEYS_AUTO_1D keys (the lowest bound) the answer does not depend on the tile kernels: no build.
+    tile_kernels = keys <= MAX_KEYS_AUTO_1D or tile_native.tensor_reason(p.q, p.v) is None
+    return auto_skip_reason(keys, p.shape.n_kv, p.pattern, tile_kernels=tile_kernels, needs_grad=p.needs_grad)
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -256,7 +277,7 @@ class Gather(Backend):
         """Why ``auto`` passed over this backend although it can run ``p`` (None if it cannot)."""
         if self.why_not(p) is not None:
             return None
-        return auto_skip_reason(self.keys_per_query(p), p.shape.n_kv, p.pattern)
+        return problem_skip_reason(p, self.keys_per_query(p))
 
     def keys_per_query(self, p: Problem) -> int:
         base, _ = gather_form(p.pattern, p.shape)
@@ -281,5 +302,6 @@ class Gather(Backend):
 
 
 __all__ = ["KEEP_PROBS_KEYS_PER_DIM", "Gather", "KeyTables", "MAX_KEYS_AUTO", "MAX_KEYS_AUTO_1D",
+           "MAX_KEYS_AUTO_1D_TORCH_TILES", "MAX_KEYS_AUTO_TRAIN", "problem_skip_reason",
            "auto_skip_reason", "build_tables", "gather_backward", "gather_form", "gather_forward", "keeps_probs",
            "key_tables", "max_keys_auto", "pattern_reason"]

@@ -54,8 +54,9 @@ def column_width(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float64 else 16
 
 
-def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the compiled tile kernels cannot run this tiled call (None when they can)."""
+def tensor_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the compiled tile kernels cannot take these tensors (device, dtype, head dims) or cannot be built;
+    None when they can (the pattern and score modifier are :func:`why_not`'s part)."""
     if q.device.type != "cpu":
         return f"the compiled tile kernels run on CPU tensors, got device {q.device}"
     if q.dtype not in (torch.float32, torch.float64):
@@ -64,6 +65,14 @@ def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
     if q.shape[-1] % width or v.shape[-1] % width:
         return (f"the compiled tile kernels need head dims that are multiples of {width} for {q.dtype}, got "
                 f"D={q.shape[-1]}, D_v={v.shape[-1]}")
+    return native.unavailable("tiles")
+
+
+def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the compiled tile kernels cannot run this tiled call (None when they can)."""
+    reason = tensor_reason(q, v)
+    if reason is not None:
+        return reason
     if tiles.score_mod is not None:
         reason = tiles.score_mod.pair_bias_reason(q.shape[1], "the compiled tile kernels")
         if reason is not None:
@@ -71,7 +80,7 @@ def why_not(tiles: Any, q: torch.Tensor, v: torch.Tensor) -> str | None:
     if _per_batch_mask(tiles) and _padding_split(tiles) is None:
         return ("a per-batch or per-head mask other than key padding (e.g. per-head windows) runs on the PyTorch "
                 "tile path")
-    return native.unavailable("tiles")
+    return None
 
 
 def _padding_split(tiles: Any) -> tuple[Any, torch.Tensor] | None:
@@ -197,5 +206,5 @@ def attention(tiles: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return tile_forward(q, k, v, arrays, scale, bias)
 
 
-__all__ = ["PlanArrays", "attention", "column_width", "plan_arrays", "tile_backward", "tile_bias",
+__all__ = ["PlanArrays", "attention", "column_width", "plan_arrays", "tensor_reason", "tile_backward", "tile_bias",
            "tile_forward", "why_not"]
