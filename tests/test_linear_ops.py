@@ -93,6 +93,37 @@ def test_parallel_chunked_recurrent_agree(kind, randn):
                                        msg=lambda m, f=form, c=chunk, name=name: f"{kind} {f}/{c} d{name}: {m}")
 
 
+@pytest.mark.parametrize("kind", ["linear", "linear_norm", "lightning", "gla"])
+@pytest.mark.parametrize("use", ["out", "state"])
+def test_chunked_gradients_when_one_output_is_unused(kind, use, randn):
+    """A loss on the output alone or on the final state alone (the chunked backward then gets no gradient for
+    the other) gives the parallel form's gradients; also with ``N`` not a multiple of the chunk."""
+    fn, leaves = _problem(kind, randn, n=37)
+    grads = {}
+    for form in ("parallel", "chunked"):
+        xs = {k: t.detach().clone().requires_grad_() for k, t in leaves.items()}
+        out, state = fn(form, 8, **xs)
+        torch.manual_seed(3)
+        loss = (out * torch.randn(out.shape, dtype=out.dtype)).sum() if use == "out" else \
+            (state * torch.randn(state.shape, dtype=state.dtype)).sum()
+        got = torch.autograd.grad(loss, list(xs.values()), allow_unused=True)  # the state does not depend on q
+        grads[form] = [torch.zeros_like(x) if g is None else g for g, x in zip(got, xs.values())]
+    for name, got, want in zip(leaves, grads["chunked"], grads["parallel"]):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"{kind} d{name}: {m}")
+
+
+def test_chunked_constant_decay_without_gradient(randn):
+    """A float log decay (no gradient to take) and inputs of which only ``v`` requires a gradient."""
+    q, k = randn(B, H, N, DK), randn(B, H, N, DK)
+    v = randn(B, H, N, DV).requires_grad_()
+    dout = randn(B, H, N, DV)
+    outs = {form: linear_attention(q, k, v, log_decay=-0.3, form=form, chunk_size=5)
+            for form in ("parallel", "chunked")}
+    torch.testing.assert_close(outs["chunked"], outs["parallel"], **TOL)
+    grads = [torch.autograd.grad((o * dout).sum(), v)[0] for o in outs.values()]
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_segments_with_carried_state_equal_one_pass(kind, randn):
     fn, leaves = _problem(kind, randn, n=41)
