@@ -17,6 +17,7 @@ import torch
 
 import attnzoo
 from attnzoo import patterns as P
+from attnzoo.ops import native
 from attnzoo.patterns import Shape
 
 B, H = 2, 4
@@ -332,6 +333,26 @@ def test_multiblock_layouts_match_reference(case, mod, backend, request, rng, ra
             attnzoo.attention(q, k, v, backend="sdpa", **kwargs)
         return
     _compare(_resolve(backend, request), q, k, v, dout, fwd_bwd, tol, extra=mc.extra, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["gather", "auto"])
+@pytest.mark.parametrize("layout", ["k", "v", "kv", "qkv"])
+def test_non_contiguous_inputs_match_reference(layout, backend, request, randn, fwd_bwd, tol):
+    """q / k / v given as ``[B, N, H, D]`` tensors transposed to ``[B, H, N, D]`` (what a mixer's projection
+    gives), with M a whole number of blocks: blocksparse once viewed them as if contiguous."""
+    if backend == "gather" and native.unavailable("gather") is not None:
+        pytest.skip(native.unavailable("gather"))
+    n, d = 128, 8
+    pattern = P.SlidingWindow(5) if backend == "gather" else P.Causal()
+
+    def make(name: str) -> torch.Tensor:
+        if name in layout:
+            return randn(B, n, H, d).transpose(1, 2).requires_grad_()
+        return randn(B, H, n, d, requires_grad=True)
+
+    q, k, v = make("q"), make("k"), make("v")
+    assert not k.is_contiguous() or not v.is_contiguous() or not q.is_contiguous()
+    _compare(_resolve(backend, request), q, k, v, randn(B, H, n, d), fwd_bwd, tol, pattern=pattern)
 
 
 def test_blocksparse_layout_has_many_blocks(small_block):

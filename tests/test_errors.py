@@ -211,3 +211,15 @@ def test_merge_partials_bad_arguments():
         attnzoo.merge_partials([o, o], [lse])
     with pytest.raises(ValueError, match=r"^outs, lses: expected equal non-zero counts, got 0 and 0"):
         attnzoo.merge_partials([], [])
+
+
+def test_custom_score_mod_that_changes_the_dtype():
+    """A captured float64 tensor promotes float32 scores: a TypeError naming score_mod and both dtypes."""
+    w = torch.randn(2, dtype=torch.float64)
+    mod = P.CustomScore(lambda s, b, h, q, kv: s + w[h], tensors=[w])
+    q = torch.randn(1, 2, 5, 8)
+    for backend in ("reference", "blocksparse"):
+        with pytest.raises(TypeError, match=r"^score_mod: .* dtype torch\.float32, got torch\.float64"):
+            attnzoo.attention(q, q, q, score_mod=mod, backend=backend)
+    ok = P.CustomScore(lambda s, b, h, q, kv: s + w.float()[h], tensors=[w])
+    assert attnzoo.attention(q, q, q, score_mod=ok, backend="blocksparse").dtype == torch.float32

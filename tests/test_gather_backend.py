@@ -71,6 +71,8 @@ WINDOW_CASES = {
     "window": (lambda: P.SlidingWindow(5), 37, 37),
     "window_causal_sink": (lambda: P.SlidingWindow(6, causal=True, n_sink=3), 37, 37),
     "window_sym_sink": (lambda: P.SlidingWindow(3, n_sink=4), 20, 20),
+    "window_sym_sinks_right_of_window": (lambda: P.SlidingWindow(1, n_sink=6), 20, 20),
+    "window_sym_sinks_more_queries": (lambda: P.SlidingWindow(1, n_sink=3), 12, 9),  # negative offset
     "window_kv_cache": (lambda: P.SlidingWindow(4, causal=True, n_sink=2), 11, 37),
     "window_offset_empty_rows": (lambda: P.SlidingWindow(3, causal=True, offset=-5), 20, 20),
     "dilated": (lambda: P.DilatedWindow(3, 2), 37, 37),

@@ -172,6 +172,9 @@ PATTERNS = {
     "swin_shift": (P.WindowPartition((3, 4), grid=(6, 8), shift=(1, 2)), 48, 48),
     "swin_shift_halo": (P.WindowPartition((3, 4), grid=(6, 8), shift=(2, 1), halo=(1, 2)), 48, 48),
     "halo_1d": (P.WindowPartition(4, halo=3), 48, 48),
+    # the wrapped window's two pieces have overlapping halos (2 halo > extent - window)
+    "swin_shift_halo_overlap": (P.WindowPartition((6, 4), grid=(6, 8), shift=(1, 2), halo=(1, 1)), 48, 48),
+    "halo_shift_1d_overlap": (P.WindowPartition(16, shift=3, halo=17), 48, 48),
     "swin_3d": (P.WindowPartition((1, 2, 3), grid=(2, 4, 6), shift=(0, 1, 1)), 48, 48),
     "grid": (P.GridPartition((3, 4), grid=(6, 8)), 48, 48),
     "grid_3d": (P.GridPartition((2, 2, 2), grid=(2, 4, 6)), 48, 48),

@@ -121,7 +121,15 @@ class CustomScore(ScoreMod):
         return self._tensors
 
     def __call__(self, score, b, h, q, kv, shape):
-        return self.fn(score, b, h, q, kv)
+        out = self.fn(score, b, h, q, kv)
+        if torch.compiler.is_compiling():  # traced by FlexAttention, which checks its own dtypes
+            return out
+        if not isinstance(out, torch.Tensor) or out.dtype != score.dtype:
+            got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(f"score_mod: the custom score_mod must return the scores in their dtype {score.dtype}, "
+                            f"got {got} (a captured tensor of another dtype promotes them: cast it to the inputs' "
+                            "dtype)")
+        return out
 
 
 def as_score_mod(mod: object) -> ScoreMod:

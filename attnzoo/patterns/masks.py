@@ -146,7 +146,7 @@ class SlidingWindow(Pattern):
             first = i - w + 1 if self.causal else i - w
             keys = first + torch.arange(w if self.causal else 2 * w + 1)
             sinks = torch.arange(self.n_sink).expand(shape.n_q, -1)
-            sink_ok = (sinks < first) & ((sinks <= i) if self.causal else True)
+            sink_ok = (sinks < first) if self.causal else (sinks < first) | (sinks > i + w)  # not in the window
             keys = torch.cat([keys, torch.where(sink_ok, sinks, -1)], dim=1)
             cached = self._cache_put(key, torch.where((keys >= 0) & (keys < shape.n_kv), keys, -1))
         return cached

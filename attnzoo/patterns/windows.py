@@ -210,7 +210,7 @@ class WindowPartition(_GridPattern):
         for row in q:
             ids = sorted(set(self._wid(row, axis).tolist()))
             parts = [torch.arange(max(0, i * w + s - eta), min(length, i * w + s + w + eta)) for i in ids]
-            keys.append(torch.cat(parts))
+            keys.append(torch.cat(parts).unique())  # the two pieces' halos may overlap: each key once
         r = max(k.numel() for k in keys)
         k = torch.stack([torch.nn.functional.pad(t, (0, r - t.numel()), value=-1) for t in keys])
         return AxisTiles(q, k)

@@ -175,7 +175,8 @@ def _fold_kv(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
     b, hkv, m, d = t.shape
     bs = plan.block
     nkb = math.ceil(m / bs)
-    return torch.nn.functional.pad(t, (0, 0, 0, nkb * bs - m)).view(b, hkv, nkb, bs, d)
+    # contiguous: a pad of 0 returns t itself, and _gather_kv's blocks must merge into rows
+    return torch.nn.functional.pad(t, (0, 0, 0, nkb * bs - m)).contiguous().view(b, hkv, nkb, bs, d)
 
 
 def _gather_kv(t: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
