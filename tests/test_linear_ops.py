@@ -320,6 +320,24 @@ def test_bf16_chunked_stable_at_65536(op, kind):
     _bf16_vs_reference(65536, kind, op, seed=7)
 
 
+@pytest.mark.parametrize("log_decay", [-30.0, -50.0])
+def test_parallel_form_keeps_the_gradient_of_strong_decays(log_decay, randn):
+    """The float64 oracle's decay gradient is O(e^g): the exactly-zero exponents of each token's own pair must
+    not add cancelling O(1) terms to it (they did: 0.0 at -50, 1.5% off at -30)."""
+    q, k, v = randn(1, 1, 6, 2), randn(1, 1, 6, 2), randn(1, 1, 6, 2)
+    x, dt, b_in, c_in = randn(1, 6, 2), randn(1, 6, 2).abs() + 1, randn(1, 6, 3), randn(1, 6, 3)
+    grads = {}
+    for form in ("parallel", "recurrent"):
+        g = torch.tensor([log_decay], dtype=torch.float64, requires_grad=True)
+        a = torch.full((2, 3), log_decay, dtype=torch.float64, requires_grad=True)
+        linear_attention(q, k, v, log_decay=g, form=form).sum().backward()
+        selective_scan(x, dt, a, b_in, c_in, form=form).sum().backward()
+        grads[form] = (g.grad, a.grad)
+    for got, want in zip(grads["parallel"], grads["recurrent"]):
+        assert (want != 0).all()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=0.0)
+
+
 def test_extreme_decays_are_finite_in_float32(randn):
     q, k, v = (randn(1, 2, 300, 8).float().requires_grad_() for _ in range(3))
     for g in (-math.inf, -1e6, -80.0, 0.0):

@@ -1019,7 +1019,8 @@ class ProbabilisticAttention(MultiHeadAttention):
     ``√d``); ``prior="learned"`` gives content-dependent priors ``log π_j = x_j·w``,
     ``"uniform"`` equal priors (the priors' normaliser cancels in the softmax, so they stay
     unnormalised and the layer stays causal and cacheable). ``em_steps`` > 0 re-estimates the keys as the
-    responsibility-weighted mean of the queries (the M-step; non-causal only).
+    responsibility-weighted mean of the unpadded queries (the M-step; it averages over every query, so
+    ``causal=True`` and a KV cache raise with it).
 
     Value propagation (:meth:`propagate`): an annotator fixes the values ``t_i`` of some
     tokens; each M-step moves the value means toward the responsibility-weighted
@@ -1041,13 +1042,35 @@ class ProbabilisticAttention(MultiHeadAttention):
         self.log_sigma2 = nn.Parameter(torch.full((self.n_kv_heads,), 0.5 * math.log(self.head_dim)))
         self.prior_proj = nn.Linear(self.k_proj.in_features, self.n_kv_heads) if prior == "learned" else None
 
+    _em_keep: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def check_call(self, x, mask, causal, context, cache) -> None:
+        super().check_call(x, mask, causal, context, cache)
+        if self.em_steps and (causal or cache is not None):
+            raise ValueError(f"em_steps: the EM key update averages over every query, so em_steps={self.em_steps} "
+                             "is non-causal and cannot decode with a cache (use em_steps=0 for causal=True or a "
+                             "cache)")
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, **kw: Any) -> Any:
+        """:meth:`MultiHeadAttention.forward`; the EM key update sees only unpadded queries and keys."""
+        self._em_keep = (mask, mask if context is None else context_mask)
+        try:
+            return super().forward(x, mask=mask, context=context, context_mask=context_mask, **kw)
+        finally:
+            self._em_keep = (None, None)
+
     def project(self, x, src):
         q, k, v = super().project(x, src)
         if self.em_steps:
+            q_keep, k_keep = self._em_keep
+            keys = build_pattern(None, False, k_keep)
             groups = self.n_heads // self.n_kv_heads
             for _ in range(self.em_steps):
-                a = attention(*self._augment(q, k, src), v, return_weights=True, backend="reference",
+                a = attention(*self._augment(q, k, src), v, pattern=keys, return_weights=True, backend="reference",
                               scale=1.0)[1]
+                if q_keep is not None:  # padded queries do not pull the keys
+                    a = a * q_keep.view(q_keep.shape[0], 1, -1, 1).to(a.dtype)
                 a = a.view(a.shape[0], self.n_kv_heads, groups, *a.shape[2:])
                 qg = q.view(q.shape[0], self.n_kv_heads, groups, *q.shape[2:])
                 num = torch.einsum("bhgnm,bhgnd->bhmd", a, qg)
@@ -1084,7 +1107,6 @@ class ProbabilisticAttention(MultiHeadAttention):
         ``prior_precision = 0`` replaces the values of every key reached by an annotation
         (and zeroes the others, as the official code does without a prior).
         """
-        from attnzoo.layers.base import build_pattern
 
         check_mixer_input(x, mask, None, self.dim)
         width = self.n_kv_heads * self.head_dim
@@ -1097,7 +1119,11 @@ class ProbabilisticAttention(MultiHeadAttention):
         if not (prior_precision >= 0 and value_precision > 0):
             raise ValueError(f"prior_precision, value_precision: expected >= 0 and > 0, got {prior_precision}, "
                              f"{value_precision}")
-        q, k, mu = self.project(x, x)
+        self._em_keep = (mask, mask)
+        try:
+            q, k, mu = self.project(x, x)
+        finally:
+            self._em_keep = (None, None)
         pattern = build_pattern(self.pattern, False, mask)
         a = attention(q, k, mu, pattern=pattern, scale=1.0, backend="reference", return_weights=True)[1]
         b, n = x.shape[:2]

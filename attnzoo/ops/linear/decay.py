@@ -165,10 +165,10 @@ def _parallel(q, k, v, g, s0):
             o, state = o + q @ s0, state + s0
         return o, state
     bc = g.cumsum(-1)  # [B, H, N], non-increasing
-    decay = torch.where(tri, bc.unsqueeze(-1) - bc.unsqueeze(-2), -math.inf).exp()
+    decay = intra_decay(bc)  # exact-zero exponents kept off the decays' gradient, as in the chunked form
     o = (scores * decay) @ v
     last = bc[..., -1:] if n else bc.new_zeros(bc.shape[:-1] + (1,))
-    state = (k * (last - bc).exp().unsqueeze(-1)).transpose(-1, -2) @ v
+    state = (k * suffix_sum(g).exp().unsqueeze(-1)).transpose(-1, -2) @ v
     if s0 is not None:
         o = o + (q * bc.exp().unsqueeze(-1)) @ s0
         state = state + last.exp().unsqueeze(-1) * s0

@@ -143,8 +143,11 @@ def _chunked(log_a, u, h0, chunk_size):
 def _parallel(log_a, u, h0):
     n = u.shape[1]
     bc = log_a.cumsum(1)  # [B, N, C, S]
-    tri = torch.ones(n, n, dtype=torch.bool, device=u.device).tril().view(1, n, n, 1, 1)
-    w = torch.where(tri, bc.unsqueeze(2) - bc.unsqueeze(1), -math.inf).exp()  # [B, N(t), N(s), C, S]
+    strict = torch.ones(n, n, dtype=torch.bool, device=u.device).tril(-1).view(1, n, n, 1, 1)
+    eye = torch.eye(n, dtype=u.dtype, device=u.device).view(1, n, n, 1, 1)
+    # the diagonal is the constant 1 (see decay.intra_decay: exp(b_t - b_t) would send the log decays two
+    # cancelling O(1) gradients)
+    w = torch.where(strict, bc.unsqueeze(2) - bc.unsqueeze(1), -math.inf).exp() + eye  # [B, N(t), N(s), C, S]
     states = (w * u.unsqueeze(1)).sum(2)
     if h0 is not None:
         states = states + bc.exp() * h0.unsqueeze(1)
