@@ -161,3 +161,31 @@ def test_bad_forward_inputs():
         m(torch.randn(2, 5, 32), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="causal"):
         attnzoo.create("reversed_attention", dim=32, n_heads=4)(torch.randn(1, 3, 32), causal=True)
+
+
+@pytest.mark.parametrize("slug", ["mha", "tensor_attention", "linear_attention"])
+def test_context_and_masks_are_checked_up_front(slug):
+    """Wrong context widths and context / padding masks raise a ValueError naming the argument, whatever the
+    mixer does with them later (an all-True mask of the wrong shape was once dropped silently)."""
+    m = attnzoo.create(slug, dim=32, n_heads=4)
+    x, ctx = torch.randn(2, 4, 32), torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match=r"^mask: expected a bool tensor \[2, 4\]"):
+        m(x, mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^mask: expected a bool tensor \[2, 4\]"):
+        m(x, mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"^context_mask: expected a bool tensor \[2, 5\], got torch.bool \[7\]"):
+        m(x, context=ctx, context_mask=torch.ones(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^context_mask: given without a context"):
+        m(x, context_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^context: expected a tensor \[2, M, 32\]"):
+        m(x, context=torch.randn(2, 5, 40))
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 3:] = False
+    assert m(x, context=ctx, context_mask=keep).shape == (2, 4, 32)
+
+
+@pytest.mark.parametrize("slug", ["mha", "gqa", "swin_window", "neighborhood"])
+def test_unknown_backend_fails_at_construction(slug):
+    kw = dict(attnzoo.spec(slug).test_kwargs, backend="flash")
+    with pytest.raises(ValueError, match=r"^backend: expected one of \['auto', 'reference'"):
+        attnzoo.create(slug, **kw)

@@ -374,3 +374,11 @@ def test_errors(randn):
         delta_rule(q, k, v, torch.ones(B, H))
     with pytest.raises(ValueError, match="A:"):
         selective_scan(randn(1, 5, 3), randn(1, 5, 3), randn(4, 2), randn(1, 5, 2), randn(1, 5, 2))
+    with pytest.raises(ValueError, match=r"^log_decay: expected values <= 0 .*got NaN"):
+        linear_attention(q, k, v, log_decay=float("nan"))
+    x, dt, a, bm, cm = randn(1, 5, 3), randn(1, 5, 3).abs(), -randn(3, 2).abs(), randn(1, 5, 2), randn(1, 5, 2)
+    with pytest.raises(ValueError, match=r"^A: expected values <= 0 .*got a maximum of 5"):
+        selective_scan(x, dt, a.clone().fill_(5.0), bm, cm)
+    with pytest.raises(ValueError, match=r"^dt: expected values >= 0 .*got a minimum of -\d"):
+        selective_scan(x, dt - dt.max() - 1.0, a, bm, cm)
+    assert selective_scan(x, dt, a, bm, cm).shape == x.shape

@@ -17,6 +17,7 @@ from torch import nn
 
 from attnzoo.layers.cache import KVCache, window_of
 from attnzoo.ops import attention
+from attnzoo.ops.backends import BACKENDS
 from attnzoo.patterns import And, Causal, KeyPadding
 
 __all__ = ["AttentionMixer", "MultiHeadAttention", "check_int", "check_choice", "build_pattern"]
@@ -78,6 +79,20 @@ def check_mixer_input(
         raise ValueError(f"context: expected a tensor [{x.shape[0]}, M, C], got {list(context.shape)}")
 
 
+def check_context(context: torch.Tensor | None, context_mask: torch.Tensor | None, width: int | None) -> None:
+    """Validate ``context`` ``[B, M, width]`` (``width`` None: any) and ``context_mask`` bool ``[B, M]``."""
+    if context is not None and width is not None and context.shape[-1] != width:
+        raise ValueError(f"context: expected a tensor [{context.shape[0]}, M, {width}] (the module's context width), "
+                         f"got {list(context.shape)}")
+    if context_mask is None:
+        return
+    if context is None:
+        raise ValueError("context_mask: given without a context (the padding mask of x is mask)")
+    if context_mask.dtype != torch.bool or tuple(context_mask.shape) != tuple(context.shape[:2]):
+        raise ValueError(f"context_mask: expected a bool tensor [{context.shape[0]}, {context.shape[1]}], got "
+                         f"{context_mask.dtype} {list(context_mask.shape)}")
+
+
 def build_pattern(user: Any, causal: bool, keep: torch.Tensor | None) -> Any:
     """``user & Causal() & KeyPadding(keep)``, leaving out the parts that are absent."""
     parts = [p for p in (user, Causal() if causal else None) if p is not None]
@@ -113,6 +128,7 @@ class AttentionMixer(nn.Module):
     dim: int
     causal_ok: bool = True
     cross_ok: bool = True
+    context_width: int | None = None  # the width context must have (None: not checked here)
 
     def __init__(self, dim: int, *, pattern: Any = None, score_mod: Any = None, qk_transform: Any = None,
                  scale: float | None = None, backend: str = "auto") -> None:
@@ -126,6 +142,8 @@ class AttentionMixer(nn.Module):
         self.score_mod = score_mod
         self.qk_transform = qk_transform
         self.scale = scale
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {['auto', *BACKENDS]}, got {backend!r}")
         self.backend = backend
         self.capture = False
         self.captured: dict[str, torch.Tensor] = {}
@@ -190,6 +208,7 @@ class AttentionMixer(nn.Module):
         ``head_mask``: ξ, ``[H]`` or ``[B, H]``, multiplies each head's output before W_O.
         """
         self.check_call(x, mask, causal, context, cache)
+        check_context(context, context_mask, self.context_width)
         src = x if context is None else context
         q, k, v = self.project(x, src)
         pos = cache.position if cache is not None else 0
@@ -268,6 +287,7 @@ class MultiHeadAttention(AttentionMixer):
                          backend=backend)
         self.n_heads, self.head_dim, self.n_kv_heads = n_heads, head_dim, n_kv_heads
         ctx = dim if context_dim is None else check_int("context_dim", context_dim)
+        self.context_width = ctx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(ctx, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(ctx, n_kv_heads * head_dim, bias=bias)

@@ -13,6 +13,7 @@ from attnzoo.layers.base import (
     MultiHeadAttention,
     build_pattern,
     check_choice,
+    check_context,
     check_int,
     check_mixer_input,
     head_dim_for,
@@ -943,6 +944,8 @@ class TensorAttention(MultiHeadAttention):
                 return_weights=False):
         if cache is not None:
             raise ValueError("cache: tensor_attention has no KV-cache decoding")
+        check_mixer_input(x, mask, context, self.dim)
+        check_context(context, context_mask, self.context_width)
         keep = mask if context is None else context_mask
         pair = None if keep is None else (keep.unsqueeze(2) & keep.unsqueeze(1)).flatten(1)
         saved = self.pattern
@@ -1500,6 +1503,8 @@ class SoftMixtureOfAttention(AttentionMixer):
     (MoA personalisation: ``Y = r·Attn_personal + (1 − r)·Attn_prior`` for two experts).
     All experts run in one attention call (expert heads are grouped-query heads).
     """
+
+    cross_ok = False  # its experts are self-attention (the registry spec has no 'cross')
 
     def __init__(self, dim: int, n_heads: int = 4, *, n_experts: int = 2, kv_shared: bool = False,
                  frozen_prior: bool = False, head_dim: int | None = None, bias: bool = True, pattern: Any = None,

@@ -21,6 +21,7 @@ from torch import nn
 
 from attnzoo.layers.base import (
     check_choice,
+    check_context,
     check_int,
     check_mixer_input,
     head_dim_for,
@@ -192,6 +193,7 @@ class LinearAttention(nn.Module):
                 cache: Any = None) -> torch.Tensor:
         """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
         check_mixer_input(x, mask, context, self.dim)
+        check_context(context, context_mask, self.k_proj.in_features)
         state = cache_state(cache, "linear_attention")
         if context is not None and (causal or cache is not None):
             raise ValueError("context: cross linear attention is non-causal and has no decoding state")

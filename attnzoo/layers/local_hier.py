@@ -86,6 +86,8 @@ class CombinerAttention(MultiHeadAttention):
     attention. Padded tokens are left out of the abstractions.
     """
 
+    cross_ok = False  # regions partition one sequence: no cross-attention
+
     def __init__(self, dim: int, n_heads: int = 8, *, block: int = 16, **kw: Any) -> None:
         super().__init__(dim, n_heads, **kw)
         if self.n_kv_heads != self.n_heads:

@@ -140,3 +140,29 @@ def test_torch_compile_smoke(spec):
     eager = run(m, x)
     compiled = torch.compile(m)
     torch.testing.assert_close(run(compiled, x), eager, rtol=1e-4, atol=1e-5)
+
+
+def _sequence_mixers(cross: bool) -> list:
+    return [pytest.param(s, id=s.slug) for s in SPECS
+            if s.input_kind == "sequence" and s.type == "mixer" and supports(s, "cross") == cross]
+
+
+@pytest.mark.parametrize("spec", _sequence_mixers(cross=True))
+def test_cross_attention_ignores_padded_context(spec):
+    """A context of another length gives ``(B, N, C)``; padded context tokens do not reach the output."""
+    m = build(spec).double()
+    x, ctx = inputs(seed=1).double(), inputs(n=9, seed=2).double()
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, 5:] = False
+    y = run(m, x, context=ctx, context_mask=keep)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    ctx2 = torch.where(keep[..., None], ctx, 7 * inputs(n=9, seed=3).double())
+    torch.testing.assert_close(run(m, x, context=ctx2, context_mask=keep), y)
+
+
+@pytest.mark.parametrize("spec", _sequence_mixers(cross=False))
+def test_mixers_without_cross_refuse_a_context(spec):
+    """An entry whose spec does not list 'cross' refuses ``context`` with an error naming it."""
+    m = build(spec)
+    with pytest.raises((ValueError, TypeError), match="context"):
+        run(m, inputs(), context=inputs(n=9, seed=2))

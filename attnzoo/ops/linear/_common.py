@@ -66,10 +66,20 @@ def check_log_decay(g: torch.Tensor | None) -> None:
     """Log decays must be <= 0 (decays in (0, 1]); checked eagerly (not under tracing)."""
     if g is None or torch.compiler.is_compiling():
         return
-    if bool((g > 0).any()):
-        raise ValueError(
-            f"log_decay: expected values <= 0 (decays in (0, 1]); got a maximum of {float(g.max()):.4g}"
-        )
+    if not bool((g <= 0).all()):  # NaN fails this too
+        bad = "NaN" if bool(g.isnan().any()) else f"a maximum of {float(g.max()):.4g}"
+        raise ValueError(f"log_decay: expected values <= 0 (decays in (0, 1]); got {bad}")
+
+
+def check_sign(name: str, t: torch.Tensor, *, positive: bool, what: str) -> None:
+    """``t`` ``>= 0`` (``positive``) or ``<= 0`` everywhere, and no NaN (eagerly, not under tracing)."""
+    if torch.compiler.is_compiling():
+        return
+    ok = (t >= 0) if positive else (t <= 0)
+    if not bool(ok.all()):
+        bad = "NaN" if bool(t.isnan().any()) else f"{'a minimum' if positive else 'a maximum'} of " \
+            f"{float(t.min() if positive else t.max()):.4g}"
+        raise ValueError(f"{name}: expected values {'>=' if positive else '<='} 0 ({what}); got {bad}")
 
 
 def check_state(name: str, s: Any, shape: tuple[int, ...]) -> torch.Tensor | None:

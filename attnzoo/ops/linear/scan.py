@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from attnzoo.ops.linear._common import LOG_DECAY_FLOOR, check_form, compute_dtype
+from attnzoo.ops.linear._common import LOG_DECAY_FLOOR, check_form, check_sign, compute_dtype
 
 __all__ = ["selective_scan"]
 
@@ -71,6 +71,8 @@ def selective_scan(
     s = A.shape[1]
     _check("B", B, (b, n, s), f"[B, N, S]=[{b}, {n}, {s}]")
     _check("C", C, (b, n, s), f"[B, N, S]=[{b}, {n}, {s}]")
+    check_sign("dt", dt, positive=True, what="step sizes, e.g. after softplus")
+    check_sign("A", A, positive=False, what="the state decays exp(dt A) must be at most 1")
     if D is not None:
         _check("D", D, (ch,), f"[C]=[{ch}]")
     if initial_state is not None:
