@@ -141,6 +141,7 @@ def test_moh_gates_and_aux_loss():
         ("context_broadcast", {"dim": 32, "alpha": 2.0}, "alpha"),
         ("rope", {"head_dim": 8, "rotary_dim": 3}, "rotary_dim"),
         ("relative_position_bias", {"heads": 4, "max_distance": 0}, "max_distance"),
+        ("hilo", {"dim": 32, "n_heads": 2, "head_dim": 8}, "head_dim"),
     ],
 )
 def test_bad_constructor_arguments(slug, kwargs, needle):

@@ -203,3 +203,19 @@ def test_flex_cpu_forward_matches_reference(pattern):
     got = attnzoo.attention(q, k, v, pattern=pat, backend="flex")
     want = attnzoo.attention(q.double(), k.double(), v.double(), pattern=pat, backend="reference")
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_swin_global_queries_with_an_empty_pooled_cell_have_finite_gradients(cosine):
+    """A shifted window reads the global query of a pooled cell whose tokens are all padded: its pooled mean
+    is 0, and its gradient must stay finite (dividing by a tiny clamp gave inf, then NaN at the padded
+    tokens)."""
+    torch.manual_seed(0)
+    m = attnzoo.create("swin_window", dim=32, n_heads=4, window=4, shift=2, query="global", cosine=cosine).double()
+    x = torch.randn(2, 4, 4, 32, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(2, 4, 4, dtype=torch.bool)
+    keep[0, 0, 0] = False
+    keep[1, :2, :2] = False
+    (m(x, mask=keep) * 1000).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[~keep] == 0).all()

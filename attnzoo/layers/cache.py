@@ -38,6 +38,11 @@ class KVCache:
     position-dependent score modifiers then see compressed indices: exact for relative
     ones (ALiBi, relative bias) on the window part, not on the sink tokens.
 
+    Pass ``causal=True`` with the cache: that is what decoding equals. Without it, attention layers
+    let the tokens of each new chunk see one another both ways (and every cached token), which is
+    neither the causal nor the bidirectional full forward; recurrent layers are causal either way.
+    A cache holds one batch: a call with another batch size raises (:meth:`reset` to start over).
+
     ``k``: ``[B, H_kv, M, D]``, ``v``: ``[B, H_kv, M, D_v]``, ``keep``: bool ``[B, M]`` or None.
     ``state`` is a free dict for layers that need other per-step state.
     """
@@ -55,6 +60,14 @@ class KVCache:
     def reset(self) -> None:
         """Forget everything."""
         self.__init__()
+
+    def claim_batch(self, batch: int) -> None:
+        """Record the batch size of the first call that keeps state here; a later call with another raises
+        (a recurrent state of batch B would silently broadcast over a smaller batch)."""
+        held = self.state.setdefault("batch", batch)
+        if held != batch:
+            raise ValueError(f"cache: holds the state of batch {held}, got a batch of {batch} (call reset() to "
+                             "decode another batch)")
 
     def append(
         self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None

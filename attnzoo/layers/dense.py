@@ -583,6 +583,7 @@ class ContextBroadcast(nn.Module):
         if causal or cache is not None:
             s, c = xw.cumsum(1), w.cumsum(1)
             if cache is not None:
+                cache.claim_batch(x.shape[0])
                 prev_s, prev_c = cache.state.get("sum"), cache.state.get("count")
                 if prev_s is not None:
                     s, c = s + prev_s, c + prev_c

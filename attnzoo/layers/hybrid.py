@@ -79,7 +79,7 @@ class TokenRoutedHybrid(nn.Module):
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: token_routed_hybrid is a causal self-attention mixer")
-        state = cache_state(cache, "token_routed_hybrid")
+        state = cache_state(cache, "token_routed_hybrid", x.shape[0])
         hard, st = self.route(x)
         keep_soft = hard > 0.5 if mask is None else (hard > 0.5) & mask
         # softmax branch: keys and values of softmax-routed tokens only
@@ -229,7 +229,7 @@ class HybridStack(nn.Module):
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: hybrid_stack is a self-attention stack")
-        state = cache_state(cache, "hybrid_stack")
+        state = cache_state(cache, "hybrid_stack", x.shape[0])
         subs = None if state is None else state.setdefault("layers", [KVCache() for _ in self.layers])
         for i, (kind, layer, norm, mlp) in enumerate(zip(self.schedule, self.layers, self.norms, self.mlps)):
             h = norm(x)

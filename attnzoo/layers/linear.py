@@ -194,7 +194,7 @@ class LinearAttention(nn.Module):
         """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
         check_mixer_input(x, mask, context, self.dim)
         check_context(context, context_mask, self.k_proj.in_features)
-        state = cache_state(cache, "linear_attention")
+        state = cache_state(cache, "linear_attention", x.shape[0])
         if context is not None and (causal or cache is not None):
             raise ValueError("context: cross linear attention is non-causal and has no decoding state")
         src = x if context is None else context
@@ -353,7 +353,7 @@ class Lightning(nn.Module):
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: lightning is a causal self-attention mixer")
-        state = cache_state(cache, "lightning")
+        state = cache_state(cache, "lightning", x.shape[0])
         b, n, _ = x.shape
         h = self.n_heads
         q = self.act(split_heads(self.q_proj(x), h))
@@ -500,7 +500,7 @@ class DeltaNet(nn.Module):
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: delta_net is a causal self-attention mixer")
-        state = cache_state(cache, "delta_net")
+        state = cache_state(cache, "delta_net", x.shape[0])
         b, n, _ = x.shape
         h = self.n_heads
         if mask is not None:
@@ -630,7 +630,7 @@ class SelectiveSSM(nn.Module):
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: selective_ssm is a causal sequence mixer")
-        state = cache_state(cache, "selective_ssm")
+        state = cache_state(cache, "selective_ssm", x.shape[0])
         n = x.shape[1]
         u, dt, bm, cm, z, conv_prev = self.ssm_inputs(x, mask, None if state is None else state.get("conv"))
         form = step_form(self.form, n) if state is not None else self.form

@@ -209,7 +209,7 @@ class InLineAttention(nn.Module):
             raise ValueError("context: inline_attention is self-attention")
         if self.local is not None and (causal or cache is not None):
             raise ValueError("local: the depthwise local term is non-causal; build with local=False")
-        state = cache_state(cache, "inline_attention")
+        state = cache_state(cache, "inline_attention", x.shape[0])
         b, n, _ = x.shape
         q, k, v = self.project(x, mask)
         keep = torch.ones(b, n, dtype=q.dtype, device=q.device) if mask is None else mask.to(q.dtype)

@@ -234,6 +234,7 @@ class SegmentAttention(MultiHeadAttention):
             if t.dtype != torch.bool or tuple(t.shape) != (b, n):
                 raise ValueError(f"{name}: expected a bool tensor [{b}, {n}], got {t.dtype} {list(t.shape)}")
         if cache is not None:
+            cache.claim_batch(b)
             st = cache.state
             ids = torch.cat([st["segment_ids"], ids], 1) if "segment_ids" in st else ids
             gk = torch.cat([st["global_keys"], gk], 1) if "global_keys" in st else gk

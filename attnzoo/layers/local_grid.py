@@ -341,7 +341,10 @@ class SwinWindowAttention(GridMixer):
             pooled = pool(xs, w)
         else:
             m = keep.view(b, 1, *grid).to(x.dtype)
-            pooled = pool(xs * m, w) / pool(m, w).clamp_min(torch.finfo(x.dtype).tiny)
+            den = pool(m, w)
+            # a cell with no kept token pools to 0; dividing by 1 there, not by a tiny clamp, keeps its gradient
+            # finite (1 / tiny overflows, and inf * 0 at the padded tokens gave NaN)
+            pooled = pool(xs * m, w) / torch.where(den > 0, den, torch.ones_like(den))
         return pooled.flatten(2).transpose(1, 2)
 
     def _window_offsets(self, device: torch.device) -> torch.Tensor:

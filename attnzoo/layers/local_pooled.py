@@ -279,6 +279,9 @@ class HiLoAttention(nn.Module):
         self.head_dim = head_dim or dim // n_heads
         if head_dim is None and dim % n_heads:
             raise ValueError(f"dim: must be divisible by n_heads={n_heads}, got dim={dim}")
+        if n_heads * self.head_dim != dim:  # the two branches' outputs are concatenated into dim channels
+            raise ValueError(f"head_dim: HiLo needs n_heads * head_dim == dim, got {n_heads} * {self.head_dim} "
+                             f"!= {dim}")
         self.l_heads = int(n_heads * alpha)
         self.h_heads = n_heads - self.l_heads
         self.window, self.scale, self.backend = check_int("window", window), scale, backend

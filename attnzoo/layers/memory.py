@@ -278,7 +278,7 @@ class NeuralMemory(nn.Module):
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: neural_memory is a causal self-attention mixer")
-        cst = cache_state(cache, "neural_memory")
+        cst = cache_state(cache, "neural_memory", x.shape[0])
         xm = zero_padded(x, mask) if mask is not None else x
         if self.composition == "mac":
             y = self._memory_as_context(xm, mask, cst)

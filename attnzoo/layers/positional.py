@@ -552,6 +552,8 @@ class RelativeConvMHA(AttentionMixer):
         t = p.transpose(1, 2)  # [B, 3W, N]
         k = self.kernel_size
         if self.conv_causal:
+            if self._cache is not None:
+                self._cache.claim_batch(t.shape[0])
             tail = None if self._cache is None else self._cache.state.get("rcmha_tail")
             left = tail.to(t.dtype) if tail is not None else t.new_zeros(t.shape[0], t.shape[1], k - 1)
             full = torch.cat([left, t], -1)

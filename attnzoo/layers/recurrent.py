@@ -46,14 +46,16 @@ class RecurrentState(KVCache):
         return super().nbytes() + state_nbytes(self.state)
 
 
-def cache_state(cache: Any, name: str) -> dict[str, Any] | None:
-    """``cache.state`` after checking ``cache`` is a KV cache (``None`` passes through)."""
+def cache_state(cache: Any, name: str, batch: int) -> dict[str, Any] | None:
+    """``cache.state`` after checking ``cache`` is a KV cache holding a state of ``batch`` (``None`` passes
+    through)."""
     if cache is None:
         return None
     if not isinstance(cache, KVCache):
         raise ValueError(
             f"cache: {name} expects an attnzoo.layers.KVCache or RecurrentState, got {type(cache).__name__}"
         )
+    cache.claim_batch(batch)
     return cache.state
 
 

@@ -89,6 +89,18 @@ def test_cache_decoding_equals_full_forward(spec):
         assert cache.position == 11
 
 
+@pytest.mark.parametrize("spec", by("decoding"))
+def test_cache_refuses_another_batch(spec):
+    """A cache filled by a batch of 2 refuses a batch of 1 with an error naming it (a recurrent state of batch 2
+    once broadcast silently over the smaller batch)."""
+    m = build(spec).double()
+    x = inputs(n=6, dtype=torch.float64)
+    cache = KVCache()
+    run(m, x[:, :4], causal=True, cache=cache)
+    with pytest.raises(ValueError, match="^cache: holds"):
+        run(m, x[:1, 4:], causal=True, cache=cache)
+
+
 @pytest.mark.parametrize("spec", by("padding"))
 def test_padding_invariance_and_fully_padded(spec):
     m = build(spec).double()
