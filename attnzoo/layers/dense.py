@@ -1111,7 +1111,6 @@ class ProbabilisticAttention(MultiHeadAttention):
         ``prior_precision = 0`` replaces the values of every key reached by an annotation
         (and zeroes the others, as the official code does without a prior).
         """
-
         check_mixer_input(x, mask, None, self.dim)
         width = self.n_kv_heads * self.head_dim
         if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (*x.shape[:2], width):
