@@ -136,6 +136,9 @@ def check_head(layer: int, head: Any, n_heads: int | None) -> int:
     return head % n_heads if n_heads is not None else head
 
 
+_Z_RECORDERS = "_attnzoo_z_recorders"
+
+
 def _install_mixer(m: nn.Module, edit: LayerEdit) -> Callable[[], None]:
     cls = type(m)
     saved = {k: m.__dict__[k] for k in ("attend", "attention_scale", "output") if k in m.__dict__}
@@ -168,10 +171,21 @@ def _install_mixer(m: nn.Module, edit: LayerEdit) -> Callable[[], None]:
         base = (q.shape[-1] ** -0.5) if s is None else s
         return base / edit.temperature
 
+    # Head outputs are recorded by the innermost wrapper (the first installed), which every z edit has
+    # reached by then, whatever the order in which captures and steering were installed.
+    innermost = "output" not in saved
+    recorders = m.__dict__.setdefault(_Z_RECORDERS, [])
+    recorder = None
+    if edit.record_z and edit.record is not None:
+        def recorder(z: torch.Tensor) -> None:
+            edit.record("head_outputs", z)
+        recorders.append(recorder)
+
     def output(self, z, x):
         z = edit.edit_z(z)
-        if edit.record_z and edit.record is not None:
-            edit.record("head_outputs", z)
+        if innermost:
+            for record in list(recorders):
+                record(z)
         return inner_output(z, x)
 
     m.attend = types.MethodType(attend, m)
@@ -184,6 +198,10 @@ def _install_mixer(m: nn.Module, edit: LayerEdit) -> Callable[[], None]:
                 m.__dict__[k] = saved[k]
             else:
                 m.__dict__.pop(k, None)
+        if recorder is not None:
+            recorders.remove(recorder)
+        if innermost:
+            m.__dict__.pop(_Z_RECORDERS, None)
 
     return undo
 

@@ -90,7 +90,7 @@ def redistribute(w: torch.Tensor, sinks: Any, p: float, visual: Any = None, thre
     b, h, n, m = w.shape
     s = key_mask(sinks, m, w.device)
     v = torch.ones(m, dtype=torch.bool, device=w.device) if visual is None else key_mask(visual, m, w.device)
-    s, v = s & v, v | s
+    v = v | s  # the sinks are visual tokens, listed in visual or not
     recv = v & ~s
     sink_mass = (w * s.to(w.dtype)).sum(-1, keepdim=True)
     recv_w = w * recv.to(w.dtype)

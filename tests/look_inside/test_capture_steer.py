@@ -142,6 +142,30 @@ def test_reweight_and_temperature_in_model(lm):
     assert torch.allclose(c["weights", 0][:, 0], base["weights", 0][:, 0])
 
 
+def test_sinks_outside_visual_are_visual_tokens():
+    """A sink not listed in ``visual`` is still drained (the sinks are visual tokens), never fed."""
+    w = torch.tensor([[[[0.5, 0.3, 0.2]]]], dtype=torch.float64)
+    r = redistribute(w, sinks=[0], p=1.0, visual=[1])
+    torch.testing.assert_close(r, torch.tensor([[[[0.0, 0.8, 0.2]]]], dtype=torch.float64))
+    torch.testing.assert_close(r, redistribute(w, sinks=[0], p=1.0, visual=[0, 1]))
+
+
+def test_capture_inside_steer_records_the_steered_head_outputs():
+    """Head outputs captured inside a steer block include its edits (as the weights do), so they add up
+    to what the model outputs."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 4, backend="reference").double().eval()
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    with torch.no_grad(), steer(m, head_scale={(0, 1): 0.0}):
+        c = capture(m, x)
+        y = m(x)
+    assert (c["head_outputs", 0][:, 1] == 0).all()
+    torch.testing.assert_close(m.o_proj(MultiHeadAttention.merge(c["head_outputs", 0])), y)
+    with torch.no_grad():
+        plain = capture(m, x)
+    assert plain["head_outputs", 0][:, 1].abs().max() > 0 and "_attnzoo_z_recorders" not in m.__dict__
+
+
 def test_sink_redistribution_properties():
     w = torch.softmax(torch.randn(2, 3, 6, 8, dtype=torch.float64) * 2, -1)
     visual = [0, 1, 2, 3, 4]

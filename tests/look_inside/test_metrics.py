@@ -295,3 +295,12 @@ def test_agreement_and_long_context():
     assert est.item() == pytest.approx(exact.item(), rel=0.02)
     flags, share = M.long_context_head_id(torch.randn(1, 2, 3, d, dtype=D), torch.randn(1, 2, 16, d, dtype=D), 100)
     assert flags.shape == (1, 2, 3) and ((share >= 0) & (share <= 1)).all()
+
+
+def test_long_context_head_id_without_far_keys():
+    q, k = torch.randn(1, 2, 4, 8, dtype=torch.float64), torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    flags, share = M.long_context_head_id(q, k, 0)
+    assert (share == 0).all() and not flags.any()
+    assert (M.long_context_head_id(q, k, 1)[1] > 0).all()
+    with pytest.raises(ValueError, match="n_far"):
+        M.long_context_head_id(q, k, -1)

@@ -37,7 +37,12 @@ def long_context_head_id(q: torch.Tensor, k_local: torch.Tensor, n_far: int, *, 
     cov = kc.transpose(-1, -2) @ kc / max(1, k_local.shape[-2] - 1)  # [B, H, D, D]
     mu = s * torch.einsum("bhnd,bhd->bhn", q, km)
     var = s * s * torch.einsum("bhnd,bhde,bhne->bhn", q, cov, q)
-    log_far = math.log(max(n_far, 1)) + mu + var / 2
+    if n_far < 0:
+        raise ValueError(f"n_far: expected a number of far keys >= 0, got {n_far}")
+    if n_far == 0:  # no far keys: nothing to need
+        share = torch.zeros_like(mu)
+        return share > threshold, share
+    log_far = math.log(n_far) + mu + var / 2
     log_local = torch.logsumexp(s * q @ k_local.transpose(-1, -2), -1)
     share = torch.sigmoid(log_far - log_local)  # far / (far + local)
     return share > threshold, share
