@@ -9,6 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from attnzoo.demo import run_demo
 
@@ -120,17 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="show the ops, the patterns and the dispatcher on CPU")
-    demo.add_argument("--n", type=int, default=4096, help="sequence length of the timing demo")
+    demo.add_argument("--n", type=_positive_int, default=4096, help="sequence length of the timing demo")
     demo.set_defaults(func=_cmd_demo)
     ex = sub.add_parser("explain", help="which backend attention() picks for a problem, and why")
     ex.add_argument("--pattern", choices=["full", "causal", "window", "neighborhood"], default="window")
-    ex.add_argument("--n", type=int, default=4096)
-    ex.add_argument("--heads", type=int, default=8)
-    ex.add_argument("--dim", type=int, default=64)
-    ex.add_argument("--window", type=int, default=256)
-    ex.add_argument("--grid", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
+    ex.add_argument("--n", type=_positive_int, default=4096)
+    ex.add_argument("--heads", type=_positive_int, default=8)
+    ex.add_argument("--dim", type=_positive_int, default=64)
+    ex.add_argument("--window", type=_positive_int, default=256)
+    ex.add_argument("--grid", type=_positive_int, nargs=2, default=[64, 64], metavar=("H", "W"),
                     help="grid of --pattern neighborhood (N = H * W)")
-    ex.add_argument("--kernel", type=int, default=7, help="kernel size of --pattern neighborhood")
+    ex.add_argument("--kernel", type=_positive_int, default=7, help="kernel size of --pattern neighborhood")
     ex.add_argument("--grad", action="store_true", help="inputs require gradients")
     ex.set_defaults(func=_cmd_explain)
     ls = sub.add_parser("list", help="registered entries (or the whole catalogue with --status)")
@@ -159,4 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, OverflowError) as exc:  # bad arguments or paths: a message, not a traceback
+        print(f"attnzoo {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -190,3 +190,21 @@ def test_unknown_backend_fails_at_construction(slug):
     kw = dict(attnzoo.spec(slug).test_kwargs, backend="flash")
     with pytest.raises(ValueError, match=r"^backend: expected one of \['auto', 'reference'"):
         attnzoo.create(slug, **kw)
+
+
+@pytest.mark.parametrize(("slug", "kwargs", "needle"), [
+    ("agent_attention", {"dim": 8, "n_heads": 1, "n_agents": 8, "dwc_kernel": 2}, "dwc_kernel"),
+    ("inline_attention", {"dim": 8, "n_heads": 2, "local": True, "local_kernel": 4}, "local_kernel"),
+])
+def test_even_depthwise_kernels_are_refused(slug, kwargs, needle):
+    """'same' padding of an even kernel gave N + 1 outputs (silently, for N = 1)."""
+    with pytest.raises(ValueError, match=f"^{needle}: expected an odd kernel size"):
+        attnzoo.create(slug, **kwargs)
+
+
+def test_decoupled_qk_with_its_own_width_needs_qk_source():
+    m = attnzoo.create("deconstructed_attention", dim=8, n_heads=4, mode="decoupled_qk", qk_dim=5)
+    with pytest.raises(ValueError, match="^qk_source: mode='decoupled_qk' with qk_dim=5 != dim=8"):
+        m(torch.randn(2, 7, 8))
+    assert m(torch.randn(2, 7, 8), qk_source=torch.randn(2, 7, 5)).shape == (2, 7, 8)
+

@@ -121,3 +121,18 @@ def test_cli_plain_text_without_rich(capsys, monkeypatch):
     assert "mha" in out and "summary" in out
     assert cli.main(["info", "rope"]) == 0
     assert "shift_invariant" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["explain", "--dim", "0"], ["explain", "--n", "-5"], ["demo", "--n", "0"],
+                                  ["explain", "--pattern", "neighborhood", "--grid", "4", "4", "--kernel", "9"]])
+def test_cli_bad_numbers_give_a_message_not_a_traceback(argv, capsys):
+    from attnzoo.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage error
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+

@@ -76,6 +76,22 @@ class SpeedConfig:
             raise ValueError(f"lengths: expected positive integers, got {self.lengths!r}")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
             raise ValueError(f"dtype: expected float32, float16, bfloat16 or float64, got {self.dtype!r}")
+        if not self.mixers:
+            raise ValueError("mixers: expected at least one mixer slug, got []")
+        for name, low in (("dim", 1), ("n_heads", 1), ("batch", 1), ("repeats", 1), ("warmup", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim: must be divisible by n_heads={self.n_heads}, got dim={self.dim}")
+        if not (isinstance(self.max_seconds, (int, float)) and self.max_seconds > 0):
+            raise ValueError(f"max_seconds: expected a positive number, got {self.max_seconds!r}")
+        for name in ("point_budget_s", "budget_s"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"{name}: expected a number >= 0 or None, got {v!r}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction: expected a fraction in (0, 1], got {self.memory_fraction!r}")
         for m in self.mixers:
             check_mixer(m, what="the speed sweep")
 

@@ -67,10 +67,27 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps: expected an integer >= 1 or None, got {self.max_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr: expected a finite positive number, got {self.lr!r}")
+        for name in ("max_steps", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected an integer >= 1 or None, got {v!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            # a negative clip norm would flip the gradients' sign
+            raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip!r}")
+        if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
+                                                   and self.time_budget_s >= 0):
+            raise ValueError(f"time_budget_s: expected a number >= 0 or None, got {self.time_budget_s!r}")
+        if self.mlp_ratio is not None and not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio >= 0):
+            raise ValueError(f"mlp_ratio: expected a number >= 0 or None, got {self.mlp_ratio!r}")
+        for name in ("dropout", "embed_dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        pick_device(self.device)
 
     def total_steps(self) -> int:
         if self.max_steps is not None:
@@ -116,7 +133,11 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"``: CUDA (``cuda:local_rank``) when available, else CPU."""
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'auto' or a torch device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r}") from exc
 
 
 # Progress bars ---------------------------------------------------------------------------------

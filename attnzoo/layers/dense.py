@@ -1825,6 +1825,9 @@ class DeconstructedAttention(AttentionMixer):
             if not isinstance(qk_source, torch.Tensor) or tuple(qk_source.shape) != want:
                 got = list(qk_source.shape) if isinstance(qk_source, torch.Tensor) else type(qk_source).__name__
                 raise ValueError(f"qk_source: expected a tensor {list(want)}, got {got}")
+        elif self.mode == "decoupled_qk" and self.q_proj.in_features != self.dim:
+            raise ValueError(f"qk_source: mode='decoupled_qk' with qk_dim={self.q_proj.in_features} != dim={self.dim} "
+                             "needs qk_source (without it Q and K come from x, which needs qk_dim == dim)")
         self._qk_source = qk_source
         try:
             return super().forward(x, **kw)

@@ -39,9 +39,11 @@ def pool_matrix(n: int, n_out: int, keep: torch.Tensor | None, dtype: torch.dtyp
 class DepthwiseConv(nn.Module):
     """Non-causal depthwise 1-D convolution over tokens ('same' padding), for the local terms."""
 
-    def __init__(self, channels: int, kernel: int = 3) -> None:
+    def __init__(self, channels: int, kernel: int = 3, *, name: str = "kernel") -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, check_int("kernel", kernel), padding=kernel // 2, groups=channels)
+        if check_int(name, kernel) % 2 == 0:  # 'same' padding needs a centre tap: an even kernel gives N + 1 outputs
+            raise ValueError(f"{name}: expected an odd kernel size, got {kernel}")
+        self.conv = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=channels)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:  # [B, N, C]
         return self.conv(v.transpose(1, 2)).transpose(1, 2)
@@ -70,7 +72,7 @@ class AgentAttention(nn.Module):
         self.k_proj = nn.Linear(dim, width, bias=bias)
         self.v_proj = nn.Linear(dim, width, bias=bias)
         self.o_proj = nn.Linear(width, dim, bias=bias)
-        self.dwc = DepthwiseConv(width, dwc_kernel) if dwc else None
+        self.dwc = DepthwiseConv(width, dwc_kernel, name="dwc_kernel") if dwc else None
         self.backend = backend
 
     def agents(self, q: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -177,7 +179,7 @@ class InLineAttention(nn.Module):
         self.k_proj = nn.Linear(dim, width, bias=bias)
         self.v_proj = nn.Linear(dim, width, bias=bias)
         self.o_proj = nn.Linear(width, dim, bias=bias)
-        self.local = DepthwiseConv(width, local_kernel) if local else None
+        self.local = DepthwiseConv(width, local_kernel, name="local_kernel") if local else None
 
     def project(self, x: torch.Tensor, mask: torch.Tensor | None):
         h = self.n_heads

@@ -90,3 +90,8 @@ def test_bad_config():
         SpeedConfig(modes=["bwd"])
     with pytest.raises(ValueError, match="unknown mixer"):
         SpeedConfig(mixers=["nope"])
+    for kwargs, needle in [({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"mixers": []}, "mixers"),
+                           ({"n_heads": 0}, "n_heads"), ({"dim": 30, "n_heads": 4}, "dim"),
+                           ({"max_seconds": -1.0}, "max_seconds"), ({"memory_fraction": 0.0}, "memory_fraction")]:
+        with pytest.raises(ValueError, match=f"^{needle}:"):
+            SpeedConfig(**kwargs)

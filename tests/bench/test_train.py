@@ -120,6 +120,17 @@ def test_config_validation():
         TrainConfig(lr=-1)
 
 
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"grad_clip": -1.0}, "grad_clip"),  # clip_grad_norm_ would flip the gradients' sign
+    ({"lr": float("inf")}, "lr"), ({"eval_every": -1}, "eval_every"), ({"warmup_steps": -5}, "warmup_steps"),
+    ({"time_budget_s": -1.0}, "time_budget_s"), ({"mlp_ratio": -1.0}, "mlp_ratio"), ({"dropout": 1.0}, "dropout"),
+    ({"device": "bogus"}, "device"),
+])
+def test_config_rejects_bad_settings_up_front(kwargs, needle):
+    with pytest.raises(ValueError, match=f"^{needle}: expected"):
+        TrainConfig(**kwargs)
+
+
 DDP_SCRIPT = """
 import json, sys
 from attnzoo.bench.tasks import MQAR
