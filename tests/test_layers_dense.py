@@ -142,6 +142,11 @@ def test_moh_gates_and_aux_loss():
         ("rope", {"head_dim": 8, "rotary_dim": 3}, "rotary_dim"),
         ("relative_position_bias", {"heads": 4, "max_distance": 0}, "max_distance"),
         ("hilo", {"dim": 32, "n_heads": 2, "head_dim": 8}, "head_dim"),
+        ("lightning", {"dim": 8, "n_heads": 2, "layer_idx": 3, "n_layers": 2}, "layer_idx"),
+        ("selective_ssm", {"dim": 8, "dt_min": 0.0}, "dt_min"),
+        ("selective_ssm", {"dim": 8, "dt_min": 0.5, "dt_max": 0.1}, "dt_min"),
+        ("cope", {"head_dim": 8, "init_std": -1.0}, "init_std"),
+        ("relative_position_bias", {"heads": 4, "init_std": -1.0}, "init_std"),
     ],
 )
 def test_bad_constructor_arguments(slug, kwargs, needle):

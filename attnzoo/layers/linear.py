@@ -288,6 +288,8 @@ def lightning_decay(n_heads: int, layer_idx: int = 0, n_layers: int = 1) -> torc
     MiniMax-01 code, found by search; not checked against the papers]. ``L = 1`` uses
     ``s_h (1 + 1e-5)``.
     """
+    if not 0 <= layer_idx < max(n_layers, 1):
+        raise ValueError(f"layer_idx: expected 0 <= layer_idx < n_layers={n_layers}, got {layer_idx}")
     slopes = alibi_slopes(n_heads).double()
     factor = 1 + 1e-5 if n_layers <= 1 else 1 - layer_idx / (n_layers - 1) + 1e-5
     return torch.exp(-slopes * factor)
@@ -604,6 +606,8 @@ class SelectiveSSM(nn.Module):
         self.conv = ShortConv(e, check_int("d_conv", d_conv), bias=conv_bias)
         self.x_proj = nn.Linear(e, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, e, bias=True)
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
         with torch.no_grad():
             self.dt_proj.bias.copy_(_inv_softplus(dt))

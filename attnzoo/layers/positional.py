@@ -172,6 +172,8 @@ def relative_position_bias(heads: int, *, max_distance: int = 128, grid: tuple[i
         for i, g in enumerate(grid):
             check_int(f"grid[{i}]", g)
     m = RelativePositionBias(heads, max_distance=max_distance, grid=grid)
+    if init_std < 0:
+        raise ValueError(f"init_std: expected a standard deviation >= 0, got {init_std}")
     if init_std:
         nn.init.normal_(m.table, std=init_std)
     return m
@@ -281,6 +283,8 @@ class ContextualPosition(nn.Module):
         self.head_dim = check_int("head_dim", head_dim)
         self.npos_max = check_int("npos_max", npos_max)
         self.pos_emb = nn.Parameter(torch.zeros(head_dim, npos_max))
+        if init_std < 0:
+            raise ValueError(f"init_std: expected a standard deviation >= 0, got {init_std}")
         if init_std:
             nn.init.normal_(self.pos_emb, std=init_std)
         self.gate = torch.sigmoid
