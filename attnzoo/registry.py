@@ -172,6 +172,10 @@ def create(slug: str, *args: Any, **kwargs: Any) -> nn.Module:
 def list(family: str | None = None, type: str | None = None, priority: int | None = None) -> builtins.list[Spec]:  # noqa: A001
     """Registered specs, sorted by slug, optionally filtered by family, type and priority."""
     _load()
+    for name, value in (("family", family), ("type", type)):
+        known = sorted({getattr(s, name) for s in _REGISTRY.values()})
+        if value is not None and value not in known:
+            raise ValueError(f"{name}: expected one of {known}, got {value!r}")
     out = [s for s in _REGISTRY.values()
            if (family is None or s.family == family) and (type is None or s.type == type)
            and (priority is None or s.priority == int(priority))]

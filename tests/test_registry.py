@@ -24,7 +24,6 @@ def test_list_and_filters():
     assert all(s.family == "positional" for s in attnzoo.list(family="positional"))
     assert all(s.type == "mixer" for s in attnzoo.list(type="mixer"))
     assert {s.slug for s in attnzoo.list(priority=1)} >= {"mha", "gqa", "rope"}
-    assert attnzoo.list(family="nope") == []
 
 
 def test_spec_fields_are_consistent():
@@ -136,3 +135,11 @@ def test_cli_bad_numbers_give_a_message_not_a_traceback(argv, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
 
+
+
+def test_list_rejects_unknown_filters():
+    with pytest.raises(ValueError, match=r"^type: expected one of \[.*'mixer'.*\], got 'nope'"):
+        attnzoo.list(type="nope")
+    with pytest.raises(ValueError, match=r"^family: expected one of"):
+        attnzoo.list(family="nope")
+    assert attnzoo.list(type="mixer") and all(s.type == "mixer" for s in attnzoo.list(type="mixer"))

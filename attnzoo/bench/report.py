@@ -317,6 +317,7 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs, points, session = select_runs(store, session, all_sessions=all_sessions)
+    runs = [r for r in runs if r["mixer"] is not None]  # a run stored through the API without one has no place
     curves = {r["id"]: store.run(r["id"])["curves"] for r in runs}
     _PALETTE.clear()
     for m in sorted({r["mixer"] for r in runs} | {p["mixer"] for p in points}):

@@ -198,3 +198,13 @@ def test_efficiency_length_cab_fit_and_measured():
     assert efficiency_length(pts, "lin", key="peak_bytes") is None
     always = [dict(p, time_s=p["time_s"] / 1e3) if p["mixer"] == "lin" else p for p in pts]
     assert efficiency_length(always, "lin") == pytest.approx(10.0) and measured_crossover(always, "lin") == 1000
+
+
+def test_report_takes_a_run_without_a_mixer(tmp_path):
+    """A training run added through the API without a mixer does not break the report (it crashed sorting)."""
+    path = tmp_path / "r.sqlite"
+    _fake_store(path)
+    with open_store(path) as db:
+        db.add_run(kind="train", task="mqar(x)", session="s", env={"date": "2026-01-01T00:00:00+00:00"},
+                   config={"dim": 64}, metrics={"metric": "accuracy", "accuracy": 0.5})
+        assert build_report(db, tmp_path / "out").exists()
