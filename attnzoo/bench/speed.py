@@ -39,6 +39,7 @@ from torch import nn
 import attnzoo
 from attnzoo.bench.models import build_mixer, check_mixer, mixer_kwargs_for
 from attnzoo.bench.train import pick_device, progress_bar
+from attnzoo.layers.base import check_int
 
 __all__ = ["BASELINE", "SpeedConfig", "count_flops", "run_speed", "measure"]
 
@@ -79,9 +80,7 @@ class SpeedConfig:
         if not self.mixers:
             raise ValueError("mixers: expected at least one mixer slug, got []")
         for name, low in (("dim", 1), ("n_heads", 1), ("batch", 1), ("repeats", 1), ("warmup", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+            check_int(name, getattr(self, name), minimum=low)
         if self.dim % self.n_heads:
             raise ValueError(f"dim: must be divisible by n_heads={self.n_heads}, got dim={self.dim}")
         if not (isinstance(self.max_seconds, (int, float)) and self.max_seconds > 0):

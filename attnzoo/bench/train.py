@@ -30,6 +30,7 @@ from torch import nn
 
 from attnzoo.bench.models import build_model
 from attnzoo.bench.tasks import IGNORE, Task, TaskData
+from attnzoo.layers.base import check_int
 
 __all__ = ["RunResult", "TrainConfig", "dist_info", "evaluate", "pick_device", "progress_bar", "train"]
 
@@ -64,17 +65,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "batch_size", "epochs", "n_train", "n_test"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+            check_int(name, getattr(self, name))
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ValueError(f"lr: expected a finite positive number, got {self.lr!r}")
-        for name in ("max_steps", "eval_every"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name}: expected an integer >= 1 or None, got {v!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        for name in ("max_steps", "eval_every"):  # None: the default
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             # a negative clip norm would flip the gradients' sign
             raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip!r}")

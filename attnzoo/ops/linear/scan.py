@@ -15,11 +15,10 @@ work in ``L + N/L`` sequential steps. The parallel form materialises
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from attnzoo.ops.linear._common import LOG_DECAY_FLOOR, check_form, check_sign, compute_dtype
+from attnzoo.ops.linear.decay import intra_decay
 
 __all__ = ["selective_scan"]
 
@@ -143,13 +142,8 @@ def _chunked(log_a, u, h0, chunk_size):
 
 
 def _parallel(log_a, u, h0):
-    n = u.shape[1]
     bc = log_a.cumsum(1)  # [B, N, C, S]
-    strict = torch.ones(n, n, dtype=torch.bool, device=u.device).tril(-1).view(1, n, n, 1, 1)
-    eye = torch.eye(n, dtype=u.dtype, device=u.device).view(1, n, n, 1, 1)
-    # the diagonal is the constant 1 (see decay.intra_decay: exp(b_t - b_t) would send the log decays two
-    # cancelling O(1) gradients)
-    w = torch.where(strict, bc.unsqueeze(2) - bc.unsqueeze(1), -math.inf).exp() + eye  # [B, N(t), N(s), C, S]
+    w = intra_decay(bc.movedim(1, -1)).permute(0, 3, 4, 1, 2)  # [B, N(t), N(s), C, S]
     states = (w * u.unsqueeze(1)).sum(2)
     if h0 is not None:
         states = states + bc.exp() * h0.unsqueeze(1)
