@@ -274,7 +274,7 @@ def _cmd_cab(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from attnzoo.bench.store import open_store
 
-    with open_store(args.store, create=False) as db:
+    with open_store(args.store, readonly=True) as db:
         if args.results_command == "list":
             runs = db.runs(kind=args.kind, session=args.session, task=args.task, mixer=args.mixer)
             if args.json:
@@ -313,9 +313,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
         else:  # export
             if args.output in (None, "-"):
                 n = db.export_csv(sys.stdout, kind=args.kind or "train")
-            else:
-                with open(args.output, "w", newline="") as f:
-                    n = db.export_csv(f, kind=args.kind or "train")
+            else:  # never onto the store itself; through a temporary file renamed into place
+                n = db.export_csv_file(args.output, kind=args.kind or "train")
                 print(f"wrote {n} rows to {args.output}", file=sys.stderr)
     return 0
 
@@ -350,7 +349,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from attnzoo.bench.store import DEFAULT_STORE, open_store
 
     store = Path(args.store) if args.store else DEFAULT_STORE
-    with open_store(store, create=False) as db:
+    with open_store(store, readonly=True) as db:
         if args.session and args.session not in db.sessions():
             raise ValueError(f"--session: no session {args.session!r}; stored sessions: {', '.join(db.sessions())}")
         out = args.out or store.parent / "report"
