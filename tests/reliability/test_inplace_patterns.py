@@ -177,6 +177,17 @@ def test_gradients_after_an_in_place_change(case, no_tile_kernel):
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_change_between_forward_and_backward_is_refused():
+    """blocksparse's backward re-evaluates the pattern: a change after the forward would give gradients of another
+    pattern, so it raises (the reference backend keeps what its forward used)."""
+    pattern, change = CASES["KeyPadding"]()
+    q, k, v = _qkv(2, requires_grad=True)
+    out = attnzoo.attention(q, k, v, pattern=pattern, backend="blocksparse")
+    change()
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_score_modifiers_changed_in_place(backend):
     """A bias tensor or ALiBi slopes changed in place are read anew on every call."""

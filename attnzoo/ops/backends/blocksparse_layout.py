@@ -227,11 +227,16 @@ def grad_or_zeros(dout: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor) -
     return dout.contiguous() if dout is not None else q.new_zeros(*q.shape[:-1], v.shape[-1])
 
 
+def _pattern_version(pattern: Any) -> Any:
+    return pattern.data_version() if hasattr(pattern, "data_version") else None
+
+
 class BlockSparseFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: LayoutPlan, q, k, v, *mod_tensors):
         out_f, lse_f = _forward(plan, q, k, v)
         ctx.plan = plan
+        ctx.pattern_version = _pattern_version(plan.pattern)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out_f, lse_f, *mod_tensors)
         n = q.shape[2]
@@ -241,6 +246,10 @@ class BlockSparseFn(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out_f, lse_f, *mod_tensors = ctx.saved_tensors
         plan = ctx.plan
+        if _pattern_version(plan.pattern) != ctx.pattern_version:  # the backward re-evaluates the pattern
+            raise RuntimeError(
+                f"pattern: a tensor of {plan.pattern!r} was modified in place between the forward and the backward "
+                "of blocksparse attention, so the gradient would not match the output; change it after backward()")
         dout = grad_or_zeros(dout, q, v)
         dq_f, dk_f, dv_f, mod_grads = _backward(plan, q, k, v, out_f, lse_f, dout, dlse, mod_tensors)
         m = k.shape[2]
