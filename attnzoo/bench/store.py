@@ -166,13 +166,15 @@ class ResultsStore:
 
     ``readonly``: open for reading only (a read-only file or directory is fine); otherwise the store is
     checked to be writable when it is opened, before any work. ``timeout``: seconds an operation waits
-    for another process's lock (then a :class:`StoreError` saying the store is locked).
+    for another process's lock (then a :class:`StoreError` saying the store is locked; default
+    :data:`DEFAULT_TIMEOUT_S`).
     """
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_STORE, *, create: bool = True, readonly: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
         if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 <= timeout < 1e6):
             raise ValueError(f"timeout: expected seconds in [0, 1e6), got {timeout!r}")
         self.timeout = float(timeout)
@@ -211,6 +213,7 @@ class ResultsStore:
         if head != _HEADER:
             raise StoreError(f"{str(p)!r} is not an attnzoo results store (not an SQLite database); "
                              "it was left untouched; pass another path with --store")
+        conn = None
         try:
             conn = self._connect("ro" if self.readonly else "rw")
             try:
@@ -229,6 +232,8 @@ class ResultsStore:
                                  f"{app:#x}, expected {APPLICATION_ID:#x}); it was left untouched")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as e:
+            if conn is not None:
+                conn.close()
             if _code(e) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
                 raise StoreError(f"{str(p)!r} is corrupt ({e}); it was left untouched; move it away or pass another "
                                  "path with --store") from None
@@ -517,7 +522,7 @@ def _cell(v: Any) -> Any:
 
 
 def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = True, readonly: bool = False,
-               timeout: float = DEFAULT_TIMEOUT_S) -> ResultsStore:
+               timeout: float | None = None) -> ResultsStore:
     """Open (and create, unless ``create=False`` or ``readonly``) the store at ``path`` (default
     :data:`DEFAULT_STORE`); see :class:`ResultsStore`."""
     return ResultsStore(DEFAULT_STORE if path is None else path, create=create, readonly=readonly, timeout=timeout)

@@ -219,6 +219,25 @@ def test_exclusive_lock_on_a_legacy_store_is_a_lock_not_corruption(tmp_path):
         assert db._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_cli_reports_a_locked_store_in_one_line(tmp_path, monkeypatch, capsys):
+    import attnzoo.bench.store as store_mod
+
+    store = tmp_path / "S.sqlite"
+    _legacy_store(store)
+    monkeypatch.setattr(store_mod, "DEFAULT_TIMEOUT_S", 0.2)
+    other = sqlite3.connect(store, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        for argv in (["results", "list"], ["results", "show", "1"], ["report"],
+                     ["bench", "speed", "--lengths", "16", "--dim", "8", "--no-progress"]):
+            assert main([*argv, "--store", str(store)]) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and str(store) in err and "locked by another process" in err, err
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 def test_failed_commit_is_rolled_back_and_the_store_stays_usable(tmp_path):
     """Rollback-journal mode with a reader holding a transaction: COMMIT cannot finish. The run is rolled back
     (no partial rows, the connection is not left in a transaction), reported as a lock, and storing it later works."""
