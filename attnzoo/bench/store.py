@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -106,6 +107,15 @@ def _default_mode(path: Path, like: Path | None = None) -> None:
         mode = 0o666 & ~umask
     with contextlib.suppress(OSError):
         path.chmod(mode)
+
+
+def _remove_stale(directory: Path, prefix: str, suffix: str, keep: Path, age_s: float = 600.0) -> None:
+    """Remove temporary files of creations killed long ago (a creation takes milliseconds)."""
+    now = time.time()
+    for leftover in directory.glob(f"{glob_escape(prefix)}*{suffix}*"):
+        with contextlib.suppress(OSError):
+            if leftover != keep and now - leftover.stat().st_mtime > age_s:
+                leftover.unlink()
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -261,6 +271,7 @@ class ResultsStore:
         os.close(fd)
         tmp = Path(tmp_name)
         _default_mode(tmp)
+        _remove_stale(parent, f".{self.path.name}.", ".creating", keep=tmp)
         try:
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:

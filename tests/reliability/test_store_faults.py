@@ -372,3 +372,14 @@ def test_eight_writers_and_readers_lose_nothing(tmp_path):
 def test_eight_writers_and_readers_lose_nothing_long(tmp_path):
     figures = concurrent_writers(tmp_path / "S.sqlite", writers=8, runs=500, readers=4, curves=50)
     assert figures["lost"] == 0 and figures["stored"] == 4000
+
+
+def test_files_of_creations_killed_long_ago_are_removed(tmp_path):
+    """A creation killed by kill -9 leaves its temporary file; the next creation in that directory removes those
+    older than ten minutes (a creation takes milliseconds), never a recent one (it may be in progress)."""
+    stale, recent = tmp_path / ".r.sqlite.a1.creating", tmp_path / ".r.sqlite.b2.creating-wal"
+    for p in (stale, recent):
+        p.write_bytes(b"")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    open_store(tmp_path / "r.sqlite").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recent.name, "r.sqlite"]
