@@ -181,7 +181,7 @@ def _check_module_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
     (a clear error naming ``x`` instead of an error from deep inside the module)."""
     from attnzoo.layers.base import check_input_tensor
 
-    check_input_tensor(args[0] if args else kwargs.get("x"), module=module)
+    check_input_tensor(args[0] if args else kwargs.get("x"), module=module, decoding=kwargs.get("cache") is not None)
 
 
 def list(family: str | None = None, type: str | None = None, priority: int | None = None) -> builtins.list[Spec]:  # noqa: A001

@@ -29,8 +29,13 @@ def _curves(n: int, tag: int) -> list[tuple[int, str, float]]:
     return [(step, "train/loss", float(tag + step)) for step in range(n)]
 
 
+def _ready() -> None:
+    print("ready", flush=True)  # the parent times its kill -9 from here
+
+
 def write(store_mod, path: str, writer: int, runs: int, curves: int) -> None:
     with store_mod.open_store(path) as db:
+        _ready()
         for seq in range(runs):
             db.add_run(kind="train", config={"writer": writer, "seq": seq}, env={},
                        metrics={"writer": writer, "seq": seq, "curves": curves},
@@ -39,6 +44,7 @@ def write(store_mod, path: str, writer: int, runs: int, curves: int) -> None:
 
 def chain(store_mod, directory: str, curves: int) -> None:
     i = 0
+    _ready()
     while True:
         with store_mod.open_store(Path(directory) / f"s{i}.sqlite") as db:
             db.add_run(kind="train", config={}, env={}, metrics={"curves": curves}, curves=_curves(curves, i))
@@ -51,6 +57,9 @@ def read(store_mod, path: str, seconds: float, curves: int) -> None:
     deadline = time.monotonic() + seconds
     reads = 0
     while time.monotonic() < deadline:
+        if not Path(path).exists():  # the writers have not created it yet
+            time.sleep(0.01)
+            continue
         with store_mod.open_store(path, readonly=True) as db:
             for run in db.runs():
                 full = db.run(run["id"])
