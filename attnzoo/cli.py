@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                 "attnzoo.inspect.viewer:add_cli", ()),
 }
 _ALIAS_OF = {a: name for name, (_, _, aliases) in COMMANDS.items() for a in aliases}
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+EXIT_BROKEN_PIPE = 1  # as Python's documentation recommends, and as rich ends on a broken pipe
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -48,7 +48,8 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         if ("%(default)" in text or "default" in text.lower() or not action.option_strings
-                or default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._HelpAction)):
+                or default is None or default is False or default == argparse.SUPPRESS
+                or isinstance(action, argparse._HelpAction)):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"
