@@ -179,6 +179,6 @@ def check_inspect_model(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    n = len(AutoTokenizer.from_pretrained(folder, local_files_only=True)(text)["input_ids"])
+    n = len(AutoTokenizer.from_pretrained(folder, local_files_only=True)(text, verbose=False)["input_ids"])
     if n > limit:
         raise ValueError(f"--text: {n} tokens, more than the {limit} {args.model} accepts")

@@ -77,6 +77,8 @@ def _check_compare(args: argparse.Namespace) -> None:
 
     check_device("--device", args.device)
     check_writable("--store", args.store, make_folders=True)
+    if args.out is not None:
+        check_writable("--out", os.path.join(args.out, "report.html"), make_folders=True)
     p = get_preset(args.preset)
     dim = max(args.dims or p.dims)
     for s in p.settings:
@@ -173,6 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                f"{cfg.n_train} + {cfg.n_test} examples",
                training_bytes(vocab=max(task.vocab_size_in or 0, task.n_outputs), seq_len=task.seq_len, dim=cfg.dim,
                               n_layers=cfg.n_layers, batch_size=cfg.batch_size, n_examples=cfg.n_train + cfg.n_test))
+    _check_model(task, cfg)
     rank, _, _ = dist_info()
     db = open_store(args.store) if rank == 0 and not args.no_store else None
     try:
@@ -190,6 +193,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if db is not None:
             db.close()
     return 0
+
+
+def _check_model(task: Any, cfg: Any) -> None:
+    """Build the model on the meta device (no memory, no work): a bad ``--mixer-arg`` fails here."""
+    import torch
+
+    from attnzoo.bench.models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(task, cfg.mixer, dim=cfg.dim, n_layers=cfg.n_layers, mixer_kwargs=cfg.mixer_kwargs,
+                        positional=cfg.positional, mlp_ratio=cfg.mlp_ratio)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--mixer-arg: mixer {cfg.mixer!r} with {cfg.mixer_kwargs}: {e}") from None
+    except Exception:  # noqa: BLE001  (a constructor the meta device cannot run: training checks it itself)
+        pass
 
 
 def _add_train(sub: Any) -> None:
