@@ -98,11 +98,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _rich_console() -> Any:
+    """A rich console for a terminal; None (plain aligned text, quicker and easier to grep) for a pipe or
+    a file, or without rich."""
+    if not sys.stdout.isatty():
+        return None
     try:
         from rich.console import Console
     except ImportError:
         return None
-    return Console(soft_wrap=False, width=200) if not sys.stdout.isatty() else Console()
+    return Console()
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -287,3 +287,13 @@ def test_first_build_of_the_kernels_says_so_once(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "building the compiled CPU kernels (gather)" in err
     assert native.unavailable("gather") is None and capsys.readouterr().err == ""
+
+
+def test_tables_use_rich_on_a_terminal_and_plain_text_in_a_pipe(capsys, monkeypatch):
+    pytest.importorskip("rich")
+    assert main(["info", "gqa"]) == 0
+    plain = capsys.readouterr().out
+    assert plain.splitlines()[1].split() == ["field", "value"] and "│" not in plain
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["info", "gqa"]) == 0
+    assert "│" in capsys.readouterr().out
