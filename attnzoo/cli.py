@@ -55,12 +55,23 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
+class _Subcommands(argparse._SubParsersAction):
+    """Subcommands whose ``--help`` opens with their one-line help when they have no description."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        text = kwargs.get("help")
+        if text and text is not argparse.SUPPRESS and not kwargs.get("description"):
+            kwargs["description"] = text[0].upper() + text[1:] + "."
+        return super().add_parser(name, **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line (``attnzoo CMD: error: ...``), exit status 2."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Subcommands)
 
     def error(self, message: str) -> Any:  # argparse's own error prints the usage block first
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -116,8 +127,9 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         from rich.table import Table
 
         table = Table(title=escape(title))
-        for c in columns:
-            table.add_column(escape(c))
+        for i, c in enumerate(columns):  # only the last column wraps (measuring wrapped cells is rich's slow part)
+            last = i == len(columns) - 1
+            table.add_column(escape(c), no_wrap=not last, overflow="fold")
         for r in rows:
             table.add_row(*(escape(v) for v in r))
         console.print(table)

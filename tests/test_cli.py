@@ -125,6 +125,11 @@ def test_every_option_has_help_showing_its_default():
                 assert "default" in action.help, f"{prog} {action.option_strings}: what happens without it?"
 
 
+def test_every_command_describes_itself():
+    for prog, parser in _walk(build_parser()):
+        assert parser.description, prog
+
+
 def test_lazy_and_full_parsers_list_the_same_commands():
     lazy = build_parser([])._subparsers._group_actions[0].choices
     full = build_parser()._subparsers._group_actions[0].choices
