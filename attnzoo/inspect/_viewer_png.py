@@ -100,7 +100,8 @@ def render_png(tokens: list[str], cache: Cache, path: str | Path, *, layer: int 
     if ro is not None:
         ax = fig.add_subplot(gs[:, ncols:])
         im = ax.imshow(_shrink(ro, 600).numpy(), cmap="viridis", aspect="auto", interpolation="nearest",
-                       norm=PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(ro.max()), 1e-12)), extent=(-0.5, n - 0.5, n - 0.5, -0.5))
+                       norm=PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(ro.max()), 1e-12)),
+                       extent=(-0.5, n - 0.5, n - 0.5, -0.5))
         ax.set_title("rollout" + ("" if len(layers) == cache.n_layers else f" (layers {layers})"), fontsize=9)
         label_axes(ax, True, True, size)
         ax.set_ylabel("output " + ("token" if row_text else "position"), fontsize=8)

@@ -204,7 +204,7 @@ def _asset(name: str) -> str:
 def _summary_table(layers: list[int], ws: list[torch.Tensor], imp: list[list[float]] | None,
                    importance_label: str) -> str:
     rows: list[tuple[int, int, list[float]]] = []
-    for p, (li, w) in enumerate(zip(layers, ws)):
+    for p, w in enumerate(ws):
         s = head_summaries(w.unsqueeze(0))
         for h in range(w.shape[0]):
             vals = [float(s[k][0, h]) for k in _SUMMARY_COLUMNS] + ([imp[p][h]] if imp is not None else [])

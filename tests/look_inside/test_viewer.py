@@ -142,7 +142,8 @@ def test_plan_keeps_the_budget_with_priorities():
     p = _plan(shapes, (1, 2), [0, 1, 2], True, 3_000_000)
     assert p.bits == 8 and p.blocks[1][2] == 1  # the head opened first: every token
     assert 1 < p.rollout and 1 < p.blocks[1][0] <= p.blocks[0][0]  # then the rollout, its layer, the others
-    assert len({f for f in p.blocks[1] if f > 1}) == 1 and len({f for row in (p.blocks[0], p.blocks[2]) for f in row}) == 1
+    assert len({f for f in p.blocks[1] if f > 1}) == 1
+    assert len({f for row in (p.blocks[0], p.blocks[2]) for f in row}) == 1
     cells = sum(-(-1000 // f) ** 2 for row in p.blocks for f in row) + (-(-1000 // p.rollout)) ** 2
     assert cells <= 3_000_000
     assert "layer 1 head 2 is embedded at full resolution" in p.note and "blocks of" in p.note

@@ -126,7 +126,7 @@ class Heat {
   fitScale() { return Math.min(this.pw / this.m.k, this.ph / this.m.n); }
   fit() { this.layout(); this.s = this.fitScale(); this.x0 = 0; this.y0 = 0; }
   clamp() {
-    this.s = Math.min(48, Math.max(this.fitScale(), this.s));
+    this.s = Math.min(Math.max(48, 8 * this.fitScale()), Math.max(this.fitScale(), this.s));
     this.x0 = Math.min(Math.max(this.x0, 0), Math.max(0, this.m.k - this.pw / this.s));
     this.y0 = Math.min(Math.max(this.y0, 0), Math.max(0, this.m.n - this.ph / this.s));
   }
