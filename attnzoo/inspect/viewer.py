@@ -187,7 +187,9 @@ def _plan(shapes: list[tuple[int, int, int]], focus: tuple[int, int], layers: li
 
 
 def _encode(m: torch.Tensor, f: int, bits: int) -> dict[str, Any]:
-    """One ``[N, M]`` map, block-maximum pooled by ``f`` and quantised as ``q = round(Q·sqrt(w / max))``."""
+    """One ``[N, M]`` map, block-maximum pooled by ``f`` and quantised as ``q = round(Q·sqrt(w / max))``
+    (a non-finite weight is drawn as 0: the page's JSON has no NaN)."""
+    m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
     if f > 1:
         m = torch.nn.functional.max_pool2d(m[None, None], f, f, ceil_mode=True)[0, 0]
     vmax = float(m.max())

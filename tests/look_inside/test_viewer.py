@@ -172,6 +172,15 @@ def test_long_input_page_stays_in_budget():
     assert f"{n} tokens: over the" in page and "blocks of" in page
 
 
+def test_non_finite_weights_keep_the_json_valid():
+    c = _tiny()
+    c.data["weights", 0] = c.data["weights", 0].clone()
+    c.data["weights", 0][0, 1, 2, :] = float("nan")
+    d = json.loads(render_html(list("abcd"), c, rollout=False).split('id="attnzoo-data">')[1].split("</script>")[0],
+                   parse_constant=lambda name: pytest.fail(f"{name} in the page's JSON"))
+    assert decode(d["maps"][0][1], 16)[2].tolist() == [0.0] * 4
+
+
 def _rows(page):
     return page.split("<tbody>")[1].split("</tbody>")[0]
 
