@@ -221,7 +221,9 @@ def test_heatmap_hover_shows_the_value(page):
     assert colour_bar.startswith("colour scale (sqrt): 0 to")
 
 
-def test_zoom_buttons_and_wheel(page):
+def test_zoom_pan_and_click(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+
     scale = lambda: float(_by(page, "#map").get_attribute("data-scale"))  # noqa: E731
     fit = scale()
     _by(page, "#map .bar button[title='zoom in']").click()
@@ -231,6 +233,14 @@ def test_zoom_buttons_and_wheel(page):
                                                   bubbles: true, cancelable: true}));""")
     assert scale() == pytest.approx(2.5 * fit, rel=1e-3)
     assert float(_by(page, "#map").get_attribute("data-x0")) > 0  # zoomed about the mouse, not the corner
+    x0, y0 = (float(_by(page, "#map").get_attribute(a)) for a in ("data-x0", "data-y0"))
+    canvas = _by(page, "#map canvas.plot")
+    ActionChains(page).click_and_hold(canvas).move_by_offset(60, 40).release().perform()  # drag to pan
+    x1, y1 = (float(_by(page, "#map").get_attribute(a)) for a in ("data-x0", "data-y0"))
+    assert x1 < x0 and y1 < y0 and _js(page, "return document.getElementById('query').value") == "5"
+    _hover_cell(page, "heat", 1, 1)
+    ActionChains(page).click().perform()  # a click without a drag selects that row's query
+    assert _js(page, "return document.getElementById('query').value") == "1"
     _by(page, "#map .bar button[title='show the whole map']").click()
     assert scale() == pytest.approx(fit, rel=1e-3)
     _by(page, "#map .bar button[title='zoom out']").click()
