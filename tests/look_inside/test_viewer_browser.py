@@ -198,6 +198,9 @@ def test_head_view_toggles_and_token_focus(page):
     assert _lines(page) == [0, ""]
     _by(page, "#heads-all").click()
     assert _lines(page) == [n_all, "0,1,2,3"]
+    ActionChains(page).double_click(_by(page, '#head-toggles input[data-h="2"]').find_element("xpath", "..")).perform()
+    assert _lines(page)[1] == "2"
+    _by(page, "#heads-all").click()
     q3 = _by(page, '#head-view .tok.q[data-i="3"]')
     ActionChains(page).move_to_element(q3).perform()
     n_q3 = _lines(page)[0]
@@ -291,6 +294,7 @@ def test_search_box_selects_and_zooms(page):
 
 
 def test_query_bars_follow_the_query(page):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import Select
 
     bars = ("return [...document.querySelectorAll('#query-bars > div')]"
@@ -302,6 +306,11 @@ def test_query_bars_follow_the_query(page):
     assert head[0] == rollout[0] == "1.000"  # causal: token 0 attends only to itself
     _by(page, "#tokens span:nth-child(5)").click()  # a token of the text selects it
     assert _js(page, "return document.getElementById('query').value") == "4"
+    from selenium.webdriver.common.keys import Keys
+
+    _by(page, "h1").click()
+    ActionChains(page).send_keys(Keys.ARROW_DOWN).perform()  # the next query
+    assert _js(page, "return document.getElementById('query').value") == "5"
 
 
 def test_long_input(long_page):

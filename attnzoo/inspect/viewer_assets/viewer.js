@@ -266,6 +266,13 @@ function buildHeadView() {
     box.type = 'checkbox'; box.checked = active[h] !== false; box.dataset.h = h;
     box.onchange = () => { active[h] = box.checked; drawLines(); };
     sw.style.background = headColour(h);
+    lab.title = 'click: on/off; double-click: this head only';
+    lab.addEventListener('dblclick', (e) => {
+      e.preventDefault();
+      heads.forEach((_, g) => { active[g] = g === h; });
+      toggles.querySelectorAll('input').forEach(x => { x.checked = +x.dataset.h === h; });
+      drawLines();
+    });
     lab.append(box, sw, el('span', '', `${h}`)); toggles.append(lab);
   });
   for (const [text, on] of [['all', true], ['none', false]]) {
@@ -391,7 +398,12 @@ function openHead(l, h, scroll) {
 
 function selectQuery(i) {
   cur.q = i; $('query').value = i;
-  heat.setQuery(i); if (rollHeat) rollHeat.setQuery(i);
+  for (const h of [heat, rollHeat]) {
+    if (!h) continue;
+    const rows = h.ph / h.s;  // keep the selected row in view
+    if (i < h.y0 || i >= h.y0 + rows) { h.y0 = i + 0.5 - rows / 2; h.clamp(); }
+    h.setQuery(i);
+  }
   drawQueryBars(); shadeTokens();
 }
 
@@ -438,6 +450,11 @@ $('search').addEventListener('input', runSearch);
 $('search').addEventListener('keydown', (e) => { if (e.key === 'Enter') { e.preventDefault(); gotoMatch(e.shiftKey ? -1 : 1); } });
 $('search-next').onclick = () => gotoMatch(1);
 $('search-prev').onclick = () => gotoMatch(-1);
+document.addEventListener('keydown', (e) => {  // up/down: the previous/next query, outside form fields
+  if (!['ArrowUp', 'ArrowDown'].includes(e.key) || e.target.closest('input, select, textarea')) return;
+  e.preventDefault();
+  selectQuery(Math.max(0, Math.min(N - 1, cur.q + (e.key === 'ArrowDown' ? 1 : -1))));
+});
 document.querySelectorAll('#summary th').forEach(th => th.addEventListener('click', () => sortTable(th)));
 document.querySelectorAll('#summary tr.row').forEach(r => r.addEventListener('click', () => openHead(+r.dataset.l, +r.dataset.h, true)));
 buildModelView();
