@@ -336,3 +336,22 @@ def test_long_input(long_page):
     text, _ = _hover_cell(d, "heat", NEEDLE, NEEDLE - 1)  # the view kept its place
     assert "max weight" in text and "block" in text
     assert _severe(d) == []
+
+
+def test_cross_attention_page_without_rollout(tmp_path, driver):
+    """Maps of 5 queries over 7 keys (keys are not the tokens): no rollout, keys labelled by position."""
+    c = Cache(1, [0], ["layer0"], [2])
+    c.data["weights", 0] = torch.randn(1, 2, 5, 7, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    path = tmp_path / "cross.html"
+    path.write_text(render_html(list("abcde"), c), encoding="utf-8")
+    driver.get_log("browser")
+    driver.get(path.as_uri())
+    assert _js(driver, "return document.getElementById('rollout')") is None
+    keys = _js(driver, "return [...document.querySelectorAll('#head-view .tok.k')].map(e => e.textContent)")
+    assert keys == [f"#{j}" for j in range(7)]
+    text, _ = _hover_cell(driver, "heat", 4, 6)
+    assert "key 6 \u201c#6\u201d" in text
+    assert float(re.search(r"weight (\d\.\d{4})", text).group(1)) == pytest.approx(float(c["weights", 0][0, 0, 4, 6]),
+                                                                                  abs=6e-5)
+    assert len(_js(driver, "return document.querySelectorAll('#query-bars .qb')")) == 7
+    assert _severe(driver) == []
