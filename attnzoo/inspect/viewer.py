@@ -141,6 +141,10 @@ class _Plan:
 
 def _plan(shapes: list[tuple[int, int, int]], focus: tuple[int, int], layers: list[int], has_rollout: bool,
           max_bytes: int) -> _Plan:
+    """How to embed maps of ``shapes`` (``[H, N, M]`` per captured layer) in ``max_bytes``: 16-bit if
+    everything fits, else 8-bit; over the budget, the ``focus`` head (captured position, head) takes
+    up to half, the rollout a quarter of the rest, the focus layer's other heads half of what is
+    left and the other layers the remainder, each group at the smallest block size that fits."""
     n = shapes[0][1]
     full = sum(h * q * k for h, q, k in shapes) + (n * n if has_rollout else 0)
     if 2 * full <= max_bytes:
