@@ -276,7 +276,8 @@ def render_html(tokens: list[str], cache: Cache, *, batch_index: int = 0, title:
 through all captured layers.</p><div class="heat" id="rollout"></div></div></section>"""
                     if ro is not None else """<section><h2>Attention of the selected query</h2>
 <div id="query-bars"></div></section>""")
-    parts = {"TITLE": html.escape(title), "NOTES": note_html, "ROLLOUT": rollout_html,
+    token_html = "".join(f'<span title="#{i}">{html.escape(t)}</span>' for i, t in enumerate(tokens))
+    parts = {"TITLE": html.escape(title), "NOTES": note_html, "ROLLOUT": rollout_html, "TOKENS": token_html,
              "SUMMARY": _summary_table(layers, ws, imp, importance_label),
              "CSS": _asset("viewer.css"), "DATA": data, "JS": _asset("viewer.js")}
     return re.sub(r"\{\{([A-Z]+)\}\}", lambda mt: parts[mt.group(1)], _asset("viewer.html"))  # one pass

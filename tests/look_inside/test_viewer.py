@@ -82,7 +82,8 @@ def test_html_escapes_tokens():
     assert p.tags.count("script") == 2  # the data block and the viewer code, nothing from the tokens
     assert not {"img", "b", "i"} & set(p.tags)
     text = "".join(p.text)
-    assert "<b>t</b>" in text and "<i>note</i>" in text  # as text
+    assert "<b>t</b>" in text and "<i>note</i>" in text and "<script>alert(1)</script>" in text  # as text
+    assert "<span title=\"#2\">&lt;img src=x onerror=alert(2)&gt;</span>" in page  # the token strip
     data_block = page.split('id="attnzoo-data">')[1].split("</script>")[0]
     assert "alert(1)</script>" not in data_block and "<img" not in data_block
     assert _data(page)["tokens"] == toks  # JSON-escaped, decodes back exactly (no template substitution)

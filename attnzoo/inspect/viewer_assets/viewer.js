@@ -442,7 +442,7 @@ function sortTable(th) {
 // ---- wiring ----
 D.layers.forEach((li, p) => $('layer').add(new Option(`${li}`, p)));
 D.tokens.forEach((t, i) => $('query').add(new Option(`${i}: ${short(t, 20)}`, i)));
-D.tokens.forEach((t, i) => { const s = el('span', '', t); s.title = `#${i}`; s.onclick = () => selectQuery(i); $('tokens').append(s); });
+[...$('tokens').children].forEach((s, i) => { s.onclick = () => selectQuery(i); });  // the page's escaped tokens
 $('layer').onchange = () => openHead(+$('layer').value, cur.h);
 $('head').onchange = () => openHead(cur.l, +$('head').value);
 $('query').onchange = () => selectQuery(+$('query').value);
