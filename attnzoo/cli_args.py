@@ -156,9 +156,10 @@ def check_inspect_model(args: argparse.Namespace) -> None:
     (read from its ``config.json``; the tokenizer is loaded only when the text may be too long)."""
     import json
 
-    layer = getattr(args, "layer", None)
-    if layer is not None and layer < 0:
-        raise ValueError(f"--layer: expected a layer index >= 0, got {layer}")
+    layer, head = getattr(args, "layer", None), getattr(args, "head", None)
+    for option, value in (("--layer", layer), ("--head", head)):
+        if value is not None and value < 0:
+            raise ValueError(f"{option}: expected an index >= 0, got {value}")
     folder = _model_folder(args.model)
     config_path = os.path.join(folder, "config.json") if folder else None
     if config_path is None or not os.path.isfile(config_path):
@@ -172,6 +173,10 @@ def check_inspect_model(args: argparse.Namespace) -> None:
     if layer is not None and isinstance(n_layers, int) and layer >= n_layers:
         raise ValueError(f"--layer: expected a layer index in [0, {n_layers - 1}] ({args.model} has {n_layers} "
                          f"layers), got {layer}")
+    n_heads = next((config[k] for k in ("num_attention_heads", "n_head", "num_heads") if k in config), None)
+    if head is not None and isinstance(n_heads, int) and head >= n_heads:
+        raise ValueError(f"--head: expected a head index in [0, {n_heads - 1}] ({args.model} has {n_heads} heads "
+                         f"per layer), got {head}")
     limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if k in config), None)
     text = getattr(args, "text", None)
     if not isinstance(limit, int) or text is None or len(text.encode()) + 4 <= limit:

@@ -94,7 +94,7 @@ VALID = {
     ("bench speed", "--max-seconds", HUGE), ("explain", "--window", HUGE),
     # the speed sweep records lengths that cannot fit as oom / skipped; --no-speed leaves them unused
     ("compare", "--lengths", HUGE),
-    ("inspect", "--layer", "0"),
+    ("inspect", "--layer", "0"), ("inspect", "--head", "0"),
     # grid and kernel of --pattern neighborhood, unused by the base line's window pattern
     ("explain", "--grid", HUGE), ("explain", "--kernel", HUGE),
 }
