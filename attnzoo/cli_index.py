@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,9 @@ def load_index() -> dict[str, Any]:
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f)
             os.replace(tmp, path)  # readers never see a partial file
+            week_ago = time.time() - 7 * 86400  # other checkouts share the folder: keep their recent snapshots
             for old in path.parent.glob("registry-*.json"):
-                if old != path:
+                if old != path and old.stat().st_mtime < week_ago:
                     old.unlink(missing_ok=True)
         except OSError:
             pass
