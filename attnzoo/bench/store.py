@@ -500,18 +500,23 @@ class ResultsStore:
         return len(rows)
 
 
+    def refuse_as_output(self, path: str | os.PathLike[str], option: str = "--output") -> None:
+        """``ValueError`` when ``path`` is this store (by any name: a link, another spelling) or one of its
+        journal files: writing an output there would destroy the runs."""
+        target = Path(path)
+        for own in (self.path, *(Path(f"{self.path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+            same = own.exists() and target.exists() and os.path.samefile(own, target)
+            if same or own.resolve() == target.resolve():
+                raise ValueError(f"{option}: {str(target)!r} is the results store {str(self.path)!r}"
+                                 f"{'' if own == self.path else ' (its journal)'}; writing there would destroy the "
+                                 "runs; give another file")
+
     def export_csv_file(self, path: str | os.PathLike[str], *, kind: str = "train") -> int:
         """Write :meth:`export_csv` to ``path`` through a temporary file beside it, renamed into place once
         complete (an interrupted export leaves ``path`` as it was). The store itself (or its journal files)
         is refused as ``path``."""
         target = Path(path)
-        mine = [self.path, *(Path(f"{self.path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))]
-        for own in mine:
-            same = own.exists() and target.exists() and os.path.samefile(own, target)
-            if same or own.resolve() == target.resolve():
-                raise ValueError(f"--output: {str(target)!r} is the results store {str(self.path)!r}"
-                                 f"{'' if own == self.path else ' (its journal)'}; writing the export there would "
-                                 "destroy the runs; give another file")
+        self.refuse_as_output(target)
         if target.is_dir():
             raise ValueError(f"--output: {str(target)!r} is a directory; give a file path")
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent if
