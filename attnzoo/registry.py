@@ -183,7 +183,9 @@ def create(slug: str, *args: Any, **kwargs: Any) -> nn.Module:
     if clash:
         raise TypeError(f"{slug}: argument(s) {clash} are fixed by the alias {slug!r} ({preset})")
     built = s.factory(*args, **preset, **kwargs)
-    if s.type in _MODULE_TYPES and isinstance(built, nn.Module):
+    import torch  # imported by the factory already; the registry itself does not import torch
+
+    if s.type in _MODULE_TYPES and isinstance(built, torch.nn.Module):
         built.register_forward_pre_hook(_check_module_input, with_kwargs=True)
     return built
 
