@@ -54,6 +54,11 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     if cls is None:
         pytest.skip(f"transformers {tf.__version__} has no {cls_name}")
     cfg._attn_implementation = "eager"
+    if name == "gpt_oss":
+        try:  # the grouped-GEMM experts have no float64 kernel; the loop runs any dtype
+            cfg._experts_implementation = "eager"
+        except (AttributeError, ValueError):
+            pass
     torch.manual_seed(seed)
     model = cls(cfg)
     with torch.no_grad():
@@ -64,15 +69,20 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     return model.to(dtype).eval(), kind
 
 
-def inputs(kind: str, dtype: torch.dtype = torch.float32, seed: int = 1, *, n: int = 7) -> dict[str, torch.Tensor]:
-    """Two sequences of ``n`` tokens, the second padded by 3 (left for decoders, right for encoders), or images."""
+def inputs(kind: str, dtype: torch.dtype = torch.float32, seed: int = 1, *, n: int = 7,
+           pad: str | None = None) -> dict[str, torch.Tensor]:
+    """Two sequences of ``n`` tokens, the second padded by 3, or images.
+
+    ``pad``: ``"left"``, ``"right"`` or ``"none"``; by default left for decoders, right for encoders.
+    """
     g = torch.Generator().manual_seed(seed)
     if kind == "vision":
         return {"pixel_values": torch.randn(2, 3, 8, 8, generator=g).to(dtype)}
     ids = torch.randint(1, VOCAB, (2, n), generator=g)
     mask = torch.ones(2, n, dtype=torch.long)
-    if kind == "decoder":
+    pad = pad or ("left" if kind == "decoder" else "right")
+    if pad == "left":
         mask[1, :3] = 0
-    else:
+    elif pad == "right":
         mask[1, -3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
