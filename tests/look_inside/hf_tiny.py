@@ -42,8 +42,9 @@ def _cfg(name: str):
     raise KeyError(name)
 
 
-def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """``(model, kind)``: a tiny random ``name`` model in ``dtype``, eval mode, ``"eager"`` attention."""
+def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    """``(model, kind)``: a tiny random ``name`` model in ``dtype``, eval mode, ``"eager"`` attention;
+    ``overrides`` set config fields (e.g. ``attn_pdrop=0.1``)."""
     import transformers as tf
 
     try:
@@ -53,6 +54,8 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     cls = getattr(tf, cls_name, None)
     if cls is None:
         pytest.skip(f"transformers {tf.__version__} has no {cls_name}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     cfg._attn_implementation = "eager"
     if name == "gpt_oss":
         try:  # the grouped-GEMM experts have no float64 kernel; the loop runs any dtype
