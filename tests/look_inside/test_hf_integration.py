@@ -252,3 +252,12 @@ def test_too_long_input_refused_before_any_work():
     with pytest.raises(ValueError, match="maximum length of 32"):
         capture(model, {"input_ids": ids})
     assert not calls and model not in hf._FOUND
+
+
+def test_pyproject_floor_is_the_supported_floor():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
+    pins = re.findall(r'"transformers([^"]*)"', text)
+    assert len(pins) == 2 and set(pins) == {f">={hf.SUPPORTED[0]},<{hf.SUPPORTED[1]}"}, pins
