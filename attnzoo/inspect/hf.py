@@ -216,8 +216,13 @@ def configure(model: nn.Module, *, pattern: Any = None, backend: str = "auto") -
     (the model stays on ``"attnzoo"``). Capturing or steering a model with a configured pattern that
     was switched back to another implementation raises instead of silently differing from ``model(...)``.
     """
+    from attnzoo.inspect._edits import _is_hf
     from attnzoo.ops.backends import BACKENDS
 
+    if not _is_hf(model):
+        raise TypeError(f"configure: expected a Hugging Face transformers model (with config and "
+                        f"set_attn_implementation), got {type(model).__name__}; attnzoo mixers take pattern= and "
+                        "backend= in their constructors")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {['auto', *BACKENDS]}, got {backend!r}")
     from attnzoo.patterns.base import Pattern

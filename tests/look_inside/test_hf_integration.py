@@ -261,3 +261,8 @@ def test_pyproject_floor_is_the_supported_floor():
     text = (pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text()
     pins = re.findall(r'"transformers([^"]*)"', text)
     assert len(pins) == 2 and set(pins) == {f">={hf.SUPPORTED[0]},<{hf.SUPPORTED[1]}"}, pins
+
+
+def test_configure_refuses_a_non_hf_model():
+    with pytest.raises(TypeError, match="configure: expected a Hugging Face"):
+        hf.configure(torch.nn.Linear(2, 2))
