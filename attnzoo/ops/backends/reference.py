@@ -102,7 +102,6 @@ def _chunked(p: Problem) -> Result:
     lse = torch.empty(bsz, heads, n, dtype=dtype, device=p.q.device) if p.return_lse else None
     weights = torch.empty(bsz, heads, n, m, dtype=p.q.dtype, device=p.q.device) if p.return_weights else None
     b, h, _, kvi = index_grid(p, p.q.device)
-    tiny = torch.finfo(dtype).tiny
     step = _chunk_rows(p)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
@@ -116,16 +115,18 @@ def _chunked(p: Problem) -> Result:
             allowed = torch.as_tensor(p.pattern.allow(b, h, qi, kvi, s), device=sc.device)
             sc = sc.masked_fill_(~allowed, float("-inf"))
             del allowed
-        top = sc.amax(-1, keepdim=True)
-        seen = top > float("-inf")
-        top = torch.where(seen, top, torch.zeros_like(top))
-        sc = sc.sub_(top).exp_()
-        denom = sc.sum(-1, keepdim=True)
-        sc = sc.div_(denom.clamp_min(tiny))
-        out[:, :, rows] = torch.matmul(sc.view(bsz, hkv, g * r, m), v).view(bsz, heads, r, -1)
+        seen = (sc != float("-inf")).any(-1, keepdim=True)
+        blind = not bool(seen.all())
+        if blind:  # softmax over zeros, then zeroed
+            sc = sc.masked_fill_(~seen, 0.0)
         if lse is not None:
-            lse[:, :, rows] = torch.where(seen, top + torch.log(denom), float("-inf")).squeeze(-1)
-        if weights is not None:
-            weights[:, :, rows] = sc
+            lse[:, :, rows] = torch.where(seen, torch.logsumexp(sc, dim=-1, keepdim=True), float("-inf")).squeeze(-1)
+        w = torch.softmax(sc, dim=-1)  # torch's softmax: rounded as every other softmax (eager models, SDPA math)
         del sc
+        if blind:
+            w = w.masked_fill_(~seen, 0.0)
+        out[:, :, rows] = torch.matmul(w.view(bsz, hkv, g * r, m), v).view(bsz, heads, r, -1)
+        if weights is not None:
+            weights[:, :, rows] = w
+        del w
     return Result(out, weights, lse)
