@@ -1,0 +1,375 @@
+"""Context-parallel (ring) attention over ``torch.distributed``.
+
+Each of the ``P`` processes of a group holds a shard of the sequence (``layout``: ``contiguous`` or
+``zigzag``, see :mod:`attnzoo.parallel.layout`). At step ``t`` process ``r`` computes its queries
+against the keys/values of process ``r - t`` (mod ``P``) while the keys/values of step ``t + 1``
+are in flight (``isend`` / ``irecv`` through ``batch_isend_irecv``), and the partial results are merged
+exactly by their log-sum-exp. The pattern is read on global positions: a (query chunk, key chunk)
+pair with no allowed entry is neither computed nor sent, a chunk is sent only to the processes that
+need it, and a step nobody needs is skipped, so a sliding window exchanges with its neighbours only.
+
+The backward recomputes each block's partial (through the :func:`attnzoo.attention` backends, with the
+gradient of its log-sum-exp) and sends the key/value gradients back to their owners: the same ring in
+reverse. Every process must pass the same pattern and score modifier (of the whole sequence).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnzoo.ops import attention
+from attnzoo.ops.layout import EMPTY, FULL, Shape
+from attnzoo.ops.lse import merge_partials
+from attnzoo.ops.problem import make_problem
+from attnzoo.parallel.layout import check_layout, chunks_per_rank, segments
+from attnzoo.parallel.views import pattern_block, score_mod_block
+
+__all__ = ["reset_traffic", "ring_attention", "traffic"]
+
+_TRAFFIC = {"bytes_sent": 0, "messages_sent": 0, "bytes_received": 0}
+
+
+def traffic() -> dict[str, int]:
+    """Bytes and messages this process has sent (and bytes received) in ring attention since the last
+    :func:`reset_traffic`, forward and backward."""
+    return dict(_TRAFFIC)
+
+
+def reset_traffic() -> None:
+    """Set the counters of :func:`traffic` to zero."""
+    for key in _TRAFFIC:
+        _TRAFFIC[key] = 0
+
+
+@dataclass
+class _Step:
+    """Step ``t``: keys/values come from ``src`` (their chunks ``recv``), ours go to ``dst`` (chunks ``send``);
+    ``pairs``: (our query segment, index into the received segments, whole block allowed)."""
+
+    src: int
+    dst: int
+    recv: tuple[int, ...]
+    send: tuple[int, ...]
+    pairs: list[tuple[int, int, bool]] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    group: Any
+    rank: int
+    world: int
+    peers: list[int]          # global rank of each group rank
+    layout: str
+    seg: int                  # tokens per chunk
+    global_shape: Shape
+    pattern: Any
+    score_mod: Any
+    scale: float
+    steps: list[_Step]
+
+
+def _chunk_states(pattern: Any, shape: Shape, seg: int, n_chunks: int, device: torch.device):
+    """``(any, full)`` bool ``[n_chunks, n_chunks]`` over batch and heads: which (query chunk, key chunk) pairs
+    have an allowed entry, and which are allowed entirely."""
+    if pattern is None:
+        ones = torch.ones(n_chunks, n_chunks, dtype=torch.bool)
+        return ones, ones
+    state = pattern.block_layout(shape, seg, seg, device).state.cpu()
+    state = state.reshape(-1, n_chunks, n_chunks)
+    return (state != EMPTY).any(0), (state == FULL).all(0)
+
+
+def _make_plan(group, rank, world, layout, seg, shape, pattern, score_mod, scale, device) -> _Plan:
+    import torch.distributed as dist
+
+    n_chunks = world * chunks_per_rank(layout)
+    any_, full = _chunk_states(pattern, shape, seg, n_chunks, device)
+    chunks = [segments(r, world, layout) for r in range(world)]
+
+    def needed(q_rank: int, kv_rank: int) -> tuple[int, ...]:
+        return tuple(j for j, c in enumerate(chunks[kv_rank]) if any(bool(any_[a, c]) for a in chunks[q_rank]))
+
+    steps = []
+    for t in range(world):
+        src, dst = (rank - t) % world, (rank + t) % world
+        recv = needed(rank, src) if t else tuple(range(len(chunks[rank])))
+        step = _Step(src, dst, recv, needed(dst, rank) if t else ())
+        kv_chunks = [chunks[src][j] for j in recv]
+        for i, a in enumerate(chunks[rank]):
+            for slot, c in enumerate(kv_chunks):
+                if bool(any_[a, c]):
+                    step.pairs.append((i, slot, bool(full[a, c])))
+        steps.append(step)
+    peers = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)] if world > 1 else [0]
+    return _Plan(group, rank, world, peers, layout, seg, shape, pattern, score_mod, scale, steps)
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor, segs: tuple[int, ...], seg: int) -> torch.Tensor:
+    """The chunks ``segs`` of ``k`` and ``v`` (along dim 2) flattened into one buffer."""
+    ks = torch.cat([k.narrow(2, j * seg, seg) for j in segs], dim=2)
+    vs = torch.cat([v.narrow(2, j * seg, seg) for j in segs], dim=2)
+    return torch.cat([ks.reshape(-1), vs.reshape(-1)])
+
+
+def _unpack(buf: torch.Tensor, k_like: torch.Tensor, v_like: torch.Tensor, count: int, seg: int):
+    """Inverse of :func:`_pack`: ``(k [B, H_kv, count*seg, D], v [..., D_v])``."""
+    b, h = k_like.shape[:2]
+    nk = b * h * count * seg * k_like.shape[-1]
+    k = buf[:nk].view(b, h, count * seg, k_like.shape[-1])
+    v = buf[nk:].view(b, h, count * seg, v_like.shape[-1])
+    return k, v
+
+
+def _exchange(plan: _Plan, send: torch.Tensor | None, dst: int, recv_numel: int, src: int, like: torch.Tensor,
+              tag: int) -> tuple[list[Any], torch.Tensor | None]:
+    """Post ``send`` to ``dst`` and a receive of ``recv_numel`` elements from ``src`` (either may be absent)."""
+    import torch.distributed as dist
+
+    ops, buf = [], None
+    if send is not None:
+        ops.append(dist.P2POp(dist.isend, send, plan.peers[dst], plan.group, tag))
+        _TRAFFIC["bytes_sent"] += send.numel() * send.element_size()
+        _TRAFFIC["messages_sent"] += 1
+    if recv_numel:
+        buf = torch.empty(recv_numel, dtype=like.dtype, device=like.device)
+        ops.append(dist.P2POp(dist.irecv, buf, plan.peers[src], plan.group, tag))
+        _TRAFFIC["bytes_received"] += buf.numel() * buf.element_size()
+    return (dist.batch_isend_irecv(ops) if ops else []), buf
+
+
+def _kv_numel(k: torch.Tensor, v: torch.Tensor, count: int, seg: int) -> int:
+    return k.shape[0] * k.shape[1] * count * seg * (k.shape[-1] + v.shape[-1])
+
+
+def _post_kv(plan: _Plan, t: int, k: torch.Tensor, v: torch.Tensor):
+    """Start step ``t``'s key/value exchange; ``(works, receive buffer, send buffer)``."""
+    step = plan.steps[t]
+    send = _pack(k, v, step.send, plan.seg) if step.send else None
+    works, buf = _exchange(plan, send, step.dst, _kv_numel(k, v, len(step.recv), plan.seg), step.src, k, 2 * t)
+    return works, buf, send
+
+
+def _wait(works: list[Any]) -> None:
+    for w in works:
+        w.wait()
+
+
+def _block_call(plan: _Plan, step: _Step, i: int, slot: int, full: bool, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, kv_segs: tuple[int, ...]):
+    """``(out, lse)`` of our query segment ``i`` against received segment ``slot``."""
+    seg = plan.seg
+    q_start = segments(plan.rank, plan.world, plan.layout)[i] * seg
+    k_start = segments(step.src, plan.world, plan.layout)[kv_segs[slot]] * seg
+    qi = q.narrow(2, i * seg, seg)
+    kj, vj = k.narrow(2, slot * seg, seg), v.narrow(2, slot * seg, seg)
+    pattern = None if full or plan.pattern is None else pattern_block(plan.pattern, plan.global_shape, q_start,
+                                                                      k_start)
+    mod = None if plan.score_mod is None else score_mod_block(plan.score_mod, plan.global_shape, q_start, k_start)
+    return qi, kj, vj, pattern, mod
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    n_seg = chunks_per_rank(plan.layout)
+    acc: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_seg
+    dt = _acc_dtype(q.dtype)
+    pending = _post_kv(plan, 1, k, v) if plan.world > 1 else None
+    for t, step in enumerate(plan.steps):
+        if t == 0:
+            kk, vv, segs = k, v, tuple(range(n_seg))
+        else:
+            works, buf, _ = pending
+            _wait(works)
+            pending = _post_kv(plan, t + 1, k, v) if t + 1 < plan.world else None
+            if buf is None:
+                continue
+            (kk, vv), segs = _unpack(buf, k, v, len(step.recv), plan.seg), step.recv
+        for i, slot, full in step.pairs:
+            qi, kj, vj, pattern, mod = _block_call(plan, step, i, slot, full, q, kk, vv, segs)
+            o, lse = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
+            o, lse = o.to(dt), lse.to(dt)
+            acc[i] = (o, lse) if acc[i] is None else merge_partials([acc[i][0], o], [acc[i][1], lse])
+    b, h, _, _ = q.shape
+    outs, lses = [], []
+    for a in acc:
+        if a is None:  # no key anywhere for these rows
+            a = (q.new_zeros(b, h, plan.seg, v.shape[-1], dtype=dt), q.new_full((b, h, plan.seg), -math.inf, dtype=dt))
+        outs.append(a[0])
+        lses.append(a[1])
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
+    seg, n_seg = plan.seg, chunks_per_rank(plan.layout)
+    dt = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dt, device=k.device)
+    dv = torch.zeros(v.shape, dtype=dt, device=v.device)
+    mod_grads: list[torch.Tensor | None] = [None] * len(mod_tensors)
+    wanted = [i for i, t in enumerate(mod_tensors) if t.requires_grad]
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    dout = dout.to(dt)
+    out_d = out.to(dt)
+    grad_back: tuple[list[Any], torch.Tensor | None, tuple[int, ...], torch.Tensor | None] | None = None
+
+    def settle(back) -> None:
+        works, buf, segs, _ = back
+        _wait(works)
+        if buf is not None:
+            gk, gv = _unpack(buf, k, v, len(segs), seg)
+            for slot, j in enumerate(segs):
+                dk.narrow(2, j * seg, seg).add_(gk.narrow(2, slot * seg, seg))
+                dv.narrow(2, j * seg, seg).add_(gv.narrow(2, slot * seg, seg))
+
+    pending = _post_kv(plan, 1, k, v) if plan.world > 1 else None
+    for t, step in enumerate(plan.steps):
+        if t == 0:
+            kk, vv, segs = k, v, tuple(range(n_seg))
+        else:
+            works, buf, _ = pending
+            _wait(works)
+            pending = _post_kv(plan, t + 1, k, v) if t + 1 < plan.world else None
+            kk = vv = None
+            segs = step.recv
+            if buf is not None:
+                kk, vv = _unpack(buf, k, v, len(step.recv), seg)
+        gk_step = torch.zeros(kk.shape, dtype=dt, device=k.device) if t and kk is not None else None
+        gv_step = torch.zeros(vv.shape, dtype=dt, device=v.device) if t and vv is not None else None
+        for i, slot, full in step.pairs:
+            qi, kj, vj, pattern, mod = _block_call(plan, step, i, slot, full, q, kk, vv, segs)
+            qi, kj, vj = (x.detach().requires_grad_(True) for x in (qi, kj, vj))
+            with torch.enable_grad():
+                o, lse_b = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
+            rows = slice(i * seg, (i + 1) * seg)
+            w = torch.exp(lse_b.to(dt) - lse_safe[:, :, rows])
+            d_o = dout[:, :, rows]
+            g_out = (w.unsqueeze(-1) * d_o).to(o.dtype)
+            g_lse = (w * (d_o * (o.to(dt) - out_d[:, :, rows])).sum(-1)).to(lse_b.dtype)
+            inputs = [qi, kj, vj, *(mod_tensors[m] for m in wanted)]
+            grads = torch.autograd.grad((o, lse_b), inputs, (g_out, g_lse), allow_unused=True)
+            if grads[0] is not None:
+                dq[:, :, rows] += grads[0]
+            targets = (dk, dv) if t == 0 else (gk_step, gv_step)
+            j = segs[slot] if t == 0 else slot
+            for target, g in zip(targets, grads[1:3]):
+                if g is not None:
+                    target.narrow(2, j * seg, seg).add_(g)
+            for m, g in zip(wanted, grads[3:]):
+                if g is not None:
+                    mod_grads[m] = g if mod_grads[m] is None else mod_grads[m] + g
+        if t == 0:
+            continue
+        # Return the key/value gradients of step t to their owner; collect ours from the process we sent to.
+        if grad_back is not None:
+            settle(grad_back)
+        send = None
+        if gk_step is not None:
+            send = torch.cat([gk_step.to(k.dtype).reshape(-1), gv_step.to(v.dtype).reshape(-1)])
+        works, buf = _exchange(plan, send, step.src, _kv_numel(k, v, len(step.send), seg), step.dst, k, 2 * t + 1)
+        grad_back = (works, buf, step.send, send)
+    if grad_back is not None:
+        settle(grad_back)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), mod_grads
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, q, k, v, *mod_tensors):
+        out, lse = _forward(plan, q, k, v)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mod_tensors = mod_tensors
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, mod_grads = _backward(ctx.plan, q, k, v, out, lse, dout, ctx.mod_tensors)
+        return (None, dq, dk, dv, *mod_grads)
+
+
+def _check_same_shapes(q, k, v, group, world) -> None:
+    """Every process of the group must hold shards of the same shape (one small ``all_gather``)."""
+    import torch.distributed as dist
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    mine = torch.tensor([*q.shape, *k.shape, *v.shape, dtypes.index(q.dtype)], dtype=torch.int64, device=q.device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    for r, other in enumerate(every):
+        if not torch.equal(other, mine):
+            got = other.tolist()
+            raise ValueError(
+                f"q, k, v: every process must hold shards of the same shapes and dtype; this process has q "
+                f"{list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} ({q.dtype}), process {r} of the group has "
+                f"q {got[0:4]}, k {got[4:8]}, v {got[8:12]} ({dtypes[got[12]]})")
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: Any = None,
+    score_mod: Any = None,
+    scale: float | None = None,
+    group: Any = None,
+    layout: str = "contiguous",
+) -> torch.Tensor:
+    """Softmax attention of a sequence sharded across the processes of ``group`` (context parallelism).
+
+    ``q`` ``[B, H, N/P, D]``, ``k`` ``[B, H_kv, N/P, D]``, ``v`` ``[B, H_kv, N/P, D_v]``: this process's shards
+    (from :func:`attnzoo.parallel.shard` with the same ``layout``) of a self-attention over ``N`` tokens split
+    across the ``P`` processes of ``group`` (default: the world) in rank order. ``pattern`` and ``score_mod``
+    are those of the whole ``N``-token sequence (e.g. ``KeyPadding`` with the full ``[B, N]`` mask) and must be
+    the same on every process. Returns this process's output shard ``[B, H, N/P, D_v]``; differentiable in
+    ``q``, ``k``, ``v`` and the score modifier's tensors (each process gets the gradients of its shards and its
+    share of the modifier's). Query rows that see no key return zeros. Without an initialised
+    ``torch.distributed`` it runs as one process (``P = 1``).
+
+    Collective: every process of ``group`` must call it with shards of the same shapes.
+    """
+    import torch.distributed as dist
+
+    check_layout(layout)
+    problem = make_problem(q, k, v, pattern=None, score_mod=None, scale=scale, return_weights=False,
+                           return_lse=False)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"k: ring attention is self-attention over one sharded sequence: expected {q.shape[2]} "
+                         f"tokens (the shard length of q), got {k.shape[2]}")
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        if rank < 0:
+            raise ValueError("group: this process is not a member of the group")
+    elif group is not None:
+        raise RuntimeError("group: given but torch.distributed is not initialised")
+    else:
+        rank, world = 0, 1
+    per = chunks_per_rank(layout)
+    n_local = q.shape[2]
+    if n_local % per:
+        raise ValueError(f"q: a zigzag shard holds two equal chunks, so its length must be even, got {n_local}")
+    if world > 1:
+        _check_same_shapes(q, k, v, group, world)
+    seg = n_local // per
+    shape = Shape(q.shape[0], q.shape[1], n_local * world, n_local * world)
+    if pattern is not None:
+        if not hasattr(pattern, "allow"):
+            raise TypeError(f"pattern: expected an attnzoo Pattern or None, got {type(pattern).__name__}")
+        pattern.check(shape)
+    if score_mod is not None:
+        from attnzoo.ops.score_mod import as_score_mod
+
+        score_mod = as_score_mod(score_mod)
+        score_mod.check(shape)
+    plan = _make_plan(group, rank, world, layout, seg, shape, pattern, score_mod, problem.scale, q.device)
+    mod_tensors = score_mod.tensors() if score_mod is not None else []
+    return _RingAttention.apply(plan, q, k, v, *mod_tensors)

@@ -1,0 +1,141 @@
+"""One process of a ring-attention check group (started by tests/parallel/test_ring.py, never collected).
+
+Every process builds the same full float64 inputs, runs ``ring_attention`` on its shards and compares its
+output shard and the gradients of its shards with the single-process reference on the full sequence.
+Failures are written, one line each, to ``<out>.<rank>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import zlib
+
+import torch
+import torch.distributed as dist
+
+import attnzoo
+import attnzoo.patterns as P
+from attnzoo.parallel import ring_attention, shard
+
+TOL = 1e-10
+
+
+def cases(world: int) -> list[tuple[str, dict]]:
+    """(name, spec): spec gives shapes and builds the pattern / score modifier of the full sequence."""
+    n = 24
+    ids = torch.tensor([[0] * 5 + [1] * 11 + [2] * 8, [0] * 13 + [1] * 11])
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1, :7] = False  # with Causal, the first 7 queries of batch 1 see no key
+    keep[0, 10:15] = False
+    return [
+        ("full", dict(pattern=lambda h: None)),
+        ("causal", dict(pattern=lambda h: P.Causal())),
+        ("sliding", dict(pattern=lambda h: P.SlidingWindow(3))),
+        ("sliding_causal_sinks", dict(pattern=lambda h: P.SlidingWindow(4, causal=True, n_sink=2))),
+        ("document", dict(pattern=lambda h: P.Document([5, 11, 8]))),
+        ("document_ids_causal", dict(pattern=lambda h: P.Document.from_ids(ids) & P.Causal())),
+        ("key_padding_causal_empty_rows", dict(pattern=lambda h: P.Causal() & P.KeyPadding(keep))),
+        ("gqa_causal", dict(h=4, h_kv=2, pattern=lambda h: P.Causal())),
+        ("gqa_window_dv", dict(h=4, h_kv=1, d_v=6, pattern=lambda h: P.SlidingWindow(5))),
+        ("alibi_causal", dict(pattern=lambda h: P.Causal(), score_mod=lambda h: P.ALiBi(h))),
+        ("softcap", dict(pattern=lambda h: None, score_mod=lambda h: P.SoftCap(2.0))),
+        ("relative_bias_learned", dict(pattern=lambda h: P.Causal(), learned=True,
+                                       score_mod=lambda h: P.RelativePositionBias(h, max_distance=6))),
+        ("aligned_blocks_causal", dict(n=128 * 2 * world, d=4, b=1, h=1, h_kv=1, pattern=lambda h: P.Causal())),
+    ]
+
+
+def run_case(name: str, spec: dict, layout: str, rank: int, world: int) -> list[str]:
+    b, h, h_kv = spec.get("b", 2), spec.get("h", 2), spec.get("h_kv", spec.get("h", 2))
+    n, d = spec.get("n", 24), spec.get("d", 8)
+    d_v = spec.get("d_v", d)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h_kv, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h_kv, n, d_v, generator=g, dtype=torch.float64)
+    dout = torch.randn(b, h, n, d_v, generator=g, dtype=torch.float64)
+    pattern = spec["pattern"](h)
+    mod = spec["score_mod"](h) if "score_mod" in spec else None
+    if spec.get("learned"):
+        mod = mod.double()
+        with torch.no_grad():
+            mod.table.copy_(torch.randn(mod.table.shape, generator=g, dtype=torch.float64))
+    full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = attnzoo.attention(*full, pattern=pattern, score_mod=mod, backend="reference")
+    ref_mod_grad = None
+    if spec.get("learned"):
+        ref_grads = torch.autograd.grad(ref, [*full, mod.table], dout)
+        ref_mod_grad = ref_grads[3]
+    else:
+        ref_grads = torch.autograd.grad(ref, full, dout)
+    local = [shard(t, 2, layout, rank=rank, world_size=world).clone().requires_grad_(True) for t in (q, k, v)]
+    out = ring_attention(*local, pattern=pattern, score_mod=mod, layout=layout)
+    inputs = [*local, mod.table] if spec.get("learned") else local
+    grads = torch.autograd.grad(out, inputs, shard(dout, 2, layout, rank=rank, world_size=world))
+    errors = []
+    checks = [("out", out, ref)] + [(f"d{x}", gr, rg) for x, gr, rg in zip("qkv", grads, ref_grads)]
+    for what, got, want in checks:
+        want = shard(want, 2, layout, rank=rank, world_size=world)
+        err = float((got.detach() - want.detach()).abs().max())
+        if not err <= TOL or torch.isnan(got).any():
+            errors.append(f"{name} {layout} P={world} rank {rank}: {what} differs by {err:.3g}")
+    if ref_mod_grad is not None:  # each process holds its share of the modifier's gradient
+        total = grads[3].clone()
+        dist.all_reduce(total)
+        err = float((total - ref_mod_grad).abs().max())
+        if not err <= TOL:
+            errors.append(f"{name} {layout} P={world} rank {rank}: score_mod table gradient differs by {err:.3g}")
+    return errors
+
+
+def check_errors(rank: int, world: int) -> list[str]:
+    """Refusals: shards of different lengths across processes; an odd zigzag shard."""
+    errors = []
+    n = 4 if rank == 0 else 6
+    x = torch.randn(1, 1, n, 4, dtype=torch.float64)
+    try:
+        ring_attention(x, x, x)
+        errors.append(f"rank {rank}: shards of different lengths were not refused")
+    except ValueError as e:
+        if "same shapes" not in str(e):
+            errors.append(f"rank {rank}: unclear error for different shard lengths: {e}")
+    y = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    try:
+        ring_attention(y, y, y, layout="zigzag")
+        errors.append(f"rank {rank}: an odd zigzag shard was not refused")
+    except ValueError as e:
+        if "even" not in str(e):
+            errors.append(f"rank {rank}: unclear error for an odd zigzag shard: {e}")
+    return errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    errors: list[str] = []
+    try:
+        for layout in ("contiguous", "zigzag"):
+            for name, spec in cases(world):
+                if args.only and name not in args.only:
+                    continue
+                errors += run_case(name, spec, layout, rank, world)
+        errors += check_errors(rank, world)
+    except Exception:  # noqa: BLE001 - reported to the test
+        errors.append(f"rank {rank}: " + traceback.format_exc())
+    with open(f"{args.out}.{rank}", "w") as f:
+        f.write("\n".join(errors))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    sys.exit(main())
