@@ -128,7 +128,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(mixer=args.mixer, mixer_kwargs=dict(args.mixer_arg or []), dim=args.dim, n_layers=args.layers,
                       positional=args.positional, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                       max_steps=args.max_steps, n_train=args.n_train, n_test=args.n_test, eval_every=args.eval_every,
-                      early_stop=None if args.no_early_stop else 0.99, seed=args.seed, device=args.device)
+                      early_stop=None if args.no_early_stop else 0.99, seed=args.seed, device=args.device,
+                      context_parallel=args.context_parallel)
     from attnzoo.bench.models import check_mixer
 
     check_mixer(cfg.mixer, task.needs(), what=f"task {task.label()}")  # before touching the store
@@ -173,6 +174,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--no-early-stop", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="P",
+                   help="split each sequence across P processes with ring attention (under torchrun; P must divide "
+                        "the number of processes, data parallel across the groups; language-model tasks, mha "
+                        "mixers) (default: %(default)s)")
     p.add_argument("--threads", type=int)
     p.add_argument("--store", metavar="PATH")
     p.add_argument("--no-store", action="store_true", help="do not record the run")

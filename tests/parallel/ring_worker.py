@@ -8,6 +8,7 @@ Failures are written, one line each, to ``<out>.<rank>``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 import attnzoo
 import attnzoo.patterns as P
-from attnzoo.parallel import ring_attention, shard
+from attnzoo.parallel import reset_traffic, ring_attention, shard, traffic
 
 TOL = 1e-10
 
@@ -112,10 +113,32 @@ def check_errors(rank: int, world: int) -> list[str]:
     return errors
 
 
+def check_traffic(rank: int, world: int) -> list[str]:
+    """Bytes sent in the forward: a sliding window narrower than a shard sends each shard to its two neighbours
+    only; causal (contiguous) sends a shard to the later processes only."""
+    b, h, seg, d = 1, 2, 8, 4
+    x = torch.randn(b, h, seg, d, dtype=torch.float64)
+    block = b * h * seg * 2 * d * 8  # k and v of one shard, float64
+    errors = []
+    for name, pattern, expect in (
+        ("sliding window", P.SlidingWindow(3), (rank > 0) + (rank < world - 1)),
+        ("causal", P.Causal(), world - 1 - rank),
+    ):
+        reset_traffic()
+        with torch.no_grad():
+            ring_attention(x, x, x, pattern=pattern)
+        sent = traffic()["bytes_sent"]
+        if sent != expect * block:
+            errors.append(f"rank {rank}: {name} sent {sent} bytes, expected {expect} shards of {block} bytes")
+    return errors
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--train", help="JSON list of `attnzoo train` arguments to run with --context-parallel P after "
+                                    "the checks")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -128,6 +151,13 @@ def main() -> int:
                     continue
                 errors += run_case(name, spec, layout, rank, world)
         errors += check_errors(rank, world)
+        errors += check_traffic(rank, world)
+        if args.train:
+            from attnzoo.cli import main as cli
+
+            code = cli([*json.loads(args.train), "--context-parallel", str(world)])
+            if code:
+                errors.append(f"rank {rank}: attnzoo train --context-parallel {world} exited with {code}")
     except Exception:  # noqa: BLE001 - reported to the test
         errors.append(f"rank {rank}: " + traceback.format_exc())
     with open(f"{args.out}.{rank}", "w") as f:
