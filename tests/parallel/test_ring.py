@@ -150,3 +150,20 @@ def test_context_parallel_training_is_refused_where_it_cannot_apply():
               progress=False)
     with pytest.raises(ValueError, match="context_layout"):
         TrainConfig(context_layout="striped")
+
+
+@pytest.mark.parametrize("mixer, why", [("linear_attention", "not an attention mixer"),
+                                        ("gated_attention", "changes the attention")])
+def test_context_parallel_refuses_mixers_that_mix_tokens_otherwise(mixer, why):
+    from attnzoo.bench.models import build_model
+    from attnzoo.bench.tasks import get_task
+    from attnzoo.bench.train import TrainConfig, _check_context_parallel
+
+    task = get_task("mqar", seq_len=16, num_kv_pairs=2)
+    model = build_model(task, mixer, dim=32, n_layers=1)
+    with pytest.raises(ValueError, match=why):
+        _check_context_parallel(model, task, TrainConfig(mixer=mixer, context_parallel=2), 16, 2)
+    _check_context_parallel(build_model(task, "mha", dim=32, n_layers=1), task, TrainConfig(context_parallel=2), 16, 2)
+    with pytest.raises(ValueError, match="seq_len: a zigzag split over 2 processes needs a length divisible by 4"):
+        _check_context_parallel(build_model(task, "mha", dim=32, n_layers=1), task, TrainConfig(context_parallel=2),
+                                18, 2)
