@@ -45,16 +45,42 @@ def reset_traffic() -> None:
         _TRAFFIC[key] = 0
 
 
+# Keys are sent in spans of whole blocks of at least this many tokens (when the shard allows): a sliding window
+# gets the window's edge of its neighbours' shards, not the shards.
+SPAN_BLOCK_MIN = 64
+# At most this many span blocks per chunk (the pattern's block layout at that size is built once per call shape).
+SPAN_BLOCKS_MAX = 256
+
+
+@dataclass
+class _Span:
+    """Tokens ``[offset, offset + length)`` of a process's shard, at global positions from ``start``."""
+
+    offset: int
+    length: int
+    start: int
+
+
 @dataclass
 class _Step:
-    """Step ``t``: keys/values come from ``src`` (their chunks ``recv``), ours go to ``dst`` (chunks ``send``);
-    ``pairs``: (our query segment, index into the received segments, whole block allowed)."""
+    """Step ``t``: key/value spans ``recv`` of process ``src`` come in (step 0: our own chunks) and our spans ``send``
+    go to ``dst``; ``pairs``: (our query chunk, index into ``recv``, whole block allowed)."""
 
     src: int
     dst: int
-    recv: tuple[int, ...]
-    send: tuple[int, ...]
+    recv: list[_Span]
+    send: list[_Span]
     pairs: list[tuple[int, int, bool]] = field(default_factory=list)
+
+    def positions(self, own: bool) -> list[int]:
+        """Where each received span starts in the key tensor it is read from (ours at step 0, else the buffer)."""
+        if own:
+            return [s.offset for s in self.recv]
+        out, at = [], 0
+        for s in self.recv:
+            out.append(at)
+            at += s.length
+        return out
 
 
 @dataclass
@@ -72,56 +98,85 @@ class _Plan:
     steps: list[_Step]
 
 
-def _chunk_states(pattern: Any, shape: Shape, seg: int, n_chunks: int, device: torch.device):
-    """``(any, full)`` bool ``[n_chunks, n_chunks]`` over batch and heads: which (query chunk, key chunk) pairs
-    have an allowed entry, and which are allowed entirely."""
+def _span_block(seg: int) -> int:
+    fine = seg
+    while fine % 2 == 0 and fine // 2 >= SPAN_BLOCK_MIN and seg // fine < SPAN_BLOCKS_MAX:
+        fine //= 2
+    return fine
+
+
+def _block_states(pattern: Any, shape: Shape, fine: int, device: torch.device):
+    """``(any, full)`` bool ``[N / fine, N / fine]`` over batch and heads: the blocks with an allowed entry and the
+    blocks allowed entirely (None, None for full attention)."""
     if pattern is None:
-        ones = torch.ones(n_chunks, n_chunks, dtype=torch.bool)
-        return ones, ones
-    state = pattern.block_layout(shape, seg, seg, device).state.cpu()
-    state = state.reshape(-1, n_chunks, n_chunks)
+        return None, None
+    state = pattern.block_layout(shape, fine, fine, device).state.cpu()
+    n = shape.n_q // fine
+    state = state.reshape(-1, n, n)
     return (state != EMPTY).any(0), (state == FULL).all(0)
 
 
 def _make_plan(group, rank, world, layout, seg, shape, pattern, score_mod, scale, device) -> _Plan:
     import torch.distributed as dist
 
-    n_chunks = world * chunks_per_rank(layout)
-    any_, full = _chunk_states(pattern, shape, seg, n_chunks, device)
+    fine = _span_block(seg)
+    m = seg // fine
+    any_, full = _block_states(pattern, shape, fine, device)
     chunks = [segments(r, world, layout) for r in range(world)]
 
-    def needed(q_rank: int, kv_rank: int) -> tuple[int, ...]:
-        return tuple(j for j, c in enumerate(chunks[kv_rank]) if any(bool(any_[a, c]) for a in chunks[q_rank]))
+    def rows(q_rank: int) -> torch.Tensor:
+        return torch.cat([torch.arange(a * m, (a + 1) * m) for a in chunks[q_rank]])
+
+    def needed(q_rank: int, kv_rank: int) -> list[_Span]:
+        spans = []
+        for j, c in enumerate(chunks[kv_rank]):
+            if any_ is None:
+                lo, hi = 0, m
+            else:
+                cols = any_[rows(q_rank)][:, c * m:(c + 1) * m].any(0).nonzero().flatten()
+                if not len(cols):
+                    continue
+                lo, hi = int(cols.min()), int(cols.max()) + 1
+            spans.append(_Span(j * seg + lo * fine, (hi - lo) * fine, c * seg + lo * fine))
+        return spans
 
     steps = []
     for t in range(world):
         src, dst = (rank - t) % world, (rank + t) % world
-        recv = needed(rank, src) if t else tuple(range(len(chunks[rank])))
-        step = _Step(src, dst, recv, needed(dst, rank) if t else ())
-        kv_chunks = [chunks[src][j] for j in recv]
+        if t:
+            step = _Step(src, dst, needed(rank, src), needed(dst, rank))
+        else:
+            step = _Step(rank, rank, [_Span(j * seg, seg, c * seg) for j, c in enumerate(chunks[rank])], [])
         for i, a in enumerate(chunks[rank]):
-            for slot, c in enumerate(kv_chunks):
-                if bool(any_[a, c]):
-                    step.pairs.append((i, slot, bool(full[a, c])))
+            for slot, span in enumerate(step.recv):
+                if any_ is None:
+                    step.pairs.append((i, slot, True))
+                    continue
+                r = slice(a * m, (a + 1) * m)
+                c = slice(span.start // fine, (span.start + span.length) // fine)
+                if bool(any_[r, c].any()):
+                    step.pairs.append((i, slot, bool(full[r, c].all())))
         steps.append(step)
     peers = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)] if world > 1 else [0]
     return _Plan(group, rank, world, peers, layout, seg, shape, pattern, score_mod, scale, steps)
 
 
-def _pack(k: torch.Tensor, v: torch.Tensor, segs: tuple[int, ...], seg: int) -> torch.Tensor:
-    """The chunks ``segs`` of ``k`` and ``v`` (along dim 2) flattened into one buffer."""
-    ks = torch.cat([k.narrow(2, j * seg, seg) for j in segs], dim=2)
-    vs = torch.cat([v.narrow(2, j * seg, seg) for j in segs], dim=2)
+def _pack(k: torch.Tensor, v: torch.Tensor, spans: list[_Span]) -> torch.Tensor:
+    """The spans of ``k`` and ``v`` (along dim 2) flattened into one buffer."""
+    ks = torch.cat([k.narrow(2, s.offset, s.length) for s in spans], dim=2)
+    vs = torch.cat([v.narrow(2, s.offset, s.length) for s in spans], dim=2)
     return torch.cat([ks.reshape(-1), vs.reshape(-1)])
 
 
-def _unpack(buf: torch.Tensor, k_like: torch.Tensor, v_like: torch.Tensor, count: int, seg: int):
-    """Inverse of :func:`_pack`: ``(k [B, H_kv, count*seg, D], v [..., D_v])``."""
+def _tokens(spans: list[_Span]) -> int:
+    return sum(s.length for s in spans)
+
+
+def _unpack(buf: torch.Tensor, k_like: torch.Tensor, v_like: torch.Tensor, n: int):
+    """Inverse of :func:`_pack`: ``(k [B, H_kv, n, D], v [B, H_kv, n, D_v])``."""
     b, h = k_like.shape[:2]
-    nk = b * h * count * seg * k_like.shape[-1]
-    k = buf[:nk].view(b, h, count * seg, k_like.shape[-1])
-    v = buf[nk:].view(b, h, count * seg, v_like.shape[-1])
-    return k, v
+    nk = b * h * n * k_like.shape[-1]
+    return buf[:nk].view(b, h, n, k_like.shape[-1]), buf[nk:].view(b, h, n, v_like.shape[-1])
 
 
 def _exchange(plan: _Plan, send: torch.Tensor | None, dst: int, recv_numel: int, src: int, like: torch.Tensor,
@@ -141,15 +196,15 @@ def _exchange(plan: _Plan, send: torch.Tensor | None, dst: int, recv_numel: int,
     return (dist.batch_isend_irecv(ops) if ops else []), buf
 
 
-def _kv_numel(k: torch.Tensor, v: torch.Tensor, count: int, seg: int) -> int:
-    return k.shape[0] * k.shape[1] * count * seg * (k.shape[-1] + v.shape[-1])
+def _kv_numel(k: torch.Tensor, v: torch.Tensor, n: int) -> int:
+    return k.shape[0] * k.shape[1] * n * (k.shape[-1] + v.shape[-1])
 
 
 def _post_kv(plan: _Plan, t: int, k: torch.Tensor, v: torch.Tensor):
     """Start step ``t``'s key/value exchange; ``(works, receive buffer, send buffer)``."""
     step = plan.steps[t]
-    send = _pack(k, v, step.send, plan.seg) if step.send else None
-    works, buf = _exchange(plan, send, step.dst, _kv_numel(k, v, len(step.recv), plan.seg), step.src, k, 2 * t)
+    send = _pack(k, v, step.send) if step.send else None
+    works, buf = _exchange(plan, send, step.dst, _kv_numel(k, v, _tokens(step.recv)), step.src, k, 2 * t)
     return works, buf, send
 
 
@@ -158,22 +213,35 @@ def _wait(works: list[Any]) -> None:
         w.wait()
 
 
-def _block_call(plan: _Plan, step: _Step, i: int, slot: int, full: bool, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, kv_segs: tuple[int, ...]):
-    """``(out, lse)`` of our query segment ``i`` against received segment ``slot``."""
-    seg = plan.seg
+def _block_args(plan: _Plan, step: _Step, i: int, slot: int, at: int, full: bool, q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor):
+    """Our query chunk ``i`` and the received span ``slot`` (at ``at`` in ``k``, ``v``), with the pattern and the
+    score modifier read at their global positions."""
+    seg, span = plan.seg, step.recv[slot]
     q_start = segments(plan.rank, plan.world, plan.layout)[i] * seg
-    k_start = segments(step.src, plan.world, plan.layout)[kv_segs[slot]] * seg
     qi = q.narrow(2, i * seg, seg)
-    kj, vj = k.narrow(2, slot * seg, seg), v.narrow(2, slot * seg, seg)
+    kj, vj = k.narrow(2, at, span.length), v.narrow(2, at, span.length)
     pattern = None if full or plan.pattern is None else pattern_block(plan.pattern, plan.global_shape, q_start,
-                                                                      k_start)
-    mod = None if plan.score_mod is None else score_mod_block(plan.score_mod, plan.global_shape, q_start, k_start)
+                                                                      span.start)
+    mod = None if plan.score_mod is None else score_mod_block(plan.score_mod, plan.global_shape, q_start, span.start)
     return qi, kj, vj, pattern, mod
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _step_keys(plan: _Plan, t: int, k: torch.Tensor, v: torch.Tensor, pending):
+    """``(keys, values, next pending exchange)`` of step ``t`` (keys None: nothing came in)."""
+    if t == 0:
+        return k, v, pending
+    works, buf, _ = pending
+    _wait(works)
+    nxt = _post_kv(plan, t + 1, k, v) if t + 1 < plan.world else None
+    if buf is None:
+        return None, None, nxt
+    kk, vv = _unpack(buf, k, v, _tokens(plan.steps[t].recv))
+    return kk, vv, nxt
 
 
 def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -182,17 +250,12 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     dt = _acc_dtype(q.dtype)
     pending = _post_kv(plan, 1, k, v) if plan.world > 1 else None
     for t, step in enumerate(plan.steps):
-        if t == 0:
-            kk, vv, segs = k, v, tuple(range(n_seg))
-        else:
-            works, buf, _ = pending
-            _wait(works)
-            pending = _post_kv(plan, t + 1, k, v) if t + 1 < plan.world else None
-            if buf is None:
-                continue
-            (kk, vv), segs = _unpack(buf, k, v, len(step.recv), plan.seg), step.recv
+        kk, vv, pending = _step_keys(plan, t, k, v, pending)
+        if kk is None:
+            continue
+        at = step.positions(own=t == 0)
         for i, slot, full in step.pairs:
-            qi, kj, vj, pattern, mod = _block_call(plan, step, i, slot, full, q, kk, vv, segs)
+            qi, kj, vj, pattern, mod = _block_args(plan, step, i, slot, at[slot], full, q, kk, vv)
             o, lse = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
             o, lse = o.to(dt), lse.to(dt)
             acc[i] = (o, lse) if acc[i] is None else merge_partials([acc[i][0], o], [acc[i][1], lse])
@@ -207,7 +270,7 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
-    seg, n_seg = plan.seg, chunks_per_rank(plan.layout)
+    seg = plan.seg
     dt = _acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     dk = torch.zeros(k.shape, dtype=dt, device=k.device)
@@ -215,67 +278,62 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
     mod_grads: list[torch.Tensor | None] = [None] * len(mod_tensors)
     wanted = [i for i, t in enumerate(mod_tensors) if t.requires_grad]
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    dout = dout.to(dt)
-    out_d = out.to(dt)
-    grad_back: tuple[list[Any], torch.Tensor | None, tuple[int, ...], torch.Tensor | None] | None = None
+    dout, out_d = dout.to(dt), out.to(dt)
+    returning = None  # the gradient exchange of the previous step, settled after the next step's compute
 
     def settle(back) -> None:
-        works, buf, segs, _ = back
+        works, buf, spans = back
         _wait(works)
         if buf is not None:
-            gk, gv = _unpack(buf, k, v, len(segs), seg)
-            for slot, j in enumerate(segs):
-                dk.narrow(2, j * seg, seg).add_(gk.narrow(2, slot * seg, seg))
-                dv.narrow(2, j * seg, seg).add_(gv.narrow(2, slot * seg, seg))
+            gk, gv = _unpack(buf, k, v, _tokens(spans))
+            at = 0
+            for span in spans:
+                dk.narrow(2, span.offset, span.length).add_(gk.narrow(2, at, span.length))
+                dv.narrow(2, span.offset, span.length).add_(gv.narrow(2, at, span.length))
+                at += span.length
 
     pending = _post_kv(plan, 1, k, v) if plan.world > 1 else None
     for t, step in enumerate(plan.steps):
-        if t == 0:
-            kk, vv, segs = k, v, tuple(range(n_seg))
-        else:
-            works, buf, _ = pending
-            _wait(works)
-            pending = _post_kv(plan, t + 1, k, v) if t + 1 < plan.world else None
-            kk = vv = None
-            segs = step.recv
-            if buf is not None:
-                kk, vv = _unpack(buf, k, v, len(step.recv), seg)
-        gk_step = torch.zeros(kk.shape, dtype=dt, device=k.device) if t and kk is not None else None
-        gv_step = torch.zeros(vv.shape, dtype=dt, device=v.device) if t and vv is not None else None
-        for i, slot, full in step.pairs:
-            qi, kj, vj, pattern, mod = _block_call(plan, step, i, slot, full, q, kk, vv, segs)
-            qi, kj, vj = (x.detach().requires_grad_(True) for x in (qi, kj, vj))
-            with torch.enable_grad():
-                o, lse_b = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
-            rows = slice(i * seg, (i + 1) * seg)
-            w = torch.exp(lse_b.to(dt) - lse_safe[:, :, rows])
-            d_o = dout[:, :, rows]
-            g_out = (w.unsqueeze(-1) * d_o).to(o.dtype)
-            g_lse = (w * (d_o * (o.to(dt) - out_d[:, :, rows])).sum(-1)).to(lse_b.dtype)
-            inputs = [qi, kj, vj, *(mod_tensors[m] for m in wanted)]
-            grads = torch.autograd.grad((o, lse_b), inputs, (g_out, g_lse), allow_unused=True)
-            if grads[0] is not None:
-                dq[:, :, rows] += grads[0]
-            targets = (dk, dv) if t == 0 else (gk_step, gv_step)
-            j = segs[slot] if t == 0 else slot
-            for target, g in zip(targets, grads[1:3]):
-                if g is not None:
-                    target.narrow(2, j * seg, seg).add_(g)
-            for m, g in zip(wanted, grads[3:]):
-                if g is not None:
-                    mod_grads[m] = g if mod_grads[m] is None else mod_grads[m] + g
-        if t == 0:
+        kk, vv, pending = _step_keys(plan, t, k, v, pending)
+        own = t == 0
+        gk = gv = None
+        if kk is not None:
+            gk, gv = (dk, dv) if own else (torch.zeros(kk.shape, dtype=dt, device=k.device),
+                                           torch.zeros(vv.shape, dtype=dt, device=v.device))
+            at = step.positions(own)
+            for i, slot, full in step.pairs:
+                qi, kj, vj, pattern, mod = _block_args(plan, step, i, slot, at[slot], full, q, kk, vv)
+                qi, kj, vj = (x.detach().requires_grad_(True) for x in (qi, kj, vj))
+                with torch.enable_grad():
+                    o, lse_b = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale,
+                                         return_lse=True)
+                rows = slice(i * seg, (i + 1) * seg)
+                # out = sum_b exp(lse_b - lse) o_b: the gradients reaching this block's (o_b, lse_b)
+                w = torch.exp(lse_b.to(dt) - lse_safe[:, :, rows])
+                d_o = dout[:, :, rows]
+                g_out = (w.unsqueeze(-1) * d_o).to(o.dtype)
+                g_lse = (w * (d_o * (o.to(dt) - out_d[:, :, rows])).sum(-1)).to(lse_b.dtype)
+                inputs = [qi, kj, vj, *(mod_tensors[m] for m in wanted)]
+                grads = torch.autograd.grad((o, lse_b), inputs, (g_out, g_lse), allow_unused=True)
+                if grads[0] is not None:
+                    dq[:, :, rows] += grads[0]
+                length = step.recv[slot].length
+                for target, g in ((gk, grads[1]), (gv, grads[2])):
+                    if g is not None:
+                        target.narrow(2, at[slot], length).add_(g)
+                for m, g in zip(wanted, grads[3:]):
+                    if g is not None:
+                        mod_grads[m] = g if mod_grads[m] is None else mod_grads[m] + g
+        if own:
             continue
-        # Return the key/value gradients of step t to their owner; collect ours from the process we sent to.
-        if grad_back is not None:
-            settle(grad_back)
-        send = None
-        if gk_step is not None:
-            send = torch.cat([gk_step.to(k.dtype).reshape(-1), gv_step.to(v.dtype).reshape(-1)])
-        works, buf = _exchange(plan, send, step.src, _kv_numel(k, v, len(step.send), seg), step.dst, k, 2 * t + 1)
-        grad_back = (works, buf, step.send, send)
-    if grad_back is not None:
-        settle(grad_back)
+        # Return step t's key/value gradients to their owner; collect ours from the process we sent to.
+        if returning is not None:
+            settle(returning)
+        send = None if gk is None else torch.cat([gk.to(k.dtype).reshape(-1), gv.to(v.dtype).reshape(-1)])
+        works, buf = _exchange(plan, send, step.src, _kv_numel(k, v, _tokens(step.send)), step.dst, k, 2 * t + 1)
+        returning = (works, buf, step.send)
+    if returning is not None:
+        settle(returning)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), mod_grads
 
 

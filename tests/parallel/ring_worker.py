@@ -20,6 +20,7 @@ import torch.distributed as dist
 import attnzoo
 import attnzoo.patterns as P
 from attnzoo.parallel import reset_traffic, ring_attention, shard, traffic
+from attnzoo.parallel import ring as ring_module
 
 TOL = 1e-10
 
@@ -45,7 +46,10 @@ def cases(world: int) -> list[tuple[str, dict]]:
         ("softcap", dict(pattern=lambda h: None, score_mod=lambda h: P.SoftCap(2.0))),
         ("relative_bias_learned", dict(pattern=lambda h: P.Causal(), learned=True,
                                        score_mod=lambda h: P.RelativePositionBias(h, max_distance=6))),
-        ("aligned_blocks_causal", dict(n=128 * 2 * world, d=4, b=1, h=1, h_kv=1, pattern=lambda h: P.Causal())),
+        ("aligned_blocks_causal", dict(n=128 * 2 * world, d=4, b=1, h=1, h_kv=1, span_min=64,
+                                       pattern=lambda h: P.Causal())),
+        ("aligned_blocks_window", dict(n=128 * 2 * world, d=4, b=1, h=2, h_kv=1, span_min=64,
+                                       pattern=lambda h: P.SlidingWindow(40, causal=True))),
     ]
 
 
@@ -64,6 +68,9 @@ def run_case(name: str, spec: dict, layout: str, rank: int, world: int) -> list[
         mod = mod.double()
         with torch.no_grad():
             mod.table.copy_(torch.randn(mod.table.shape, generator=g, dtype=torch.float64))
+    # Tiny shards: send keys in spans of 2+ tokens so that partial spans are exercised (the aligned case keeps the
+    # default, so the block views read the global layout).
+    ring_module.SPAN_BLOCK_MIN = spec.get("span_min", 2)
     full = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref = attnzoo.attention(*full, pattern=pattern, score_mod=mod, backend="reference")
     ref_mod_grad = None
@@ -114,22 +121,23 @@ def check_errors(rank: int, world: int) -> list[str]:
 
 
 def check_traffic(rank: int, world: int) -> list[str]:
-    """Bytes sent in the forward: a sliding window narrower than a shard sends each shard to its two neighbours
-    only; causal (contiguous) sends a shard to the later processes only."""
+    """Bytes sent in the forward: a sliding window of 3 sends its two neighbours the 4 keys (two spans of 2) at
+    the shard's edges; causal (contiguous) sends the whole shard to the later processes only."""
     b, h, seg, d = 1, 2, 8, 4
+    ring_module.SPAN_BLOCK_MIN = 2
     x = torch.randn(b, h, seg, d, dtype=torch.float64)
-    block = b * h * seg * 2 * d * 8  # k and v of one shard, float64
+    per_token = b * h * 2 * d * 8  # k and v, float64
     errors = []
     for name, pattern, expect in (
-        ("sliding window", P.SlidingWindow(3), (rank > 0) + (rank < world - 1)),
-        ("causal", P.Causal(), world - 1 - rank),
+        ("sliding window", P.SlidingWindow(3), 4 * ((rank > 0) + (rank < world - 1))),
+        ("causal", P.Causal(), seg * (world - 1 - rank)),
     ):
         reset_traffic()
         with torch.no_grad():
             ring_attention(x, x, x, pattern=pattern)
         sent = traffic()["bytes_sent"]
-        if sent != expect * block:
-            errors.append(f"rank {rank}: {name} sent {sent} bytes, expected {expect} shards of {block} bytes")
+        if sent != expect * per_token:
+            errors.append(f"rank {rank}: {name} sent {sent} bytes, expected {expect} tokens of {per_token} bytes")
     return errors
 
 
