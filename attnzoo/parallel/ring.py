@@ -96,6 +96,8 @@ class _Plan:
     score_mod: Any
     scale: float
     steps: list[_Step]
+    causal: bool = False      # the pattern is top-left causal on the whole sequence
+    flash: bool = False       # whole blocks (and causal diagonal ones) run on PyTorch's CPU flash kernels
 
 
 def _span_block(seg: int) -> int:
@@ -158,7 +160,9 @@ def _make_plan(group, rank, world, layout, seg, shape, pattern, score_mod, scale
                     step.pairs.append((i, slot, bool(full[r, c].all())))
         steps.append(step)
     peers = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)] if world > 1 else [0]
-    return _Plan(group, rank, world, peers, layout, seg, shape, pattern, score_mod, scale, steps)
+    plan = _Plan(group, rank, world, peers, layout, seg, shape, pattern, score_mod, scale, steps)
+    plan.causal = pattern is not None and pattern.sdpa_hint(shape) == "causal"
+    return plan
 
 
 def _pack(k: torch.Tensor, v: torch.Tensor, spans: list[_Span]) -> torch.Tensor:
@@ -227,6 +231,41 @@ def _block_args(plan: _Plan, step: _Step, i: int, slot: int, at: int, full: bool
     return qi, kj, vj, pattern, mod
 
 
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _flash_ok(q: torch.Tensor, v: torch.Tensor, score_mod: Any) -> bool:
+    """Whether PyTorch's CPU flash kernels (out and log-sum-exp forward, a backward that takes the merged out and
+    log-sum-exp) can run the unmasked and causal-diagonal blocks: memory linear in the block, no materialised
+    scores."""
+    return (q.device.type == "cpu" and score_mod is None and q.dtype in _FLASH_DTYPES
+            and v.shape[-1] == q.shape[-1])
+
+
+def _flash_causal(plan: _Plan, step: _Step, i: int, slot: int, full: bool) -> bool | None:
+    """``False``: the block is unmasked; ``True``: it is the causal diagonal; None: it needs the general path."""
+    if not plan.flash:
+        return None
+    if full:
+        return False
+    span = step.recv[slot]
+    q_start = segments(plan.rank, plan.world, plan.layout)[i] * plan.seg
+    if plan.causal and span.start == q_start and span.length == plan.seg:
+        return True
+    return None
+
+
+def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _fold_kv(g: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return g
+    b, h, n, d = g.shape
+    return g.view(b, h // groups, groups, n, d).sum(2)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -256,7 +295,13 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         at = step.positions(own=t == 0)
         for i, slot, full in step.pairs:
             qi, kj, vj, pattern, mod = _block_args(plan, step, i, slot, at[slot], full, q, kk, vv)
-            o, lse = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
+            causal = _flash_causal(plan, step, i, slot, full)
+            if causal is not None:
+                groups = q.shape[1] // k.shape[1]
+                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    qi, _expand_kv(kj, groups), _expand_kv(vj, groups), 0.0, causal, scale=plan.scale)
+            else:
+                o, lse = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
             o, lse = o.to(dt), lse.to(dt)
             acc[i] = (o, lse) if acc[i] is None else merge_partials([acc[i][0], o], [acc[i][1], lse])
     b, h, _, _ = q.shape
@@ -278,7 +323,9 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
     mod_grads: list[torch.Tensor | None] = [None] * len(mod_tensors)
     wanted = [i for i, t in enumerate(mod_tensors) if t.requires_grad]
     lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    dout_q = dout.to(q.dtype)
     dout, out_d = dout.to(dt), out.to(dt)
+    groups = q.shape[1] // k.shape[1]
     returning = None  # the gradient exchange of the previous step, settled after the next step's compute
 
     def settle(back) -> None:
@@ -303,11 +350,24 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
             at = step.positions(own)
             for i, slot, full in step.pairs:
                 qi, kj, vj, pattern, mod = _block_args(plan, step, i, slot, at[slot], full, q, kk, vv)
+                rows = slice(i * seg, (i + 1) * seg)
+                length = step.recv[slot].length
+                causal = _flash_causal(plan, step, i, slot, full)
+                if causal is not None:
+                    # With the merged out and lse, the flash backward gives this block's share of the gradients.
+                    gq_b, gk_b, gv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        dout_q[:, :, rows].contiguous(), qi.contiguous(), _expand_kv(kj, groups).contiguous(),
+                        _expand_kv(vj, groups).contiguous(), out[:, :, rows].contiguous(),
+                        lse[:, :, rows].to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous(),
+                        0.0, causal, scale=plan.scale)
+                    dq[:, :, rows] += gq_b
+                    gk.narrow(2, at[slot], length).add_(_fold_kv(gk_b, groups))
+                    gv.narrow(2, at[slot], length).add_(_fold_kv(gv_b, groups))
+                    continue
                 qi, kj, vj = (x.detach().requires_grad_(True) for x in (qi, kj, vj))
                 with torch.enable_grad():
                     o, lse_b = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale,
                                          return_lse=True)
-                rows = slice(i * seg, (i + 1) * seg)
                 # out = sum_b exp(lse_b - lse) o_b: the gradients reaching this block's (o_b, lse_b)
                 w = torch.exp(lse_b.to(dt) - lse_safe[:, :, rows])
                 d_o = dout[:, :, rows]
@@ -317,7 +377,6 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
                 grads = torch.autograd.grad((o, lse_b), inputs, (g_out, g_lse), allow_unused=True)
                 if grads[0] is not None:
                     dq[:, :, rows] += grads[0]
-                length = step.recv[slot].length
                 for target, g in ((gk, grads[1]), (gv, grads[2])):
                     if g is not None:
                         target.narrow(2, at[slot], length).add_(g)
@@ -429,5 +488,6 @@ def ring_attention(
         score_mod = as_score_mod(score_mod)
         score_mod.check(shape)
     plan = _make_plan(group, rank, world, layout, seg, shape, pattern, score_mod, problem.scale, q.device)
+    plan.flash = _flash_ok(q, v, score_mod)
     mod_tensors = score_mod.tensors() if score_mod is not None else []
     return _RingAttention.apply(plan, q, k, v, *mod_tensors)
