@@ -23,7 +23,6 @@ import torch
 
 from attnzoo.ops import attention
 from attnzoo.ops.layout import EMPTY, FULL, Shape
-from attnzoo.ops.lse import merge_partials
 from attnzoo.ops.problem import make_problem
 from attnzoo.parallel.layout import check_layout, chunks_per_rank, segments
 from attnzoo.parallel.views import pattern_block, score_mod_block
@@ -165,51 +164,44 @@ def _make_plan(group, rank, world, layout, seg, shape, pattern, score_mod, scale
     return plan
 
 
-def _pack(k: torch.Tensor, v: torch.Tensor, spans: list[_Span]) -> torch.Tensor:
-    """The spans of ``k`` and ``v`` (along dim 2) flattened into one buffer."""
-    ks = torch.cat([k.narrow(2, s.offset, s.length) for s in spans], dim=2)
-    vs = torch.cat([v.narrow(2, s.offset, s.length) for s in spans], dim=2)
-    return torch.cat([ks.reshape(-1), vs.reshape(-1)])
+def _pack(k: torch.Tensor, v: torch.Tensor, spans: list[_Span]) -> list[torch.Tensor]:
+    """The spans of ``k`` and ``v`` (along dim 2) as two contiguous messages (no copy when they are the whole
+    contiguous shard)."""
+    if len(spans) == 1 or _tokens(spans) == k.shape[2]:
+        lo, n = spans[0].offset, _tokens(spans)
+        return [k.narrow(2, lo, n).contiguous(), v.narrow(2, lo, n).contiguous()]
+    return [torch.cat([t.narrow(2, s.offset, s.length) for s in spans], dim=2) for t in (k, v)]
 
 
 def _tokens(spans: list[_Span]) -> int:
     return sum(s.length for s in spans)
 
 
-def _unpack(buf: torch.Tensor, k_like: torch.Tensor, v_like: torch.Tensor, n: int):
-    """Inverse of :func:`_pack`: ``(k [B, H_kv, n, D], v [B, H_kv, n, D_v])``."""
-    b, h = k_like.shape[:2]
-    nk = b * h * n * k_like.shape[-1]
-    return buf[:nk].view(b, h, n, k_like.shape[-1]), buf[nk:].view(b, h, n, v_like.shape[-1])
-
-
-def _exchange(plan: _Plan, send: torch.Tensor | None, dst: int, recv_numel: int, src: int, like: torch.Tensor,
-              tag: int) -> tuple[list[Any], torch.Tensor | None]:
-    """Post ``send`` to ``dst`` and a receive of ``recv_numel`` elements from ``src`` (either may be absent)."""
+def _exchange(plan: _Plan, send: list[torch.Tensor] | None, dst: int, recv_like: list[torch.Tensor] | None,
+              recv_tokens: int, src: int, tag: int) -> tuple[list[Any], list[torch.Tensor] | None]:
+    """Post the tensors ``send`` to ``dst``, and receives from ``src`` of tensors shaped like ``recv_like`` with
+    ``recv_tokens`` tokens (either side may be absent)."""
     import torch.distributed as dist
 
-    ops, buf = [], None
-    if send is not None:
-        ops.append(dist.P2POp(dist.isend, send, plan.peers[dst], plan.group, tag))
-        _TRAFFIC["bytes_sent"] += send.numel() * send.element_size()
+    ops, bufs = [], None
+    for i, t in enumerate(send or []):
+        ops.append(dist.P2POp(dist.isend, t, plan.peers[dst], plan.group, tag + i))
+        _TRAFFIC["bytes_sent"] += t.numel() * t.element_size()
         _TRAFFIC["messages_sent"] += 1
-    if recv_numel:
-        buf = torch.empty(recv_numel, dtype=like.dtype, device=like.device)
-        ops.append(dist.P2POp(dist.irecv, buf, plan.peers[src], plan.group, tag))
-        _TRAFFIC["bytes_received"] += buf.numel() * buf.element_size()
-    return (dist.batch_isend_irecv(ops) if ops else []), buf
-
-
-def _kv_numel(k: torch.Tensor, v: torch.Tensor, n: int) -> int:
-    return k.shape[0] * k.shape[1] * n * (k.shape[-1] + v.shape[-1])
+    if recv_tokens:
+        bufs = [like.new_empty(*like.shape[:2], recv_tokens, like.shape[-1]) for like in recv_like]
+        for i, buf in enumerate(bufs):
+            ops.append(dist.P2POp(dist.irecv, buf, plan.peers[src], plan.group, tag + i))
+            _TRAFFIC["bytes_received"] += buf.numel() * buf.element_size()
+    return (dist.batch_isend_irecv(ops) if ops else []), bufs
 
 
 def _post_kv(plan: _Plan, t: int, k: torch.Tensor, v: torch.Tensor):
-    """Start step ``t``'s key/value exchange; ``(works, receive buffer, send buffer)``."""
+    """Start step ``t``'s key/value exchange; ``(works, received [k, v] or None, sent tensors)``."""
     step = plan.steps[t]
     send = _pack(k, v, step.send) if step.send else None
-    works, buf = _exchange(plan, send, step.dst, _kv_numel(k, v, _tokens(step.recv)), step.src, k, 2 * t)
-    return works, buf, send
+    works, bufs = _exchange(plan, send, step.dst, [k, v], _tokens(step.recv), step.src, 4 * t)
+    return works, bufs, send
 
 
 def _wait(works: list[Any]) -> None:
@@ -274,13 +266,24 @@ def _step_keys(plan: _Plan, t: int, k: torch.Tensor, v: torch.Tensor, pending):
     """``(keys, values, next pending exchange)`` of step ``t`` (keys None: nothing came in)."""
     if t == 0:
         return k, v, pending
-    works, buf, _ = pending
+    works, bufs, _ = pending
     _wait(works)
     nxt = _post_kv(plan, t + 1, k, v) if t + 1 < plan.world else None
-    if buf is None:
+    if bufs is None:
         return None, None, nxt
-    kk, vv = _unpack(buf, k, v, _tokens(plan.steps[t].recv))
-    return kk, vv, nxt
+    return bufs[0], bufs[1], nxt
+
+
+def _merge_into(acc: tuple[torch.Tensor, torch.Tensor] | None, o: torch.Tensor, lse: torch.Tensor):
+    """Fold the partial ``(o, lse)`` into the running ``acc`` in place (:func:`attnzoo.ops.merge_partials` for two
+    partials without its temporaries); rows masked in both stay zero with ``lse = -inf``."""
+    if acc is None:
+        return o, lse
+    out, run = acc
+    new = torch.logaddexp(run, lse)
+    safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+    out.mul_(torch.exp(run - safe).unsqueeze(-1)).addcmul_(o, torch.exp(lse - safe).unsqueeze(-1))
+    return out, new
 
 
 def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -302,8 +305,7 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
                     qi, _expand_kv(kj, groups), _expand_kv(vj, groups), 0.0, causal, scale=plan.scale)
             else:
                 o, lse = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
-            o, lse = o.to(dt), lse.to(dt)
-            acc[i] = (o, lse) if acc[i] is None else merge_partials([acc[i][0], o], [acc[i][1], lse])
+            acc[i] = _merge_into(acc[i], o.to(dt), lse.to(dt))
     b, h, _, _ = q.shape
     outs, lses = [], []
     for a in acc:
@@ -311,7 +313,8 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
             a = (q.new_zeros(b, h, plan.seg, v.shape[-1], dtype=dt), q.new_full((b, h, plan.seg), -math.inf, dtype=dt))
         outs.append(a[0])
         lses.append(a[1])
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.to(q.dtype), lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
 
 
 def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
@@ -329,10 +332,10 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
     returning = None  # the gradient exchange of the previous step, settled after the next step's compute
 
     def settle(back) -> None:
-        works, buf, spans = back
+        works, bufs, spans = back
         _wait(works)
-        if buf is not None:
-            gk, gv = _unpack(buf, k, v, _tokens(spans))
+        if bufs is not None:
+            gk, gv = bufs
             at = 0
             for span in spans:
                 dk.narrow(2, span.offset, span.length).add_(gk.narrow(2, at, span.length))
@@ -388,9 +391,9 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
         # Return step t's key/value gradients to their owner; collect ours from the process we sent to.
         if returning is not None:
             settle(returning)
-        send = None if gk is None else torch.cat([gk.to(k.dtype).reshape(-1), gv.to(v.dtype).reshape(-1)])
-        works, buf = _exchange(plan, send, step.src, _kv_numel(k, v, _tokens(step.send)), step.dst, k, 2 * t + 1)
-        returning = (works, buf, step.send)
+        send = None if gk is None else [gk.to(k.dtype), gv.to(v.dtype)]
+        works, bufs = _exchange(plan, send, step.src, [k, v], _tokens(step.send), step.dst, 4 * t + 2)
+        returning = (works, bufs, step.send)
     if returning is not None:
         settle(returning)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), mod_grads
