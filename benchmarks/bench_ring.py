@@ -8,7 +8,8 @@ Every configuration starts ``P`` local processes (loopback only); each holds its
 v and runs :func:`attnzoo.parallel.ring_attention` (forward; ``--backward`` adds the backward). Reported per
 process: the median time over ``--repeats`` calls (the first call, which builds the pattern's block layouts, is
 left out), the spread (min-max), the peak memory the call added (CPU: peak resident set size over the resident
-size before the call, the kernel's high-water mark reset before each call; CUDA: ``max_memory_allocated`` over
+size before the call, the kernel's high-water mark reset before each call, glibc's mmap threshold fixed at
+64 KiB so that freed buffers leave the resident set; CUDA: ``max_memory_allocated`` over
 the allocation before the call), and the bytes sent, against the minimum: the distinct keys/values of other
 processes that some query of the process may see, counted exactly from the pattern. The sliding-window rows
 repeat the measurement for several N: their bytes sent must not grow with N.
@@ -152,7 +153,11 @@ def _free_port() -> int:
 
 def run_config(world: int, argv: list[str], timeout: float) -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
-           "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           # Every allocation of 64 KiB or more is its own mmap, returned on free: the resident set then follows
+           # the live tensors (glibc's adaptive threshold would otherwise keep freed buffers resident for reuse,
+           # and a call that reuses them would look free).
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", *argv], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
