@@ -182,8 +182,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"])
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--window-ns", type=int, nargs="+", default=[16384, 65536, 262144],
-                    help="sequence lengths of the sliding-window rows (default: %(default)s)")
+    ap.add_argument("--window-ns", type=int, nargs="*", default=[16384, 65536, 262144],
+                    help="sequence lengths of the sliding-window rows (none: no such rows) (default: %(default)s)")
     ap.add_argument("--window-procs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=1)

@@ -274,22 +274,26 @@ def _step_keys(plan: _Plan, t: int, k: torch.Tensor, v: torch.Tensor, pending):
     return bufs[0], bufs[1], nxt
 
 
-def _merge_into(acc: tuple[torch.Tensor, torch.Tensor] | None, o: torch.Tensor, lse: torch.Tensor):
-    """Fold the partial ``(o, lse)`` into the running ``acc`` in place (:func:`attnzoo.ops.merge_partials` for two
-    partials without its temporaries); rows masked in both stay zero with ``lse = -inf``."""
-    if acc is None:
-        return o, lse
-    out, run = acc
+def _merge_into(out: torch.Tensor, run: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, first: bool) -> None:
+    """Fold the partial ``(o, lse)`` into the running ``(out, run)`` in place (:func:`attnzoo.ops.merge_partials` for
+    two partials, without its temporaries); rows masked in both stay zero with ``lse = -inf``."""
+    if first:
+        out.copy_(o)
+        run.copy_(lse)
+        return
     new = torch.logaddexp(run, lse)
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
     out.mul_(torch.exp(run - safe).unsqueeze(-1)).addcmul_(o, torch.exp(lse - safe).unsqueeze(-1))
-    return out, new
+    run.copy_(new)
 
 
 def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    n_seg = chunks_per_rank(plan.layout)
-    acc: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_seg
+    seg = plan.seg
     dt = _acc_dtype(q.dtype)
+    b, h, n, _ = q.shape
+    out = q.new_zeros(b, h, n, v.shape[-1], dtype=dt)
+    lse_all = q.new_full((b, h, n), -math.inf, dtype=dt)
+    first = [True] * chunks_per_rank(plan.layout)
     pending = _post_kv(plan, 1, k, v) if plan.world > 1 else None
     for t, step in enumerate(plan.steps):
         kk, vv, pending = _step_keys(plan, t, k, v, pending)
@@ -305,16 +309,9 @@ def _forward(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
                     qi, _expand_kv(kj, groups), _expand_kv(vj, groups), 0.0, causal, scale=plan.scale)
             else:
                 o, lse = attention(qi, kj, vj, pattern=pattern, score_mod=mod, scale=plan.scale, return_lse=True)
-            acc[i] = _merge_into(acc[i], o.to(dt), lse.to(dt))
-    b, h, _, _ = q.shape
-    outs, lses = [], []
-    for a in acc:
-        if a is None:  # no key anywhere for these rows
-            a = (q.new_zeros(b, h, plan.seg, v.shape[-1], dtype=dt), q.new_full((b, h, plan.seg), -math.inf, dtype=dt))
-        outs.append(a[0])
-        lses.append(a[1])
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.to(q.dtype), lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+            _merge_into(out.narrow(2, i * seg, seg), lse_all.narrow(2, i * seg, seg), o, lse.to(dt), first[i])
+            first[i] = False
+    return out.to(q.dtype), lse_all
 
 
 def _backward(plan: _Plan, q, k, v, out, lse, dout, mod_tensors):
