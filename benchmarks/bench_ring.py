@@ -180,7 +180,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--n", type=int, default=65536, help="sequence length of the causal rows (default: %(default)s)")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"])
+    ap.add_argument("--layouts", nargs="*", default=["zigzag", "contiguous"],
+                    help="layouts of the causal rows (none: no causal rows) (default: %(default)s)")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--window-ns", type=int, nargs="*", default=[16384, 65536, 262144],
                     help="sequence lengths of the sliding-window rows (none: no such rows) (default: %(default)s)")
