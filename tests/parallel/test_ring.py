@@ -167,6 +167,13 @@ def test_context_parallel_training_is_refused_where_it_cannot_apply():
         TrainConfig(context_layout="striped")
 
 
+def test_cli_refuses_context_parallel_that_does_not_divide_the_processes(capsys):
+    from attnzoo.cli import main
+
+    assert main(["train", "--no-store", "--no-progress", "--context-parallel", "2"]) == 2
+    assert "--context-parallel: 2 must divide the number of processes, got 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mixer, why", [("linear_attention", "not an attention mixer"),
                                         ("gated_attention", "changes the attention")])
 def test_context_parallel_refuses_mixers_that_mix_tokens_otherwise(mixer, why):
