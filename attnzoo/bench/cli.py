@@ -169,10 +169,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from attnzoo.bench.models import check_mixer
 
     check_mixer(cfg.mixer, task.needs(), what=f"task {task.label()}")  # before touching the store
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world % cfg.context_parallel:
-        raise ValueError(f"--context-parallel: {cfg.context_parallel} must divide the number of processes, got "
-                         f"{world} (run under torchrun --nproc_per_node N with N a multiple of it)")
+    if cfg.context_parallel > 1:
+        from attnzoo.parallel.layout import check_length
+
+        check_length(task.seq_len, cfg.context_parallel, cfg.context_layout, "--context-parallel: the task's seq_len")
+        world = os.environ.get("WORLD_SIZE")  # set by torchrun; without it train() says what is missing
+        if world is not None and int(world) % cfg.context_parallel:
+            raise ValueError(f"--context-parallel: {cfg.context_parallel} must divide the number of processes, got "
+                             f"{world} (torchrun --nproc_per_node)")
     check_device("--device", args.device)
     if not args.no_store:
         check_writable("--store", args.store, make_folders=True)

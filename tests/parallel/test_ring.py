@@ -167,11 +167,11 @@ def test_context_parallel_training_is_refused_where_it_cannot_apply():
         TrainConfig(context_layout="striped")
 
 
-def test_cli_refuses_context_parallel_that_does_not_divide_the_processes(capsys):
+def test_cli_refuses_a_context_parallel_split_of_the_wrong_length(capsys):
     from attnzoo.cli import main
 
-    assert main(["train", "--no-store", "--no-progress", "--context-parallel", "2"]) == 2
-    assert "--context-parallel: 2 must divide the number of processes, got 1" in capsys.readouterr().err
+    assert main(["train", "--no-store", "--no-progress", "--task-arg", "seq_len=66", "--context-parallel", "2"]) == 2
+    assert "seq_len: a zigzag split over 2 processes needs a length divisible by 4, got 66" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mixer, why", [("linear_attention", "not an attention mixer"),
