@@ -8,7 +8,7 @@ import torch
 import attnzoo
 from attnzoo import patterns as P
 from attnzoo.layers import GatedAttention, KVCache, MultiHeadAttention
-from attnzoo.layers.dense import copy_mha
+from attnzoo.layers.dense_multihead._common import copy_mha
 
 
 def _x(b=2, n=10, c=32, seed=0):

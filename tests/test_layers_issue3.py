@@ -7,7 +7,7 @@ import torch
 
 import attnzoo
 from attnzoo.layers import KVCache, TinyLM
-from attnzoo.layers.dense import MixtureOfHeads
+from attnzoo.layers.dense_multihead.moh import MixtureOfHeads
 
 
 def _x(b=2, n=10, c=32, seed=0):

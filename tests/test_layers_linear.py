@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.layers.linear import FeatureMap, Lightning, LinearAttention, lightning_decay
+from attnzoo.layers.linear_recurrent._common import FeatureMap
+from attnzoo.layers.linear_recurrent.lightning import Lightning, lightning_decay
+from attnzoo.layers.linear_recurrent.linear_attention import LinearAttention
 from attnzoo.layers.recurrent import RecurrentState, ShortConv
 
 TOL = {"atol": 1e-10, "rtol": 1e-10}
@@ -167,7 +169,7 @@ def test_errors():
 
 
 def test_inline_is_not_scale_invariant_but_normalised_linear_attention_is(request):
-    from attnzoo.layers.linear_variants import InLineAttention
+    from attnzoo.layers.linear_recurrent.inline_attention import InLineAttention
 
     x = _x(request)
     outs = {}
@@ -187,7 +189,7 @@ def test_inline_is_not_scale_invariant_but_normalised_linear_attention_is(reques
 
 
 def test_agent_attention_pooling_and_padding(request):
-    from attnzoo.layers.linear_variants import pool_matrix
+    from attnzoo.layers.linear_recurrent._common import pool_matrix
 
     p = pool_matrix(10, 4, None, torch.float64, "cpu")
     x = _x(request, b=1, n=10, c=3)
@@ -237,7 +239,7 @@ def _mac_reference(m, x: torch.Tensor) -> torch.Tensor:
     Shares the layer's sub-modules (projections, memory read and write) but builds the
     context, its causal mask and the attention independently of the layer's code.
     """
-    from attnzoo.layers.memory import memory_update, read
+    from attnzoo.layers.linear_recurrent.neural_memory import memory_update, read
     from attnzoo.layers.recurrent import merge_heads
 
     b, n, _ = x.shape

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import attnzoo
-from attnzoo.layers.local import lait_stack
-from attnzoo.layers.local_grid import dinat_dilations, msw_shift_schedule
+from attnzoo.layers.local_sparse.dilated_neighborhood import dinat_dilations
+from attnzoo.layers.local_sparse.segment_mask import lait_stack
+from attnzoo.layers.local_sparse.swin_window import msw_shift_schedule
 
 
 def grid_x(*grid, b=2, seed=0):

@@ -254,7 +254,7 @@ class MultiHeadAttention(AttentionMixer):
         context_dim: width of ``context`` for cross-attention (default ``dim``).
         pattern: an :mod:`attnzoo.patterns` pattern applied on every call.
         score_mod: a score modifier (e.g. ``ALiBi``, ``RelativePositionBias``).
-        rope: a :class:`~attnzoo.layers.positional.RotaryEmbedding` (or ``True`` for the default one).
+        rope: a :class:`~attnzoo.layers.rotary.RotaryEmbedding` (or ``True`` for the default one).
         scale: logit scale (default ``1/√head_dim``).
         backend: the :func:`attnzoo.attention` backend.
     """
@@ -280,7 +280,7 @@ class MultiHeadAttention(AttentionMixer):
         n_kv_heads = n_heads if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads)
         check_divides("n_kv_heads", n_kv_heads, "n_heads", n_heads)
         if rope is True:
-            from attnzoo.layers.positional import RotaryEmbedding
+            from attnzoo.layers.rotary import RotaryEmbedding
 
             rope = RotaryEmbedding(head_dim)
         super().__init__(dim, pattern=pattern, score_mod=score_mod, qk_transform=rope or None, scale=scale,

@@ -10,13 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.layers.base import MultiHeadAttention, check_choice, check_int, check_mixer_input, zero_padded
+from attnzoo.layers.local_sparse._common import FAMILY
 from attnzoo.ops import attention
 from attnzoo.patterns import Adjacency
 from attnzoo.registry import Reduction, register
-
-__all__ = ["GraphAttention"]
-
-FAMILY = "local-sparse"
 
 
 class GraphAttention(MultiHeadAttention):
@@ -222,7 +219,7 @@ def _graph_gat_static_ranking():
     return distinct, torch.ones_like(distinct)
 
 
-@register(
+register(
     "graph_attention", family=FAMILY, type="mixer", priority=2, input_kind="set", papers=("GATv2", "LargeGT"),
     supports={"self", "causal", "padding"}, complexity="O(E d)",
     summary="Attention over graph neighbourhoods (adjacency or edge list) with GAT, GATv2 or dot scores and an "
@@ -236,11 +233,4 @@ def _graph_gat_static_ranking():
                   "causal)", _graph_edges_equal_dense),
         Reduction("gat_static_ranking", "GAT's argmax_j e_ij is the same for every query i", _graph_gat_static_ranking),
     ),
-)
-def graph_attention(dim: int, n_heads: int = 8, *, scorer: str = "gatv2", negative_slope: float = 0.2,
-                    codebook_size: int = 0, adj: torch.Tensor | None = None, head_dim: int | None = None,
-                    bias: bool = True, scale: float | None = None, backend: str = "auto") -> GraphAttention:
-    """Graph attention (:class:`GraphAttention`)."""
-    return GraphAttention(dim, n_heads, scorer=scorer, negative_slope=negative_slope, codebook_size=codebook_size,
-                          adj=adj, head_dim=head_dim, bias=bias, scale=scale, backend=backend)
-
+)(GraphAttention)

@@ -23,8 +23,7 @@ decay retention stands in). Compositions [recalled]: ``none``; ``mal`` (memory l
 causal sliding-window attention); ``mag`` (sliding-window attention gated by σ(memory
 output)); ``mac`` (memory as context: each segment of ``chunk_size`` tokens attends causally
 over ``[persistent tokens, memory read-outs M_{t−1}(q) of the segment, the segment]``; the
-memory is then written with the attention outputs ``y`` and the output is ``y ⊗ σ(M_t(y))``).
-"""
+memory is then written with the attention outputs ``y`` and the output is ``y ⊗ σ(M_t(y))``)."""
 
 from __future__ import annotations
 
@@ -44,16 +43,13 @@ from attnzoo.layers.base import (
     zero_padded,
 )
 from attnzoo.layers.cache import KVCache
-from attnzoo.layers.linear import _x
+from attnzoo.layers.linear_recurrent._common import FAMILY, rand_x
 from attnzoo.layers.recurrent import HeadRMSNorm, cache_state, merge_heads, split_heads
 from attnzoo.ops import attention
 from attnzoo.ops.linear import delta_rule, linear_attention
 from attnzoo.patterns import Custom, KeyPadding, SlidingWindow
 from attnzoo.registry import Reduction, register
 
-__all__ = ["NeuralMemory", "PRESETS", "memory_update"]
-
-FAMILY = "linear-recurrent"
 LOSSES = ("l2", "dot", "lp", "huber")
 PRESETS: dict[str, dict[str, Any]] = {
     "titans": {"memory": "mlp", "loss": "l2", "momentum": None, "retention": None},
@@ -63,7 +59,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# ------------------------------------------------------------------------------- the memory op
 def _loss_grad(err: torch.Tensor, v: torch.Tensor, loss: str, p: float, delta: float) -> torch.Tensor:
     """dℓ/d(prediction) for ``err = M(k) − v``."""
     if loss == "l2":
@@ -149,7 +144,6 @@ def memory_update(q, k, v, lr, momentum, retention, active, state, *, loss="l2",
     return y, new
 
 
-# ------------------------------------------------------------------------------------ the layer
 class NeuralMemory(nn.Module):
     """Titans / Miras neural memory as a token mixer (see the module docstring).
 
@@ -357,7 +351,6 @@ class NeuralMemory(nn.Module):
                 f"chunk_size={self.chunk_size}, composition={self.composition}, preset={self.preset}")
 
 
-# ------------------------------------------------------------------------------------ reductions
 def _qkv(m: NeuralMemory, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     h = m.n_heads
     q, k = split_heads(F.silu(m.q_proj(x)), h), split_heads(F.silu(m.k_proj(x)), h)
@@ -382,7 +375,7 @@ def _raw_read(m: NeuralMemory, x: torch.Tensor) -> torch.Tensor:
 
 
 def _nm_dot_is_linear_attention() -> tuple[torch.Tensor, torch.Tensor]:
-    x = _x()
+    x = rand_x()
     got, want = [], []
     for chunk in (1, 4):
         m = _mem(memory="linear", loss="dot", lr=1.0, momentum=False, retention=False, chunk_size=chunk,
@@ -395,7 +388,7 @@ def _nm_dot_is_linear_attention() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _nm_l2_is_delta_rule() -> tuple[torch.Tensor, torch.Tensor]:
     m = _mem(memory="linear", loss="l2", lr=None, momentum=False, retention=False, chunk_size=1)
-    x = _x()
+    x = rand_x()
     q, k, v = _qkv(m, x)
     beta = m._gate("lr", x)
     s0 = m.init[0].detach().transpose(-1, -2).unsqueeze(0).expand(2, -1, -1, -1)  # state = Wᵀ
@@ -432,7 +425,7 @@ def _sequential_reference(m: NeuralMemory, x: torch.Tensor) -> torch.Tensor:
 
 
 def _nm_chunk1_sequential() -> tuple[torch.Tensor, torch.Tensor]:
-    x = _x(n=7)
+    x = rand_x(n=7)
     got, want = [], []
     for loss in LOSSES:
         m = _mem(memory="mlp", loss=loss, chunk_size=1)
@@ -441,7 +434,7 @@ def _nm_chunk1_sequential() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(got), torch.stack(want)
 
 
-@register(
+register(
     "neural_memory", family=FAMILY, type="memory", priority=2, papers=("Titans", "Miras (Moneta/Yaad/Memora)"),
     supports={"self", "causal", "padding", "decoding"}, complexity="O(N)", backends=(),
     reference="the same module in float64", reference_kwargs={},
@@ -457,14 +450,4 @@ def _nm_chunk1_sequential() -> tuple[torch.Tensor, torch.Tensor]:
         Reduction("chunk1_is_sequential", "chunk size 1 = the sequential update with autograd gradients (MLP memory, "
                   "every loss, momentum and retention)", _nm_chunk1_sequential),
     ),
-)
-def neural_memory(dim: int, n_heads: int = 4, *, head_dim: int | None = None, memory: str = "linear",
-                  hidden: int | None = None, loss: str = "l2", p: float = 3.0, delta: float = 1.0, lr: Any = None,
-                  lr_scale: float = 1.0, momentum: Any = None, retention: Any = None, chunk_size: int = 16,
-                  composition: str = "none", window: int = 16, n_persistent: int = 4, preset: str | None = None,
-                  qk_norm: bool = True, init_zero: bool = False, bias: bool = False) -> NeuralMemory:
-    """Titans / Miras neural memory (:class:`NeuralMemory`)."""
-    return NeuralMemory(dim, n_heads, head_dim=head_dim, memory=memory, hidden=hidden, loss=loss, p=p, delta=delta,
-                        lr=lr, lr_scale=lr_scale, momentum=momentum, retention=retention, chunk_size=chunk_size,
-                        composition=composition, window=window, n_persistent=n_persistent, preset=preset,
-                        qk_norm=qk_norm, init_zero=init_zero, bias=bias)
+)(NeuralMemory)

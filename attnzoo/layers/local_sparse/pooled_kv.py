@@ -1,6 +1,5 @@
-"""Catalogue section 3, pooled-key mixers: spatial-reduction / CCA pooled KV attention and HiLo (LITv2).
-
-Both take ``[B, N, C]`` sequences (1-D) or channels-last grids ``[B, *spatial, C]``.
+"""``pooled_kv``: Full-resolution queries over pooled K/V (2-D average or 1-D CCA significance
+pooling), optionally in one softmax with a local window; causal sees completed groups only.
 """
 
 from __future__ import annotations
@@ -13,44 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.layers.base import MultiHeadAttention, check_choice, check_int, seeded, zero_padded
-from attnzoo.layers.local_grid import SwinWindowAttention, flatten_grid, per_axis
+from attnzoo.layers.local_sparse._common import FAMILY, pool_grid
+from attnzoo.layers.local_sparse._grid import flatten_grid, per_axis
 from attnzoo.ops import attention
-from attnzoo.patterns import KeyPadding, Pattern, WindowPartition
+from attnzoo.patterns import KeyPadding, Pattern
 from attnzoo.patterns.base import Shape
 from attnzoo.registry import Reduction, register
-
-__all__ = ["HiLoAttention", "PooledKVAttention", "pool_grid"]
-
-FAMILY = "local-sparse"
-
-
-def pool_grid(t: torch.Tensor, keep: torch.Tensor | None, grid: tuple[int, ...], s: tuple[int, ...]
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Average ``t`` ``[B, L, N, D]`` (tokens row-major on ``grid``) over cells of ``s`` tokens per axis.
-
-    With ``keep`` (bool ``[B, N]``) only kept tokens are averaged and a cell with none is
-    invalid. The last cell along an axis may be partial (it averages its real tokens).
-    Returns ``([B, L, n_cells, D], cell_valid [B, n_cells] or None)``.
-    """
-    b, lead, d = t.shape[0], t.shape[1], t.shape[-1]
-    nd = len(grid)
-    if t.dtype not in (torch.float32, torch.float64):  # CPU pooling kernels lack some half types
-        out, valid = pool_grid(t.float(), keep, grid, s)
-        return out.to(t.dtype), valid
-    x = t.movedim(-1, 2).reshape(b * lead, d, *grid)  # [B*L, D, *grid]
-    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
-    if keep is None:
-        m = torch.ones(1, 1, *grid, dtype=t.dtype, device=t.device)
-    else:
-        m = keep.to(t.dtype).view(b, 1, 1, *grid).expand(b, lead, 1, *grid).reshape(b * lead, 1, *grid)
-    num = pool(x * m, s, s, ceil_mode=True)
-    den = pool(m, s, s, ceil_mode=True)
-    out = num / den.clamp_min(torch.finfo(t.dtype).tiny)
-    cells = math.prod(out.shape[2:])
-    out = out.reshape(b, lead, d, cells).transpose(-1, -2)
-    if keep is None:
-        return out, None
-    return out, den.reshape(b, lead, cells)[:, 0] > 0
 
 
 class _PooledUnion(Pattern):
@@ -111,6 +78,9 @@ class PooledKVAttention(MultiHeadAttention):
     Padding: pooling averages kept tokens only. Projections as ``mha``; K/V are projected
     before pooling (equal to pooling first for the average).
     """
+
+    # base-class arguments it sets itself or cannot honour
+    refused_arguments = ('n_kv_heads', 'context_dim', 'pattern', 'score_mod', 'rope')
 
     cross_ok = False
 
@@ -237,7 +207,7 @@ def _pkv_no_future_groups():
     return m(x2, causal=True)[:, :7], m(x, causal=True)[:, :7]
 
 
-@register(
+register(
     "pooled_kv", family=FAMILY, type="mixer", priority=2,
     papers=("HiLo (LITv2)", "MAFormer", "DualToken-ViT", "CCA-Attention"),
     supports={"self", "causal", "padding"}, complexity="O(N (N / s^D + w))",
@@ -251,139 +221,4 @@ def _pkv_no_future_groups():
         Reduction("no_future_groups", "causal outputs ignore later tokens (incomplete groups are not pooled)",
                   _pkv_no_future_groups),
     ),
-)
-def pooled_kv(dim: int, n_heads: int = 8, *, pool: int = 2, mode: str = "avg", local_window: int | None = None,
-              head_dim: int | None = None, bias: bool = True, scale: float | None = None,
-              backend: str = "auto") -> PooledKVAttention:
-    """Pooled-KV attention (:class:`PooledKVAttention`)."""
-    return PooledKVAttention(dim, n_heads, pool=pool, mode=mode, local_window=local_window, head_dim=head_dim,
-                             bias=bias, scale=scale, backend=backend)
-
-
-# -------------------------------------------------------------------------------------- HiLo
-class HiLoAttention(nn.Module):
-    """HiLo attention (LITv2): a fraction ``alpha`` of the heads are Lo-Fi (global attention over
-    K/V average-pooled in ``window``-sized cells), the others Hi-Fi (attention inside
-    ``window``-sized windows); each path has its own projections and the two outputs are
-    concatenated along channels (Hi-Fi first). Input ``[B, N, C]`` or ``[B, *spatial, C]``;
-    ``window`` must divide every extent.
-    """
-
-    def __init__(self, dim: int, n_heads: int = 8, *, alpha: float = 0.5, window: int = 2,
-                 head_dim: int | None = None, bias: bool = True, scale: float | None = None,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.dim, self.n_heads = check_int("dim", dim), check_int("n_heads", n_heads)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha: expected a fraction in [0, 1], got {alpha!r}")
-        self.head_dim = head_dim or dim // n_heads
-        if head_dim is None and dim % n_heads:
-            raise ValueError(f"dim: must be divisible by n_heads={n_heads}, got dim={dim}")
-        if n_heads * self.head_dim != dim:  # the two branches' outputs are concatenated into dim channels
-            raise ValueError(f"head_dim: HiLo needs n_heads * head_dim == dim, got {n_heads} * {self.head_dim} "
-                             f"!= {dim}")
-        self.l_heads = int(n_heads * alpha)
-        self.h_heads = n_heads - self.l_heads
-        self.window, self.scale, self.backend = check_int("window", window), scale, backend
-        hd = self.head_dim
-        self.h_dim, self.l_dim = self.h_heads * hd, self.l_heads * hd
-        if self.h_heads:
-            self.h_qkv = nn.Linear(dim, 3 * self.h_dim, bias=bias)
-            self.h_proj = nn.Linear(self.h_dim, self.h_dim, bias=bias)
-        if self.l_heads:
-            self.l_q = nn.Linear(dim, self.l_dim, bias=bias)
-            self.l_kv = nn.Linear(dim, 2 * self.l_dim, bias=bias)
-            self.l_proj = nn.Linear(self.l_dim, self.l_dim, bias=bias)
-        self._patterns: dict[tuple[int, ...], Any] = {}
-
-    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
-                context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` or ``[B, *spatial, C]`` -> same shape (Hi-Fi channels, then Lo-Fi)."""
-        if causal or context is not None or cache is not None:
-            raise ValueError("causal, context, cache: HiLo attention is non-causal self-attention")
-        grid, flat, keep = flatten_grid(x, mask, self.dim)
-        s = (self.window,) * len(grid)
-        for axis, n in enumerate(grid):
-            if n % self.window:
-                raise ValueError(f"window: window {self.window} does not divide the grid extent {n} on axis {axis}")
-        b, n, _ = flat.shape
-        pad = KeyPadding(keep) if keep is not None and not bool(keep.all()) else None
-        outs = []
-        if self.h_heads:
-            pat = self._patterns.get(grid)
-            if pat is None:
-                pat = self._patterns.setdefault(grid, WindowPartition(s, grid=grid))
-            q, k, v = (t.view(b, n, self.h_heads, -1).transpose(1, 2) for t in self.h_qkv(flat).chunk(3, -1))
-            z = attention(q, k, v, pattern=pat if pad is None else pat & pad, scale=self.scale, backend=self.backend)
-            outs.append(self.h_proj(z.transpose(1, 2).reshape(b, n, self.h_dim)))
-        if self.l_heads:
-            xp, valid = pool_grid(flat.unsqueeze(1), keep, grid, s)
-            xp = xp.squeeze(1)
-            q = self.l_q(flat).view(b, n, self.l_heads, -1).transpose(1, 2)
-            k, v = (t.view(b, xp.shape[1], self.l_heads, -1).transpose(1, 2) for t in self.l_kv(xp).chunk(2, -1))
-            lp = KeyPadding(valid) if valid is not None and not bool(valid.all()) else None
-            z = attention(q, k, v, pattern=lp, scale=self.scale, backend=self.backend)
-            outs.append(self.l_proj(z.transpose(1, 2).reshape(b, n, self.l_dim)))
-        y = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
-        return zero_padded(y, keep).reshape(x.shape)
-
-
-def _grid(b: int = 2, grid: tuple[int, ...] = (4, 6), seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, *grid, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _hilo_alpha0_is_window():
-    m = seeded(HiLoAttention, dim=32, n_heads=4, alpha=0.0, window=2)
-    win = SwinWindowAttention(32, 4, window=2, backend="reference").double()
-    q, k, v = m.h_qkv.weight.chunk(3, 0)
-    qb, kb, vb = m.h_qkv.bias.chunk(3, 0)
-    win.load_state_dict({"q_proj.weight": q, "q_proj.bias": qb, "k_proj.weight": k, "k_proj.bias": kb,
-                         "v_proj.weight": v, "v_proj.bias": vb, "o_proj.weight": m.h_proj.weight,
-                         "o_proj.bias": m.h_proj.bias})
-    x = _grid()
-    return m(x), win(x)
-
-
-def _hilo_lofi_map(m: HiLoAttention, dst: nn.Module) -> nn.Module:
-    k, v = m.l_kv.weight.chunk(2, 0)
-    kb, vb = m.l_kv.bias.chunk(2, 0)
-    dst.load_state_dict({"q_proj.weight": m.l_q.weight, "q_proj.bias": m.l_q.bias, "k_proj.weight": k,
-                         "k_proj.bias": kb, "v_proj.weight": v, "v_proj.bias": vb, "o_proj.weight": m.l_proj.weight,
-                         "o_proj.bias": m.l_proj.bias})
-    return dst
-
-
-def _hilo_alpha1_is_pooled():
-    m = seeded(HiLoAttention, dim=32, n_heads=4, alpha=1.0, window=2)
-    pooled = _hilo_lofi_map(m, PooledKVAttention(32, 4, pool=2, backend="reference").double())
-    x = _grid()
-    keep = torch.ones(2, 4, 6, dtype=torch.bool)
-    keep[0, 3, 3:] = False
-    return torch.stack([m(x), m(x, mask=keep)]), torch.stack([pooled(x), pooled(x, mask=keep)])
-
-
-def _hilo_s1_lofi_is_mha():
-    m = seeded(HiLoAttention, dim=32, n_heads=4, alpha=1.0, window=1)
-    ref = _hilo_lofi_map(m, MultiHeadAttention(32, 4, backend="reference").double())
-    x = _grid()
-    return m(x), ref(x.view(2, 24, 32)).view(x.shape)
-
-
-@register(
-    "hilo", family=FAMILY, type="mixer", priority=2, input_kind="grid2d", papers=("HiLo (LITv2)",),
-    supports={"self", "padding"}, complexity="O(N (s^2 + N / s^2))",
-    summary="HiLo (LITv2): alpha of the heads attend globally over s x s pooled K/V (Lo-Fi), the rest inside "
-            "s x s windows (Hi-Fi); outputs concatenated.",
-    test_kwargs={"dim": 32, "n_heads": 4, "alpha": 0.5, "window": 2},
-    reductions=(
-        Reduction("alpha0_is_window", "alpha = 0 gives pure window attention (swin_window)", _hilo_alpha0_is_window),
-        Reduction("alpha1_is_pooled", "alpha = 1 gives global attention over pooled K/V (pooled_kv)",
-                  _hilo_alpha1_is_pooled),
-        Reduction("s1_lofi_is_mha", "s = 1 makes Lo-Fi equal to full MHSA", _hilo_s1_lofi_is_mha),
-    ),
-)
-def hilo(dim: int, n_heads: int = 8, *, alpha: float = 0.5, window: int = 2, head_dim: int | None = None,
-         bias: bool = True, scale: float | None = None, backend: str = "auto") -> HiLoAttention:
-    """HiLo attention (:class:`HiLoAttention`)."""
-    return HiLoAttention(dim, n_heads, alpha=alpha, window=window, head_dim=head_dim, bias=bias, scale=scale,
-                         backend=backend)
+)(PooledKVAttention)
