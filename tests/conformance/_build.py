@@ -32,6 +32,11 @@ def steering_specs() -> list[Spec]:
     return attnzoo.list(type="steering")
 
 
+def suite_slugs() -> set[str]:
+    """Slugs of every entry the conformance suite checks by its contract."""
+    return {s.slug for s in [*mixer_specs(), *steering_specs()]}
+
+
 def training_specs() -> list[Spec]:
     """Entries that declare the ``training`` capability (``training_loss(loss_fn)``)."""
     return [s for s in mixer_specs() if "training" in s.supports]
