@@ -64,6 +64,23 @@ def test_every_parameter_gets_a_gradient(spec):
     assert not missing, f"{spec.slug}: no gradient for {missing}"
 
 
+def _attributes(m) -> dict[tuple[str, str], int]:
+    return {(name, k): id(v) for name, sub in m.named_modules() for k, v in vars(sub).items()
+            if k not in getattr(sub, "last_call_outputs", ("captured",))}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_forward_keeps_no_per_call_value_on_the_module(spec):
+    """Per-call values travel in the hooks' Call argument: a forward leaves every attribute of every submodule."""
+    m = build(spec).double()
+    before = _attributes(m)
+    for kw in _modes(spec):
+        run(m, inputs(dtype=torch.float64), **kw)
+    after = _attributes(m)
+    changed = sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
+    assert not changed, f"{spec.slug}: forward set {changed}"
+
+
 @pytest.mark.parametrize("spec", by("causal"))
 def test_causal_prefix(spec):
     m = build(spec).double()

@@ -72,7 +72,6 @@ class DeconstructedAttention(AttentionMixer):
                 raise ValueError("pattern: mode='static' uses absolute positions, which a windowed (trimmed) "
                                  "cache would break")
             self.static_logits = nn.Parameter(torch.zeros(n_heads, max_len, max_len))
-        self._qk_source: torch.Tensor | None = None
 
     def forward(self, x, *, qk_source: torch.Tensor | None = None, **kw: Any):
         """``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``qk_source`` ``[B, N, qk_dim]`` for ``mode="decoupled_qk"``."""
@@ -86,22 +85,19 @@ class DeconstructedAttention(AttentionMixer):
         elif self.mode == "decoupled_qk" and self.q_proj.in_features != self.dim:
             raise ValueError(f"qk_source: mode='decoupled_qk' with qk_dim={self.q_proj.in_features} != dim={self.dim} "
                              "needs qk_source (without it Q and K come from x, which needs qk_dim == dim)")
-        self._qk_source = qk_source
-        try:
-            return super().forward(x, **kw)
-        finally:
-            self._qk_source = None
+        return self.mix(x, extra={"qk_source": qk_source}, **kw)
 
-    def project(self, x, src):
+    def project(self, x, src, call=None):
         split = MultiHeadAttention.split
         v = split(self.v_proj(x), self.n_heads)
         if self.mode in ("none", "static"):
             blank = x.new_zeros(x.shape[0], self.n_heads, x.shape[1], 1)
             return blank, blank, v
-        h = x if self._qk_source is None else self._qk_source.to(x.dtype)
+        qk_source = None if call is None else call.extra.get("qk_source")
+        h = x if qk_source is None else qk_source.to(x.dtype)
         return split(self.q_proj(h), self.n_heads), split(self.k_proj(h), self.n_heads), v
 
-    def attend(self, q, k, v, pattern, want_weights):
+    def attend(self, q, k, v, pattern, want_weights, call=None):
         from attnzoo.ops.layout import Shape
         from attnzoo.patterns import Bias
 
@@ -120,7 +116,7 @@ class DeconstructedAttention(AttentionMixer):
                             backend="reference" if want_weights else self.backend, return_weights=want_weights)
             return (res[0], res[1]) if want_weights else (res, None)
         if self.mode == "decoupled_qk":
-            return super().attend(q, k, v, pattern, want_weights)
+            return super().attend(q, k, v, pattern, want_weights, call=call)
         s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         allowed = (torch.ones(1, 1, n, m, dtype=torch.bool, device=q.device) if pattern is None
                    else pattern.dense_mask(Shape(b, h, n, m), q.device))

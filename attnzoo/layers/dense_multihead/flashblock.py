@@ -77,12 +77,8 @@ class FlashBlockAttention(MultiHeadAttention):
 
     def forward(self, x, *, mask=None, causal=False, context=None, context_mask=None, cache=None, head_mask=None,
                 return_weights=False):
-        self.pattern = BlockCausal(self.block_size)
-        try:
-            return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
-                                   cache=cache, head_mask=head_mask, return_weights=return_weights)
-        finally:
-            self.pattern = None
+        return self.mix(x, mask=mask, causal=causal, context=context, context_mask=context_mask, cache=cache,
+                        head_mask=head_mask, return_weights=return_weights, pattern=BlockCausal(self.block_size))
 
     def denoise(self, x: torch.Tensor, cache: Any, *, refresh: bool = True,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

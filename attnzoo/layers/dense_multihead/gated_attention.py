@@ -40,7 +40,7 @@ class GatedAttention(MultiHeadAttention):
         """Gate ``[B, H, N, head_dim or 1]`` from ``x`` ``[B, N, C]``."""
         return self.split(self.gate_activation(self.gate_proj(x)), self.n_heads)
 
-    def post_attention(self, z, x):
+    def post_attention(self, z, x, call=None):
         return z * self.gate(x)
 
 

@@ -64,16 +64,10 @@ class GINAttention(MultiHeadAttention):
             self.pna_w2 = nn.Parameter(torch.empty(h, 2 * d, d).uniform_(-bound2, bound2))
             self.pna_b2 = nn.Parameter(torch.empty(h, d).uniform_(-bound2, bound2))
         self.threshold = threshold
-        self._v: torch.Tensor | None = None
 
-    def project(self, x, src):
-        q, k, v = super().project(x, src)
-        self._v = v
-        return q, k, v
-
-    def attend(self, q, k, v, pattern, want_weights):
+    def attend(self, q, k, v, pattern, want_weights, call=None):
         if self.aggregation == "gin" and self.threshold is None:
-            return super().attend(q, k, v, pattern, want_weights)
+            return super().attend(q, k, v, pattern, want_weights, call=call)
         _, a = attention(q, k, v, pattern=pattern, scale=self.scale, backend="reference", return_weights=True)
         if self.threshold is not None:
             a = a * (a > self.threshold)
@@ -96,9 +90,10 @@ class GINAttention(MultiHeadAttention):
         mx = torch.where(valid.any(3), mx, torch.zeros_like(mx))  # a token with no neighbour gets 0
         return torch.cat([total, mean, mx, var], -1)
 
-    def post_attention(self, z, x):
-        own = self._v[:, :, -z.shape[2]:].repeat_interleave(self.n_heads // self.n_kv_heads, 1)
-        self._v = None
+    def post_attention(self, z, x, call=None):
+        src = x if call is None else call.src  # each query's own value: that of the last N source tokens
+        own = self.split(self.v_proj(src[:, src.shape[1] - z.shape[2]:]), self.n_kv_heads)
+        own = own.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
         if self.aggregation == "gin":
             return z + (1 + self.eps) * own
         hid = nn.functional.silu(torch.einsum("bhnf,hfg->bhng", z, self.pna_w1.to(z.dtype))

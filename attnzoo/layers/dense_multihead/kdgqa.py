@@ -81,15 +81,15 @@ class KeyDrivenGQA(MultiHeadAttention):
             ratios = self.ema_ratios.to(norms).expand_as(norms)
         return allocate_heads(ratios, self.n_heads, minimum=1)
 
-    def attend(self, q, k, v, pattern, want_weights):
-        counts = self.allocation(k, getattr(self, "_kv_keep", None))  # [B, G]
+    def attend(self, q, k, v, pattern, want_weights, call=None):
+        counts = self.allocation(k, None if call is None else call.kv_keep)  # [B, G]
         bounds = counts.cumsum(-1)  # query head i -> first group whose cumulative count exceeds i
         heads = torch.arange(self.n_heads, device=q.device)
         group = (heads.view(1, -1, 1) >= bounds.unsqueeze(1)).sum(-1)  # [B, H]
         idx = group[:, :, None, None]
         k_full = k.gather(1, idx.expand(-1, -1, *k.shape[2:]))
         v_full = v.gather(1, idx.expand(-1, -1, *v.shape[2:]))
-        return super().attend(q, k_full, v_full, pattern, want_weights)
+        return super().attend(q, k_full, v_full, pattern, want_weights, call=call)
 
 
 def _kdgqa_equal_is_gqa() -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,6 +87,8 @@ class MixtureOfHeads(MultiHeadAttention):
     and no weights capture; otherwise the dense path runs. Both give the same output.
     """
 
+    last_call_outputs = ("captured", "aux_loss")  # the router's load-balancing loss of the last call
+
     def __init__(self, dim: int, n_heads: int = 8, *, n_shared: int = 2, top_k: int = 2, router: str = "moh",
                  aux_loss_weight: float = 0.01, dispatch: str = "auto", **kw: Any) -> None:
         super().__init__(dim, n_heads, **kw)
@@ -129,7 +131,7 @@ class MixtureOfHeads(MultiHeadAttention):
         self.aux_loss = (me * ce).mean() * e * e * self.aux_loss_weight
         return torch.cat([shared * stage[..., :1], routed * stage[..., 1:]], dim=-1)
 
-    def post_attention(self, z, x):
+    def post_attention(self, z, x, call=None):
         return z * self.route(x).transpose(1, 2).unsqueeze(-1)
 
     # Gather dispatch ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.base import (
+    Call,
     MultiHeadAttention,
     build_pattern,
     check_choice,
@@ -59,8 +60,6 @@ class ProbabilisticAttention(MultiHeadAttention):
         self.log_sigma2 = nn.Parameter(torch.full((self.n_kv_heads,), 0.5 * math.log(self.head_dim)))
         self.prior_proj = nn.Linear(self.k_proj.in_features, self.n_kv_heads) if prior == "learned" else None
 
-    _em_keep: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-
     def check_call(self, x, mask, causal, context, cache) -> None:
         super().check_call(x, mask, causal, context, cache)
         if self.em_steps and (causal or cache is not None):
@@ -68,19 +67,10 @@ class ProbabilisticAttention(MultiHeadAttention):
                              "is non-causal and cannot decode with a cache (use em_steps=0 for causal=True or a "
                              "cache)")
 
-    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, **kw: Any) -> Any:
-        """:meth:`MultiHeadAttention.forward`; the EM key update sees only unpadded queries and keys."""
-        self._em_keep = (mask, mask if context is None else context_mask)
-        try:
-            return super().forward(x, mask=mask, context=context, context_mask=context_mask, **kw)
-        finally:
-            self._em_keep = (None, None)
-
-    def project(self, x, src):
-        q, k, v = super().project(x, src)
-        if self.em_steps:
-            q_keep, k_keep = self._em_keep
+    def project(self, x, src, call=None):
+        q, k, v = super().project(x, src, call=call)
+        if self.em_steps:  # the EM key update sees only unpadded queries and keys
+            q_keep, k_keep = (None, None) if call is None else (call.mask, call.kv_keep)
             keys = build_pattern(None, False, k_keep)
             groups = self.n_heads // self.n_kv_heads
             for _ in range(self.em_steps):
@@ -135,11 +125,7 @@ class ProbabilisticAttention(MultiHeadAttention):
         if not (prior_precision >= 0 and value_precision > 0):
             raise ValueError(f"prior_precision, value_precision: expected >= 0 and > 0, got {prior_precision}, "
                              f"{value_precision}")
-        self._em_keep = (mask, mask)
-        try:
-            q, k, mu = self.project(x, x)
-        finally:
-            self._em_keep = (None, None)
+        q, k, mu = self.project(x, x, call=Call(x=x, src=x, mask=mask, kv_keep=mask))
         pattern = build_pattern(self.pattern, False, mask)
         a = attention(q, k, mu, pattern=pattern, scale=1.0, backend="reference", return_weights=True)[1]
         b, n = x.shape[:2]
@@ -182,7 +168,7 @@ def _prob_equals_softmax() -> tuple[torch.Tensor, torch.Tensor]:
     x = rand_x()
     q, k, v = MultiHeadAttention.project(p, x, x)
     k = k / k.norm(dim=-1, keepdim=True) * 2.0  # equal-norm keys
-    p.project = lambda x_, src_: (*p._augment(q, k, src_), v)
+    p.project = lambda x_, src_, call=None: (*p._augment(q, k, src_), v)
     return p(x), p.o_proj(MultiHeadAttention.merge(attention(q, k, v)))
 
 

@@ -43,15 +43,15 @@ class ReversedAttention(MultiHeadAttention):
         if gates:
             self.head_selector = nn.Linear(dim, n_heads)
             self.message_controller = nn.Linear(dim, 1)
-        self._x: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
 
-    def attend(self, q, k, v, pattern, want_weights):
+    def attend(self, q, k, v, pattern, want_weights, call=None):
         _, p = attention(q, k, v, pattern=pattern, scale=self.scale, backend="reference", return_weights=True)
-        if self._mask is not None:
-            p = p * self._mask[:, None, :, None].to(p.dtype)
+        if call is None:
+            raise ValueError("call: reversed_attention's attend reads the call's x and mask")
+        if call.mask is not None:
+            p = p * call.mask[:, None, :, None].to(p.dtype)
         if self.gates:
-            x = self._x
+            x = call.x
             send = torch.softmax(self.head_selector(x), -1).transpose(1, 2) * torch.sigmoid(
                 self.message_controller(x)).transpose(1, 2)
             p = p * send.unsqueeze(-1)
@@ -61,12 +61,8 @@ class ReversedAttention(MultiHeadAttention):
                 return_weights=False):
         if cache is not None:
             raise ValueError("cache: reversed_attention has no KV-cache decoding")
-        self._x, self._mask = x, mask
-        try:
-            return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
-                                   head_mask=head_mask, return_weights=return_weights)
-        finally:
-            self._x = self._mask = None
+        return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
+                               head_mask=head_mask, return_weights=return_weights)
 
 
 def _rev_mass() -> tuple[torch.Tensor, torch.Tensor]:

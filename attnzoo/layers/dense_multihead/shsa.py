@@ -45,7 +45,7 @@ class SingleHeadSelfAttention(AttentionMixer):
         self.act = nn.ReLU() if activation else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def project(self, x, src):
+    def project(self, x, src, call=None):
         xp = self.norm(x[..., : self.pdim])
         q, k, v = self.qkv(xp).split([self.qk_dim, self.qk_dim, self.pdim], dim=-1)
         return q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)

@@ -54,7 +54,7 @@ class SoftMixtureOfAttention(AttentionMixer):
         b, h, e, n, d = parts.shape
         return parts.reshape(b, h * e, n, d)
 
-    def project(self, x, src):
+    def project(self, x, src, call=None):
         return self._stack(self.q_proj, x), self._stack(self.k_proj, src), self._stack(self.v_proj, src)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:

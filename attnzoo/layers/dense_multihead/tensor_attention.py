@@ -54,8 +54,8 @@ class TensorAttention(MultiHeadAttention):
         self.k2_proj = nn.Linear(ctx, self.n_kv_heads * self.head_dim, bias=self.k_proj.bias is not None)
         self.v2_proj = nn.Linear(ctx, self.n_kv_heads * self.head_dim, bias=self.v_proj.bias is not None)
 
-    def project(self, x, src):
-        q, k1, v1 = super().project(x, src)
+    def project(self, x, src, call=None):
+        q, k1, v1 = super().project(x, src, call=call)
         k2, v2 = self.split(self.k2_proj(src), self.n_kv_heads), self.split(self.v2_proj(src), self.n_kv_heads)
         b, h, m, d = k1.shape
         k = (k1.unsqueeze(3) * k2.unsqueeze(2)).reshape(b, h, m * m, d)
@@ -70,18 +70,14 @@ class TensorAttention(MultiHeadAttention):
         check_context(context, context_mask, self.context_width)
         keep = mask if context is None else context_mask
         pair = None if keep is None else (keep.unsqueeze(2) & keep.unsqueeze(1)).flatten(1)
-        saved = self.pattern
-        parts = [p for p in (saved, PairCausal((x if context is None else context).shape[1]) if causal else None)
+        parts = [p for p in (self.pattern, PairCausal((x if context is None else context).shape[1]) if causal else None)
                  if p is not None]
         if pair is not None and not bool(pair.all()):
             parts.append(KeyPadding(pair))
         for p in parts[1:]:
             parts[0] = parts[0] & p
-        self.pattern = parts[0] if parts else None
-        try:
-            out = super().forward(x, context=context, head_mask=head_mask, return_weights=return_weights)
-        finally:
-            self.pattern = saved
+        out = self.mix(x, context=context, head_mask=head_mask, return_weights=return_weights,
+                       pattern=parts[0] if parts else None)
         if return_weights:
             return zero_padded(out[0], mask), out[1]
         return zero_padded(out, mask)

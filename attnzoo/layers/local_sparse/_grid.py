@@ -60,7 +60,6 @@ class GridMixer(MultiHeadAttention):
         super().__init__(dim, n_heads, **kw)
         self.rpb: GridRelativeBias | None = None
         self._grid_cache: dict[Any, Any] = {}
-        self._grid: tuple[int, ...] | None = None
 
     def grid_pattern(self, grid: tuple[int, ...]) -> Any:
         raise NotImplementedError
@@ -88,10 +87,10 @@ class GridMixer(MultiHeadAttention):
                              "the whole grid)")
         grid, flat, flat_mask = flatten_grid(x, mask, self.dim)
         self.check_grid(grid)
-        self._grid = grid
-        self.pattern = self._cached(("pattern", grid, self.pattern_key()), lambda: self.grid_pattern(grid))
-        self.score_mod = self._cached(("mod", grid, self.pattern_key()), lambda: self.grid_score_mod(grid))
-        out = super().forward(flat, mask=flat_mask, causal=causal, head_mask=head_mask, return_weights=return_weights)
+        out = self.mix(flat, mask=flat_mask, causal=causal, head_mask=head_mask, return_weights=return_weights,
+                       pattern=self._cached(("pattern", grid, self.pattern_key()), lambda: self.grid_pattern(grid)),
+                       score_mod=self._cached(("mod", grid, self.pattern_key()), lambda: self.grid_score_mod(grid)),
+                       extra={"grid": grid})
         y, w = out if return_weights else (out, None)
         y = y.reshape(x.shape)
         return (y, w) if return_weights else y

@@ -125,7 +125,7 @@ class CombinerAttention(MultiHeadAttention):
         mod = _RegionLogSize(torch.log(size.clamp(min=1).to(q.dtype)), m)
         return keys, vals, pat, mod, w
 
-    def attend(self, q, k, v, pattern, want_weights):
+    def attend(self, q, k, v, pattern, want_weights, call=None):
         keys, vals, pat, mod, _ = self._extended(q, k, v, pattern)
         res = attention(q, keys, vals, pattern=pat, score_mod=mod, scale=self.attention_scale(q),
                         backend="reference" if want_weights else self.backend, return_weights=want_weights)

@@ -104,8 +104,8 @@ class GraphAttention(MultiHeadAttention):
         b, n, _ = x.shape
         graph = self._graph(b, n, adj, edges, x.device)
         if self.scorer == "dot":
-            self.pattern = Adjacency(graph) if graph is not None else None
-            out = super().forward(x, mask=mask, causal=causal, return_weights=return_weights, **kw)
+            out = self.mix(x, mask=mask, causal=causal, return_weights=return_weights,
+                           pattern=Adjacency(graph) if graph is not None else None, **kw)
             y, w = out if return_weights else (out, None)
         else:
             q, k, v = self.project(x, x)

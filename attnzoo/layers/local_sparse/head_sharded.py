@@ -59,9 +59,9 @@ class HeadShardedAttention(MultiHeadAttention):
         o = int(self.shards.head_offsets(self.n_heads)[head])
         return torch.arange((self.stride - o) % self.stride, n, self.stride)
 
-    def attend(self, q, k, v, pattern, want_weights):
+    def attend(self, q, k, v, pattern, want_weights, call=None):
         if want_weights or self.backend == "reference":
-            return super().attend(q, k, v, pattern, want_weights)
+            return super().attend(q, k, v, pattern, want_weights, call=call)
         b, h, n, _ = q.shape
         m = k.shape[2]
         g = h // k.shape[1]

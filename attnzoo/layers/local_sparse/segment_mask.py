@@ -52,8 +52,8 @@ class SegmentAttention(MultiHeadAttention):
                 cache: KVCache | None = None, **kw: Any):
         """``x`` ``[B, N, C]``; ``segment_ids`` int ``[B, N]`` / ``[N]`` and bool ``global_keys`` /
         ``global_queries`` ``[B, N]`` for the new tokens (defaults from the constructor)."""
-        self.pattern = self._pattern(x, segment_ids, global_keys, global_queries, cache) if self.segment_local else None
-        return super().forward(x, cache=cache, **kw)
+        pattern = self._pattern(x, segment_ids, global_keys, global_queries, cache) if self.segment_local else None
+        return self.mix(x, cache=cache, pattern=pattern, **kw)
 
     def _pattern(self, x, ids, gk, gq, cache) -> Pattern | None:
         b, n = x.shape[0], x.shape[1]

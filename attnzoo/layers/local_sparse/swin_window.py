@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.layers.base import check_choice, seeded, zero_padded
+from attnzoo.layers.base import Call, check_choice, seeded, zero_padded
 from attnzoo.layers.local_sparse._common import FAMILY
 from attnzoo.layers.local_sparse._grid import (
     GRID_SUPPORT,
@@ -99,23 +99,24 @@ class SwinWindowAttention(GridMixer):
     def attention_scale(self, q):
         return 1.0 if self.cosine else self.scale
 
-    def project(self, x, src):
-        q, k, v = super().project(x, src)
+    def project(self, x, src, call=None):
+        q, k, v = super().project(x, src, call=call)
         if self.query == "global":
-            q = self.split(self.q_proj(self._global_tokens(x)), self.n_heads)  # [B, H, prod(window), D]
-            q = q[:, :, self._window_offsets(q.device)]
+            if call is None or "grid" not in call.extra:
+                raise ValueError("call: query='global' projects with the call's grid")
+            grid = call.extra["grid"]
+            q = self.split(self.q_proj(self._global_tokens(x, grid, call.mask)), self.n_heads)  # [B, H, prod(w), D]
+            q = q[:, :, self._window_offsets(q.device, grid)]
         if self.cosine:
             ls = self.logit_scale.clamp(max=math.log(100.0)).exp().to(q.dtype).view(1, -1, 1, 1)
             q = F.normalize(q, dim=-1) * ls
             k = F.normalize(k, dim=-1)
         return q, k, v
 
-    def _global_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _global_tokens(self, x: torch.Tensor, grid: tuple[int, ...], keep: torch.Tensor | None) -> torch.Tensor:
         """The map average-pooled to the window size (over kept tokens): ``[B, prod(window), C]``."""
-        grid = self._grid
         w = per_axis(self.window, len(grid), "window")
         b, n, c = x.shape
-        keep = getattr(self, "_pool_keep", None)
         xs = x.view(b, *grid, c).movedim(-1, 1)
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
         if keep is None:
@@ -128,9 +129,8 @@ class SwinWindowAttention(GridMixer):
             pooled = pool(xs * m, w) / torch.where(den > 0, den, torch.ones_like(den))
         return pooled.flatten(2).transpose(1, 2)
 
-    def _window_offsets(self, device: torch.device) -> torch.Tensor:
+    def _window_offsets(self, device: torch.device, grid: tuple[int, ...]) -> torch.Tensor:
         """Each token's row-major offset inside its (shifted) window."""
-        grid = self._grid
         w, s, _ = self._axes(len(grid), self.current_shift())
 
         def make():
@@ -145,16 +145,10 @@ class SwinWindowAttention(GridMixer):
     def forward(self, x, *, mask=None, causal=False, context=None, context_mask=None, cache=None, head_mask=None,
                 return_weights=False):
         eta = per_axis(self.halo, x.dim() - 2, "halo", 0) if isinstance(x, torch.Tensor) and 3 <= x.dim() <= 5 else ()
-        self._pool_keep = None
-        if self.query == "global" and mask is not None:
-            self._pool_keep = mask.reshape(mask.shape[0], -1)
-        try:
-            if self.halo_padding == "zeros" and any(eta):
-                return self._zero_halo_forward(x, mask, causal, context, cache, return_weights)
-            return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
-                                   cache=cache, head_mask=head_mask, return_weights=return_weights)
-        finally:
-            self._pool_keep = None
+        if self.halo_padding == "zeros" and any(eta):
+            return self._zero_halo_forward(x, mask, causal, context, cache, return_weights)
+        return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
+                               cache=cache, head_mask=head_mask, return_weights=return_weights)
 
     def _zero_halo_forward(self, x, mask, causal, context, cache, return_weights):
         """HaloNet: blocks attend to their halo-grown neighbourhood of a zero-padded map (unfold path)."""
@@ -167,8 +161,7 @@ class SwinWindowAttention(GridMixer):
         if any(s):
             raise ValueError(f"halo_padding='zeros': HaloNet blocks are unshifted, got shift {s}")
         WindowPartition(w, grid=grid, halo=eta)  # validates window / grid
-        self._grid = grid
-        q, k, v = self.project(flat, flat)
+        q, k, v = self.project(flat, flat, call=Call(x=flat, src=flat, mask=keep, kv_keep=keep, extra={"grid": grid}))
         b, h = q.shape[:2]
         kh = k.shape[1]
         win = _Windows(grid, w, eta)

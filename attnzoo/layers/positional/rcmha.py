@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -65,34 +64,29 @@ class RelativeConvMHA(AttentionMixer):
         self.r_proj = nn.Linear(dim, width, bias=False)
         self.u = nn.Parameter(torch.zeros(n_heads, head_dim))
         self.w = nn.Parameter(torch.zeros(n_heads, head_dim))
-        self._cache: Any = None
-        self._keep: torch.Tensor | None = None
 
     def forward(self, x, *, mask=None, causal=False, context=None, context_mask=None, cache=None, head_mask=None,
                 return_weights=False):
         if cache is not None and not self.conv_causal:
             raise ValueError("cache: rcmha with conv_causal=False cannot decode (its kernels read later tokens)")
-        self._cache, self._keep = cache, mask
-        try:
-            return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
-                                   cache=cache, head_mask=head_mask, return_weights=return_weights)
-        finally:
-            self._cache = self._keep = None
+        return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
+                               cache=cache, head_mask=head_mask, return_weights=return_weights)
 
-    def project(self, x, src):
+    def project(self, x, src, call=None):
+        keep, cache = (None, None) if call is None else (call.mask, call.cache)
         p = self.qkv(x)
-        if self._keep is not None:
-            p = p * self._keep.unsqueeze(-1).to(p.dtype)
+        if keep is not None:
+            p = p * keep.unsqueeze(-1).to(p.dtype)
         t = p.transpose(1, 2)  # [B, 3W, N]
         k = self.kernel_size
         if self.conv_causal:
-            if self._cache is not None:
-                self._cache.claim_batch(t.shape[0])
-            tail = None if self._cache is None else self._cache.state.get("rcmha_tail")
+            if cache is not None:
+                cache.claim_batch(t.shape[0])
+            tail = None if cache is None else cache.state.get("rcmha_tail")
             left = tail.to(t.dtype) if tail is not None else t.new_zeros(t.shape[0], t.shape[1], k - 1)
             full = torch.cat([left, t], -1)
-            if self._cache is not None:
-                self._cache.state["rcmha_tail"] = full[..., full.shape[-1] - (k - 1):] if k > 1 else full[..., :0]
+            if cache is not None:
+                cache.state["rcmha_tail"] = full[..., full.shape[-1] - (k - 1):] if k > 1 else full[..., :0]
         else:
             full = nn.functional.pad(t, (k // 2, k // 2))
         y = nn.functional.conv1d(full, self.conv.weight.to(t.dtype), groups=t.shape[1]).transpose(1, 2)
@@ -100,7 +94,7 @@ class RelativeConvMHA(AttentionMixer):
         split = MultiHeadAttention.split
         return split(q, self.n_heads), split(kk, self.n_heads), split(v, self.n_heads)
 
-    def score_mod_for(self, q, k):
+    def score_mod_for(self, q, k, call=None):
         from attnzoo.patterns import Bias
 
         n, m = q.shape[2], k.shape[2]
