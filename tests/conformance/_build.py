@@ -1,7 +1,8 @@
-"""Building registered entries for the conformance suite, by type.
+"""Building registered entries for the conformance suite, by their contract (:mod:`attnzoo.contracts`).
 
-``mixer`` entries are token mixers; ``score_mod`` entries with a ``host`` run inside a host
-``mha``; ``steering`` entries wrap a small host language model (:class:`TinyLM`).
+Token mixers are built from their spec (a hosted ``score_mod`` inside a host ``mha``);
+``steering`` entries wrap a small host language model (:class:`TinyLM`); poolers and channel
+modules are built from their spec and fed by the contract's input builders.
 """
 
 from __future__ import annotations
@@ -12,29 +13,59 @@ import torch
 from torch import nn
 
 import attnzoo
-from attnzoo.layers import MultiHeadAttention
+from attnzoo.contracts import (
+    CHANNEL,
+    DIM,
+    HEADS,
+    POOLER,
+    STEERING,
+    TOKEN_MIXER,
+    VOCAB,
+    build,
+    build_entry,
+    build_pair,
+    channel_inputs,
+    grid_inputs,
+    grid_mask,
+    inputs,
+    pad_mask,
+    pooler_inputs,
+    specs_of,
+    tokens,
+)
 from attnzoo.layers.lm import TinyLM
 from attnzoo.registry import Spec
 
-DIM, HEADS, VOCAB = 32, 4, 64
-
-
-MODULE_TYPES = ("mixer", "pattern", "memory")  # entries whose factory builds the token mixer itself
+__all__ = [
+    "DIM", "HEADS", "VOCAB", "build", "build_pair", "build_steered", "build_with_entry", "channel_inputs",
+    "channel_specs", "check_against_reference", "grid_inputs", "grid_mask", "inputs", "mixer_specs", "pad_mask",
+    "pooler_inputs", "pooler_specs", "steering_specs", "suite_slugs", "supports", "tokens", "training_specs",
+]
 
 
 def mixer_specs() -> list[Spec]:
     """Every entry that can be checked as a token mixer (mixers, patterns' mixers, score_mods inside a host mha)."""
-    return [s for s in attnzoo.list() if s.type in MODULE_TYPES or (s.type == "score_mod" and s.host is not None)]
+    return specs_of(TOKEN_MIXER)
 
 
 def steering_specs() -> list[Spec]:
     """Every steering entry (checked as a wrapper of a host model)."""
-    return attnzoo.list(type="steering")
+    return specs_of(STEERING)
+
+
+def pooler_specs() -> list[Spec]:
+    """Every pooler ((B, N, C) + mask -> (B, C_out) or (B, K, C_out))."""
+    return specs_of(POOLER)
+
+
+def channel_specs() -> list[Spec]:
+    """Every channel module ((B, C, H, W) -> the same shape)."""
+    return specs_of(CHANNEL)
 
 
 def suite_slugs() -> set[str]:
     """Slugs of every entry the conformance suite checks by its contract."""
-    return {s.slug for s in [*mixer_specs(), *steering_specs()]}
+    return {s.slug for s in [*mixer_specs(), *steering_specs(), *pooler_specs(), *channel_specs()]}
 
 
 def training_specs() -> list[Spec]:
@@ -44,28 +75,7 @@ def training_specs() -> list[Spec]:
 
 def build_with_entry(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
     """(the module the suite runs, the entry's own module): equal for mixers, (host, modifier) otherwise."""
-    torch.manual_seed(seed)
-    if spec.type in MODULE_TYPES:
-        kw: dict[str, Any] = dict(spec.test_kwargs)
-        if reference:
-            kw.update(spec.reference_kwargs)
-        m = attnzoo.create(spec.slug, **kw)
-        return m, m
-    inner = attnzoo.create(spec.slug, **spec.test_kwargs)
-    return MultiHeadAttention(DIM, HEADS, backend="reference" if reference else "auto", **spec.host(inner)), inner
-
-
-def build(spec: Spec, seed: int = 0, reference: bool = False) -> nn.Module:
-    """The entry's small test configuration (its float64 oracle when ``reference``), seeded."""
-    return build_with_entry(spec, seed, reference)[0]
-
-
-def build_pair(spec: Spec, seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """(default module in float32, float64 oracle with the same weights)."""
-    m = build(spec, seed)
-    ref = build(spec, seed + 1, reference=True)
-    ref.load_state_dict(m.state_dict())
-    return m.float(), ref.double()
+    return build_entry(spec, seed, reference)
 
 
 def build_steered(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
@@ -77,22 +87,6 @@ def build_steered(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[n
 
 def supports(spec: Spec, what: str) -> bool:
     return what in spec.supports
-
-
-def inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, n, DIM, generator=g, dtype=torch.float64).to(dtype)
-
-
-def tokens(b: int = 2, n: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
-
-
-def pad_mask(b: int = 2, n: int = 12) -> torch.Tensor:
-    keep = torch.ones(b, n, dtype=torch.bool)
-    keep[0, n - 4:] = False
-    keep[1, n - 1:] = False
-    return keep
 
 
 def check_against_reference(slug: str, m: nn.Module, ref: nn.Module, run: Any, x: torch.Tensor,
