@@ -17,44 +17,9 @@ from attnzoo.layers.base import (
 )
 from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, copy_mha, rand_x
 from attnzoo.ops import attention
-from attnzoo.patterns import KeyPadding, Pattern
+from attnzoo.ops.routed import GATHER_CHUNK, gather_pays, gather_routes
+from attnzoo.patterns.routed import routed_attention
 from attnzoo.registry import Reduction, register
-
-
-class GatheredCausal(Pattern):
-    """Causality for gathered queries: query slot ``c`` of (batch b, head h) sits at key index ``qpos[b, h, c]``.
-
-    ``allow = kv <= qpos[b, h, q]``; a slot with ``qpos = -1`` sees nothing (padding slots of
-    the gather). Block bounds come from the per-block minimum and maximum of ``qpos``, so the
-    chunked backend skips the key blocks after each query block.
-    """
-
-    per_batch = True
-    per_head = True
-
-    def __init__(self, qpos: torch.Tensor) -> None:
-        self.qpos = qpos
-
-    def allow(self, b, h, q, kv, shape):
-        return kv <= self.qpos[b, h, q]
-
-    def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
-        n = self.qpos.shape[-1]
-        block = int(q_hi[0, 0] - q_lo[0, 0] + 1) if q_lo.shape[0] > 1 else n
-        nqb = q_lo.shape[0]
-        pad = nqb * block - n
-        hi = torch.nn.functional.pad(self.qpos, (0, pad), value=-1).view(*self.qpos.shape[:2], nqb, block)
-        lo = torch.nn.functional.pad(self.qpos, (0, pad), value=n + shape.n_kv).view(*self.qpos.shape[:2], nqb,
-                                                                                      block)
-        qmax, qmin = hi.amax(-1, keepdim=True), lo.amin(-1, keepdim=True)
-        return k_lo <= qmax, k_hi <= qmin
-
-
-# Gather dispatch pays when each routed head is picked by at most this fraction of the tokens
-# and the call has at least this many query tokens (benchmarks/bench_moh.py, RESULTS.md).
-GATHER_MAX_FRACTION = 0.4
-GATHER_MIN_TOKENS = 256
-GATHER_CHUNK = 128
 
 
 class MixtureOfHeads(MultiHeadAttention):
@@ -147,7 +112,7 @@ class MixtureOfHeads(MultiHeadAttention):
             return False
         if self.dispatch == "gather":
             return True
-        return self.top_k / (self.n_heads - self.n_shared) <= GATHER_MAX_FRACTION and n_tokens >= GATHER_MIN_TOKENS
+        return gather_pays(self.top_k / (self.n_heads - self.n_shared), n_tokens)
 
     def forward(self, x, *, mask=None, causal=False, context=None, context_mask=None, cache=None, head_mask=None,
                 return_weights=False):
@@ -164,26 +129,6 @@ class MixtureOfHeads(MultiHeadAttention):
             return t[:, heads.start:heads.stop]
         idx = torch.arange(heads.start, heads.stop, device=t.device) // g
         return t.index_select(1, idx)
-
-    def _routed_attention(self, q, k, v, qpos, causal, keep):
-        """Attention of gathered queries ``q`` ``[B, R, C, D]`` at key positions ``qpos`` (−1: padding slot).
-
-        Causal calls split the slots (sorted by position) into chunks of ``gather_chunk`` (128);
-        each chunk reads only the keys up to its last position, so the routed heads do about
-        half the work of a full pass, as a causal kernel would.
-        """
-        pad = KeyPadding(keep) if keep is not None and not bool(keep.all()) else None
-        if not causal:
-            return attention(q, k, v, pattern=pad, scale=self.scale, backend=self.backend)
-        outs = []
-        for start in range(0, q.shape[2], self.gather_chunk):
-            sl = slice(start, start + self.gather_chunk)
-            qp = qpos[:, :, sl]
-            m = max(int(qp.max()) + 1, 1)
-            pattern = GatheredCausal(qp) if pad is None else GatheredCausal(qp) & KeyPadding(keep[:, :m])
-            outs.append(attention(q[:, :, sl], k[:, :, :m], v[:, :, :m], pattern=pattern, scale=self.scale,
-                                  backend=self.backend))
-        return torch.cat(outs, 2)
 
     def _gather_forward(self, x, mask, causal, context, context_mask, cache, head_mask):
         b, n, _ = x.shape
@@ -221,12 +166,9 @@ class MixtureOfHeads(MultiHeadAttention):
         sel = gates[..., s:] != 0  # [B, N, R]
         if mask is not None:
             sel = sel & mask.unsqueeze(-1)
-        counts = sel.sum(1)  # [B, R]
-        c = int(counts.max()) if counts.numel() else 0
+        idx, valid, _ = gather_routes(sel)  # [B, R, C] token ids of each routed head
+        c = idx.shape[-1]
         if c:
-            ar = torch.arange(n, device=x.device).view(1, n, 1)
-            idx = torch.where(sel, ar, ar + n).argsort(dim=1)[:, :c].transpose(1, 2)  # [B, R, C] token ids
-            valid = torch.arange(c, device=x.device).view(1, 1, c) < counts.unsqueeze(-1)
             flat = idx.reshape(b, r * c)
             x_g = x.gather(1, flat.unsqueeze(-1).expand(-1, -1, x.shape[-1])).view(b, r, c, -1)
             q_g = torch.einsum("brcx,rdx->brcd", x_g, wq[s:])
@@ -234,8 +176,9 @@ class MixtureOfHeads(MultiHeadAttention):
                 q_g = q_g + bq[s:].view(1, r, 1, d)
             if rope is not None:
                 q_g = rope.rotate(q_g, idx + pos)
-            z_g = self._routed_attention(q_g, self._kv_for(k, range(s, h)), self._kv_for(v, range(s, h)),
-                                         torch.where(valid, idx + off, torch.full_like(idx, -1)), causal, keep)
+            z_g = routed_attention(q_g, self._kv_for(k, range(s, h)), self._kv_for(v, range(s, h)),
+                                   torch.where(valid, idx + off, torch.full_like(idx, -1)), causal=causal, keep=keep,
+                                   scale=self.scale, backend=self.backend, chunk=self.gather_chunk)
             w_g = gates[..., s:].gather(1, idx.transpose(1, 2)).transpose(1, 2) * valid  # [B, R, C]
             wo_r = wo[:, s * d:].reshape(-1, r, d).permute(1, 2, 0)  # [R, D, C_out]
             contrib = torch.einsum("brcd,rde->brce", z_g * w_g.unsqueeze(-1).to(z_g.dtype), wo_r)
