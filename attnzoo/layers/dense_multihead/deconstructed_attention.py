@@ -16,9 +16,10 @@ from attnzoo.layers.base import (
     check_choice,
     check_int,
     head_dim_for,
+    load_shared,
     seeded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.ops import attention
 from attnzoo.registry import Reduction, register
 
@@ -204,7 +205,7 @@ def _dec_alt_score_form() -> tuple[torch.Tensor, torch.Tensor]:
 def _dec_decoupled_self_is_mha() -> tuple[torch.Tensor, torch.Tensor]:
     d = _deconstructed("decoupled_qk")
     ref = MultiHeadAttention(32, 4).double()
-    copy_mha(d, ref)
+    load_shared(d, ref)
     x = rand_x()
     return d(x, causal=True, qk_source=x), ref(x, causal=True)
 

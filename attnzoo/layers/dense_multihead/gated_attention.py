@@ -10,9 +10,10 @@ from torch import nn
 from attnzoo.layers.base import (
     MultiHeadAttention,
     check_choice,
+    load_shared,
     seeded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, SMALL, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, SMALL, rand_x
 from attnzoo.registry import Reduction, register
 
 
@@ -51,7 +52,7 @@ def _gated_one_is_mha() -> tuple[torch.Tensor, torch.Tensor]:
         g = seeded(GatedAttention, dim=32, n_heads=4, granularity=gran)
         g.gate_activation = torch.ones_like
         m = MultiHeadAttention(32, 4).double()
-        copy_mha(g, m)
+        load_shared(g, m)
         out.append((g(x, causal=True), m(x, causal=True)))
     return torch.stack([a for a, _ in out]), torch.stack([b for _, b in out])
 

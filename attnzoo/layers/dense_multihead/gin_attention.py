@@ -13,9 +13,10 @@ from torch import nn
 from attnzoo.layers.base import (
     MultiHeadAttention,
     check_choice,
+    load_shared,
     seeded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, SMALL, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, SMALL, rand_x
 from attnzoo.ops import attention
 from attnzoo.registry import Reduction, register
 
@@ -145,7 +146,7 @@ def _gin_is_attention() -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         g.eps.fill_(-1.0)
     m = MultiHeadAttention(32, 4).double()
-    copy_mha(g, m)
+    load_shared(g, m)
     x = rand_x()
     return g(x, causal=True), m(x, causal=True)
 

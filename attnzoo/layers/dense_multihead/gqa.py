@@ -8,9 +8,10 @@ import torch
 
 from attnzoo.layers.base import (
     MultiHeadAttention,
+    load_shared,
     seeded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, rand_x
 from attnzoo.registry import Reduction, register
 
 
@@ -28,7 +29,7 @@ class GroupedQueryAttention(MultiHeadAttention):
 def _gqa_equals_mha() -> tuple[torch.Tensor, torch.Tensor]:
     g = seeded(GroupedQueryAttention, dim=32, n_heads=4, n_kv_heads=4)
     m = MultiHeadAttention(32, 4).double()
-    copy_mha(g, m)
+    load_shared(g, m)
     x = rand_x()
     return g(x, causal=True), m(x, causal=True)
 

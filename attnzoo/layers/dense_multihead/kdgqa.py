@@ -9,9 +9,10 @@ import torch
 from attnzoo.layers.base import (
     MultiHeadAttention,
     check_choice,
+    load_shared,
     seeded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.layers.dense_multihead.gqa import GroupedQueryAttention
 from attnzoo.registry import Reduction, register
 
@@ -96,7 +97,7 @@ def _kdgqa_equal_is_gqa() -> tuple[torch.Tensor, torch.Tensor]:
     m = seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=2)
     m.key_norms = lambda k, keep: k.new_ones(k.shape[0], k.shape[1])
     g = GroupedQueryAttention(32, 4, 2).double()
-    copy_mha(m, g)
+    load_shared(m, g)
     x = rand_x()
     return m(x), g(x)
 
@@ -110,7 +111,7 @@ def _kdgqa_integers() -> tuple[torch.Tensor, torch.Tensor]:
 def _kdgqa_groups_eq_heads_is_mha() -> tuple[torch.Tensor, torch.Tensor]:
     m = seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=4)
     ref = MultiHeadAttention(32, 4).double()
-    copy_mha(m, ref)
+    load_shared(m, ref)
     x = rand_x()
     return m(x), ref(x)
 
@@ -118,7 +119,7 @@ def _kdgqa_groups_eq_heads_is_mha() -> tuple[torch.Tensor, torch.Tensor]:
 def _kdgqa_one_group_is_mqa() -> tuple[torch.Tensor, torch.Tensor]:
     m = seeded(KeyDrivenGQA, dim=32, n_heads=4, n_kv_heads=1)
     g = GroupedQueryAttention(32, 4, 1).double()
-    copy_mha(m, g)
+    load_shared(m, g)
     x = rand_x()
     return m(x), g(x)
 

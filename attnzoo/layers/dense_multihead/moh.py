@@ -12,10 +12,11 @@ from attnzoo.layers.base import (
     build_pattern,
     check_choice,
     check_int,
+    load_shared,
     seeded,
     zero_padded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, rand_x
 from attnzoo.ops import attention
 from attnzoo.ops.routed import GATHER_CHUNK, gather_pays, gather_routes
 from attnzoo.patterns.routed import routed_attention
@@ -195,7 +196,7 @@ def _moh_ones_is_mha() -> tuple[torch.Tensor, torch.Tensor]:
         m = seeded(MixtureOfHeads, dim=32, n_heads=4, n_shared=1, top_k=2, router=router)
         m.route = lambda t: t.new_ones(*t.shape[:2], 4)
         ref = MultiHeadAttention(32, 4).double()
-        copy_mha(m, ref)
+        load_shared(m, ref)
         got.append(m(x, causal=True))
         want.append(ref(x, causal=True))
     return torch.stack(got), torch.stack(want)
@@ -246,7 +247,7 @@ def _moh_drop_one_uniform() -> tuple[torch.Tensor, torch.Tensor]:
     m = seeded(MixtureOfHeads, dim=32, n_heads=4, router="drop_one", bias=False)
     nn.init.zeros_(m.w_drop.weight)
     ref = MultiHeadAttention(32, 4, bias=False).double()
-    copy_mha(m, ref)
+    load_shared(m, ref)
     x = rand_x()
     return m(x), ref(x) * (3.0 / 4.0)
 

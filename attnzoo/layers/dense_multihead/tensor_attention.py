@@ -12,10 +12,11 @@ from attnzoo.layers.base import (
     MultiHeadAttention,
     check_context,
     check_mixer_input,
+    load_shared,
     seeded,
     zero_padded,
 )
-from attnzoo.layers.dense_multihead._common import FAMILY, copy_mha, rand_x
+from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.patterns import KeyPadding, Pattern
 from attnzoo.registry import Reduction, register
 
@@ -89,7 +90,7 @@ def _tensor_reduces_to_mha() -> tuple[torch.Tensor, torch.Tensor]:
         nn.init.zeros_(lin.weight)
         nn.init.ones_(lin.bias)
     m = MultiHeadAttention(32, 4).double()
-    copy_mha(t, m)
+    load_shared(t, m)
     x = rand_x()
     return t(x), m(x)
 

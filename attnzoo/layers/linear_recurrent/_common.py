@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from attnzoo.layers.base import (
     check_choice,
     check_int,
 )
+from attnzoo.layers.testing import random_tokens
 from attnzoo.ops.linear import FORMS
 
 FAMILY = "linear-recurrent"
@@ -22,9 +24,7 @@ PARALLEL = {"form": "parallel"}
 REFERENCE = "the same module with form='parallel' (materialised N x N operator) in float64"
 
 
-def rand_x(b: int = 2, n: int = 11, c: int = 32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, n, c, generator=g, dtype=torch.float64)
+rand_x = partial(random_tokens, n=11)  # the family's reduction inputs [2, 11, 32]
 
 
 def check_form(form: str, chunk_size: int) -> tuple[str, int]:

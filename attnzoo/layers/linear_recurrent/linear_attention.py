@@ -131,7 +131,7 @@ def _la_pavlovian() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _la_taylor_kernel() -> tuple[torch.Tensor, torch.Tensor]:
     fm = FeatureMap("taylor", 1, 16).double()
-    q, k = rand_x(1, 7, 16).unsqueeze(1), rand_x(1, 9, 16, seed=1).unsqueeze(1)
+    q, k = rand_x(b=1, n=7, c=16).unsqueeze(1), rand_x(b=1, n=9, c=16, seed=1).unsqueeze(1)
     dot = q @ k.transpose(-1, -2)
     return fm(q) @ fm(k).transpose(-1, -2), 1 + dot / 4 + dot.pow(2) / 32
 

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from attnzoo.layers.base import MultiHeadAttention, load_shared
+from attnzoo.layers.testing import random_tokens
 
 FAMILY = "local-sparse"
 SMALL = {"dim": 32, "n_heads": 4}
 
 
-def rand_x(b: int = 2, n: int = 12, c: int = 32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, n, c, generator=g, dtype=torch.float64)
-
-
-def mha_like(src: nn.Module) -> MultiHeadAttention:
-    """A float64 ``mha`` with ``src``'s projections."""
-    m = MultiHeadAttention(src.dim, src.n_heads, head_dim=src.head_dim, n_kv_heads=src.n_kv_heads).double()
-    return load_shared(src, m)
+rand_x = partial(random_tokens, n=12)  # the family's reduction inputs [2, 12, 32]
 
 
 def pool_grid(t: torch.Tensor, keep: torch.Tensor | None, grid: tuple[int, ...], s: tuple[int, ...]
@@ -53,9 +44,3 @@ def pool_grid(t: torch.Tensor, keep: torch.Tensor | None, grid: tuple[int, ...],
     if keep is None:
         return out, None
     return out, den.reshape(b, lead, cells)[:, 0] > 0
-
-
-def with_pattern(src: MultiHeadAttention, pattern: Any) -> MultiHeadAttention:
-    m = MultiHeadAttention(src.dim, src.n_heads, head_dim=src.head_dim, n_kv_heads=src.n_kv_heads,
-                           pattern=pattern, backend="reference").double()
-    return load_shared(src, m)

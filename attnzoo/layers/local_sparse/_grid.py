@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.base import MultiHeadAttention, load_shared
+from attnzoo.layers.testing import mha_from
 from attnzoo.patterns import GridRelativeBias
 
 
@@ -103,13 +104,8 @@ class GridMixer(MultiHeadAttention):
 GRID_SUPPORT = {"self", "causal", "padding"}
 
 
-def grid_x(b: int = 2, grid: tuple[int, ...] = (6, 8), c: int = 32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, *grid, c, generator=g, dtype=torch.float64)
-
-
 def mha_on_grid(m: nn.Module, x: torch.Tensor, **kw: Any) -> torch.Tensor:
-    ref = load_shared(m, MultiHeadAttention(m.dim, m.n_heads, head_dim=m.head_dim, backend="reference")).double()
+    ref = mha_from(m, backend="reference")
     return ref(x.reshape(x.shape[0], -1, x.shape[-1]), **kw).reshape(x.shape)
 
 

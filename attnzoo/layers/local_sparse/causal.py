@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from attnzoo.layers.base import MultiHeadAttention, seeded
-from attnzoo.layers.local_sparse._common import FAMILY, SMALL, mha_like, rand_x
+from attnzoo.layers.local_sparse._common import FAMILY, SMALL, rand_x
+from attnzoo.layers.testing import mha_from
 from attnzoo.patterns import (
     Causal,
 )
@@ -27,7 +28,7 @@ class CausalAttention(MultiHeadAttention):
 def _causal_is_mha_causal():
     m = seeded(CausalAttention, dim=32, n_heads=4)
     x = rand_x()
-    return m(x), mha_like(m)(x, causal=True)
+    return m(x), mha_from(m)(x, causal=True)
 
 
 def _causal_future_independent():

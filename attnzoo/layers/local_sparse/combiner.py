@@ -12,6 +12,7 @@ from torch import nn
 
 from attnzoo.layers.base import MultiHeadAttention, check_int, seeded
 from attnzoo.layers.local_sparse._common import FAMILY, rand_x
+from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
 from attnzoo.ops.score_mod import ScoreMod
 from attnzoo.patterns import Causal, KeyPadding, Pattern
@@ -165,18 +166,13 @@ def _keep(pattern: Any) -> torch.Tensor | None:
     return None
 
 
-def _mha_of(m: nn.Module) -> MultiHeadAttention:
-    ref = MultiHeadAttention(m.dim, m.n_heads, head_dim=m.head_dim, backend="reference").double()
-    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k in ref.state_dict()})
-    return ref
-
-
 def _combiner_singletons():
     m = seeded(CombinerAttention, dim=32, n_heads=4, block=1)
     with torch.no_grad():
         m.region_query.normal_()
     x = rand_x()
-    return torch.stack([m(x), m(x, causal=True)]), torch.stack([_mha_of(m)(x), _mha_of(m)(x, causal=True)])
+    ref = mha_from(m, backend="reference")
+    return torch.stack([m(x), m(x, causal=True)]), torch.stack([ref(x), ref(x, causal=True)])
 
 
 def _combiner_weights():

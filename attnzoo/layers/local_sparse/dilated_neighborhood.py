@@ -11,8 +11,9 @@ import torch
 
 from attnzoo.layers.base import check_int, load_shared, seeded
 from attnzoo.layers.local_sparse._common import FAMILY
-from attnzoo.layers.local_sparse._grid import GRID_SUPPORT, grid_x, per_axis
+from attnzoo.layers.local_sparse._grid import GRID_SUPPORT, per_axis
 from attnzoo.layers.local_sparse.neighborhood import NeighborhoodAttention
+from attnzoo.layers.testing import random_grid
 from attnzoo.registry import Reduction, register
 
 
@@ -40,13 +41,13 @@ class DilatedNeighborhoodAttention(NeighborhoodAttention):
 def _dina_one_is_na():
     m = seeded(DilatedNeighborhoodAttention, dim=32, n_heads=4, kernel_size=3, dilation=1)
     na = load_shared(m, NeighborhoodAttention(32, 4, kernel_size=3)).double()
-    x = grid_x()
+    x = random_grid()
     return m(x), na(x)
 
 
 def _dina_congruent_keys():
     m = seeded(DilatedNeighborhoodAttention, dim=32, n_heads=4, kernel_size=3, dilation=2, backend="reference")
-    x = grid_x(b=1, grid=(7, 8))
+    x = random_grid(b=1, grid=(7, 8))
     _, w = m(x, return_weights=True)
     seen = w[0] > 0  # [H, N, N]
     c = torch.cartesian_prod(torch.arange(7), torch.arange(8))

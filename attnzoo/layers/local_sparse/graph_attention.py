@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.layers.base import MultiHeadAttention, check_choice, check_int, check_mixer_input, zero_padded
-from attnzoo.layers.local_sparse._common import FAMILY
+from attnzoo.layers.base import MultiHeadAttention, check_choice, check_int, check_mixer_input, seeded, zero_padded
+from attnzoo.layers.local_sparse._common import FAMILY, rand_x
 from attnzoo.ops import attention
 from attnzoo.patterns import Adjacency
 from attnzoo.registry import Reduction, register
@@ -160,20 +160,11 @@ class GraphAttention(MultiHeadAttention):
         return self.g_proj(self.merge(z))
 
 
-def _x(b: int = 2, n: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, n, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _seeded(seed: int = 0, **kw: Any) -> GraphAttention:
-    torch.manual_seed(seed)
-    return GraphAttention(**kw).double()
-
-
 def _graph_dot_complete_is_mha():
-    m = _seeded(dim=32, n_heads=4, scorer="dot")
+    m = seeded(GraphAttention, dim=32, n_heads=4, scorer="dot")
     ref = MultiHeadAttention(32, 4, backend="reference").double()
     ref.load_state_dict(m.state_dict())
-    x = _x()
+    x = rand_x(n=10)
     full = torch.ones(10, 10, dtype=torch.bool)
     return torch.stack([m(x), m(x, adj=full), m(x, causal=True)]), torch.stack([ref(x), ref(x), ref(x, causal=True)])
 
@@ -184,8 +175,8 @@ def _graph_alpha_normalised():
     adj[:, 3] = False  # an isolated query node
     got, want = [], []
     for scorer in ("gat", "gatv2", "dot"):
-        m = _seeded(dim=32, n_heads=4, scorer=scorer)
-        _, w = m(_x(), adj=adj, return_weights=True)
+        m = seeded(GraphAttention, dim=32, n_heads=4, scorer=scorer)
+        _, w = m(rand_x(n=10), adj=adj, return_weights=True)
         has = adj.any(-1).unsqueeze(1).expand(2, 4, 10)
         got += [w.sum(-1)[has], w.masked_fill(adj.unsqueeze(1), 0.0).abs().sum().view(1), w.sum(-1)[~has]]
         want += [torch.ones(int(has.sum()), dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
@@ -200,10 +191,10 @@ def _graph_edges_equal_dense():
     keep[1, 7:] = False
     got, want = [], []
     for scorer in ("gat", "gatv2"):
-        m = _seeded(dim=32, n_heads=4, scorer=scorer)
-        ref = _seeded(dim=32, n_heads=4, scorer=scorer, backend="reference")
+        m = seeded(GraphAttention, dim=32, n_heads=4, scorer=scorer)
+        ref = seeded(GraphAttention, dim=32, n_heads=4, scorer=scorer, backend="reference")
         ref.load_state_dict(m.state_dict())
-        x = _x()
+        x = rand_x(n=10)
         edges = adj.nonzero().t()
         got += [m(x, edges=edges), m(x, adj=adj, mask=keep, causal=True)]
         want += [ref(x, adj=adj), ref(x, adj=adj, mask=keep, causal=True)]
@@ -211,8 +202,8 @@ def _graph_edges_equal_dense():
 
 
 def _graph_gat_static_ranking():
-    m = _seeded(dim=32, n_heads=4, scorer="gat")
-    q, k, _ = m.project(_x(), _x())
+    m = seeded(GraphAttention, dim=32, n_heads=4, scorer="gat")
+    q, k, _ = m.project(rand_x(n=10), rand_x(n=10))
     best = m.dense_scores(q, k).argmax(-1)  # [B, H, N]
     distinct = torch.tensor([float(len(torch.unique(best[b, h]))) for b in range(2) for h in range(4)],
                             dtype=torch.float64)

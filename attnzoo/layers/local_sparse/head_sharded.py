@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from attnzoo.layers.base import MultiHeadAttention, check_int, seeded
-from attnzoo.layers.local_sparse._common import FAMILY, mha_like, rand_x
+from attnzoo.layers.local_sparse._common import FAMILY, rand_x
+from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
 from attnzoo.patterns import (
     Causal,
@@ -127,7 +128,7 @@ def _hs_sharded_equals_pattern():
 def _hs_stride_one_is_dense():
     m = seeded(HeadShardedAttention, dim=32, n_heads=4, stride=1)
     x = rand_x()
-    return m(x), mha_like(m)(x)
+    return m(x), mha_from(m)(x)
 
 
 def _hs_cover_and_kv():

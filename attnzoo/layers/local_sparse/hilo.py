@@ -14,6 +14,7 @@ from attnzoo.layers.local_sparse._common import FAMILY, pool_grid
 from attnzoo.layers.local_sparse._grid import flatten_grid
 from attnzoo.layers.local_sparse.pooled_kv import PooledKVAttention
 from attnzoo.layers.local_sparse.swin_window import SwinWindowAttention
+from attnzoo.layers.testing import random_grid
 from attnzoo.ops import attention
 from attnzoo.patterns import KeyPadding, WindowPartition
 from attnzoo.registry import Reduction, register
@@ -86,10 +87,6 @@ class HiLoAttention(nn.Module):
         return zero_padded(y, keep).reshape(x.shape)
 
 
-def _grid(b: int = 2, grid: tuple[int, ...] = (4, 6), seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, *grid, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
 def _hilo_alpha0_is_window():
     m = seeded(HiLoAttention, dim=32, n_heads=4, alpha=0.0, window=2)
     win = SwinWindowAttention(32, 4, window=2, backend="reference").double()
@@ -98,7 +95,7 @@ def _hilo_alpha0_is_window():
     win.load_state_dict({"q_proj.weight": q, "q_proj.bias": qb, "k_proj.weight": k, "k_proj.bias": kb,
                          "v_proj.weight": v, "v_proj.bias": vb, "o_proj.weight": m.h_proj.weight,
                          "o_proj.bias": m.h_proj.bias})
-    x = _grid()
+    x = random_grid(grid=(4, 6))
     return m(x), win(x)
 
 
@@ -114,7 +111,7 @@ def _hilo_lofi_map(m: HiLoAttention, dst: nn.Module) -> nn.Module:
 def _hilo_alpha1_is_pooled():
     m = seeded(HiLoAttention, dim=32, n_heads=4, alpha=1.0, window=2)
     pooled = _hilo_lofi_map(m, PooledKVAttention(32, 4, pool=2, backend="reference").double())
-    x = _grid()
+    x = random_grid(grid=(4, 6))
     keep = torch.ones(2, 4, 6, dtype=torch.bool)
     keep[0, 3, 3:] = False
     return torch.stack([m(x), m(x, mask=keep)]), torch.stack([pooled(x), pooled(x, mask=keep)])
@@ -123,7 +120,7 @@ def _hilo_alpha1_is_pooled():
 def _hilo_s1_lofi_is_mha():
     m = seeded(HiLoAttention, dim=32, n_heads=4, alpha=1.0, window=1)
     ref = _hilo_lofi_map(m, MultiHeadAttention(32, 4, backend="reference").double())
-    x = _grid()
+    x = random_grid(grid=(4, 6))
     return m(x), ref(x.view(2, 24, 32)).view(x.shape)
 
 

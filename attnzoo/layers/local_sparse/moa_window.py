@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from attnzoo.layers.base import MultiHeadAttention, seeded
-from attnzoo.layers.local_sparse._common import FAMILY, mha_like, rand_x
+from attnzoo.layers.local_sparse._common import FAMILY, rand_x
+from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
 from attnzoo.patterns import (
     Causal,
@@ -92,7 +93,7 @@ class MoAAttention(MultiHeadAttention):
 def _moa_full_span_is_causal():
     m = seeded(MoAAttention, dim=32, n_heads=4, alpha=[2.0, 20.0], beta=[1.0, 0.0])
     x = rand_x()
-    return m(x), mha_like(m)(x, causal=True)
+    return m(x), mha_from(m)(x, causal=True)
 
 
 def _moa_span_rule():

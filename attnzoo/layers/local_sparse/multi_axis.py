@@ -10,8 +10,9 @@ from torch import nn
 
 from attnzoo.layers.base import check_choice, check_int, load_shared, seeded
 from attnzoo.layers.local_sparse._common import FAMILY
-from attnzoo.layers.local_sparse._grid import GridMixer, fixed_ndim, grid_x, mha_on_grid, per_axis
+from attnzoo.layers.local_sparse._grid import GridMixer, fixed_ndim, mha_on_grid, per_axis
 from attnzoo.layers.local_sparse.swin_window import SwinWindowAttention
+from attnzoo.layers.testing import random_grid
 from attnzoo.patterns import GridPartition, GridRelativeBias
 from attnzoo.registry import Reduction, register
 
@@ -79,7 +80,7 @@ class MultiAxisAttention(nn.Module):
 
 
 def _maxvit_full():
-    x = grid_x(grid=(6, 6))
+    x = random_grid(grid=(6, 6))
     m_block = seeded(MultiAxisAttention, dim=32, n_heads=4, block=6, grid=2, mode="block")
     m_grid = seeded(MultiAxisAttention, dim=32, n_heads=4, block=2, grid=6, mode="grid")
     return (torch.stack([m_block(x), m_grid(x)]),
@@ -89,7 +90,7 @@ def _maxvit_full():
 def _maxvit_grid_is_permuted_block():
     m = seeded(MultiAxisAttention, dim=32, n_heads=4, block=3, grid=(2, 4), mode="grid")
     block = load_shared(m.grid_attn, SwinWindowAttention(32, 4, window=(2, 4))).double()
-    x = grid_x(grid=(6, 8))
+    x = random_grid(grid=(6, 8))
     b, c = x.shape[0], x.shape[-1]
     # y = g * P + i  ->  y' = i * G + g   (P = extent / G)
     xp = x.view(b, 2, 3, 4, 2, c).permute(0, 2, 1, 4, 3, 5).reshape(b, 6, 8, c)
@@ -100,7 +101,7 @@ def _maxvit_grid_is_permuted_block():
 
 def _maxvit_stage():
     m = seeded(MultiAxisAttention, dim=32, n_heads=4, block=(3, 4), grid=2)
-    x = grid_x()
+    x = random_grid()
     h = x + m.block_attn(x)
     return x + m(x), h + m.grid_attn(h)
 

@@ -16,11 +16,11 @@ from attnzoo.layers.local_sparse._grid import (
     GridMixer,
     fixed_ndim,
     flatten_grid,
-    grid_x,
     mha_on_grid,
     per_axis,
     per_window,
 )
+from attnzoo.layers.testing import random_grid
 from attnzoo.ops import attention
 from attnzoo.ops.score_mod import ScoreMod
 from attnzoo.patterns import GridRelativeBias, KeyPadding, Neighborhood
@@ -138,13 +138,13 @@ class _AtQueries(ScoreMod):
 
 def _na_full_kernel_is_dense():
     m = seeded(NeighborhoodAttention, dim=32, n_heads=4, kernel_size=(6, 8))
-    x = grid_x()
+    x = random_grid()
     return m(x), mha_on_grid(m, x)
 
 
 def _na_stride_kernel_is_window():
     m = seeded(NeighborhoodAttention, dim=32, n_heads=4, kernel_size=(3, 4), stride=(3, 4))
-    x = grid_x()
+    x = random_grid()
     return m(x), per_window(m, x, (3, 4))
 
 
@@ -153,7 +153,7 @@ def _na_tiled_equals_dense_mask():
                backend="blocksparse")
     ref = load_shared(m, NeighborhoodAttention(32, 4, kernel_size=(5, 3), dilation=(1, 2),
                                                backend="reference")).double()
-    x = grid_x(grid=(10, 12))
+    x = random_grid(grid=(10, 12))
     keep = torch.ones(2, 10, 12, dtype=torch.bool)
     keep[1, 7:] = False
     return torch.stack([m(x), m(x, mask=keep), m(x, causal=True)]), torch.stack([ref(x), ref(x, mask=keep),
@@ -163,7 +163,7 @@ def _na_tiled_equals_dense_mask():
 def _na_output_stride():
     m = seeded(NeighborhoodAttention, dim=32, n_heads=4, kernel_size=3, output_stride=(2, 3))
     full = load_shared(m, NeighborhoodAttention(32, 4, kernel_size=3)).double()
-    x = grid_x(grid=(7, 9))
+    x = random_grid(grid=(7, 9))
     return m(x), full(x)[:, ::2, ::3]
 
 

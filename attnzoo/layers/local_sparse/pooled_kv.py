@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from attnzoo.layers.base import MultiHeadAttention, check_choice, check_int, seeded, zero_padded
-from attnzoo.layers.local_sparse._common import FAMILY, pool_grid
+from attnzoo.layers.local_sparse._common import FAMILY, pool_grid, rand_x
 from attnzoo.layers.local_sparse._grid import flatten_grid, per_axis
+from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
 from attnzoo.patterns import KeyPadding, Pattern
 from attnzoo.patterns.base import Shape
@@ -163,28 +163,18 @@ class PooledKVAttention(MultiHeadAttention):
         return kp, vp, valid
 
 
-def _seq(b: int = 2, n: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, n, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _to_mha(m: nn.Module) -> MultiHeadAttention:
-    ref = MultiHeadAttention(m.dim, m.n_heads, head_dim=m.head_dim, backend="reference").double()
-    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k in ref.state_dict()})
-    return ref
-
-
 def _pkv_pool_one_is_full():
     m = seeded(PooledKVAttention, dim=32, n_heads=4, pool=1)
-    x1, x2 = _seq(), torch.randn(2, 4, 6, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref = _to_mha(m)
+    x1, x2 = rand_x(), torch.randn(2, 4, 6, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = mha_from(m, backend="reference")
     return torch.cat([m(x1).flatten(), m(x2).flatten()]), torch.cat([ref(x1).flatten(),
                                                                     ref(x2.view(2, 24, 32)).flatten()])
 
 
 def _pkv_cca_g1_w1_is_causal():
     m = seeded(PooledKVAttention, dim=32, n_heads=4, pool=1, mode="significance", local_window=1)
-    x = _seq()
-    return m(x, causal=True), _to_mha(m)(x, causal=True)
+    x = rand_x()
+    return m(x, causal=True), mha_from(m, backend="reference")(x, causal=True)
 
 
 def _pkv_key_count_and_avg():
@@ -201,7 +191,7 @@ def _pkv_key_count_and_avg():
 
 def _pkv_no_future_groups():
     m = seeded(PooledKVAttention, dim=32, n_heads=4, pool=3, mode="significance", local_window=2)
-    x = _seq(n=13)
+    x = rand_x(n=13)
     x2 = x.clone()
     x2[:, 7:] += 1.0
     return m(x2, causal=True)[:, :7], m(x, causal=True)[:, :7]

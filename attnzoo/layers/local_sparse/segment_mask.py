@@ -9,7 +9,8 @@ from torch import nn
 
 from attnzoo.layers.base import MultiHeadAttention, check_int, seeded
 from attnzoo.layers.cache import KVCache
-from attnzoo.layers.local_sparse._common import FAMILY, mha_like, rand_x, with_pattern
+from attnzoo.layers.local_sparse._common import FAMILY, rand_x
+from attnzoo.layers.testing import mha_from
 from attnzoo.patterns import (
     Pattern,
     SegmentMask,
@@ -98,7 +99,7 @@ def _seg_packed_equals_separate():
     ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
     packed = m(x, segment_ids=ids)
     parts = torch.split(x, lengths, dim=1)
-    ref = mha_like(m)
+    ref = mha_from(m)
     return packed, torch.cat([ref(p) for p in parts], dim=1)
 
 
@@ -119,7 +120,7 @@ def _seg_lait_zero_is_encoder():
     y, y_ref = x, x
     for layer in layers:
         y = y + layer(y)
-        y_ref = y_ref + mha_like(layer)(y_ref)
+        y_ref = y_ref + mha_from(layer)(y_ref)
     return y, y_ref
 
 
@@ -132,7 +133,7 @@ def _seg_blockrank():
     from attnzoo.patterns import Custom
 
     pat = Custom(lambda b, h, q, kv: allowed.to(q.device)[q, kv], per_batch=False, per_head=False)
-    return m(x), with_pattern(m, pat)(x)
+    return m(x), mha_from(m, backend='reference', pattern=pat)(x)
 
 
 register(

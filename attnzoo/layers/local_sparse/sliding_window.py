@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from attnzoo.layers.base import MultiHeadAttention, seeded
-from attnzoo.layers.local_sparse._common import FAMILY, mha_like, rand_x, with_pattern
+from attnzoo.layers.local_sparse._common import FAMILY, rand_x
+from attnzoo.layers.testing import mha_from
 from attnzoo.patterns import (
     SlidingWindow,
 )
@@ -42,7 +43,7 @@ def _sw_full_window_is_dense():
     for causal_window in (False, True):
         m = seeded(SlidingWindowAttention, dim=32, n_heads=4, window=12, causal_window=causal_window)
         outs.append(m(x, causal=causal_window))
-        want.append(mha_like(m)(x, causal=causal_window))
+        want.append(mha_from(m)(x, causal=causal_window))
     return torch.stack(outs), torch.stack(want)
 
 
@@ -66,7 +67,7 @@ def _sw_per_head_and_sinks():
     def rule(b, h, q, kv):
         return allowed.to(q.device)[h, q, kv]
 
-    return m(x), with_pattern(m, Custom(rule, per_batch=False))(x)
+    return m(x), mha_from(m, backend='reference', pattern=Custom(rule, per_batch=False))(x)
 
 
 register(

@@ -20,11 +20,11 @@ from attnzoo.layers.local_sparse._grid import (
     GridMixer,
     fixed_ndim,
     flatten_grid,
-    grid_x,
     mha_on_grid,
     per_axis,
     per_window,
 )
+from attnzoo.layers.testing import random_grid
 from attnzoo.ops import attention
 from attnzoo.patterns import Bias, GridRelativeBias, KeyPadding, WindowPartition
 from attnzoo.registry import Reduction, register
@@ -229,13 +229,13 @@ class _Windows:
 
 def _swin_full_window():
     m = seeded(SwinWindowAttention, dim=32, n_heads=4, window=(6, 8))
-    x = grid_x()
+    x = random_grid()
     return m(x), mha_on_grid(m, x)
 
 
 def _swin_shift_zero():
     m = seeded(SwinWindowAttention, dim=32, n_heads=4, window=(3, 4), shift=0)
-    x = grid_x()
+    x = random_grid()
     return m(x), per_window(m, x, (3, 4))
 
 
@@ -245,7 +245,7 @@ def _swin_roll_and_mask():
 
     window, shift = (3, 4), (1, 2)
     m = seeded(SwinWindowAttention, dim=32, n_heads=4, window=window, shift=shift)
-    x = grid_x()
+    x = random_grid()
     b, hh, ww, c = x.shape
     rolled = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     region = torch.zeros(hh, ww, dtype=torch.long)
@@ -274,7 +274,7 @@ def _swin_halo_locality():
         m = seeded(SwinWindowAttention, dim=32, n_heads=4, window=(2, 4), halo=1, halo_padding=padding, rpb=True)
         with torch.no_grad():
             m.rpb.table.normal_()
-        x = grid_x(grid=(6, 8))
+        x = random_grid(grid=(6, 8))
         x2 = x.clone()
         x2[:, 3:] += 1.0  # rows >= 3 lie outside block (0, 0)'s halo (rows 0..2, cols 0..4)
         x2[:, :, 5:] -= 1.0
@@ -287,7 +287,7 @@ def _swin_cosine_and_global():
     m = seeded(SwinWindowAttention, dim=32, n_heads=4, window=(3, 4), cosine=True, query="global")
     with torch.no_grad():
         m.logit_scale.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
-    x = grid_x()
+    x = random_grid()
     b, hh, ww, c = x.shape
     pooled = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (3, 4)).flatten(2).transpose(1, 2)  # [B, 12, C]
     qg = F.normalize(m.split(m.q_proj(pooled), 4), dim=-1)

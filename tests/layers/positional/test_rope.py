@@ -1,8 +1,6 @@
-"""Rotary embedding and the positional entries beyond the conformance contract."""
+"""Tests of ``rope`` beyond the conformance contract."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -45,16 +43,3 @@ def test_rope_in_mha_option():
     plain.load_state_dict(m.state_dict())
     assert not torch.allclose(m(x, causal=True), plain(x, causal=True))
     torch.testing.assert_close(m(x, causal=True)[:, 0], plain(x, causal=True)[:, 0])  # one key: no rotation effect
-
-
-def test_relative_position_bias_2d_grid():
-    rpb = attnzoo.create("relative_position_bias", heads=2, grid=(3, 3), init_std=1.0)
-    assert rpb.table.shape == (2, 25)
-    m = MultiHeadAttention(16, 2, score_mod=rpb)
-    assert m(torch.randn(1, 9, 16)).shape == (1, 9, 16)
-
-
-def test_complex_attention_head_specific():
-    c = attnzoo.create("complex_attention", head_dim=8, n_heads=2)
-    assert {n for n, _ in c.named_parameters()} == {"alpha", "beta"}
-    assert math.isclose(float(c.alpha[0].detach()), 1.0)
