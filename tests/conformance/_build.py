@@ -7,8 +7,12 @@ modules are built from their spec and fed by the contract's input builders.
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,6 +44,7 @@ __all__ = [
     "DIM", "HEADS", "VOCAB", "build", "build_pair", "build_steered", "build_with_entry", "channel_inputs",
     "channel_specs", "check_against_reference", "grid_inputs", "grid_mask", "inputs", "mixer_specs", "pad_mask",
     "pooler_inputs", "pooler_specs", "steering_specs", "suite_slugs", "supports", "tokens", "training_specs",
+    "check_every_parameter_gets_a_gradient", "check_safetensors_round_trip", "check_seeded", "registered_probes",
 ]
 
 
@@ -105,3 +110,42 @@ def check_against_reference(slug: str, m: nn.Module, ref: nn.Module, run: Any, x
                                        msg=lambda s, name=name: f"{slug} grad of {name}: {s}")
     m.zero_grad()
     ref.zero_grad()
+
+
+def check_every_parameter_gets_a_gradient(slug: str, m: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> None:
+    """``loss(m).backward()`` reaches every trainable parameter of ``m`` (skips a module without any)."""
+    if not any(p.requires_grad for p in m.parameters()):
+        pytest.skip(f"{slug} has no trainable parameters")
+    loss(m).backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, f"{slug}: no gradient for {missing}"
+
+
+def check_seeded(make: Callable[[int], nn.Module], out: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Two modules built with the same seed give the same output, exactly."""
+    torch.testing.assert_close(out(make(7)), out(make(7)), rtol=0, atol=0)
+
+
+def check_safetensors_round_trip(make: Callable[[int], nn.Module], out: Callable[[nn.Module], torch.Tensor]) -> None:
+    """A state dict saved with safetensors and loaded into another module gives the same output, exactly."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    m = make(1)
+    blob = safetensors_torch.save({k: v.contiguous() for k, v in m.state_dict().items()})
+    other = make(2)
+    other.load_state_dict(safetensors_torch.load(io.BytesIO(blob).getvalue()))
+    torch.testing.assert_close(out(other), out(m), rtol=0, atol=0)
+
+
+@contextmanager
+def registered_probes(cls: type, family: str, type_: str, probes: dict[str, dict[str, Any]],
+                      **fields: Any) -> Iterator[dict[str, Spec]]:
+    """Register ``cls`` as each probe slug (its test kwargs) for the duration of a test, then remove them."""
+    from attnzoo import registry
+
+    try:
+        for slug, kw in probes.items():
+            registry.register(slug, family=family, type=type_, reference_kwargs={}, test_kwargs=kw, **fields)(cls)
+        yield {slug: registry.spec(slug) for slug in probes}
+    finally:
+        for slug in probes:
+            registry._REGISTRY.pop(slug, None)

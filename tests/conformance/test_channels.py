@@ -8,14 +8,23 @@ checks the checks on a probe (a squeeze-and-excitation gate) and a broken one.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 
 from attnzoo import registry
-from tests.conformance._build import DIM, build, build_pair, channel_inputs, channel_specs, check_against_reference
+from tests.conformance._build import (
+    DIM,
+    build,
+    build_pair,
+    channel_inputs,
+    channel_specs,
+    check_against_reference,
+    check_every_parameter_gets_a_gradient,
+    check_safetensors_round_trip,
+    check_seeded,
+    registered_probes,
+)
 
 SPECS = channel_specs()
 
@@ -45,12 +54,8 @@ def check_reference(spec):
 
 
 def check_gradients(spec):
-    m = _built(spec).double()
-    if not any(p.requires_grad for p in m.parameters()):
-        pytest.skip(f"{spec.slug} has no trainable parameters")
-    run(m, channel_inputs(dtype=torch.float64)).pow(2).sum().backward()
-    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
-    assert not missing, f"{spec.slug}: no gradient for {missing}"
+    x = channel_inputs(dtype=torch.float64)
+    check_every_parameter_gets_a_gradient(spec.slug, _built(spec).double(), lambda m: run(m, x).pow(2).sum())
 
 
 def check_batch_independence(spec):
@@ -61,17 +66,12 @@ def check_batch_independence(spec):
 
 def check_seed(spec):
     x = channel_inputs()
-    torch.testing.assert_close(run(_built(spec, seed=7), x), run(_built(spec, seed=7), x), rtol=0, atol=0)
+    check_seeded(lambda seed: _built(spec, seed=seed), lambda m: run(m, x))
 
 
 def check_safetensors(spec):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    m = _built(spec, seed=1)
-    blob = safetensors_torch.save({k: v.contiguous() for k, v in m.state_dict().items()})
-    other = _built(spec, seed=2)
-    other.load_state_dict(safetensors_torch.load(io.BytesIO(blob).getvalue()))
     x = channel_inputs()
-    torch.testing.assert_close(run(other, x), run(m, x), rtol=0, atol=0)
+    check_safetensors_round_trip(lambda seed: _built(spec, seed=seed), lambda m: run(m, x))
 
 
 CHECKS = {
@@ -111,22 +111,10 @@ class _SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))[:, :, None, None]
 
 
-@pytest.fixture
-def probes():
-    made = []
-    for slug, wrong in (("probe_channel_right", False), ("probe_channel_wrong", True)):
-        registry.register(slug, family="channel", type="channel", input_kind="feature_map", reference_kwargs={},
-                          test_kwargs={"dim": DIM, "mix_batch": wrong})(_SqueezeExcite)
-        made.append(slug)
-    try:
-        yield {slug: registry.spec(slug) for slug in made}
-    finally:
-        for slug in made:
-            registry._REGISTRY.pop(slug, None)
-
-
-def test_the_checks_pass_a_right_module_and_fail_one_that_mixes_the_batch(probes):
-    for check in CHECKS.values():
-        check(probes["probe_channel_right"])
-    with pytest.raises(AssertionError):
-        check_batch_independence(probes["probe_channel_wrong"])
+def test_the_checks_pass_a_right_module_and_fail_one_that_mixes_the_batch():
+    kinds = {"probe_channel_right": {"dim": DIM}, "probe_channel_wrong": {"dim": DIM, "mix_batch": True}}
+    with registered_probes(_SqueezeExcite, "channel", "channel", kinds, input_kind="feature_map") as probes:
+        for check in CHECKS.values():
+            check(probes["probe_channel_right"])
+        with pytest.raises(AssertionError):
+            check_batch_independence(probes["probe_channel_wrong"])

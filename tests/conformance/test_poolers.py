@@ -10,14 +10,23 @@ the last tests check the checks on two probe poolers, one right and one that ign
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 
 from attnzoo import registry
-from tests.conformance._build import DIM, build, build_pair, check_against_reference, pooler_inputs, pooler_specs
+from tests.conformance._build import (
+    DIM,
+    build,
+    build_pair,
+    check_against_reference,
+    check_every_parameter_gets_a_gradient,
+    check_safetensors_round_trip,
+    check_seeded,
+    pooler_inputs,
+    pooler_specs,
+    registered_probes,
+)
 
 SPECS = pooler_specs()
 IDS = [s.slug for s in SPECS]
@@ -53,13 +62,9 @@ def check_reference(spec):
 
 
 def check_gradients(spec):
-    m = _built(spec).double()
-    if not any(p.requires_grad for p in m.parameters()):
-        pytest.skip(f"{spec.slug} has no trainable parameters")
     x, keep = pooler_inputs(dtype=torch.float64)
-    run(m, x, mask=keep).pow(2).sum().backward()
-    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
-    assert not missing, f"{spec.slug}: no gradient for {missing}"
+    check_every_parameter_gets_a_gradient(spec.slug, _built(spec).double(),
+                                          lambda m: run(m, x, mask=keep).pow(2).sum())
 
 
 def check_batch_independence(spec):
@@ -71,18 +76,12 @@ def check_batch_independence(spec):
 
 def check_seed(spec):
     x, keep = pooler_inputs()
-    torch.testing.assert_close(run(_built(spec, seed=7), x, mask=keep), run(_built(spec, seed=7), x, mask=keep),
-                               rtol=0, atol=0)
+    check_seeded(lambda seed: _built(spec, seed=seed), lambda m: run(m, x, mask=keep))
 
 
 def check_safetensors(spec):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    m = _built(spec, seed=1)
-    blob = safetensors_torch.save({k: v.contiguous() for k, v in m.state_dict().items()})
-    other = _built(spec, seed=2)
-    other.load_state_dict(safetensors_torch.load(io.BytesIO(blob).getvalue()))
     x, keep = pooler_inputs()
-    torch.testing.assert_close(run(other, x, mask=keep), run(m, x, mask=keep), rtol=0, atol=0)
+    check_safetensors_round_trip(lambda seed: _built(spec, seed=seed), lambda m: run(m, x, mask=keep))
 
 
 def check_padding(spec):
@@ -155,23 +154,11 @@ class _MaskedMean(nn.Module):
         return y * (count > 0).to(x.dtype)
 
 
-@pytest.fixture
-def probes():
-    made = []
-    for slug, ignore in (("probe_pool_right", False), ("probe_pool_wrong", True)):
-        registry.register(slug, family="pooling", type="pooler", input_kind="set", reference_kwargs={},
-                          test_kwargs={"dim": DIM, "ignore_mask": ignore})(_MaskedMean)
-        made.append(slug)
-    try:
-        yield {slug: registry.spec(slug) for slug in made}
-    finally:
-        for slug in made:
-            registry._REGISTRY.pop(slug, None)
-
-
-def test_the_checks_pass_a_right_pooler_and_fail_one_that_ignores_the_mask(probes):
-    for check in CHECKS.values():
-        check(probes["probe_pool_right"])
-    for check in (check_padding, check_all_masked_zeros):
-        with pytest.raises(AssertionError):
-            check(probes["probe_pool_wrong"])
+def test_the_checks_pass_a_right_pooler_and_fail_one_that_ignores_the_mask():
+    kinds = {"probe_pool_right": {"dim": DIM}, "probe_pool_wrong": {"dim": DIM, "ignore_mask": True}}
+    with registered_probes(_MaskedMean, "pooling", "pooler", kinds, input_kind="set") as probes:
+        for check in CHECKS.values():
+            check(probes["probe_pool_right"])
+        for check in (check_padding, check_all_masked_zeros):
+            with pytest.raises(AssertionError):
+                check(probes["probe_pool_wrong"])

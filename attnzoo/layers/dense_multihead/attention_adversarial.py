@@ -9,11 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_choice,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_choice, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.registry import Reduction, register
 

@@ -7,13 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_int,
-    check_mixer_input,
-    seeded,
-    zero_padded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_int, check_mixer_input, seeded, zero_padded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.ops import attention
 from attnzoo.registry import Reduction, register

@@ -7,11 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    check_int,
-    check_mixer_input,
-    zero_padded,
-)
+from attnzoo.layers.base import check_int, check_mixer_input, zero_padded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.registry import Reduction, register
 

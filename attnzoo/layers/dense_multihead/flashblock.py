@@ -6,12 +6,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_int,
-    seeded,
-    zero_padded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_int, seeded, zero_padded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.ops import attention, merge_partials
 from attnzoo.patterns import KeyPadding, Pattern

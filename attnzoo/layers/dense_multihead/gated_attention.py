@@ -7,12 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_choice,
-    load_shared,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_choice, load_shared, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, SMALL, rand_x
 from attnzoo.registry import Reduction, register
 

@@ -10,12 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_choice,
-    load_shared,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_choice, load_shared, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, SMALL, rand_x
 from attnzoo.ops import attention
 from attnzoo.registry import Reduction, register

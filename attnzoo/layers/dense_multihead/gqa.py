@@ -6,11 +6,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    load_shared,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, load_shared, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, rand_x
 from attnzoo.registry import Reduction, register
 

@@ -6,12 +6,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_choice,
-    load_shared,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_choice, load_shared, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.layers.dense_multihead.gqa import GroupedQueryAttention
 from attnzoo.registry import Reduction, register

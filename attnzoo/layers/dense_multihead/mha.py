@@ -6,10 +6,7 @@ import math
 
 import torch
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, SMALL, rand_x
 from attnzoo.ops import attention, merge_partials
 from attnzoo.registry import Reduction, register

@@ -7,10 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    seeded,
-)
+from attnzoo.layers.base import MultiHeadAttention, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, SMALL, rand_x
 from attnzoo.ops import attention
 from attnzoo.registry import Reduction, register

@@ -7,13 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    AttentionMixer,
-    MultiHeadAttention,
-    check_int,
-    head_dim_for,
-    seeded,
-)
+from attnzoo.layers.base import AttentionMixer, MultiHeadAttention, check_int, head_dim_for, seeded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.registry import Reduction, register
 

@@ -8,14 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_context,
-    check_mixer_input,
-    load_shared,
-    seeded,
-    zero_padded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_context, check_mixer_input, load_shared, seeded, zero_padded
 from attnzoo.layers.dense_multihead._common import FAMILY, rand_x
 from attnzoo.patterns import KeyPadding, Pattern
 from attnzoo.registry import Reduction, register

@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.layers.base import (
-    check_choice,
-    check_int,
-)
+from attnzoo.layers.base import check_choice, check_int
 from attnzoo.layers.testing import random_tokens
 from attnzoo.ops.linear import FORMS
 

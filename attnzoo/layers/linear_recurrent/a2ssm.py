@@ -8,12 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.layers.base import (
-    check_choice,
-    check_int,
-    check_mixer_input,
-    zero_padded,
-)
+from attnzoo.layers.base import check_choice, check_int, check_mixer_input, zero_padded
 from attnzoo.layers.linear_recurrent._common import FAMILY, rand_x
 from attnzoo.layers.linear_recurrent.selective_ssm import SelectiveSSM
 from attnzoo.ops import attention

@@ -9,14 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.layers.base import (
-    check_choice,
-    check_int,
-    check_mixer_input,
-    head_dim_for,
-    seeded,
-    zero_padded,
-)
+from attnzoo.layers.base import check_choice, check_int, check_mixer_input, head_dim_for, seeded, zero_padded
 from attnzoo.layers.linear_recurrent._common import (
     FAMILY,
     PARALLEL,
@@ -28,14 +21,7 @@ from attnzoo.layers.linear_recurrent._common import (
     inv_softplus,
     rand_x,
 )
-from attnzoo.layers.recurrent import (
-    HeadRMSNorm,
-    ShortConv,
-    cache_state,
-    merge_heads,
-    run_from_state,
-    split_heads,
-)
+from attnzoo.layers.recurrent import HeadRMSNorm, ShortConv, cache_state, merge_heads, run_from_state, split_heads
 from attnzoo.ops.linear import FORMS, delta_rule
 from attnzoo.registry import Reduction, register
 

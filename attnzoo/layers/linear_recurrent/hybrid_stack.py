@@ -9,13 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    MultiHeadAttention,
-    check_choice,
-    check_int,
-    check_mixer_input,
-    zero_padded,
-)
+from attnzoo.layers.base import MultiHeadAttention, check_choice, check_int, check_mixer_input, zero_padded
 from attnzoo.layers.cache import KVCache
 from attnzoo.layers.linear_recurrent._common import FAMILY, rand_x
 from attnzoo.layers.linear_recurrent.selective_ssm import SelectiveSSM

@@ -30,13 +30,7 @@ from attnzoo.layers.linear_recurrent._common import (
     rand_x,
 )
 from attnzoo.layers.linear_recurrent.linear_attention import LinearAttention
-from attnzoo.layers.recurrent import (
-    HeadRMSNorm,
-    cache_state,
-    merge_heads,
-    run_from_state,
-    split_heads,
-)
+from attnzoo.layers.recurrent import HeadRMSNorm, cache_state, merge_heads, run_from_state, split_heads
 from attnzoo.ops.linear import linear_attention
 from attnzoo.patterns.score_mods import alibi_slopes
 from attnzoo.registry import Reduction, register

@@ -9,14 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import (
-    check_context,
-    check_int,
-    check_mixer_input,
-    head_dim_for,
-    seeded,
-    zero_padded,
-)
+from attnzoo.layers.base import check_context, check_int, check_mixer_input, head_dim_for, seeded, zero_padded
 from attnzoo.layers.linear_recurrent._common import (
     FAMILY,
     PARALLEL,
@@ -27,12 +20,7 @@ from attnzoo.layers.linear_recurrent._common import (
     check_form,
     rand_x,
 )
-from attnzoo.layers.recurrent import (
-    cache_state,
-    merge_heads,
-    run_from_state,
-    split_heads,
-)
+from attnzoo.layers.recurrent import cache_state, merge_heads, run_from_state, split_heads
 from attnzoo.ops.linear import linear_attention
 from attnzoo.registry import Reduction, register
 

@@ -9,18 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.layers.base import (
-    check_int,
-    check_mixer_input,
-    seeded,
-    zero_padded,
-)
+from attnzoo.layers.base import check_int, check_mixer_input, seeded, zero_padded
 from attnzoo.layers.linear_recurrent._common import FAMILY, PARALLEL, both_forms, check_form, inv_softplus, rand_x
-from attnzoo.layers.recurrent import (
-    ShortConv,
-    cache_state,
-    step_form,
-)
+from attnzoo.layers.recurrent import ShortConv, cache_state, step_form
 from attnzoo.ops.linear import selective_scan
 from attnzoo.registry import Reduction, register
 

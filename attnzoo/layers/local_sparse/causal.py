@@ -9,9 +9,7 @@ import torch
 from attnzoo.layers.base import MultiHeadAttention, seeded
 from attnzoo.layers.local_sparse._common import FAMILY, SMALL, rand_x
 from attnzoo.layers.testing import mha_from
-from attnzoo.patterns import (
-    Causal,
-)
+from attnzoo.patterns import Causal
 from attnzoo.registry import Reduction, register
 
 

@@ -11,12 +11,7 @@ from attnzoo.layers.base import MultiHeadAttention, check_int, seeded
 from attnzoo.layers.local_sparse._common import FAMILY, rand_x
 from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
-from attnzoo.patterns import (
-    Causal,
-    HeadSharded,
-    KeyPadding,
-    Pattern,
-)
+from attnzoo.patterns import Causal, HeadSharded, KeyPadding, Pattern
 from attnzoo.patterns.base import Shape
 from attnzoo.registry import Reduction, register
 

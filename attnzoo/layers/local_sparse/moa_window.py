@@ -11,11 +11,7 @@ from attnzoo.layers.base import MultiHeadAttention, seeded
 from attnzoo.layers.local_sparse._common import FAMILY, rand_x
 from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
-from attnzoo.patterns import (
-    Causal,
-    ElasticWindow,
-    SlidingWindow,
-)
+from attnzoo.patterns import Causal, ElasticWindow, SlidingWindow
 from attnzoo.patterns.base import Shape
 from attnzoo.registry import Reduction, register
 

@@ -11,10 +11,7 @@ from attnzoo.layers.base import MultiHeadAttention, check_int, seeded
 from attnzoo.layers.cache import KVCache
 from attnzoo.layers.local_sparse._common import FAMILY, rand_x
 from attnzoo.layers.testing import mha_from
-from attnzoo.patterns import (
-    Pattern,
-    SegmentMask,
-)
+from attnzoo.patterns import Pattern, SegmentMask
 from attnzoo.registry import Reduction, register
 
 

@@ -11,9 +11,7 @@ import torch
 from attnzoo.layers.base import MultiHeadAttention, load_shared, seeded
 from attnzoo.layers.local_sparse._common import FAMILY, rand_x
 from attnzoo.layers.local_sparse.segment_mask import SegmentAttention
-from attnzoo.patterns import (
-    ShiftedGroups,
-)
+from attnzoo.patterns import ShiftedGroups
 from attnzoo.patterns.base import Shape
 from attnzoo.registry import Reduction, register
 

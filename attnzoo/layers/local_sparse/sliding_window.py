@@ -12,9 +12,7 @@ import torch
 from attnzoo.layers.base import MultiHeadAttention, seeded
 from attnzoo.layers.local_sparse._common import FAMILY, rand_x
 from attnzoo.layers.testing import mha_from
-from attnzoo.patterns import (
-    SlidingWindow,
-)
+from attnzoo.patterns import SlidingWindow
 from attnzoo.registry import Reduction, register
 
 
