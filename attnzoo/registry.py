@@ -95,6 +95,7 @@ class Spec:
             "complexity": self.complexity, "backends": builtins.list(self.backends), "reference": self.reference,
             "reductions": [{"name": r.name, "description": r.description} for r in self.reductions],
             "aliases": builtins.list(self.aliases), "arguments": self.accepted_arguments(), "summary": self.summary,
+            "class": f"{self.factory.__module__}.{self.factory.__qualname__}" if inspect.isclass(self.factory) else "",
         }
 
 
