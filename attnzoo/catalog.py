@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from attnzoo import registry
+from attnzoo.contracts import checks_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ROWS = ROOT.parent / "shared" / "catalog" / "rows.tsv"
@@ -26,31 +27,6 @@ def load_rows() -> list[dict[str, str]]:
     path = SHARED_ROWS if SHARED_ROWS.exists() else BUNDLED_ROWS
     with path.open(newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
-
-
-def checks_for(s: registry.Spec) -> list[str]:
-    """Names of the conformance checks the suite runs for ``s`` (all must pass in CI)."""
-    reductions = [f"reduction:{r.name}" for r in s.reductions]
-    if s.type == "steering":
-        out = ["shape/dtype", "bf16-large", "float64-reference", "host-unchanged", "batch-independence", "seed"]
-        if "causal" in s.supports:
-            out.append("causal-prefix")
-        if "padding" in s.supports:
-            out.append("padding")
-        return out + reductions
-    if not (s.type in ("mixer", "pattern", "memory") or (s.type == "score_mod" and s.host is not None)):
-        return reductions
-    out = ["shape/dtype", "bf16-large", "float64-reference", "gradients", "batch-independence", "seed",
-           "safetensors"]
-    if "causal" in s.supports:
-        out.append("causal-prefix")
-    if "decoding" in s.supports:
-        out.append("kv-cache")
-    if "padding" in s.supports:
-        out.append("padding")
-    if "training" in s.supports:
-        out.append("training-loss")
-    return out + reductions
 
 
 def status_rows() -> list[dict[str, Any]]:

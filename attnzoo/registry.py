@@ -2,7 +2,8 @@
 
 ``create(slug, **kwargs)`` builds the module, ``list(family=..., type=..., priority=...)``
 lists specs, ``spec(slug)`` returns one. Entries register themselves with :func:`register`
-when :mod:`attnzoo.layers` is imported.
+(``register(slug, ...)(TheClass)``, the last statement of ``attnzoo/layers/<family>/<slug>.py``)
+when :mod:`attnzoo.layers` imports every module under it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,11 @@ class Spec:
     built module to :class:`attnzoo.layers.MultiHeadAttention` keyword arguments, so
     the suite checks the entry inside a host mixer. ``steering`` entries are built as
     ``factory(model, **test_kwargs)`` around a small host model and checked as a wrapper of it.
+
+    ``factory`` is usually the entry's class: its accepted arguments are those of its
+    ``__init__`` and, through ``**kwargs``, of its base classes, less the class's
+    ``refused_arguments`` (base-class arguments it sets itself or cannot honour). ``module``
+    is the module that registered the entry.
     """
 
     slug: str
@@ -69,9 +76,12 @@ class Spec:
     host: Callable[[nn.Module], dict[str, Any]] | None = None
     aliases: tuple[str, ...] = ()
     summary: str = ""
+    module: str = ""
 
     def accepted_arguments(self) -> builtins.list[str] | None:
-        """Keyword arguments the factory accepts (None when it takes ``**kwargs``)."""
+        """Keyword arguments the factory accepts (None when it takes ``**kwargs`` it does not name)."""
+        if inspect.isclass(self.factory):
+            return class_arguments(self.factory)
         sig = inspect.signature(self.factory)
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
             return None
@@ -85,7 +95,32 @@ class Spec:
             "complexity": self.complexity, "backends": builtins.list(self.backends), "reference": self.reference,
             "reductions": [{"name": r.name, "description": r.description} for r in self.reductions],
             "aliases": builtins.list(self.aliases), "arguments": self.accepted_arguments(), "summary": self.summary,
+            "class": f"{self.factory.__module__}.{self.factory.__qualname__}" if inspect.isclass(self.factory) else "",
         }
+
+
+def class_arguments(cls: type) -> builtins.list[str]:
+    """The arguments ``cls(...)`` accepts: its ``__init__``'s, then (while an ``__init__`` passes
+    ``**kwargs`` on) its base classes', less ``cls.refused_arguments``."""
+    from torch import nn  # not at import time: the CLI lists the registry without importing torch
+
+    names: builtins.list[str] = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        passes_on = False
+        for name, p in builtins.list(inspect.signature(init).parameters.items())[1:]:
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                passes_on = True
+            elif p.kind is not inspect.Parameter.VAR_POSITIONAL and name not in names:
+                names.append(name)
+        if not passes_on:
+            break
+    refused = set(getattr(cls, "refused_arguments", ()))
+    return [n for n in names if n not in refused]
 
 
 _REGISTRY: dict[str, Spec] = {}
@@ -100,7 +135,9 @@ def register(
     aliases: dict[str, dict[str, Any]] | None = None,
     **fields: Any,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class/function decorator registering ``slug``; ``fields`` are :class:`Spec` fields.
+    """Register ``slug``: ``register(slug, ...)(TheClass)`` (or as a decorator of a class or factory).
+
+    ``fields`` are :class:`Spec` fields.
 
     ``aliases`` maps an alias slug to preset keyword arguments (``{"mqa": {"n_kv_heads": 1}}``).
     """
@@ -119,6 +156,7 @@ def register(
         extra["supports"] = frozenset(extra.get("supports", {"self"}))
         extra["papers"] = tuple(extra.get("papers", ()))
         extra["reductions"] = tuple(extra.get("reductions", ()))
+        extra.setdefault("module", sys._getframe(1).f_globals.get("__name__", ""))
         s = Spec(slug=slug, family=family, type=type, factory=factory, aliases=tuple(aliases or {}), **extra)
         _REGISTRY[slug] = s
         for alias, preset in (aliases or {}).items():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine, peak_rss_bytes, run_isolated  # noqa: E402
 
-from attnzoo.layers.linear import lightning_decay  # noqa: E402
+from attnzoo.layers.linear_recurrent.lightning import lightning_decay  # noqa: E402
 from attnzoo.ops.linear import delta_rule, linear_attention  # noqa: E402
 
 METHODS = ("linear_attention", "lightning", "delta_net", "sdpa_causal")

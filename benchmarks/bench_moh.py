@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine, median_time  # noqa: E402
 
-from attnzoo.layers.dense import MixtureOfHeads  # noqa: E402
+from attnzoo.layers.dense_multihead.moh import MixtureOfHeads  # noqa: E402
 
 # (N, heads, n_shared, top_k); head_dim 64, batch 2
 SETTINGS = [

@@ -25,6 +25,7 @@ from torch import nn
 
 import attnzoo
 from attnzoo.bench.tasks import Task
+from attnzoo.contracts import TOKEN_MIXER, hosted
 
 __all__ = ["Block", "EncoderClassifier", "TinyLM", "build_mixer", "build_model", "check_mixer", "mixer_kwargs_for",
            "mixer_slugs", "POSITIONAL"]
@@ -32,16 +33,8 @@ __all__ = ["Block", "EncoderClassifier", "TinyLM", "build_mixer", "build_model",
 POSITIONAL = ("learned", "sinusoidal", "none")
 
 
-MODULE_TYPES = ("mixer", "pattern", "memory")  # entry types whose factory builds the token mixer itself
-
-
-def _hosted(spec: Any) -> bool:
-    """An entry that runs inside a host ``mha`` (its spec has a ``host``: score modifiers)."""
-    return spec.host is not None and spec.type in ("pattern", "score_mod")
-
-
 def _usable(spec: Any) -> bool:
-    return _hosted(spec) or spec.type in MODULE_TYPES
+    return TOKEN_MIXER.applies(spec)
 
 
 def mixer_slugs() -> list[str]:
@@ -82,7 +75,7 @@ def build_mixer(slug: str, dim: int, **kwargs: Any) -> nn.Module:
     entry when it takes them). Unknown arguments raise ``ValueError`` naming the accepted ones."""
     spec = check_mixer(slug)
     try:
-        if not _hosted(spec):
+        if not hosted(spec):
             return attnzoo.create(slug, dim=dim, **kwargs)
         from attnzoo.layers import MultiHeadAttention
 
@@ -105,7 +98,7 @@ def mixer_kwargs_for(slug: str, *, n_heads: int | None = None, extra: dict[str, 
     kwargs = dict(extra or {})
     spec = attnzoo.spec(slug)
     accepted = spec.accepted_arguments()
-    takes = _hosted(spec) or accepted is None or "n_heads" in accepted
+    takes = hosted(spec) or accepted is None or "n_heads" in accepted
     if n_heads is not None and "n_heads" not in kwargs and takes:
         kwargs["n_heads"] = n_heads
     return kwargs

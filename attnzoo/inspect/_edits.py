@@ -141,12 +141,12 @@ def _install_mixer(m: nn.Module, edit: LayerEdit) -> Callable[[], None]:
     inner_scale = saved.get("attention_scale") or types.MethodType(cls.attention_scale, m)
     inner_output = saved.get("output") or types.MethodType(cls.output, m)
 
-    def attend(self, q, k, v, pattern, want_weights):
+    def attend(self, q, k, v, pattern, want_weights, call=None):
         if edit.before is not None:
             edit.before(q.shape[0], q.shape[2], k.shape[2])
         if not edit.needs_weights:
-            return inner_attend(q, k, v, pattern, want_weights)
-        z, w = inner_attend(q, k, v, pattern, True)
+            return inner_attend(q, k, v, pattern, want_weights, call=call)
+        z, w = inner_attend(q, k, v, pattern, True, call=call)
         if edit.weight_edits:
             w = edit.edit_weights(w)
             rep = w.shape[1] // v.shape[1]

@@ -176,7 +176,7 @@ def induction_emergence(n_layers: int = 2, steps: int = 600, seed: int = 0, *, v
         torch.manual_seed(seed)
         mixer_kwargs: dict[str, Any] = {"n_heads": n_heads}
         if positional == "rope":
-            from attnzoo.layers.positional import RotaryEmbedding
+            from attnzoo.layers.rotary import RotaryEmbedding
 
             mixer_kwargs["rope"] = RotaryEmbedding(dim // n_heads)
         model = TinyLM("mha", vocab_size=vocab, dim=dim, n_layers=n_layers, max_len=2 * seq_len + 1,

@@ -10,6 +10,9 @@ rows at padded positions are zero, so a fully padded sequence gives zeros, never
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ from attnzoo.parallel import current as current_sharding
 from attnzoo.parallel import ring_attention, unshard
 from attnzoo.patterns import And, Causal, KeyPadding
 
-__all__ = ["AttentionMixer", "MultiHeadAttention", "check_int", "check_choice", "build_pattern"]
+__all__ = ["AttentionMixer", "Call", "MultiHeadAttention", "check_int", "check_choice", "build_pattern"]
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -136,13 +139,40 @@ def zero_padded(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return y if mask is None else y * mask.unsqueeze(-1).to(y.dtype)
 
 
+@dataclass(frozen=True)
+class Call:
+    """The values of one forward call, passed to the hooks (never stored on the module).
+
+    ``x`` ``[B, N, C]`` the queries' input; ``src`` the keys' and values' input (``x`` or the
+    context); ``mask`` bool ``[B, N]`` over ``x``; ``kv_keep`` bool ``[B, M]`` over the keys of
+    this call (the cached ones included once the cache is appended; None: all kept);
+    ``causal``; ``cache``; ``pattern`` and ``score_mod`` the module's own or this call's
+    (:meth:`AttentionMixer.mix`); ``extra`` entry-specific values (e.g. a grid mixer's ``grid``).
+    """
+
+    x: torch.Tensor
+    src: torch.Tensor
+    mask: torch.Tensor | None = None
+    kv_keep: torch.Tensor | None = None
+    causal: bool = False
+    cache: Any = None
+    pattern: Any = None
+    score_mod: Any = None
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.extra, MappingProxyType):
+            object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+
 class AttentionMixer(nn.Module):
     """Base class of the softmax-attention token mixers.
 
     Subclasses implement :meth:`project` (``q`` ``[B, H, N, D]``, ``k``/``v``
     ``[B, H_kv, M, D(_v)]``) and :meth:`output` (``z`` ``[B, H, N, D_v]`` -> ``[B, N, C]``)
     and may override :meth:`post_attention` (gates), :meth:`score_mod_for` and
-    :meth:`attend`. The base handles rotary / q-k transforms, the KV cache, causal and
+    :meth:`attend`. ``project``, ``attend``, ``score_mod_for`` and ``post_attention`` receive the :class:`Call`
+    (``call=``) with the values of the forward call. The base handles rotary / q-k transforms, the KV cache, causal and
     padding masks, the per-head multiplier ``head_mask`` (ξ, applied before W_O) and capture.
 
     Capture: set ``layer.capture = True``; each forward then stores ``layer.captured``
@@ -154,6 +184,8 @@ class AttentionMixer(nn.Module):
     causal_ok: bool = True
     cross_ok: bool = True
     context_width: int | None = None  # the width context must have (None: not checked here)
+    last_call_outputs: tuple[str, ...] = ("captured",)  # attributes a forward sets for the caller to read
+    call_pattern: bool = False  # the forward builds a pattern of its own per call (``mix(pattern=...)``)
 
     def __init__(self, dim: int, *, pattern: Any = None, score_mod: Any = None, qk_transform: Any = None,
                  scale: float | None = None, backend: str = "auto") -> None:
@@ -174,35 +206,36 @@ class AttentionMixer(nn.Module):
         self.captured: dict[str, torch.Tensor] = {}
 
     # Hooks ---------------------------------------------------------------------------------
-    def project(self, x: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, src: torch.Tensor, call: Call | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def output(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def post_attention(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def post_attention(self, z: torch.Tensor, x: torch.Tensor, call: Call | None = None) -> torch.Tensor:
         return z
 
-    def score_mod_for(self, q: torch.Tensor, k: torch.Tensor) -> Any:
+    def score_mod_for(self, q: torch.Tensor, k: torch.Tensor, call: Call | None = None) -> Any:
         """The score modifier of this call; a modifier with ``from_qk(q, k, keep, scale)`` is built per call."""
-        mod = self.score_mod
+        mod = self.score_mod if call is None or call.score_mod is None else call.score_mod
         if mod is not None and hasattr(mod, "from_qk"):
             scale = self.attention_scale(q)
-            return mod.from_qk(q, k, getattr(self, "_kv_keep", None), 1.0 / math.sqrt(q.shape[-1]) if scale is None
-                               else scale)
+            return mod.from_qk(q, k, None if call is None else call.kv_keep,
+                               1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
         return mod
 
     def attention_scale(self, q: torch.Tensor) -> float | None:
         return self.scale
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Any,
-               want_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               want_weights: bool, call: Call | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         sharding = current_sharding()
         if sharding is not None:  # q, k, v are this process's shards; pattern is the whole sequence's
-            z = ring_attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k),
+            z = ring_attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k, call=call),
                                scale=self.attention_scale(q), group=sharding.group, layout=sharding.layout)
             return z, None
-        res = attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k),
+        res = attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k, call=call),
                         scale=self.attention_scale(q), backend=self.backend if not want_weights else "reference",
                         return_weights=want_weights)
         return (res[0], res[1]) if want_weights else (res, None)
@@ -279,37 +312,57 @@ class AttentionMixer(nn.Module):
         ``i`` sees keys ``<= i``. ``cache``: a :class:`~attnzoo.layers.KVCache` for decoding.
         ``head_mask``: ξ, ``[H]`` or ``[B, H]``, multiplies each head's output before W_O.
         """
+        return self.mix(x, mask=mask, causal=causal, context=context, context_mask=context_mask, cache=cache,
+                        head_mask=head_mask, return_weights=return_weights)
+
+    def mix(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        head_mask: torch.Tensor | None = None,
+        return_weights: bool = False,
+        pattern: Any = None,
+        score_mod: Any = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with this call's ``pattern`` / ``score_mod`` (None: the module's own) and
+        entry-specific values ``extra``, all handed to the hooks in the :class:`Call`."""
         self.check_call(x, mask, causal, context, cache)
         check_context(context, context_mask, self.context_width)
         sharding = current_sharding()
         if sharding is not None:
             self._sharded_call(sharding, context, cache, return_weights or self.capture)
         src = x if context is None else context
-        q, k, v = self.project(x, src)
+        keep = mask if context is None else context_mask
+        call = Call(x=x, src=src, mask=mask, kv_keep=keep, causal=causal, cache=cache,
+                    pattern=self.pattern if pattern is None else pattern,
+                    score_mod=self.score_mod if score_mod is None else score_mod, extra=extra or {})
+        q, k, v = self.project(x, src, call=call)
         pos = cache.position if cache is not None else 0
         if self.qk_transform is not None and context is None:
             if sharding is not None:
                 q, k = self._sharded_qk(q, k, sharding)
             else:
                 q, k = self.qk_transform(q, k, q_offset=pos, k_offset=pos)
-        keep = mask if context is None else context_mask
         if sharding is not None and keep is not None:  # the key padding of the whole sequence
             keep = unshard(keep, 1, sharding.layout, group=sharding.group)
+            call = replace(call, kv_keep=keep)
         if cache is not None:
             k, v, keep = cache.append(k, v, keep)
-        pattern = build_pattern(self.pattern, causal, keep)
+            call = replace(call, kv_keep=keep)
         want = return_weights or self.capture
-        self._kv_keep = keep
-        try:
-            z, weights = self.attend(q, k, v, pattern, want)
-        finally:
-            self._kv_keep = None
+        z, weights = self.attend(q, k, v, build_pattern(call.pattern, causal, keep), want, call=call)
         if cache is not None:
             cache.advance(x.shape[1])
-            bound = window_of(self.pattern)
+            bound = window_of(call.pattern)
             if bound is not None:
                 cache.trim(*bound)
-        z = self.post_attention(z, x)
+        z = self.post_attention(z, x, call=call)
         if head_mask is not None:
             xi = head_mask.to(z.dtype)
             z = z * (xi.view(1, -1, 1, 1) if xi.dim() == 1 else xi.view(xi.shape[0], -1, 1, 1))
@@ -334,7 +387,7 @@ class MultiHeadAttention(AttentionMixer):
         context_dim: width of ``context`` for cross-attention (default ``dim``).
         pattern: an :mod:`attnzoo.patterns` pattern applied on every call.
         score_mod: a score modifier (e.g. ``ALiBi``, ``RelativePositionBias``).
-        rope: a :class:`~attnzoo.layers.positional.RotaryEmbedding` (or ``True`` for the default one).
+        rope: a :class:`~attnzoo.layers.rotary.RotaryEmbedding` (or ``True`` for the default one).
         scale: logit scale (default ``1/√head_dim``).
         backend: the :func:`attnzoo.attention` backend.
     """
@@ -360,7 +413,7 @@ class MultiHeadAttention(AttentionMixer):
         n_kv_heads = n_heads if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads)
         check_divides("n_kv_heads", n_kv_heads, "n_heads", n_heads)
         if rope is True:
-            from attnzoo.layers.positional import RotaryEmbedding
+            from attnzoo.layers.rotary import RotaryEmbedding
 
             rope = RotaryEmbedding(head_dim)
         super().__init__(dim, pattern=pattern, score_mod=score_mod, qk_transform=rope or None, scale=scale,
@@ -385,7 +438,7 @@ class MultiHeadAttention(AttentionMixer):
         b, h, n, d = z.shape
         return z.transpose(1, 2).reshape(b, n, h * d)
 
-    def project(self, x, src):
+    def project(self, x, src, call=None):
         return (self.split(self.q_proj(x), self.n_heads), self.split(self.k_proj(src), self.n_kv_heads),
                 self.split(self.v_proj(src), self.n_kv_heads))
 

@@ -19,7 +19,7 @@ class TinyLM(nn.Module):
     ``forward(tokens [B, N] long, *, mask=None, caches=None) -> logits [B, N, vocab]``,
     causal. ``caches`` is a list with one :class:`KVCache` per layer for incremental
     decoding. ``mixer`` builds the attention layer of each block (default: ``mha`` with
-    a :class:`~attnzoo.layers.positional.RotaryEmbedding`).
+    a :class:`~attnzoo.layers.rotary.RotaryEmbedding`).
     """
 
     def __init__(self, vocab: int = 64, dim: int = 32, n_heads: int = 4, n_layers: int = 2, *,
@@ -28,7 +28,7 @@ class TinyLM(nn.Module):
         self.vocab, self.dim = check_int("vocab", vocab), check_int("dim", dim)
         check_int("n_layers", n_layers)
         if mixer is None:
-            from attnzoo.layers.positional import RotaryEmbedding
+            from attnzoo.layers.rotary import RotaryEmbedding
 
             if dim % n_heads:
                 raise ValueError(f"dim: must be divisible by n_heads={n_heads}, got dim={dim}")

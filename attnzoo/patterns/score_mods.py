@@ -129,25 +129,42 @@ class Bias(ScoreMod):
         return score + self.on(bias, score)[b, h, q, kv]
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
 class RelativePositionBias(nn.Module, ScoreMod):
     """Learned relative-position bias per head.
 
     1-D (``grid=None``): ``s += table[h, clip(j - i, -max_distance, max_distance)]``.
     2-D (``grid=(Wh, Ww)``, Swin): tokens are a row-major ``Wh x Ww`` window and
     ``s += table[h, (dy + Wh - 1) * (2 Ww - 1) + dx + Ww - 1]`` with a ``(2Wh-1)(2Ww-1)`` table.
-    The table is an ``nn.Parameter`` (zero-initialised, so the module starts as a no-op).
+    The table is an ``nn.Parameter``: zero-initialised (the module starts as a no-op), or normal
+    with standard deviation ``init_std``.
     """
 
     per_head = True
     additive = True
 
-    def __init__(self, heads: int, *, max_distance: int = 128, grid: tuple[int, int] | None = None) -> None:
+    def __init__(self, heads: int, *, max_distance: int = 128, grid: tuple[int, int] | None = None,
+                 init_std: float = 0.0) -> None:
         nn.Module.__init__(self)
+        _check_positive_int("max_distance", max_distance)
+        if grid is not None:
+            if len(grid) != 2:
+                raise ValueError(f"grid: expected (Wh, Ww), got {grid!r}")
+            for i, g in enumerate(grid):
+                _check_positive_int(f"grid[{i}]", g)
         if heads < 1:
             raise ValueError(f"heads: expected a positive int, got {heads}")
         self.heads, self.grid, self.max_distance = heads, grid, max_distance
         size = (2 * grid[0] - 1) * (2 * grid[1] - 1) if grid is not None else 2 * max_distance + 1
         self.table = nn.Parameter(torch.zeros(heads, size))
+        if init_std < 0:
+            raise ValueError(f"init_std: expected a standard deviation >= 0, got {init_std}")
+        if init_std:
+            nn.init.normal_(self.table, std=init_std)
 
     def check(self, shape: Shape) -> None:
         if shape.heads != self.heads:

@@ -1,35 +1,76 @@
-"""Building registered entries for the conformance suite, by type.
+"""Building registered entries for the conformance suite, by their contract (:mod:`attnzoo.contracts`).
 
-``mixer`` entries are token mixers; ``score_mod`` entries with a ``host`` run inside a host
-``mha``; ``steering`` entries wrap a small host language model (:class:`TinyLM`).
+Token mixers are built from their spec (a hosted ``score_mod`` inside a host ``mha``);
+``steering`` entries wrap a small host language model (:class:`TinyLM`); poolers and channel
+modules are built from their spec and fed by the contract's input builders.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
 import attnzoo
-from attnzoo.layers import MultiHeadAttention
+from attnzoo.contracts import (
+    CHANNEL,
+    DIM,
+    HEADS,
+    POOLER,
+    STEERING,
+    TOKEN_MIXER,
+    VOCAB,
+    build,
+    build_entry,
+    build_pair,
+    channel_inputs,
+    grid_inputs,
+    grid_mask,
+    inputs,
+    pad_mask,
+    pooler_inputs,
+    specs_of,
+    tokens,
+)
 from attnzoo.layers.lm import TinyLM
 from attnzoo.registry import Spec
 
-DIM, HEADS, VOCAB = 32, 4, 64
-
-
-MODULE_TYPES = ("mixer", "pattern", "memory")  # entries whose factory builds the token mixer itself
+__all__ = [
+    "DIM", "HEADS", "VOCAB", "build", "build_pair", "build_steered", "build_with_entry", "channel_inputs",
+    "channel_specs", "check_against_reference", "grid_inputs", "grid_mask", "inputs", "mixer_specs", "pad_mask",
+    "pooler_inputs", "pooler_specs", "steering_specs", "suite_slugs", "supports", "tokens", "training_specs",
+    "check_every_parameter_gets_a_gradient", "check_safetensors_round_trip", "check_seeded", "registered_probes",
+]
 
 
 def mixer_specs() -> list[Spec]:
     """Every entry that can be checked as a token mixer (mixers, patterns' mixers, score_mods inside a host mha)."""
-    return [s for s in attnzoo.list() if s.type in MODULE_TYPES or (s.type == "score_mod" and s.host is not None)]
+    return specs_of(TOKEN_MIXER)
 
 
 def steering_specs() -> list[Spec]:
     """Every steering entry (checked as a wrapper of a host model)."""
-    return attnzoo.list(type="steering")
+    return specs_of(STEERING)
+
+
+def pooler_specs() -> list[Spec]:
+    """Every pooler ((B, N, C) + mask -> (B, C_out) or (B, K, C_out))."""
+    return specs_of(POOLER)
+
+
+def channel_specs() -> list[Spec]:
+    """Every channel module ((B, C, H, W) -> the same shape)."""
+    return specs_of(CHANNEL)
+
+
+def suite_slugs() -> set[str]:
+    """Slugs of every entry the conformance suite checks by its contract."""
+    return {s.slug for s in [*mixer_specs(), *steering_specs(), *pooler_specs(), *channel_specs()]}
 
 
 def training_specs() -> list[Spec]:
@@ -39,28 +80,7 @@ def training_specs() -> list[Spec]:
 
 def build_with_entry(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
     """(the module the suite runs, the entry's own module): equal for mixers, (host, modifier) otherwise."""
-    torch.manual_seed(seed)
-    if spec.type in MODULE_TYPES:
-        kw: dict[str, Any] = dict(spec.test_kwargs)
-        if reference:
-            kw.update(spec.reference_kwargs)
-        m = attnzoo.create(spec.slug, **kw)
-        return m, m
-    inner = attnzoo.create(spec.slug, **spec.test_kwargs)
-    return MultiHeadAttention(DIM, HEADS, backend="reference" if reference else "auto", **spec.host(inner)), inner
-
-
-def build(spec: Spec, seed: int = 0, reference: bool = False) -> nn.Module:
-    """The entry's small test configuration (its float64 oracle when ``reference``), seeded."""
-    return build_with_entry(spec, seed, reference)[0]
-
-
-def build_pair(spec: Spec, seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """(default module in float32, float64 oracle with the same weights)."""
-    m = build(spec, seed)
-    ref = build(spec, seed + 1, reference=True)
-    ref.load_state_dict(m.state_dict())
-    return m.float(), ref.double()
+    return build_entry(spec, seed, reference)
 
 
 def build_steered(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
@@ -72,22 +92,6 @@ def build_steered(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[n
 
 def supports(spec: Spec, what: str) -> bool:
     return what in spec.supports
-
-
-def inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, n, DIM, generator=g, dtype=torch.float64).to(dtype)
-
-
-def tokens(b: int = 2, n: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
-
-
-def pad_mask(b: int = 2, n: int = 12) -> torch.Tensor:
-    keep = torch.ones(b, n, dtype=torch.bool)
-    keep[0, n - 4:] = False
-    keep[1, n - 1:] = False
-    return keep
 
 
 def check_against_reference(slug: str, m: nn.Module, ref: nn.Module, run: Any, x: torch.Tensor,
@@ -106,3 +110,42 @@ def check_against_reference(slug: str, m: nn.Module, ref: nn.Module, run: Any, x
                                        msg=lambda s, name=name: f"{slug} grad of {name}: {s}")
     m.zero_grad()
     ref.zero_grad()
+
+
+def check_every_parameter_gets_a_gradient(slug: str, m: nn.Module, loss: Callable[[nn.Module], torch.Tensor]) -> None:
+    """``loss(m).backward()`` reaches every trainable parameter of ``m`` (skips a module without any)."""
+    if not any(p.requires_grad for p in m.parameters()):
+        pytest.skip(f"{slug} has no trainable parameters")
+    loss(m).backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert not missing, f"{slug}: no gradient for {missing}"
+
+
+def check_seeded(make: Callable[[int], nn.Module], out: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Two modules built with the same seed give the same output, exactly."""
+    torch.testing.assert_close(out(make(7)), out(make(7)), rtol=0, atol=0)
+
+
+def check_safetensors_round_trip(make: Callable[[int], nn.Module], out: Callable[[nn.Module], torch.Tensor]) -> None:
+    """A state dict saved with safetensors and loaded into another module gives the same output, exactly."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    m = make(1)
+    blob = safetensors_torch.save({k: v.contiguous() for k, v in m.state_dict().items()})
+    other = make(2)
+    other.load_state_dict(safetensors_torch.load(io.BytesIO(blob).getvalue()))
+    torch.testing.assert_close(out(other), out(m), rtol=0, atol=0)
+
+
+@contextmanager
+def registered_probes(cls: type, family: str, type_: str, probes: dict[str, dict[str, Any]],
+                      **fields: Any) -> Iterator[dict[str, Spec]]:
+    """Register ``cls`` as each probe slug (its test kwargs) for the duration of a test, then remove them."""
+    from attnzoo import registry
+
+    try:
+        for slug, kw in probes.items():
+            registry.register(slug, family=family, type=type_, reference_kwargs={}, test_kwargs=kw, **fields)(cls)
+        yield {slug: registry.spec(slug) for slug in probes}
+    finally:
+        for slug in probes:
+            registry._REGISTRY.pop(slug, None)

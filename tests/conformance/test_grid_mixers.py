@@ -12,25 +12,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attnzoo
-from tests.conformance._build import DIM, build, build_pair, check_against_reference, supports
+from tests.conformance._build import (
+    DIM,
+    build,
+    build_pair,
+    check_against_reference,
+    grid_inputs,
+    grid_mask,
+    mixer_specs,
+    supports,
+)
 
-GRID_SPECS = [s for s in attnzoo.list() if s.input_kind.startswith("grid")]
+GRID_SPECS = [s for s in mixer_specs() if s.input_kind.startswith("grid")]
 IDS = [s.slug for s in GRID_SPECS]
 GRID2D = (12, 12)
 GRID3D = (4, 4, 8)
-
-
-def grid_inputs(grid, b: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, *grid, DIM, generator=g, dtype=torch.float64).to(dtype)
-
-
-def grid_mask(grid, b: int = 2) -> torch.Tensor:
-    keep = torch.ones(b, *grid, dtype=torch.bool)
-    keep[0, -1] = False  # the last row of batch element 0
-    keep[1].view(-1)[-3:] = False
-    return keep
 
 
 def run(m, x, **kw):

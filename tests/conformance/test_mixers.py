@@ -5,13 +5,22 @@ A new entry is checked the moment it is registered: nothing here names an entry.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 from attnzoo.layers import KVCache
-from tests.conformance._build import build, build_pair, check_against_reference, inputs, mixer_specs, pad_mask, supports
+from tests.conformance._build import (
+    build,
+    build_pair,
+    check_against_reference,
+    check_every_parameter_gets_a_gradient,
+    check_safetensors_round_trip,
+    check_seeded,
+    inputs,
+    mixer_specs,
+    pad_mask,
+    supports,
+)
 
 SPECS = mixer_specs()
 IDS = [s.slug for s in SPECS]
@@ -55,13 +64,26 @@ def test_matches_float64_reference(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_every_parameter_gets_a_gradient(spec):
-    m = build(spec).double()
-    if not any(p.requires_grad for p in m.parameters()):
-        pytest.skip(f"{spec.slug} has no trainable parameters")
     kw = {"causal": True} if supports(spec, "causal") else {}
-    run(m, inputs(dtype=torch.float64), **kw).pow(2).sum().backward()
-    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
-    assert not missing, f"{spec.slug}: no gradient for {missing}"
+    check_every_parameter_gets_a_gradient(spec.slug, build(spec).double(),
+                                          lambda m: run(m, inputs(dtype=torch.float64), **kw).pow(2).sum())
+
+
+def _attributes(m) -> dict[tuple[str, str], int]:
+    return {(name, k): id(v) for name, sub in m.named_modules() for k, v in vars(sub).items()
+            if k not in getattr(sub, "last_call_outputs", ("captured",))}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_forward_keeps_no_per_call_value_on_the_module(spec):
+    """Per-call values travel in the hooks' Call argument: a forward leaves every attribute of every submodule."""
+    m = build(spec).double()
+    before = _attributes(m)
+    for kw in _modes(spec):
+        run(m, inputs(dtype=torch.float64), **kw)
+    after = _attributes(m)
+    changed = sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
+    assert not changed, f"{spec.slug}: forward set {changed}"
 
 
 @pytest.mark.parametrize("spec", by("causal"))
@@ -130,18 +152,13 @@ def test_batch_independence(spec):
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_determinism_under_seed(spec):
     x = inputs()
-    torch.testing.assert_close(run(build(spec, seed=7), x), run(build(spec, seed=7), x), rtol=0, atol=0)
+    check_seeded(lambda seed: build(spec, seed=seed), lambda m: run(m, x))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_state_dict_safetensors_round_trip(spec):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    m = build(spec, seed=1)
-    blob = safetensors_torch.save({k: v.contiguous() for k, v in m.state_dict().items()})
-    other = build(spec, seed=2)
-    other.load_state_dict(safetensors_torch.load(io.BytesIO(blob).getvalue()))
     x = inputs()
-    torch.testing.assert_close(run(other, x), run(m, x), rtol=0, atol=0)
+    check_safetensors_round_trip(lambda seed: build(spec, seed=seed), lambda m: run(m, x))
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from attnzoo.ops.dtypes import compute_dtype  # noqa: F401  (the backends import it from here)
 from attnzoo.ops.problem import Problem
 
 # From this fraction of the (query, key) work a pattern keeps (of its tiles, or of the keys per query), a masked
@@ -56,8 +57,3 @@ def index_grid(p: Problem, device: torch.device) -> tuple[torch.Tensor, ...]:
         torch.arange(s.n_q, device=device).view(1, 1, -1, 1),
         torch.arange(s.n_kv, device=device).view(1, 1, 1, -1),
     )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half types are computed in float32 by the PyTorch-level backends."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

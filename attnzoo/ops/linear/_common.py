@@ -7,17 +7,14 @@ from typing import Any
 
 import torch
 
+from attnzoo.ops.dtypes import compute_dtype
+
 FORMS = ("parallel", "chunked", "recurrent")
 
 # Per-step log decays are clamped from below to this value: exp(-1e4) is 0 in every float
 # format, and a finite floor keeps differences of cumulative sums finite (log 0 = -inf
 # would give -inf - -inf = nan).
 LOG_DECAY_FLOOR = -1.0e4
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops accumulate in: float32 for half types, else the input dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def check_form(form: str, chunk_size: int) -> None:

@@ -1,0 +1,1 @@
+"""Catalogue family linear-recurrent: linear attention, recurrences, memories and hybrids, one entry per module."""

@@ -1,0 +1,1 @@
+"""Catalogue family local-sparse: local, windowed, grid, graph and hierarchical attention, one entry per module."""

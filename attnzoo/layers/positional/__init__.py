@@ -1,0 +1,1 @@
+"""Catalogue family positional: position encodings and position-aware mixers, one entry per module."""

@@ -1,0 +1,32 @@
+"""Helpers shared by the tests (the library's own are in :mod:`attnzoo.layers.testing`)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.layers import MultiHeadAttention
+
+__all__ = ["build_seeded", "node_tokens", "seeded_mha"]
+
+
+def build_seeded(slug: str, seed: int = 0, **kw) -> torch.nn.Module:
+    """Entry ``slug`` in float64, built after ``torch.manual_seed(seed)`` from its test kwargs updated by ``kw``."""
+    torch.manual_seed(seed)
+    spec = attnzoo.spec(slug)
+    return attnzoo.create(slug, **{**spec.test_kwargs, **kw}).double()
+
+
+def node_tokens(request: pytest.FixtureRequest, b: int = 2, n: int = 13, c: int = 32) -> torch.Tensor:
+    """Float64 tokens ``[b, n, c]`` seeded by the test's node id (fresh inputs per test, reproducible)."""
+    g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return torch.randn(b, n, c, generator=g, dtype=torch.float64)
+
+
+def seeded_mha(**kw) -> MultiHeadAttention:
+    """A float64 ``MultiHeadAttention(32, 4, **kw)`` built after ``torch.manual_seed(0)``."""
+    torch.manual_seed(0)
+    return MultiHeadAttention(32, 4, **kw).double()
