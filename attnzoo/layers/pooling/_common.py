@@ -22,7 +22,7 @@ from torch import nn
 
 from attnzoo.ops.segment import check_cu_seqlens, segment_ids, segment_max, segment_softmax, segment_sum
 
-__all__ = ["Bags", "Pooler", "rank_in_bag", "check_bag_input", "check_pool_mask", "FAMILY"]
+__all__ = ["MAB", "masked_softmax", "Bags", "Pooler", "bag_attention", "dense_attention", "rank_in_bag", "rff", "check_bag_input", "check_pool_mask", "FAMILY"]
 
 FAMILY = "pooling"
 _LOW = (torch.float16, torch.bfloat16)
@@ -49,6 +49,19 @@ def check_bag_input(x: Any, mask: Any, cu_seqlens: Any, dim: int) -> None:
         if mask is not None:
             raise ValueError("mask: packed bags (cu_seqlens) have no padding; pass mask=None")
         check_cu_seqlens(cu_seqlens, x.shape[1])
+
+
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Softmax over ``dim`` of the entries where ``keep`` (broadcastable bool) is True; the others get exactly
+    0, and a slice without any kept entry gets all zeros (never NaN, finite gradients)."""
+    if keep is None:
+        return torch.softmax(scores, dim)
+    s = scores.masked_fill(~keep, float("-inf"))
+    top = s.detach().amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(s - top)
+    den = e.sum(dim, keepdim=True)
+    return e / torch.where(den > 0, den, torch.ones_like(den))
 
 
 @dataclass
@@ -140,15 +153,7 @@ class Bags:
         s = scores.float() if scores.dtype in _LOW else scores
         if self.packed:
             return segment_softmax(s, self.ids, self.n_bags).to(scores.dtype)
-        keep = self._keep(s)
-        if keep is None:
-            return torch.softmax(s, 1).to(scores.dtype)
-        s = s.masked_fill(~keep, float("-inf"))
-        top = s.detach().amax(1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        e = torch.exp(s - top)
-        den = e.sum(1, keepdim=True)
-        return (e / torch.where(den > 0, den, torch.ones_like(den))).to(scores.dtype)
+        return masked_softmax(s, self._keep(s), 1).to(scores.dtype)
 
     def weighted_sum(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_i w_i v_i`` per bag: ``w`` ``[., H]`` with ``v`` ``[., D]`` (shared by the H weightings) or
@@ -233,3 +238,86 @@ class Pooler(nn.Module):
         if weights is None:
             raise ValueError(f"return_weights: {type(self).__name__} has no attention weights to return")
         return out, bags.to_instances(weights)
+
+
+def bag_attention(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, per_bag: bool,
+                  topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head cross-attention of M queries over each bag's instances.
+
+    ``q`` ``[B, M, H, d]`` (``per_bag``) or ``[M, H, d]`` (the same queries for every bag), already
+    scaled; ``k``, ``v`` per instance ``[., H, d]``. ``topk`` keeps each query-head's k highest
+    scores. Returns ``(z [B, M, H * d], weights [., M, H])``.
+    """
+    m, h, d = q.shape[-3:]
+    if per_bag:
+        s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
+    else:
+        s = torch.einsum("...hd,mhd->...mh", k, q)
+    if topk is not None:
+        flat = s.flatten(-2)
+        s = flat.masked_fill(rank_in_bag(bags, flat) >= topk, float("-inf")).view_as(s)
+    a = bags.softmax(s)
+    vm = v.unsqueeze(-3).expand(*v.shape[:-2], m, h, d)
+    z = bags.weighted_sum(a.flatten(-2), vm.flatten(-3, -2))
+    return z.view(bags.n_bags, m, h * d), a
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded multi-head attention: ``q`` ``[B, N, H, d]`` (scaled) over ``k``, ``v`` ``[B, M, H, d]`` with
+    ``key_mask`` bool ``[B, M]``. Returns ``(out [B, N, H * d], weights [B, H, N, M])``; a query that sees
+    no key gets zeros."""
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k)
+    low = s.dtype in _LOW
+    a = masked_softmax(s.float() if low else s, None if key_mask is None else key_mask[:, None, None, :], -1)
+    a = a.to(s.dtype)
+    return torch.einsum("bhnm,bmhd->bnhd", a, v).flatten(-2), a
+
+
+def rff(dim: int, hidden: int | None = None) -> nn.Module:
+    """A row-wise feed-forward layer ``W_2 relu(W_1 x + b_1) + b_2``."""
+    hidden = hidden or dim
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
+class MAB(nn.Module):
+    """Set Transformer's multihead attention block: ``MAB(X, Y) = LN(H + rFF(H))``, ``H = LN(X + MHA(X, Y, Y))``.
+
+    :meth:`over_bags` attends M query rows per bag over the bag's instances (padded or packed);
+    :meth:`forward` attends every row of ``x`` ``[B, N, C]`` over ``y`` ``[B, M, C]`` (``y_mask``).
+    """
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"n_heads: must divide dim={dim}, got n_heads={n_heads}")
+        self.dim, self.n_heads = dim, n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.ln0, self.ln1 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff = rff(dim)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.n_heads, self.dim // self.n_heads))
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = self.ln0(x + self.o(attn))
+        return self.ln1(h + self.ff(h))
+
+    def over_bags(self, x: torch.Tensor, bags: Bags, y: torch.Tensor, *,
+                  per_bag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[M, C]`` (or ``[B, M, C]`` with ``per_bag``) over per-instance ``y``; ``([B, M, C], weights)``."""
+        scale = (self.dim // self.n_heads) ** -0.5
+        q = self._split(self.q(x)) * scale
+        z, a = bag_attention(bags, q, self._split(self.k(y)), self._split(self.v(y)), per_bag=per_bag)
+        return self._finish(x.expand(bags.n_bags, *x.shape[-2:]), z), a
+
+    def attend(self, x: torch.Tensor, y: torch.Tensor,
+               y_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(MAB(x, y) [B, N, C], weights [B, H, N, M])``."""
+        scale = (self.dim // self.n_heads) ** -0.5
+        q = self._split(self.q(x)) * scale
+        z, a = dense_attention(q, self._split(self.k(y)), self._split(self.v(y)), y_mask)
+        return self._finish(x, z), a
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, y, y_mask)[0]

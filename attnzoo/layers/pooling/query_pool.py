@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.base import check_choice, check_int, seeded
-from attnzoo.layers.pooling._common import FAMILY, Bags, Pooler, rank_in_bag
+from attnzoo.layers.pooling._common import FAMILY, Bags, Pooler, bag_attention, rank_in_bag
 from attnzoo.layers.pooling.mean_pool import MeanPool
 from attnzoo.registry import Reduction, register
 
@@ -86,23 +86,18 @@ class QueryPool(Pooler):
             raise ValueError(f"query: only used with query_source='external', got query_source={self.query_source!r}")
         return super().forward(x, mask=mask, cu_seqlens=cu_seqlens, return_weights=return_weights, query=query)
 
-    def _select(self, bags: Bags, s: torch.Tensor) -> torch.Tensor:
-        if self.topk is None:
-            return s
-        flat = s.flatten(-2) if s.dim() > (2 if bags.packed else 3) else s
-        drop = rank_in_bag(bags, flat) >= self.topk
-        return flat.masked_fill(drop, float("-inf")).view_as(s)
-
     def pool(self, bags: Bags, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = bags.x
         if self.variant == "ep":
-            s = self._select(bags, x @ self.query.t() / math.sqrt(self.dim))
+            s = x @ self.query.t() / math.sqrt(self.dim)
+            if self.topk is not None:
+                s = s.masked_fill(rank_in_bag(bags, s) >= self.topk, float("-inf"))
             a = bags.softmax(s)
             v = self.v(x).unflatten(-1, (self.n_queries, self.out_dim // self.n_queries))
             return bags.weighted_sum(a, v).flatten(-2), a
         h, d, m = self.n_heads, self.dim // self.n_heads, self.n_queries
         if self.query_source == "learned":
-            q0 = self.query.expand(bags.n_bags, m, self.dim)
+            q0 = self.query
         elif self.query_source == "mean":
             q0 = self.query_map(bags.mean(x)).unflatten(-1, (m, self.dim))
         elif self.query_source == "cls":
@@ -110,15 +105,9 @@ class QueryPool(Pooler):
         else:
             q0 = query
         q = self.q(q0).unflatten(-1, (h, d)) / math.sqrt(d)           # [B, M, H, d]
-        k = self.k(x).unflatten(-1, (h, d))                           # [., H, d]
-        v = self.v(x).unflatten(-1, (h, d))
-        if self.query_source == "learned":
-            s = torch.einsum("...hd,mhd->...mh", k, q[0])
-        else:
-            s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
-        a = bags.softmax(self._select(bags, s))                       # [., M, H]
-        vm = v.unsqueeze(-3).expand(*v.shape[:-2], m, h, d)
-        z = bags.weighted_sum(a.flatten(-2), vm.flatten(-3, -2)).view(bags.n_bags, m, self.dim)
+        k, v = self.k(x).unflatten(-1, (h, d)), self.v(x).unflatten(-1, (h, d))
+        learned = self.query_source == "learned"
+        z, a = bag_attention(bags, q, k, v, per_bag=not learned, topk=self.topk)
         if self.o is not None:
             z = self.o(z)
         if self.mlp is not None:
