@@ -125,7 +125,7 @@ class Bags:
         if self.packed:
             return segment_sum(v, self.ids, self.n_bags)
         keep = self._keep(v)
-        return (v if keep is None else v * keep.to(v.dtype)).sum(1)
+        return (v if keep is None else v.masked_fill(~keep, 0)).sum(1)
 
     def mean(self, v: torch.Tensor) -> torch.Tensor:
         """Mean over the kept instances (zeros for an empty bag): ``[B, ...]``."""
