@@ -22,7 +22,8 @@ from torch import nn
 
 from attnzoo.ops.segment import check_cu_seqlens, segment_ids, segment_max, segment_softmax, segment_sum
 
-__all__ = ["MAB", "masked_softmax", "Bags", "Pooler", "bag_attention", "dense_attention", "rank_in_bag", "rff", "check_bag_input", "check_pool_mask", "FAMILY"]
+__all__ = ["MAB", "Bags", "Pooler", "bag_attention", "dense_attention", "masked_softmax", "rank_in_bag", "rff",
+           "check_bag_input", "check_pool_mask", "FAMILY"]
 
 FAMILY = "pooling"
 _LOW = (torch.float16, torch.bfloat16)

@@ -115,7 +115,8 @@ class QueryPool(Pooler):
         return (z[:, 0] if m == 1 else z), a
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, n_queries={self.n_queries}, query_source={self.query_source!r}, variant={self.variant!r}"
+        return (f"dim={self.dim}, n_queries={self.n_queries}, query_source={self.query_source!r}, "
+                f"variant={self.variant!r}")
 
 
 def _x(b: int = 2, n: int = 9, seed: int = 0) -> torch.Tensor:
@@ -149,8 +150,8 @@ def _topk_all_is_full() -> tuple[torch.Tensor, torch.Tensor]:
 
 register(
     "query_pool", family=FAMILY, type="pooler", priority=1, input_kind="set",
-    papers=("Efficient Probing (attentive probing)", "LLM embedding pooling study", "Adaptive pooling (noise attenuation)",
-            "Gated class-attention (continual learning)", "CrossViT", "MaxPoolBERT", "DARE"),
+    papers=("Efficient Probing (attentive probing)", "LLM embedding pooling study",
+            "Adaptive pooling (noise attenuation)", "Gated class-attention (continual learning)", "CrossViT", "MaxPoolBERT", "DARE"),
     supports={"padding", "varlen"}, complexity="O(M N)", backends=(),
     reference="the same module in float64 (padded path: masked softmax over the bag)", reference_kwargs={},
     test_kwargs={"dim": 32, "n_heads": 4, "n_queries": 1},

@@ -41,7 +41,8 @@ class ISAB(nn.Module):
         h = self.mab_in(ind, x, mask)
         return zero_padded(self.mab_out(x, h), mask)
 
-    def attention_maps(self, x: torch.Tensor, *, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_maps(self, x: torch.Tensor, *,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The two attention maps: inducing points over the set ``[B, H, m, N]`` and the set over them ``[B, H, N, m]``."""
         check_mixer_input(x, mask, None, self.dim)
         ind = self.inducing.to(x.dtype).expand(x.shape[0], self.n_inducing, self.dim)
