@@ -3,18 +3,7 @@
 Importing this package registers every entry with :mod:`attnzoo.registry`.
 """
 
-from attnzoo.layers import (  # noqa: F401  (register the pooling and channel entries)
-    channel,
-    dense,
-    linear,
-    local,
-    local_graph,
-    local_grid,
-    local_hier,
-    local_pooled,
-    pooling,
-    positional,
-)
+from attnzoo.layers import dense, linear, local, local_graph, local_grid, local_hier, local_pooled, positional
 from attnzoo.layers.base import AttentionMixer, MultiHeadAttention
 from attnzoo.layers.cache import KVCache
 from attnzoo.layers.dense import (
@@ -51,3 +40,5 @@ __all__ = [
     "SoftMixtureOfAttention", "TensorAttention", "TinyLM", "dense", "linear", "local", "local_graph", "local_grid",
     "local_hier", "local_pooled", "positional",
 ]
+
+from attnzoo.layers import channel, pooling  # noqa: E402,F401  (registers the pooling and channel entries)

@@ -151,7 +151,8 @@ def _topk_all_is_full() -> tuple[torch.Tensor, torch.Tensor]:
 register(
     "query_pool", family=FAMILY, type="pooler", priority=1, input_kind="set",
     papers=("Efficient Probing (attentive probing)", "LLM embedding pooling study",
-            "Adaptive pooling (noise attenuation)", "Gated class-attention (continual learning)", "CrossViT", "MaxPoolBERT", "DARE"),
+            "Adaptive pooling (noise attenuation)", "Gated class-attention (continual learning)", "CrossViT",
+            "MaxPoolBERT", "DARE"),
     supports={"padding", "varlen"}, complexity="O(M N)", backends=(),
     reference="the same module in float64 (padded path: masked softmax over the bag)", reference_kwargs={},
     test_kwargs={"dim": 32, "n_heads": 4, "n_queries": 1},

@@ -43,7 +43,7 @@ class ISAB(nn.Module):
 
     def attention_maps(self, x: torch.Tensor, *,
                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two attention maps: inducing points over the set ``[B, H, m, N]`` and the set over them ``[B, H, N, m]``."""
+        """The two attention maps: inducing points over the set ``[B, H, m, N]``, the set over them ``[B, H, N, m]``."""
         check_mixer_input(x, mask, None, self.dim)
         ind = self.inducing.to(x.dtype).expand(x.shape[0], self.n_inducing, self.dim)
         h, a_in = self.mab_in.attend(ind, x, mask)
