@@ -38,7 +38,7 @@ class GeMPool(Pooler):
     def pool(self, bags: Bags) -> tuple[torch.Tensor, None]:
         p = self.p.to(bags.x.dtype).repeat_interleave(self.dim // self.groups)
         m = bags.mean(bags.x.clamp(min=self.eps).pow(p))
-        return m.clamp(min=self.eps ** 2).pow(1.0 / p), None
+        return m.pow(1.0 / p), None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, groups={self.groups}"

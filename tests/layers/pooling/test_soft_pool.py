@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 import attnzoo
 from tests.layers.pooling._bags import bags
 
