@@ -158,9 +158,18 @@ class Bags:
 
     def weighted_sum(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_i w_i v_i`` per bag: ``w`` ``[., H]`` with ``v`` ``[., D]`` (shared by the H weightings) or
-        ``[., H, D]``; returns ``[B, H, D]``."""
+        ``[., H, D]``; returns ``[B, H, D]``.
+
+        Packed with shared values and ``B * H <= D``, the sum is one matmul with the ``[H, B, T]`` matrix
+        holding each row's weight in its bag's row (smaller than the ``[T, H, D]`` products); otherwise
+        the products are summed per bag with ``index_add``. Memory stays linear in ``T`` either way.
+        """
         shared = v.dim() == w.dim()
         if self.packed:
+            if shared and self.n_bags * w.shape[-1] <= v.shape[-1]:
+                onehot = self.ids.unsqueeze(0) == torch.arange(self.n_bags, device=w.device).unsqueeze(1)
+                assign = onehot.to(w.dtype).unsqueeze(0) * w.t().unsqueeze(1)          # [H, B, T]
+                return (assign @ v).transpose(0, 1)
             prod = w.unsqueeze(-1) * (v.unsqueeze(-2) if shared else v)
             return segment_sum(prod, self.ids, self.n_bags)
         if shared:
@@ -258,9 +267,11 @@ def bag_attention(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         flat = s.flatten(-2)
         s = flat.masked_fill(rank_in_bag(bags, flat) >= topk, float("-inf")).view_as(s)
     a = bags.softmax(s)
-    vm = v.unsqueeze(-3).expand(*v.shape[:-2], m, h, d)
-    z = bags.weighted_sum(a.flatten(-2), vm.flatten(-3, -2))
-    return z.view(bags.n_bags, m, h * d), a
+    if bags.packed:
+        z = segment_sum(a.unsqueeze(-1) * v.unsqueeze(-3), bags.ids, bags.n_bags)
+    else:
+        z = torch.einsum("bnmh,bnhd->bmhd", a, v)
+    return z.flatten(-2), a
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -53,3 +53,18 @@ def test_stkim_drops_only_in_training():
     assert (a_train.gather(1, top2)[[0, 1, 3]] == 0).all()  # bag 2 has one instance: dropping it empties the bag
     with pytest.raises(ValueError, match="stkim"):
         attnzoo.create("abmil", dim=16, stkim=(2, 1.5))
+
+
+def test_many_bags_take_the_index_add_path():
+    """B * H > D: the packed weighted sum adds products per bag instead of one assignment matmul."""
+    torch.manual_seed(0)
+    m = attnzoo.create("abmil", dim=16, attn_dim=8, n_branches=2).double()
+    lengths = tuple(int(v) for v in torch.randint(1, 7, (20,)))
+    x, mask, packed, cu = bags(lengths)
+    xp, xd = packed.clone().requires_grad_(), x.clone().requires_grad_()
+    yp, yd = m(xp, cu_seqlens=cu), m(xd, mask=mask)
+    torch.testing.assert_close(yp, yd, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(yd)
+    (yp * g).sum().backward()
+    (yd * g).sum().backward()
+    torch.testing.assert_close(xp.grad[0], xd.grad[mask], rtol=1e-12, atol=1e-12)
