@@ -97,7 +97,7 @@ def overhead(repeats: int, clock: str, device: str, quick: bool) -> list[dict]:
             for name, m in mods.items():
                 xi = x.clone().requires_grad_(mode == "fwd+bwd")
 
-                def run(m=m, xi=xi) -> None:
+                def run(m=m, xi=xi, mode=mode) -> None:
                     y = m(xi, mask=mask)
                     if mode == "fwd+bwd":
                         y.sum().backward()
