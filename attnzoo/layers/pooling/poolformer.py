@@ -23,12 +23,12 @@ __all__ = ["PoolFormerMixer", "local_average"]
 def local_average(x: torch.Tensor, keep: torch.Tensor | None, pool: int) -> torch.Tensor:
     """Mean of each token's ``pool``-wide neighbourhood (per spatial axis) over the kept tokens in it.
 
-    ``x`` channels-last ``[B, *spatial, C]`` with 1 or 2 spatial axes; ``keep`` bool ``[B, *spatial]``.
+    ``x`` channels-last ``[B, *spatial, C]`` with 1, 2 or 3 spatial axes; ``keep`` bool ``[B, *spatial]``.
     """
     spatial = x.dim() - 2
     xc = x.movedim(-1, 1)                                                   # [B, C, *spatial]
     w = torch.ones_like(xc[:, :1]) if keep is None else keep.unsqueeze(1).to(x.dtype)
-    op = F.avg_pool1d if spatial == 1 else F.avg_pool2d
+    op = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
     kw = {"kernel_size": pool, "stride": 1, "padding": pool // 2}
     num = op(xc * w, **kw)
     den = op(w, **kw)
@@ -36,7 +36,7 @@ def local_average(x: torch.Tensor, keep: torch.Tensor | None, pool: int) -> torc
 
 
 class PoolFormerMixer(nn.Module):
-    """PoolFormer mixer ``[B, *spatial, C] -> [B, *spatial, C]`` (1-D or 2-D grids, channels last)."""
+    """PoolFormer mixer ``[B, *spatial, C] -> [B, *spatial, C]`` (1-D, 2-D or 3-D grids, channels last)."""
 
     def __init__(self, dim: int, *, pool_size: int = 3) -> None:
         super().__init__()
@@ -48,9 +48,10 @@ class PoolFormerMixer(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """``AvgPool(X) - X`` over the kept tokens; ``causal`` and ``context`` are refused."""
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-1] != self.dim:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != self.dim:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a tensor [B, N, {self.dim}] or [B, H, W, {self.dim}], got {got}")
+            raise ValueError(f"x: expected a channels-last grid [B, N, {self.dim}], [B, H, W, {self.dim}] or "
+                             f"[B, T, H, W, {self.dim}], got {got}")
         check_pool_mask("mask", mask, tuple(x.shape[:-1]))
         if causal:
             raise ValueError("causal: poolformer averages both sides of each token; it has no causal form")

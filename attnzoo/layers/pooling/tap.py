@@ -1,7 +1,7 @@
 """``tap``: token aggregation pooling before attention, ``x'_i = sum_k w_ik AvgPool_k(X)_i``.
 
 Several local average-pooling kernels (sizes ``kernels``, the identity kernel 1 included) over a
-1-D or 2-D grid of channels-last tokens, mixed per token with weights ``w_i = softmax(W x_i + b)``
+1-D, 2-D or 3-D grid of channels-last tokens, mixed per token with weights ``w_i = softmax(W x_i + b)``
 over the kernels (learned). Padded tokens are left out of every average and give zero rows. Its
 ADL loss is the ``attention_diversity`` metric.
 """
@@ -37,9 +37,10 @@ class TokenAggregationPooling(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-1] != self.dim:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != self.dim:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a tensor [B, N, {self.dim}] or [B, H, W, {self.dim}], got {got}")
+            raise ValueError(f"x: expected a channels-last grid [B, N, {self.dim}], [B, H, W, {self.dim}] or "
+                             f"[B, T, H, W, {self.dim}], got {got}")
         check_pool_mask("mask", mask, tuple(x.shape[:-1]))
         if causal:
             raise ValueError("causal: tap averages both sides of each token; it has no causal form")
