@@ -20,19 +20,27 @@ from attnzoo.registry import Reduction, register
 __all__ = ["PoolFormerMixer", "local_average"]
 
 
+def _box_sum(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """Sum over a centred window of ``size`` along ``axis`` (zero padding): same shape as ``t``."""
+    r = size // 2
+    pad = [0, 0] * (t.dim() - 1 - axis) + [r, r]
+    return F.pad(t, pad).unfold(axis, size, 1).sum(-1)
+
+
 def local_average(x: torch.Tensor, keep: torch.Tensor | None, pool: int) -> torch.Tensor:
-    """Mean of each token's ``pool``-wide neighbourhood (per spatial axis) over the kept tokens in it.
+    """Mean of each token's ``pool``-wide box (``pool`` per spatial axis) over the kept tokens in it.
 
     ``x`` channels-last ``[B, *spatial, C]`` with 1, 2 or 3 spatial axes; ``keep`` bool ``[B, *spatial]``.
+    Boxes are cut at the border (``count_include_pad=False``); half precision is summed in float32.
     """
-    spatial = x.dim() - 2
-    xc = x.movedim(-1, 1)                                                   # [B, C, *spatial]
-    w = torch.ones_like(xc[:, :1]) if keep is None else keep.unsqueeze(1).to(x.dtype)
-    op = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
-    kw = {"kernel_size": pool, "stride": 1, "padding": pool // 2}
-    num = op(xc * w, **kw)
-    den = op(w, **kw)
-    return (num / torch.where(den > 0, den, torch.ones_like(den))).movedim(1, -1)
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xf = x.float() if low else x
+    w = torch.ones_like(xf[..., :1]) if keep is None else keep.unsqueeze(-1).to(xf.dtype)
+    num, den = xf * w, w
+    for axis in range(1, x.dim() - 1):
+        num, den = _box_sum(num, axis, pool), _box_sum(den, axis, pool)
+    out = num / torch.where(den > 0, den, torch.ones_like(den))
+    return out.to(x.dtype)
 
 
 class PoolFormerMixer(nn.Module):
