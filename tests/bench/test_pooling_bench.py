@@ -55,3 +55,15 @@ def test_run_pooling_tiny():
     assert [r["pooler"] for r in rows] == ["mean_pool", "abmil"]
     assert rows[0]["localisation_auc"] is None and 0 <= rows[1]["localisation_auc"] <= 1
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["bag_auc"] <= 1 for r in rows)
+
+
+def test_compare_preset_pooling(tmp_path):
+    from attnzoo.bench.compare import run_compare
+
+    res = run_compare("pooling", mixers=["mean_pool", "abmil"], store=tmp_path / "r.sqlite", out=tmp_path / "report",
+                      overrides={"max_steps": 2}, log=lambda s: None)
+    cols, rows = res.leaderboard
+    assert {r[1] for r in rows} == {"mean_pool", "abmil"} and any("mil_bags" in c for c in cols)
+    assert res.report is not None and res.report.exists()
+    with pytest.raises(ValueError, match="preset: 'pooling' takes --mixers"):
+        run_compare("pooling", store=tmp_path / "r.sqlite", overrides={"dims": [64]}, log=lambda s: None)
