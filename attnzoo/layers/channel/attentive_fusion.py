@@ -4,12 +4,15 @@
 spatial attention on the shallow map ``F_s`` (a 1x1 conv to one map) and a channel attention on the
 deep map ``F_d`` (SE-style on its spatial mean), ``F = a * F_s + (1 - a) * F_d``. ``mode="softmax"``
 (SABW-style ensembling): per-location, per-channel scores from a 1x1 conv on each source, a softmax
-over the M sources. ``forward(x, *others)`` fuses ``[x, *others]``; without others, ``x`` with itself.
+over the M sources. ``forward(x, *others)`` fuses ``[x, *others]``. A single map (the channel
+contract's ``(B, C, H, W) -> (B, C, H, W)``) is fused with its coarse view (2 x 2 average pooling,
+upsampled back: the role of the deeper, lower-resolution map), which needs ``n_sources = 2``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.layers.base import check_choice, check_int, seeded
@@ -38,11 +41,21 @@ class AttentiveFusion(nn.Module):
         else:
             self.score = nn.Conv2d(channels, channels, 1)
 
+    def sources(self, *maps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The maps to fuse: ``maps``, or a single map and its coarse view."""
+        if len(maps) == 1 and self.n_sources == 2:
+            x = maps[0]
+            check_feature_map("maps[0]", x, self.channels)
+            coarse = F.avg_pool2d(x, 2, ceil_mode=True)
+            return x, F.interpolate(coarse, size=x.shape[-2:], mode="nearest")
+        return maps
+
     def weights(self, *maps: torch.Tensor) -> torch.Tensor:
-        if len(maps) == 1:
-            maps = maps * self.n_sources
+        """``a`` ``[B, M, C, H, W]`` for the sources of ``maps`` (see :meth:`sources`)."""
+        maps = self.sources(*maps)
         if len(maps) != self.n_sources:
-            raise ValueError(f"maps: expected {self.n_sources} feature maps (or one), got {len(maps)}")
+            raise ValueError(f"maps: expected {self.n_sources} feature maps (one only when n_sources = 2), "
+                             f"got {len(maps)}")
         for i, f in enumerate(maps):
             check_feature_map(f"maps[{i}]", f, self.channels)
             if f.shape != maps[0].shape:
@@ -54,10 +67,8 @@ class AttentiveFusion(nn.Module):
         return torch.softmax(torch.stack([self.score(f) for f in maps], 1), 1)
 
     def forward(self, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        maps = (x, *others)
-        a = self.weights(*maps)
-        full = maps if len(maps) > 1 else maps * self.n_sources
-        return (a * torch.stack(full, 1)).sum(1)
+        maps = self.sources(x, *others)
+        return (self.weights(*maps) * torch.stack(maps, 1)).sum(1)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, n_sources={self.n_sources}, mode={self.mode!r}"

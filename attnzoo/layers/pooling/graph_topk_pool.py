@@ -78,7 +78,7 @@ def _node_permutation() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 register(
-    "graph_topk_pool", family=FAMILY, type="pooler", priority=3, input_kind="set",
+    "graph_topk_pool", family=FAMILY, type="pooler", priority=3, input_kind="sequence",
     papers=("Sparse hierarchical graph classifiers",), supports={"padding"}, complexity="O(N log N)", backends=(),
     reference="the closed form (projection score, top-k gather, tanh gate) in float64", reference_kwargs={},
     test_kwargs={"dim": 32, "ratio": 0.5},
