@@ -1,7 +1,8 @@
 """``dynamic_token_pool``: Dynamic Token Pooling, learned segment boundaries with mean pooling (hourglass LM).
 
 A boundary predictor ``b_t = sigmoid(MLP(h_t))`` marks the tokens that end a segment (hard
-``b_t > 0.5``, straight-through gradients to the predictor [recalled]) unless per-call
+``b_t > 0.5``; the predictor learns through straight-through token weights, value 1 and derivative 1 in
+``b_t``, and through :meth:`DynamicTokenPool.boundary_loss`) unless per-call
 ``boundaries`` are given (tokenizer, entropy-spike or whitespace boundaries). Token t belongs to
 segment ``c_t = sum_{tau < t} b_tau``; each segment is mean-pooled over its kept tokens (the
 downsampling matrix's rows sum to 1). :meth:`DynamicTokenPool.upsample` gives position t the vector
@@ -45,15 +46,19 @@ class DynamicTokenPool(nn.Module):
         keep = torch.ones_like(target) if mask is None else mask
         return (loss * keep).sum() / keep.sum().clamp(min=1)
 
-    def segments(self, x: torch.Tensor, keep: torch.Tensor, boundaries: torch.Tensor | None) -> torch.Tensor:
-        """``c_t`` ``[B, N]`` (float, straight-through when predicted): completed segments before t."""
+    def segments(self, x: torch.Tensor, keep: torch.Tensor,
+                 boundaries: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_t, w_t)`` ``[B, N]``: completed segments before t, and each token's pooling weight (1 in value;
+        with predicted boundaries it carries the straight-through gradient ``d w_t / d p_t = 1``)."""
         if boundaries is None:
             p = self.boundary_probs(x)
-            b = (p > 0.5).to(x.dtype) + p - p.detach()
+            b = (p.detach() > 0.5).to(x.dtype)
+            w = 1 + p - p.detach()
         else:
             b = boundaries.to(x.dtype)
+            w = torch.ones_like(b)
         b = b * keep.to(x.dtype)
-        return torch.cumsum(b, 1) - b
+        return torch.cumsum(b, 1) - b, w
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, boundaries: torch.Tensor | None = None,
                 return_info: bool = False) -> torch.Tensor | tuple:
@@ -64,18 +69,19 @@ class DynamicTokenPool(nn.Module):
         s_max = self.max_segments or n
         keep = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask
         x = x.masked_fill(~keep.unsqueeze(-1), 0)
-        c = self.segments(x, keep, boundaries)
+        c, weight = self.segments(x, keep, boundaries)
         if int(c.detach().max()) >= s_max:
             raise ValueError(f"max_segments: expected at least {int(c.detach().max()) + 1} segments' room, "
                              f"got max_segments={s_max}")
         j = torch.arange(s_max, device=x.device, dtype=x.dtype)
-        assign = torch.relu(1 - (c.unsqueeze(-1) - j).abs()) * keep.unsqueeze(-1).to(x.dtype)   # [B, N, S]
+        onehot = (c.round().unsqueeze(-1) == j) & keep.unsqueeze(-1)                            # [B, N, S]
+        assign = onehot.to(x.dtype) * weight.unsqueeze(-1)
         count = assign.sum(1)                                                                   # [B, S]
         den = torch.where(count > 0, count, torch.ones_like(count))
         pooled = torch.einsum("bns,bnc->bsc", assign, x) / den.unsqueeze(-1)
         if not return_info:
             return pooled
-        return pooled, (c.detach().round().long(), count.detach() > 0)
+        return pooled, (c.round().long(), count.detach() > 0)
 
     def upsample(self, pooled: torch.Tensor, segment: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x_t + pooled[c_t - 1]`` (zero before the first completed segment): ``[B, N, C]``, causal."""
