@@ -38,6 +38,8 @@ class MeanPool(Pooler):
             if subset is None:
                 raise ValueError("subset: mode='subset' needs a bool subset mask [B, N], got None")
             check_pool_mask("subset", subset, tuple(x.shape[:2]) if isinstance(x, torch.Tensor) else ())
+            if cu_seqlens is not None:
+                raise ValueError("subset: mode='subset' takes padded bags (mask); pad the bags instead of cu_seqlens")
             mask = subset if mask is None else mask & subset
         elif subset is not None:
             raise ValueError(f"subset: only used by mode='subset', got mode={self.mode!r}")
