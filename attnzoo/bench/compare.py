@@ -219,6 +219,8 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
     """Run a preset; ``overrides``: ``dims``, ``lrs``, ``seq_lens`` (MQAR settings), ``epochs``,
     ``max_steps``, ``n_train``, ``n_test``, ``batch_size``, ``lengths`` (speed), ``seeds``."""
     if preset == "pooling":
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device: the pooling preset runs on the CPU, got device={device!r}")
         return _run_pooling_preset(mixers, store, out, report, overrides, mixer_kwargs, log)
     started = time.perf_counter()
     p = _apply_overrides(get_preset(preset), overrides or {})
