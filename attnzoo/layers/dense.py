@@ -574,7 +574,10 @@ class ContextBroadcast(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: context_broadcast is self-attention only")
@@ -767,7 +770,10 @@ class CascadedGroupAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         from attnzoo.layers.cache import KVCache
 
         check_mixer_input(x, mask, context, self.dim)
@@ -1057,7 +1063,10 @@ class ProbabilisticAttention(MultiHeadAttention):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, **kw: Any) -> Any:
-        """:meth:`MultiHeadAttention.forward`; the EM key update sees only unpadded queries and keys."""
+        """:meth:`MultiHeadAttention.forward`; the EM key update sees only unpadded queries and keys.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         self._em_keep = (mask, mask if context is None else context_mask)
         try:
             return super().forward(x, mask=mask, context=context, context_mask=context_mask, **kw)
@@ -1817,7 +1826,10 @@ class DeconstructedAttention(AttentionMixer):
         self._qk_source: torch.Tensor | None = None
 
     def forward(self, x, *, qk_source: torch.Tensor | None = None, **kw: Any):
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``qk_source`` ``[B, N, qk_dim]`` for ``mode="decoupled_qk"``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``qk_source`` ``[B, N, qk_dim]`` for ``mode="decoupled_qk"``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         if qk_source is not None:
             if self.mode != "decoupled_qk":
                 raise ValueError(f"qk_source: only mode='decoupled_qk' takes it, this layer has mode={self.mode!r}")

@@ -191,7 +191,10 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         check_context(context, context_mask, self.k_proj.in_features)
         state = cache_state(cache, "linear_attention", x.shape[0])
@@ -351,7 +354,10 @@ class Lightning(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal)."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: lightning is a causal self-attention mixer")
@@ -496,6 +502,8 @@ class DeltaNet(nn.Module):
                 ) -> torch.Tensor:
         """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal).
 
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+
         ``write`` ``[B, N]`` (0..1, a router's hook) scales each token's write strength β and its
         decay exponent: 0 makes the token an identity step (it only reads).
         """
@@ -630,7 +638,10 @@ class SelectiveSSM(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal)."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: selective_ssm is a causal sequence mixer")

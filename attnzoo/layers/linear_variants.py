@@ -82,7 +82,10 @@ class AgentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None, return_weights: bool = False) -> Any:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and the composite weights ``[B, H, N, N]``)."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and the composite weights ``[B, H, N, N]``).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if causal or context is not None or cache is not None:
             raise ValueError("causal/context/cache: agent_attention is non-causal self-attention (agents pool "
@@ -205,7 +208,10 @@ class InLineAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: inline_attention is self-attention")
