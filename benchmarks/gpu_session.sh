@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear}"
+stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear|pooling}"
 
 {
     date -u '+%Y-%m-%d %H:%M UTC'
@@ -33,7 +33,9 @@ case "$stage" in
             | tee "$out/triton-local-sweep.log" ;;
     linear)
         python benchmarks/bench_triton_linear.py 2>&1 | tee "$out/triton-linear.log" ;;
+    pooling)
+        python benchmarks/bench_pooling.py --device cuda --repeats 5 2>&1 | tee "$out/pooling.log" ;;
     *)
-        echo "unknown stage: $stage (expected tests, local, local-sweep or linear)" >&2
+        echo "unknown stage: $stage (expected tests, local, local-sweep, linear or pooling)" >&2
         exit 2 ;;
 esac
