@@ -247,7 +247,7 @@ def test_results_export_every_kind_and_never_onto_the_store(tmp_path, capsys):
     assert [len(r["speed"]) for r in runs] == [0, 2]
     for target in (path, tmp_path / "." / "r.sqlite"):
         assert main(["results", "export", "--store", str(path), "-o", str(target)]) == 2
-        assert "the results store itself" in capsys.readouterr().err
+        assert "would destroy the runs" in capsys.readouterr().err
     assert main(["results", "export", "--store", str(path), "-o", str(tmp_path / "no" / "x.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert path.read_bytes() == before

@@ -30,7 +30,8 @@ class PolarizedSelfAttention(nn.Module):
             raise ValueError(f"channels: expected an even number (C / 2 inner channels), got {channels}")
         self.layout = check_choice("layout", layout, LAYOUTS)
         half = channels // 2
-        self.ch_q = nn.Conv2d(channels, 1, 1)
+        # no bias: one shared shift of every position's logit leaves the softmax over positions unchanged
+        self.ch_q = nn.Conv2d(channels, 1, 1, bias=False)
         self.ch_v = nn.Conv2d(channels, half, 1)
         self.ch_up = nn.Conv2d(half, channels, 1)
         self.ch_norm = nn.LayerNorm(channels)

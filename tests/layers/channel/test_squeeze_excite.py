@@ -30,4 +30,4 @@ def test_condition_changes_the_gates_and_bad_input():
     with pytest.raises(ValueError, match=r"cond: expected a tensor \[2, 4\], got \[2, 3\]"):
         m(x, torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"x: expected a tensor \[B, 16, S0\] or .*got \[2, 8, 5, 5\]"):
-        m(torch.randn(2, 8, 5, 5))
+        m(torch.randn(2, 8, 5, 5, dtype=torch.float64))
