@@ -26,7 +26,8 @@ from torch import nn
 import attnzoo
 from attnzoo.bench.tasks import Task
 
-__all__ = ["Block", "EncoderClassifier", "TinyDiT", "TinyLM", "ddim_sample", "build_mixer", "build_model", "check_mixer", "mixer_kwargs_for",
+__all__ = ["Block", "EncoderClassifier", "TinyDiT", "TinyLM", "ddim_sample", "build_mixer", "build_model",
+           "check_mixer", "mixer_kwargs_for",
            "mixer_slugs", "POSITIONAL"]
 
 POSITIONAL = ("learned", "sinusoidal", "none")
@@ -309,7 +310,8 @@ class TinyDiT(nn.Module):
     """
 
     def __init__(self, grid: tuple[int, int] = (4, 4), in_channels: int = 4, dim: int = 32, n_heads: int = 4,
-                 n_layers: int = 2, text_vocab: int = 32, *, self_attention: str = "mha", backend: str = "auto") -> None:
+                 n_layers: int = 2, text_vocab: int = 32, *, self_attention: str = "mha",
+                 backend: str = "auto") -> None:
         super().__init__()
         if len(tuple(grid)) != 2 or any(not isinstance(g, int) or g < 1 for g in grid):
             raise ValueError(f"grid: expected (H, W) of positive integers, got {grid!r}")

@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 from attnzoo.inspect._edits import LayerEdit, installed
-from attnzoo.inspect.steering._common import COMMON, SteeringTargetError, SteeringWrapper, check_pairs, check_targets
-from attnzoo.inspect.steering._common import tiny_lm
+from attnzoo.inspect.steering._common import (
+    COMMON,
+    SteeringTargetError,
+    SteeringWrapper,
+    check_pairs,
+    check_targets,
+    tiny_lm,
+)
 from attnzoo.registry import Reduction, register
 
 SITES = ("head", "attention", "module")

@@ -12,8 +12,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attnzoo.inspect.steering._common import COMMON, SteeringTargetError, SteeringWrapper, check_targets, recorded
-from attnzoo.inspect.steering._common import tiny_dit
+from attnzoo.inspect.steering._common import (
+    COMMON,
+    SteeringTargetError,
+    SteeringWrapper,
+    check_targets,
+    recorded,
+    tiny_dit,
+)
 from attnzoo.registry import Reduction, register
 
 LOSSES = ("excite", "segregation", "retention")
@@ -58,7 +64,7 @@ def excite_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def segregation_loss(maps: torch.Tensor) -> torch.Tensor:
-    """A-STAR-style overlap between different tokens' maps, ``Σ_{s<s'} Σ_p min(A_s, A_s') / Σ_p (A_s + A_s')``, ``[B]``."""
+    """A-STAR-style overlap of different tokens' maps, ``Σ_{s<s'} Σ_p min(A_s, A_s') / Σ_p (A_s + A_s')``, ``[B]``."""
     b, _, s = maps.shape
     out = maps.new_zeros(b)
     for i in range(s):
