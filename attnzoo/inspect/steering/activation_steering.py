@@ -96,7 +96,10 @@ class ActivationSteering(SteeringWrapper):
         else:
             target = dict(self.host.named_modules())[self.module_name]
 
+        fired = []
+
         def hook(mod: nn.Module, inputs: Any, out: Any) -> Any:
+            fired.append(True)
             if isinstance(out, tuple):
                 return (out[0] + self.delta(out[0]), *out[1:])
             return out + self.delta(out)
@@ -106,13 +109,16 @@ class ActivationSteering(SteeringWrapper):
             yield self.host
         finally:
             handle.remove()
+        if not fired:
+            raise RuntimeError(f"activation_steering: the site {self.module_name or self.layer!r} was never called "
+                               "during the pass (a container such as a ModuleDict is not called: name a submodule)")
 
 
 def _zero_vector() -> tuple[torch.Tensor, torch.Tensor]:
     host, tokens = tiny_lm()
     outs = [ActivationSteering(host, torch.zeros(8), head=(1, 0))(tokens),
             ActivationSteering(host, torch.ones(16), site="attention", layer=0, alpha=0.0)(tokens),
-            ActivationSteering(host, torch.ones(16), site="module", module="blocks.0", mask=torch.zeros(16))(tokens)]
+            ActivationSteering(host, torch.ones(16), site="module", module="blocks.0.mlp", mask=torch.zeros(16))(tokens)]
     return torch.stack(outs), host(tokens).expand(3, -1, -1, -1)
 
 
