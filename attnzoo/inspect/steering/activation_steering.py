@@ -118,7 +118,8 @@ def _zero_vector() -> tuple[torch.Tensor, torch.Tensor]:
     host, tokens = tiny_lm()
     outs = [ActivationSteering(host, torch.zeros(8), head=(1, 0))(tokens),
             ActivationSteering(host, torch.ones(16), site="attention", layer=0, alpha=0.0)(tokens),
-            ActivationSteering(host, torch.ones(16), site="module", module="blocks.0.mlp", mask=torch.zeros(16))(tokens)]
+            ActivationSteering(host, torch.ones(16), site="module", module="blocks.0.mlp",
+                               mask=torch.zeros(16))(tokens)]
     return torch.stack(outs), host(tokens).expand(3, -1, -1, -1)
 
 
