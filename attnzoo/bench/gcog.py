@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -268,7 +268,7 @@ class GCOG(Task):
             if w in OPS:
                 return (w, *(parse() for _ in range(OPS[w])))
             n_args = 2 if w == "exist_pair" else 1
-            return (w, *(int(next(rest).lstrip("shapecolor")) for _ in range(n_args)))
+            return (w, *(int(next(rest).removeprefix("shape").removeprefix("color")) for _ in range(n_args)))
 
         return parse(), scene
 
