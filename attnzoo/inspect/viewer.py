@@ -1,36 +1,54 @@
 """Self-contained HTML view of captured attention, and a static PNG figure.
 
-``html = render_html(tokens, cache, importance=None)`` gives one page with, for the chosen layer and
-head, a token-to-token line view (an inline SVG: queries on the left, keys on the right, one line per
-pair with opacity = weight; hover a token to highlight its lines, click to pin) and a heatmap; the
-attention rollout (Abnar & Zuidema) of the captured layers as a heatmap and as bars for one query
-row; and a per-head table (sink, entropy, distance, and importance when given; click a row to show
-that head).
+``html = render_html(tokens, cache, importance=None)`` gives one page with
 
-Text safety: the page's script puts token strings in the DOM with ``textContent`` only, the static
-parts are HTML-escaped, and the data block is JSON with ``<``, ``>`` and ``&`` escaped, so a token
-such as ``<script>`` renders as text. No external resources are loaded.
+- a model view: every captured layer x head as a thumbnail (click one to open that head);
+- a head view (as bertviz's): every head of one layer at once, one colour per head, with a toggle
+  per head; queries on the left, keys on the right, line opacity = weight; hover a token to see
+  only its lines, click to pin;
+- a canvas heatmap of the open head with a colour bar, the value under the mouse, zoom (wheel,
+  buttons) and drag to pan, and token labels once the cells are large enough;
+- the attention rollout (Abnar & Zuidema) of the captured layers, as the same zoomable heatmap
+  and as bars for the selected query;
+- a token strip shaded by the selected query's attention, with a search box (substring or
+  ``#position``) that selects and zooms to a token;
+- a head table (sink, entropy, distance, and importance when given) sortable by any column.
+
+Long inputs: the maps are embedded quantised (``sqrt``-spaced, 16 bits when everything fits the
+size budget ``max_bytes``, else 8 bits) and, over the budget, downsampled (block maximum) with
+priority to the head shown first, then the rollout, then the rest of its layer; the page says
+which maps are downsampled and by how much, so 2,000+ tokens stay a page of ``max_bytes``.
+
+Text safety: the page's script puts token strings in the DOM with ``textContent`` (or draws them on
+a canvas) only, the static parts are HTML-escaped, and the data block is JSON with ``<``, ``>``
+and ``&`` escaped, so a token such as ``<script>`` renders as text. No external resources.
 
 ``render_png(tokens, cache, path, layer=...)`` writes a static matplotlib figure (every head of one
-layer and the rollout); matplotlib is the optional ``attnzoo[report]`` extra, imported only there.
+layer and the rollout, with colour bars); matplotlib is the optional ``attnzoo[report]`` extra.
+The HTML page and the PNG open on the same layer by default: the last captured one.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import torch
 
+from attnzoo.inspect._viewer_png import check_matplotlib, render_png
 from attnzoo.inspect.capture import Cache, head_summaries
 
 __all__ = ["Inspection", "inspect_model", "render_html", "render_png", "safe_json"]
 
 _SUMMARY_COLUMNS = ("sink", "entropy", "distance")
+MIN_SIDE = 32  # a downsampled map keeps at least this many cells a side (the model view's thumbnails)
 
 
 def safe_json(obj: Any) -> str:
@@ -42,11 +60,16 @@ def _captured(cache: Cache, batch_index: int) -> tuple[list[int], list[torch.Ten
     layers = sorted(li for n, li in cache.keys() if n == "weights")
     if not layers:
         raise ValueError("viewer: the cache has no attention weights (capture with what=('weights', ...))")
-    ws = [cache["weights", li].detach().float() for li in layers]
+    ws = [cache["weights", li].detach().float().cpu() for li in layers]
     b = ws[0].shape[0]
     if not -b <= batch_index < b:
         raise IndexError(f"batch_index: {batch_index} is out of range for a batch of {b}")
     return layers, [w[batch_index] for w in ws]  # each [H, N, M]
+
+
+def default_layer(layers: list[int]) -> int:
+    """The layer :func:`render_html` opens on and :func:`render_png` draws by default: the last captured."""
+    return layers[-1]
 
 
 def _layer_id(who: str, layer: int, layers: list[int], n_layers: int) -> int:
@@ -90,272 +113,174 @@ def _importance_rows(importance: torch.Tensor | None, layers: list[int], ws: lis
     return [[float(v) for v in row] for row in rows]
 
 
-_CSS = """
-body{font-family:sans-serif;margin:1em 2em;color:#222}
-h2{font-size:1.1em;margin:1.2em 0 .4em}
-.note{color:#555;font-size:12px;margin:.2em 0}
-.views{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}
-table.map td{padding:0;width:16px;height:16px;font-size:11px}
-table.map td.lab{width:auto;padding:0 4px;white-space:nowrap;text-align:right;max-width:14em;overflow:hidden}
-table.map td.k{writing-mode:vertical-rl;height:auto;max-height:10em;overflow:hidden;padding:2px 0;text-align:left}
-#lines{font-size:12px}
-#lines .ln{stroke:#1f77b4;stroke-width:1.5}
-#lines.focus .ln:not(.hl){display:none}
-#lines .ln.hl{stroke:#d62728}
-#lines .tok{cursor:pointer}
-#lines .tok.hl{font-weight:bold;fill:#d62728}
-#summary td,#summary th{padding:2px 8px;font-size:12px;text-align:right}
-#summary tr.row{cursor:pointer}
-#summary tr.cur{background:#ffe9a8}
-.bar{display:flex;align-items:center;font-size:12px;height:16px}
-.bar .t{width:12em;text-align:right;padding-right:6px;white-space:nowrap;overflow:hidden}
-.bar .b{background:#2ca02c;height:12px}
-.bar .v{padding-left:4px;color:#555}
-"""
+# ---- size budget: which maps are embedded at which resolution ----
 
-_JS = r"""
-const D = JSON.parse(document.getElementById('attnzoo-data').textContent);
-const sel = (id) => document.getElementById(id);
-const NS = 'http://www.w3.org/2000/svg';
-const keyLabel = (j, m) => (m === D.tokens.length ? D.tokens[j] : `#${j}`);
-const short = (t) => (t.length > 24 ? t.slice(0, 23) + '\u2026' : t);
-let pinned = null;
+def _cells(f: int, n: int, m: int) -> int:
+    return math.ceil(n / f) * math.ceil(m / f)
 
-function svgEl(tag, attrs) {
-  const e = document.createElementNS(NS, tag);
-  for (const k in attrs) e.setAttribute(k, attrs[k]);
-  return e;
-}
 
-function drawMap(table, w, rowLabels, colLabels, rgb) {
-  table.textContent = '';
-  const head = table.insertRow(); head.insertCell();
-  colLabels.forEach(k => { const c = head.insertCell(); c.textContent = k; c.className = 'k'; });
-  w.forEach((row, i) => {
-    const r = table.insertRow(); const c0 = r.insertCell(); c0.textContent = rowLabels[i]; c0.className = 'lab';
-    row.forEach((v, j) => { const c = r.insertCell(); c.style.background = `rgba(${rgb},${v})`;
-      c.title = `${rowLabels[i]} \u2192 ${colLabels[j]}: ${v.toFixed(3)}`; });
-  });
-}
+def _fit(count: int, n: int, m: int, allowance: float) -> int:
+    """The smallest block size ``f`` with ``count`` maps of ``[n, m]`` in ``allowance`` cells (at most
+    the block that keeps ``MIN_SIDE`` cells a side)."""
+    f_max = max(1, math.ceil(max(n, m) / MIN_SIDE))
+    f = 1
+    while f < f_max and count * _cells(f, n, m) > allowance:
+        f += 1
+    return f
 
-function focusLines(side, i) {
-  const svg = sel('lines');
-  svg.querySelectorAll('.hl').forEach(e => e.classList.remove('hl'));
-  if (side === null) { svg.classList.remove('focus'); return; }
-  svg.classList.add('focus');
-  svg.querySelectorAll(`[data-${side}="${i}"]`).forEach(e => e.classList.add('hl'));
-}
 
-function drawLines(w) {
-  const svg = sel('lines'); svg.textContent = ''; pinned = null; svg.classList.remove('focus');
-  const n = w.length, m = w[0].length, step = 18, top = 16;
-  const longest = Math.max(...D.tokens.map(t => short(t).length), 2);
-  const pad = Math.min(8 + 7 * longest, 200), gap = 140, width = 2 * pad + gap;
-  const height = top + Math.max(n, m) * step;
-  const x0 = pad, x1 = pad + gap;
-  Object.entries({width: width, height: height, viewBox: `0 0 ${width} ${height}`})
-    .forEach(([k, v]) => svg.setAttribute(k, v));
-  const g = svgEl('g', {}); svg.append(g);
-  w.forEach((row, i) => row.forEach((v, j) => {
-    if (v < D.minLine) return;
-    g.append(svgEl('line', {x1: x0, y1: top + i * step - 4, x2: x1, y2: top + j * step - 4,
-      'stroke-opacity': v, 'data-q': i, 'data-k': j, class: 'ln'}));
-  }));
-  const label = (side, i, text, x, anchor) => {
-    const e = svgEl('text', {x: x, y: top + i * step, 'text-anchor': anchor, class: 'tok', ['data-' + side]: i});
-    e.textContent = short(text);
-    const tip = svgEl('title', {}); tip.textContent = text; e.append(tip);
-    e.addEventListener('mouseenter', () => { if (!pinned) focusLines(side, i); });
-    e.addEventListener('mouseleave', () => { if (!pinned) focusLines(null); });
-    e.addEventListener('click', () => {
-      const same = pinned && pinned[0] === side && pinned[1] === i;
-      pinned = same ? null : [side, i]; focusLines(same ? null : side, i);
-    });
-    svg.append(e);
-  };
-  for (let i = 0; i < n; i++) label('q', i, D.tokens[i], x0 - 6, 'end');
-  for (let j = 0; j < m; j++) label('k', j, keyLabel(j, m), x1 + 6, 'start');
-}
+@dataclass
+class _Plan:
+    """Bits per value and block size per map (``blocks[p][h]``, ``rollout``); ``note`` says so."""
 
-function fillHeads() {
-  const l = +sel('layer').value, h = sel('head'), keep = +h.value || 0;
-  h.textContent = '';
-  D.weights[l].forEach((_, i) => h.add(new Option(`head ${i}`, i)));
-  h.value = Math.min(keep, D.weights[l].length - 1);
-}
+    bits: int
+    blocks: list[list[int]]
+    rollout: int
+    note: str
 
-function draw() {
-  const l = +sel('layer').value, h = +sel('head').value, w = D.weights[l][h], m = w[0].length;
-  drawLines(w);
-  drawMap(sel('map'), w, D.tokens, w[0].map((_, j) => keyLabel(j, m)), '31,119,180');
-  sel('current').textContent = `layer ${D.layers[l]}, head ${h}`;
-  document.querySelectorAll('#summary tr.row').forEach(r =>
-    r.classList.toggle('cur', +r.dataset.l === l && +r.dataset.h === h));
-}
 
-function drawRollout() {
-  if (!D.rollout) return;
-  const r = D.rollout, row = +sel('rollout-row').value, bars = sel('rollout-bars');
-  bars.textContent = '';
-  const top = Math.max(...r[row], 1e-9);
-  r[row].forEach((v, j) => {
-    const d = document.createElement('div'); d.className = 'bar';
-    const t = document.createElement('span'); t.className = 't'; t.textContent = D.tokens[j]; d.append(t);
-    const b = document.createElement('span'); b.className = 'b'; b.style.width = `${(200 * v) / top}px`; d.append(b);
-    const n = document.createElement('span'); n.className = 'v'; n.textContent = v.toFixed(3); d.append(n);
-    bars.append(d);
-  });
-}
+def _plan(shapes: list[tuple[int, int, int]], focus: tuple[int, int], layers: list[int], has_rollout: bool,
+          max_bytes: int) -> _Plan:
+    """How to embed maps of ``shapes`` (``[H, N, M]`` per captured layer) in ``max_bytes``: 16-bit if
+    everything fits, else 8-bit; over the budget, the ``focus`` head (captured position, head) takes
+    up to half, the rollout a quarter of the rest, the focus layer's other heads half of what is
+    left and the other layers the remainder, each group at the smallest block size that fits."""
+    n = shapes[0][1]
+    full = sum(h * q * k for h, q, k in shapes) + (n * n if has_rollout else 0)
+    if 2 * full <= max_bytes:
+        return _Plan(16, [[1] * s[0] for s in shapes], 1, "every map is embedded at full resolution "
+                     f"(16-bit, {2 * full / 1e6:.2f} MB of the {max_bytes / 1e6:g} MB budget)")
+    if full <= max_bytes:
+        return _Plan(8, [[1] * s[0] for s in shapes], 1, "every map is embedded at full resolution "
+                     f"(8-bit sqrt-spaced values, {full / 1e6:.2f} MB of the {max_bytes / 1e6:g} MB budget)")
+    pos, head = focus
+    h0, n0, m0 = shapes[pos]
+    blocks = [[0] * s[0] for s in shapes]
+    used = 0
 
-D.weights.forEach((_, i) => sel('layer').add(new Option(`layer ${D.layers[i]}`, i)));
-sel('layer').value = D.init.layer; fillHeads(); sel('head').value = D.init.head;
-sel('layer').onchange = () => { fillHeads(); draw(); };
-sel('head').onchange = draw;
-document.querySelectorAll('#summary tr.row').forEach(r => r.addEventListener('click', () => {
-  sel('layer').value = r.dataset.l; fillHeads(); sel('head').value = r.dataset.h; draw();
-}));
-if (D.rollout) {
-  D.tokens.forEach((t, i) => sel('rollout-row').add(new Option(`${i}: ${short(t)}`, i)));
-  sel('rollout-row').value = D.rolloutRow;
-  sel('rollout-row').onchange = drawRollout;
-  drawMap(sel('rollout'), D.rollout, D.tokens, D.tokens, '44,160,44');
-  drawRollout();
-}
-draw();
-"""
+    def take(f: int, count: int, q: int, k: int) -> int:
+        nonlocal used
+        used += count * _cells(f, q, k)
+        return f
+
+    blocks[pos][head] = take(_fit(1, n0, m0, max_bytes / 2), 1, n0, m0)
+    ro = take(_fit(1, n, n, (max_bytes - used) / 4), 1, n, n) if has_rollout else 1
+    f_rest = _fit(h0 - 1, n0, m0, (max_bytes - used) / 2) if h0 > 1 else 1
+    for h in range(h0):
+        if h != head:
+            blocks[pos][h] = take(f_rest, 1, n0, m0)
+    others = [p for p in range(len(shapes)) if p != pos]
+    count = sum(shapes[p][0] for p in others)
+    f_other = max((_fit(count, s[1], s[2], max_bytes - used) for s in shapes), default=1) if count else 1
+    for p in others:
+        blocks[p] = [take(f_other, 1, shapes[p][1], shapes[p][2]) for _ in range(shapes[p][0])]
+
+    def say(f: int) -> str:
+        return "at full resolution" if f == 1 else f"in blocks of {f}x{f} tokens (the block's maximum)"
+
+    parts = [f"{n} tokens: over the {max_bytes / 1e6:g} MB budget for full maps, so values are 8-bit "
+             f"(sqrt-spaced) and layer {layers[pos]} head {head} is embedded {say(blocks[pos][head])}"]
+    if has_rollout:
+        parts.append(f"the rollout {say(ro)}")
+    if h0 > 1:
+        parts.append(f"the other heads of layer {layers[pos]} {say(f_rest)}")
+    if others:
+        parts.append(f"the other layers {say(f_other)}")
+    return _Plan(8, blocks, ro, "; ".join(parts) + f" ({used / 1e6:.2f} MB). For another head at full "
+                 "resolution, render again with layer= and head= (attnzoo inspect --layer L --head H).")
+
+
+def _encode(m: torch.Tensor, f: int, bits: int) -> dict[str, Any]:
+    """One ``[N, M]`` map, block-maximum pooled by ``f`` and quantised as ``q = round(Q·sqrt(w / max))``
+    (a non-finite weight is drawn as 0: the page's JSON has no NaN)."""
+    m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+    if f > 1:
+        m = torch.nn.functional.max_pool2d(m[None, None], f, f, ceil_mode=True)[0, 0]
+    vmax = float(m.max())
+    top = (1 << bits) - 1
+    q = torch.round(torch.sqrt(m.clamp_min(0) / vmax) * top) if vmax > 0 else torch.zeros_like(m)
+    raw = q.to(torch.int32).numpy().astype("<u2" if bits == 16 else "u1").tobytes()
+    return {"f": f, "r": m.shape[0], "c": m.shape[1], "vmax": vmax, "b64": base64.b64encode(raw).decode("ascii")}
+
+
+def _asset(name: str) -> str:
+    return resources.files("attnzoo.inspect").joinpath("viewer_assets", name).read_text(encoding="utf-8")
+
+
+def _summary_table(layers: list[int], ws: list[torch.Tensor], imp: list[list[float]] | None,
+                   importance_label: str) -> str:
+    rows: list[tuple[int, int, list[float]]] = []
+    for p, w in enumerate(ws):
+        s = head_summaries(w.unsqueeze(0))
+        for h in range(w.shape[0]):
+            vals = [float(s[k][0, h]) for k in _SUMMARY_COLUMNS] + ([imp[p][h]] if imp is not None else [])
+            rows.append((p, h, vals))
+    n_cols = len(_SUMMARY_COLUMNS) + (imp is not None)
+    top = [max((abs(r[2][c]) for r in rows), default=0.0) or 1.0 for c in range(n_cols)]
+    body = []
+    for p, h, vals in rows:
+        cells = "".join(f'<td data-v="{v!r}" style="--v:{min(abs(v) / t, 1):.3f}">{v:.{4 if c == 3 else 3}f}</td>'
+                        for c, (v, t) in enumerate(zip(vals, top)))
+        body.append(f'<tr class="row" data-l="{p}" data-h="{h}"><td data-v="{layers[p]}">{layers[p]}</td>'
+                    f'<td data-v="{h}">{h}</td>{cells}</tr>')
+    columns = ["layer", "head", *_SUMMARY_COLUMNS] + ([importance_label] if imp is not None else [])
+    header = "".join(f'<th data-col="{i}" title="click to sort">{html.escape(c)}</th>' for i, c in enumerate(columns))
+    return f'<table id="summary"><thead><tr>{header}</tr></thead><tbody>\n{"".join(body)}</tbody></table>'
 
 
 def render_html(tokens: list[str], cache: Cache, *, batch_index: int = 0, title: str = "attnzoo inspect",
                 importance: torch.Tensor | None = None, importance_label: str = "importance",
                 rollout: bool = True, layer: int | None = None, head: int = 0, notes: list[str] | tuple = (),
-                min_line: float = 0.01, decimals: int = 4) -> str:
+                min_line: float = 0.01, max_bytes: int = 8_000_000, head_view_tokens: int = 160) -> str:
     """A standalone HTML page for one sequence of ``cache`` (which needs ``weights``).
 
     ``importance``: optional ``[L, H]`` head scores (rows indexed by model layer, or by captured
-    layer when it has one row per captured layer), shown as a column of the head table under
+    layer when it has one row per captured layer), a column of the head table under
     ``importance_label``. ``rollout``: embed the attention rollout of the captured layers (square
-    maps only). ``layer``/``head``: the view shown first (``layer`` a model layer index; default
-    the first captured). ``notes``: lines shown under the title. ``min_line``: weights below it get
-    no line in the token-to-token view. The page embeds every captured map (L·H·N·M numbers with
-    ``decimals`` digits), so it is meant for a sentence or a paragraph, not thousands of tokens.
+    maps only). ``layer``/``head``: the head opened first (``layer`` a model layer index; default
+    the last captured, as :func:`render_png`). ``notes``: lines shown under the title.
+    ``min_line``: weights below it get no line in the head view. ``max_bytes``: the budget for
+    the embedded maps (see the module docstring; the page is about 4/3 of it at most, plus the
+    tokens). ``head_view_tokens``: the head view (one line per pair) is drawn up to this many tokens.
     """
     tokens = [str(t) for t in tokens]
     layers, ws = _captured(cache, batch_index)
     for li, w in zip(layers, ws):
         if w.shape[-2] != len(tokens):
             raise ValueError(f"render_html: layer {li} has {w.shape[-2]} queries but {len(tokens)} tokens were given")
+    if max_bytes < 1:
+        raise ValueError(f"render_html: max_bytes must be positive, got {max_bytes}")
     imp = _importance_rows(importance, layers, ws, cache.n_layers)
     notes = [str(n) for n in notes]
     ro, ro_note = _rollout(layers, ws, cache.n_layers) if rollout else (None, "")
     if ro_note:
         notes.append(ro_note)
-    pos = 0 if layer is None else layers.index(_layer_id("render_html", layer, layers, cache.n_layers))
+    li0 = default_layer(layers) if layer is None else _layer_id("render_html", layer, layers, cache.n_layers)
+    pos = layers.index(li0)
     if not 0 <= head < ws[pos].shape[0]:
         raise ValueError(f"render_html: head {head} is out of range for {ws[pos].shape[0]} heads")
-
-    def rnd(t: torch.Tensor) -> list:
-        return torch.round(t, decimals=decimals).tolist()
-
+    plan = _plan([tuple(w.shape) for w in ws], (pos, head), layers, ro is not None, max_bytes)
+    notes.append(plan.note)
     causal = bool(all(torch.triu(w, 1).abs().max() == 0 for w in ws)) if ws[0].shape[-1] > 1 else False
-    rows = []
-    for p, (li, w) in enumerate(zip(layers, ws)):
-        s = head_summaries(w.unsqueeze(0))
-        for h in range(w.shape[0]):
-            cells = "".join(f"<td>{float(s[k][0, h]):.3f}</td>" for k in _SUMMARY_COLUMNS)
-            if imp is not None:
-                cells += f"<td>{imp[p][h]:.4f}</td>"
-            rows.append(f'<tr class="row" data-l="{p}" data-h="{h}"><td>{li}</td><td>{h}</td>{cells}</tr>')
-    columns = ["layer", "head", *_SUMMARY_COLUMNS] + ([importance_label] if imp is not None else [])
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    data = safe_json({"tokens": tokens, "layers": layers, "weights": [rnd(w) for w in ws],
-                      "rollout": rnd(ro) if ro is not None else None,
-                      "rolloutRow": len(tokens) - 1 if causal else 0,
-                      "init": {"layer": pos, "head": head}, "minLine": min_line})
-    toks = "".join(f"<li>{html.escape(t)}</li>" for t in tokens)
+    data = safe_json({
+        "tokens": tokens, "layers": layers, "bits": plan.bits,
+        "maps": [[_encode(w[h], plan.blocks[p][h], plan.bits) for h in range(w.shape[0])] for p, w in enumerate(ws)],
+        "keys": [w.shape[-1] for w in ws],
+        "rollout": _encode(ro, plan.rollout, plan.bits) if ro is not None else None,
+        "query": len(tokens) - 1 if causal else 0, "init": {"layer": pos, "head": head},
+        "minLine": min_line, "headViewTokens": head_view_tokens})
     note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
-    rollout_html = ("""<h2>Rollout</h2>
-<p class="note">How much each position draws on each input token through all layers. Bars: the row of
-<select id="rollout-row"></select></p>
-<div class="views"><div id="rollout-bars"></div><table class="map" id="rollout"></table></div>"""
-                    if ro is not None else "")
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_CSS}</style>
-</head><body><h1>{html.escape(title)}</h1>
-{note_html}
-<p><select id="layer"></select> <select id="head"></select> <strong id="current"></strong></p>
-<div class="views">
-<div><h2>Token to token</h2>
-<p class="note">queries left, keys right; line opacity = weight; hover a token to highlight, click to pin</p>
-<svg id="lines" xmlns="http://www.w3.org/2000/svg"></svg></div>
-<div><h2>Heatmap</h2><p class="note">rows: queries, columns: keys</p><table class="map" id="map"></table></div>
-</div>
-{rollout_html}
-<h2>Heads</h2>
-<p class="note">sink: mean weight on the first key; entropy: mean row entropy (nats); distance: mean |i - j|
-attended. Click a row to view that head.</p>
-<table id="summary"><tr>{header}</tr>
-{''.join(rows)}</table>
-<h2>Tokens</h2><ol id="tokens">{toks}</ol>
-<script type="application/json" id="attnzoo-data">{data}</script>
-<script>{_JS}</script>
-</body></html>
-"""
-
-
-def _figure_class() -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("render_png (attnzoo inspect --png) needs matplotlib: "
-                          "pip install 'attnzoo[report]'") from e
-    return Figure
-
-
-def _label(t: str, width: int = 18) -> str:
-    t = t if len(t) <= width else t[:width - 1] + "\u2026"
-    return t.replace("$", r"\$")  # no mathtext from token text
-
-
-def render_png(tokens: list[str], cache: Cache, path: str | Path, *, layer: int | None = None, batch_index: int = 0,
-               rollout: bool = True, max_labels: int = 40, title: str | None = None, dpi: int = 110) -> Path:
-    """Write a static figure: the heatmap of every head of ``layer`` (a model layer index; default
-    the last captured) and the attention rollout of the captured layers. Needs ``attnzoo[report]``."""
-    figure_class = _figure_class()
-    tokens = [str(t) for t in tokens]
-    layers, ws = _captured(cache, batch_index)
-    li = layers[-1] if layer is None else _layer_id("render_png", layer, layers, cache.n_layers)
-    w = ws[layers.index(li)]
-    ro, ro_note = _rollout(layers, ws, cache.n_layers) if rollout else (None, "")
-    n_heads, n, m = w.shape
-    ncols = min(n_heads, 4)
-    nrows = -(-n_heads // ncols)
-    extra = 2 if ro is not None else 0
-    fig = figure_class(figsize=(2.4 * (ncols + extra) + 1, 2.4 * nrows + 0.8), layout="constrained")
-    gs = fig.add_gridspec(nrows, ncols + extra)
-    labels = [_label(t) for t in tokens] if max(n, m) <= max_labels else None
-    keys = labels if labels is not None and m == n else None
-
-    def ticks(ax: Any, rows: list[str] | None, cols: list[str] | None, size: float) -> None:
-        ax.set_xticks(range(len(cols)) if cols else [], cols or [], rotation=90, fontsize=size)
-        ax.set_yticks(range(len(rows)) if rows else [], rows or [], fontsize=size)
-
-    for h in range(n_heads):
-        r, c = divmod(h, ncols)
-        ax = fig.add_subplot(gs[r, c])
-        ax.imshow(w[h].numpy(), cmap="Blues", vmin=0, aspect="auto", interpolation="nearest")
-        ax.set_title(f"layer {li} head {h}", fontsize=8)
-        ticks(ax, labels if c == 0 else None, keys if r == nrows - 1 else None, 5)
-    if ro is not None:
-        ax = fig.add_subplot(gs[:, ncols:])
-        ax.imshow(ro.numpy(), cmap="Greens", vmin=0, aspect="auto", interpolation="nearest")
-        ax.set_title("rollout" + ("" if len(layers) == cache.n_layers else f" (layers {layers})"), fontsize=9)
-        ticks(ax, labels, labels, 6)
-    if title:
-        fig.suptitle(_label(title, 200), fontsize=10)
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+    rollout_html = ("""<section class="pair"><div><h2>Attention of the selected query</h2>
+<div id="query-bars"></div></div>
+<div><h2>Rollout</h2><p class="note">How much each position (row) draws on each input token (column)
+through all captured layers.</p><div class="heat" id="rollout"></div></div></section>"""
+                    if ro is not None else """<section><h2>Attention of the selected query</h2>
+<div id="query-bars"></div></section>""")
+    token_html = "".join(f'<span title="#{i}">{html.escape(t)}</span>' for i, t in enumerate(tokens))
+    parts = {"TITLE": html.escape(title), "NOTES": note_html, "ROLLOUT": rollout_html, "TOKENS": token_html,
+             "SUMMARY": _summary_table(layers, ws, imp, importance_label),
+             "CSS": _asset("viewer.css"), "DATA": data, "JS": _asset("viewer.js")}
+    return re.sub(r"\{\{([A-Z]+)\}\}", lambda mt: parts[mt.group(1)], _asset("viewer.html"))  # one pass
 
 
 @dataclass
@@ -420,11 +345,13 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("inspect", help="capture a model's attention on a text; write an HTML view and/or a PNG")
     p.add_argument("model", help="'minilm' (the packaged MiniLM-L6) or a local Hugging Face model folder")
     p.add_argument("--text", required=True, help="the text to run")
-    p.add_argument("--html", help="output HTML file: the interactive viewer (lines, heatmap, rollout, head table)")
+    p.add_argument("--html", help="output HTML file: the interactive viewer (model view, head view, heatmaps, "
+                                  "rollout, head table)")
     p.add_argument("--png", help="output PNG file: a static figure of every head of --layer and the rollout "
                                  "(needs attnzoo[report])")
     p.add_argument("--layer", type=int, default=None,
-                   help="layer shown first in the HTML and drawn in the PNG (default: first / last)")
+                   help="layer opened first in the HTML and drawn in the PNG (default: the last)")
+    p.add_argument("--head", type=int, default=0, help="head opened first in the HTML (default: 0)")
     p.add_argument("--no-importance", action="store_true",
                    help="skip the head importance column (head ablation: L*H+1 extra forward passes)")
     p.set_defaults(func=_cmd_inspect)
@@ -436,7 +363,7 @@ def _cmd_inspect(args: Any) -> int:
         return 2
     if args.png:
         try:
-            _figure_class()
+            check_matplotlib()
         except ImportError as e:
             print(f"attnzoo inspect: {e}", file=sys.stderr)
             return 2
@@ -445,7 +372,8 @@ def _cmd_inspect(args: Any) -> int:
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(render_html(ins.tokens, ins.cache, title=title, importance=ins.importance,
-                                importance_label=ins.importance_label, notes=ins.notes, layer=args.layer))
+                                importance_label=ins.importance_label, notes=ins.notes, layer=args.layer,
+                                head=getattr(args, "head", 0)))
         print(f"wrote {args.html} ({ins.cache.n_layers} layers)")
     if args.png:
         render_png(ins.tokens, ins.cache, args.png, layer=args.layer, title=title)
