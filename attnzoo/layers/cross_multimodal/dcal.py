@@ -67,13 +67,10 @@ class DualCrossAttention(MultiHeadAttention):
                           pattern=None if bool(keep.all()) else KeyPadding(keep), scale=scale, backend=self.backend)
             return zero_padded(self.output(z, x), mask)
         pattern = None if mask is None or bool(mask.all()) else KeyPadding(mask)
-        if self.top_r >= n:
-            return zero_padded(self.output(attention(q, k, v, pattern=pattern, scale=scale, backend=self.backend), x),
-                               mask)
         rank = self.cls_scores(q, k, mask) if scores is None else scores.to(q.dtype)
         if mask is not None:
             rank = rank.masked_fill(~mask, -math.inf)
-        idx = rank.detach().topk(self.top_r, dim=-1).indices  # [B, R]
+        idx = rank.detach().topk(min(self.top_r, n), dim=-1).indices  # [B, R]
         q_r = q.gather(2, idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         z = attention(q_r, k, v, pattern=pattern, scale=scale, backend=self.backend)
         y_r = self.output(z, x)
