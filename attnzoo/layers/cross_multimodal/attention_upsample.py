@@ -46,7 +46,11 @@ class AttentionUpsample(MultiHeadAttention):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, *grid, C]`` (1 or 2 spatial axes) -> ``[B, *(scale_factor·grid), C]``."""
+        """``x`` ``[B, *grid, C]`` (1 or 2 spatial axes) -> ``[B, *(scale_factor·grid), C]``.
+
+        ``mask``: bool ``[B, *grid]``, True = keep (a real token), False = padding; ``context_mask`` the same
+        for the skip features.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-1] != self.dim:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a channels-last grid [B, L, {self.dim}] or [B, H, W, {self.dim}] "

@@ -44,7 +44,11 @@ class DualCrossAttention(MultiHeadAttention):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, cache: Any = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (GLCA rows, or PWCA with ``context`` in training)."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (GLCA rows, or PWCA with ``context`` in training).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding; ``context_mask`` the same for
+        ``context``.
+        """
         check_cross_call(self, x, mask, causal, context, context_mask, cache, self.dim)
         b, n, _ = x.shape
         if self.cls_index >= n:

@@ -76,7 +76,11 @@ class LatentCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding; ``context_mask`` the same for
+        ``context``.
+        """
         check_cross_call(self, x, mask, causal, context, context_mask, cache, self.context_width)
         if context is None and self.context_width != self.dim:
             raise ValueError(f"context: required, this module reads a context of width {self.context_width}")

@@ -72,7 +72,11 @@ class PointerAttention(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``W_o (p @ e)`` ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``W_o (p @ e)`` ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding; ``context_mask`` the same for
+        ``context``.
+        """
         if cache is not None:
             raise ValueError("cache: PointerAttention does not decode token by token")
         p = self.probabilities(x, mask=mask, causal=causal, context=context, context_mask=context_mask)

@@ -88,7 +88,10 @@ class FactorizedSpaceTime(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, T, *space, C]`` -> the same shape."""
+        """``x`` ``[B, T, *space, C]`` -> the same shape.
+
+        ``mask``: bool ``[B, T, *space]``, True = keep (a real token), False = padding.
+        """
         if context is not None:
             raise ValueError("context: FactorizedSpaceTime is self-attention over video tokens (no cross-attention)")
         if cache is not None:

@@ -62,7 +62,10 @@ class FreeLong(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, T, *space, C]`` -> the same shape."""
+        """``x`` ``[B, T, *space, C]`` -> the same shape.
+
+        ``mask``: bool ``[B, T, *space]``, True = keep (a real token), False = padding.
+        """
         if causal:
             raise ValueError("causal: FreeLong fuses whole-video spectra, so it cannot be causal")
         if context is not None:
