@@ -21,6 +21,8 @@ from torch import nn
 from attnzoo.layers.cache import KVCache, window_of
 from attnzoo.ops import attention
 from attnzoo.ops.backends import BACKENDS
+from attnzoo.parallel import current as current_sharding
+from attnzoo.parallel import ring_attention, unshard
 from attnzoo.patterns import And, Causal, KeyPadding
 
 __all__ = ["AttentionMixer", "Call", "MultiHeadAttention", "check_int", "check_choice", "build_pattern"]
@@ -204,10 +206,53 @@ class AttentionMixer(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Any,
                want_weights: bool, call: Call | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sharding = current_sharding()
+        if sharding is not None:  # q, k, v are this process's shards; pattern is the whole sequence's
+            z = ring_attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k, call=call),
+                               scale=self.attention_scale(q), group=sharding.group, layout=sharding.layout)
+            return z, None
         res = attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k, call=call),
                         scale=self.attention_scale(q), backend=self.backend if not want_weights else "reference",
                         return_weights=want_weights)
         return (res[0], res[1]) if want_weights else (res, None)
+
+    def sequence_sharding_reason(self) -> str | None:
+        """Why this mixer cannot run with its sequence sharded (:func:`attnzoo.parallel.sequence_sharded`), or
+        None: it must be a plain :class:`MultiHeadAttention` (any pattern, score modifier, GQA, rotary
+        embedding), whose only exchange between tokens is the attention itself."""
+        cls = type(self)
+        same = (cls.forward is AttentionMixer.forward and cls.attend is AttentionMixer.attend
+                and cls.post_attention is AttentionMixer.post_attention and isinstance(self, MultiHeadAttention)
+                and cls.project is MultiHeadAttention.project and cls.output is MultiHeadAttention.output)
+        if not same:
+            return (f"{cls.__name__} changes the attention of MultiHeadAttention (its own project, output, "
+                    "post_attention or attend), so it cannot run with its sequence sharded")
+        if self.score_mod is not None and hasattr(self.score_mod, "from_qk"):
+            return f"its score modifier {type(self.score_mod).__name__} is built from q and k on each call"
+        return None
+
+    def _sharded_call(self, sharding: Any, context: torch.Tensor | None, cache: Any, want: bool) -> None:
+        reason = self.sequence_sharding_reason()
+        if reason is None and (context is not None or cache is not None or want):
+            reason = "cross-attention, a KV cache, return_weights and capture need the whole sequence"
+        if reason is not None:
+            raise ValueError(f"sequence_sharded: {type(self).__name__} cannot run here: {reason}")
+
+    def _sharded_qk(self, q: torch.Tensor, k: torch.Tensor, sharding: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q-k transform (rotary) at the global positions of this process's shard."""
+        from attnzoo.parallel import positions
+
+        n = q.shape[2] * sharding.world_size
+        if sharding.layout == "contiguous":
+            start = sharding.rank * q.shape[2]
+            return self.qk_transform(q, k, q_offset=start, k_offset=start)
+        pos = positions(n, sharding.layout, rank=sharding.rank, world_size=sharding.world_size, device=q.device)
+        try:
+            return self.qk_transform(q, k, q_pos=pos, k_pos=pos)
+        except TypeError:
+            raise ValueError(f"sequence_sharded: the zigzag layout needs a q-k transform that takes positions "
+                             f"(q_pos=, k_pos=), {type(self.qk_transform).__name__} does not; use the contiguous "
+                             "layout") from None
 
     # Forward -------------------------------------------------------------------------------
     def check_call(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, context: torch.Tensor | None,
@@ -265,6 +310,9 @@ class AttentionMixer(nn.Module):
         entry-specific values ``extra``, all handed to the hooks in the :class:`Call`."""
         self.check_call(x, mask, causal, context, cache)
         check_context(context, context_mask, self.context_width)
+        sharding = current_sharding()
+        if sharding is not None:
+            self._sharded_call(sharding, context, cache, return_weights or self.capture)
         src = x if context is None else context
         keep = mask if context is None else context_mask
         call = Call(x=x, src=src, mask=mask, kv_keep=keep, causal=causal, cache=cache,
@@ -273,7 +321,13 @@ class AttentionMixer(nn.Module):
         q, k, v = self.project(x, src, call=call)
         pos = cache.position if cache is not None else 0
         if self.qk_transform is not None and context is None:
-            q, k = self.qk_transform(q, k, q_offset=pos, k_offset=pos)
+            if sharding is not None:
+                q, k = self._sharded_qk(q, k, sharding)
+            else:
+                q, k = self.qk_transform(q, k, q_offset=pos, k_offset=pos)
+        if sharding is not None and keep is not None:  # the key padding of the whole sequence
+            keep = unshard(keep, 1, sharding.layout, group=sharding.group)
+            call = replace(call, kv_keep=keep)
         if cache is not None:
             k, v, keep = cache.append(k, v, keep)
             call = replace(call, kv_keep=keep)
