@@ -219,7 +219,24 @@ def create(slug: str, *args: Any, **kwargs: Any) -> nn.Module:
     clash = sorted(set(kwargs) & set(preset))
     if clash:
         raise TypeError(f"{slug}: argument(s) {clash} are fixed by the alias {slug!r} ({preset})")
-    return s.factory(*args, **preset, **kwargs)
+    built = s.factory(*args, **preset, **kwargs)
+    import torch  # imported by the factory already; the registry itself does not import torch
+
+    if s.type in _MODULE_TYPES and isinstance(built, torch.nn.Module):
+        built.register_forward_pre_hook(_check_module_input, with_kwargs=True)
+    return built
+
+
+# Entry types whose built module takes its input tensor first: checked before every forward.
+_MODULE_TYPES = ("mixer", "pattern", "memory", "pooler", "channel")
+
+
+def _check_module_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The input contract of every module entry: ``x`` a non-empty floating tensor of the module's dtype
+    (a clear error naming ``x`` instead of an error from deep inside the module)."""
+    from attnzoo.layers.base import check_input_tensor
+
+    check_input_tensor(args[0] if args else kwargs.get("x"), module=module, decoding=kwargs.get("cache") is not None)
 
 
 def list(family: str | None = None, type: str | None = None, priority: int | None = None) -> builtins.list[Spec]:  # noqa: A001

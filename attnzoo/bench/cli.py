@@ -418,8 +418,7 @@ def _export(args: argparse.Namespace, db: Any) -> None:
         _write_export(args, db, sys.stdout)
         return
     out = os.path.abspath(args.output)
-    if os.path.exists(out) and os.path.samefile(out, db.path) or out == os.path.abspath(db.path):
-        raise ValueError(f"--output: {args.output} is the results store itself; choose another file")
+    db.refuse_as_output(out)  # the store itself, a link to it, or its journals
     folder = os.path.dirname(out)
     fd, tmp = tempfile.mkstemp(prefix=".attnzoo-export-", dir=folder)
     try:  # a temporary file renamed over the target: an interrupted export never leaves half a file
@@ -464,7 +463,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
             args.format = "csv"
         if args.output not in (None, "-"):
             check_writable("--output", args.output)
-    with open_store(args.store, create=False) as db:
+    with open_store(args.store, readonly=True) as db:
         if args.results_command == "list":
             runs = db.runs(kind=args.kind, session=args.session, task=args.task, mixer=args.mixer)
             if args.json:
@@ -525,7 +524,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     store = Path(args.store) if args.store else DEFAULT_STORE
     out_dir = Path(args.out) if args.out else store.parent / "report"
     check_writable("--out", out_dir / "report.html", make_folders=True)
-    with open_store(store, create=False) as db:
+    with open_store(store, readonly=True) as db:
         if args.session and args.session not in db.sessions():
             raise ValueError(f"--session: no session {args.session!r}; stored sessions: {', '.join(db.sessions())}")
         out = args.out or store.parent / "report"

@@ -69,13 +69,36 @@ def load_shared(src: nn.Module, dst: nn.Module) -> nn.Module:
     return dst
 
 
+def check_input_tensor(x: Any, name: str = "x", *, module: nn.Module | None = None, decoding: bool = False) -> None:
+    """``x`` is a non-empty floating tensor (``decoding``: a step with a cache, which may hold no new token), of the
+    dtype of ``module``'s parameters when given (unless autocast is on): else a ``TypeError`` / ``ValueError``
+    naming ``name`` with the expected and actual values."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating tensor (float32, float64, float16, bfloat16), got {x.dtype} "
+                        f"of shape {list(x.shape)}")
+    empty = x.dim() == 0 or x.shape[0] == 0 if decoding else x.numel() == 0
+    if empty:
+        what = "one batch element" if decoding else "one batch element and one token"
+        raise ValueError(f"{name}: expected a non-empty tensor (at least {what}), got shape {list(x.shape)}")
+    if module is not None and not torch.is_autocast_enabled(x.device.type):
+        own = next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), None)
+        if own is not None and own != x.dtype:
+            raise TypeError(f"{name}: expected dtype {own} (the dtype of the module's parameters), got {x.dtype}; "
+                            f"convert one of them (x.to({own}) or module.to({x.dtype}))")
+
+
 def check_mixer_input(
-    x: torch.Tensor, mask: torch.Tensor | None, context: torch.Tensor | None, dim: int
+    x: torch.Tensor, mask: torch.Tensor | None, context: torch.Tensor | None, dim: int,
+    module: nn.Module | None = None, decoding: bool = False,
 ) -> None:
-    """Validate ``x`` ``[B, N, dim]``, ``mask`` bool ``[B, N]`` and ``context`` ``[B, M, *]``."""
+    """Validate ``x`` ``[B, N, dim]`` (floating, B >= 1; N >= 1 and the dtype of ``module``'s parameters when
+    ``module`` is given and not ``decoding``), ``mask`` bool ``[B, N]`` and ``context`` ``[B, M, *]``."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected a tensor [B, N, {dim}], got {got}")
+    check_input_tensor(x, module=module, decoding=decoding or module is None)  # no module: a cache may be in use
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
         raise ValueError(
             f"mask: expected a bool tensor [{x.shape[0]}, {x.shape[1]}], got {mask.dtype} {list(mask.shape)}"
@@ -258,7 +281,7 @@ class AttentionMixer(nn.Module):
     def check_call(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, context: torch.Tensor | None,
                    cache: Any) -> None:
         """Validate the arguments of :meth:`forward` (shapes, and what this mixer supports)."""
-        check_mixer_input(x, mask, context, self.dim)
+        check_mixer_input(x, mask, context, self.dim, module=self, decoding=cache is not None)
         if causal and not self.causal_ok:
             raise ValueError(f"causal: {type(self).__name__} does not support causal attention")
         if context is not None and not self.cross_ok:
