@@ -1,7 +1,7 @@
 """The benchmark harness: synthetic tasks, tiny models, training, speed sweeps, a results store, a report.
 
 - :mod:`attnzoo.bench.tasks`: ``mqar`` (Zoology), ``induction``, ``selective_copy``,
-  ``icl_linear_regression``, LRA ``listops``; seeded, generated offline.
+  ``icl_linear_regression``, LRA ``listops``, ``gcog`` (:mod:`attnzoo.bench.gcog`); seeded, generated offline.
 - :mod:`attnzoo.bench.cab`: the CAB contract (declared {causal, non-causal} x {self, cross}).
 - :mod:`attnzoo.bench.models`: a tiny language model and an encoder classifier around any mixer.
 - :mod:`attnzoo.bench.train`: AdamW + cosine, Zoology's evaluation rule, early stop, DDP.
@@ -12,5 +12,6 @@
 
 from attnzoo.bench.tasks import TASKS, Task, TaskData, get_task  # noqa: I001  (tasks before cab)
 from attnzoo.bench import cab  # noqa: F401  (registers the ``cab`` task entry)
+from attnzoo.bench import gcog  # noqa: F401  (registers the ``gcog`` task entry and adds it to TASKS)
 
 __all__ = ["TASKS", "Task", "TaskData", "get_task"]

@@ -27,8 +27,8 @@ import attnzoo
 from attnzoo.bench.tasks import Task
 from attnzoo.contracts import TOKEN_MIXER, hosted
 
-__all__ = ["BagClassifier", "Block", "EncoderClassifier", "SmallCNN", "TinyLM", "build_mixer", "build_model",
-           "check_mixer", "mixer_kwargs_for", "mixer_slugs", "POSITIONAL"]
+__all__ = ["BagClassifier", "Block", "EncoderClassifier", "SmallCNN", "TinyDiT", "TinyLM", "build_mixer",
+           "build_model", "check_mixer", "ddim_sample", "mixer_kwargs_for", "mixer_slugs", "POSITIONAL"]
 
 POSITIONAL = ("learned", "sinusoidal", "none")
 
@@ -353,3 +353,96 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images).mean((2, 3)))
+
+
+class TinyDiT(nn.Module):
+    """A small DiT-style denoiser (the host of the diffusion steering entries), built from registry mixers.
+
+    ``forward(latents [B, H, W, C_in], t [B] (or a number), text [B, L] long, *, text_mask=None)
+    -> eps [B, H, W, C_in]``. Latent cells are image tokens (linear patch embedding, learned
+    positions, plus a timestep embedding); each of ``n_layers`` pre-norm blocks runs
+    self-attention over the image tokens (``self_attention``, any registered mixer, default ``mha``),
+    cross-attention from the image tokens to the text tokens (``mha`` with a context) and an MLP.
+    Attention layers in module order alternate self, cross: :attr:`self_layers` and
+    :attr:`cross_layers` are their indices for steering and capture.
+    """
+
+    def __init__(self, grid: tuple[int, int] = (4, 4), in_channels: int = 4, dim: int = 32, n_heads: int = 4,
+                 n_layers: int = 2, text_vocab: int = 32, *, self_attention: str = "mha",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if len(tuple(grid)) != 2 or any(not isinstance(g, int) or g < 1 for g in grid):
+            raise ValueError(f"grid: expected (H, W) of positive integers, got {grid!r}")
+        self.grid, self.in_channels, self.dim = tuple(grid), in_channels, dim
+        n_tok = self.grid[0] * self.grid[1]
+        self.patch_in = nn.Linear(in_channels, dim)
+        self.pos = nn.Parameter(torch.randn(n_tok, dim) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_embed = nn.Embedding(text_vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm1": nn.LayerNorm(dim),
+                           "self_attn": build_mixer(self_attention, dim, n_heads=n_heads, backend=backend),
+                           "norm2": nn.LayerNorm(dim),
+                           "cross_attn": build_mixer("mha", dim, n_heads=n_heads, backend=backend),
+                           "norm3": nn.LayerNorm(dim),
+                           "mlp": nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))})
+            for _ in range(n_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, in_channels)
+        self.self_layers = [2 * i for i in range(n_layers)]
+        self.cross_layers = [2 * i + 1 for i in range(n_layers)]
+
+    def _t_embed(self, t: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(b) if torch.as_tensor(t).numel() == 1 \
+            else torch.as_tensor(t, dtype=torch.float64)
+        if t.shape != (b,):
+            raise ValueError(f"t: expected one timestep or {b} (one per latent), got {list(t.shape)}")
+        half = self.dim // 2
+        freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+        ang = t[:, None] * freq[None]
+        emb = torch.cat([torch.sin(ang), torch.cos(ang)], -1)
+        if emb.shape[-1] < self.dim:
+            emb = nn.functional.pad(emb, (0, self.dim - emb.shape[-1]))
+        return self.t_mlp(emb.to(dtype=dtype, device=self.pos.device))
+
+    def forward(self, latents: torch.Tensor, t: Any, text: torch.Tensor, *,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        want = (*self.grid, self.in_channels)
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or tuple(latents.shape[1:]) != want:
+            got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents: expected [B, {want[0]}, {want[1]}, {want[2]}], got {got}")
+        if not isinstance(text, torch.Tensor) or text.dtype != torch.long or text.dim() != 2 or \
+                text.shape[0] not in (1, latents.shape[0]):
+            got = f"{text.dtype} {list(text.shape)}" if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"text: expected a long tensor [{latents.shape[0]}, L], got {got}")
+        b = latents.shape[0]
+        text = text.expand(b, -1)
+        if text_mask is not None:
+            text_mask = text_mask.expand(b, -1)
+        h = self.patch_in(latents.reshape(b, -1, self.in_channels)) + self.pos.to(latents.dtype)
+        h = h + self._t_embed(t, b, latents.dtype)[:, None]
+        ctx = self.text_embed(text)
+        for blk in self.blocks:
+            h = h + blk["self_attn"](blk["norm1"](h))
+            h = h + blk["cross_attn"](blk["norm2"](h), context=ctx, context_mask=text_mask)
+            h = h + blk["mlp"](blk["norm3"](h))
+        return self.out(self.norm(h)).reshape(latents.shape)
+
+
+def ddim_sample(model: Any, noise: torch.Tensor, text: torch.Tensor, *, steps: int = 4, n_train_steps: int = 1000,
+                **kwargs: Any) -> torch.Tensor:
+    """Deterministic DDIM sampling (eta = 0) with the linear beta schedule (1e-4 .. 0.02): ``noise`` ``[B, H, W, C]``
+    -> latents. ``model(latents, t, text, **kwargs) -> eps`` (a :class:`TinyDiT` or a steering wrapper of it)."""
+    if not isinstance(steps, int) or not 1 <= steps <= n_train_steps:
+        raise ValueError(f"steps: expected an integer in 1..{n_train_steps}, got {steps!r}")
+    betas = torch.linspace(1e-4, 0.02, n_train_steps, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    ts = torch.linspace(n_train_steps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    x = noise
+    for i, t in enumerate(ts):
+        a_t = abar[t].item()
+        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = model(x, torch.full((x.shape[0],), float(t)), text, **kwargs)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x

@@ -5,7 +5,10 @@ Importing this package registers the metrics (type ``metric``) and steering entr
 ``steering``) with :mod:`attnzoo.registry`.
 """
 
-from attnzoo.inspect import metrics
+from attnzoo.inspect import (
+    metrics,
+    steering,  # noqa: F401  (registers the multi-pass steering entries)
+)
 from attnzoo.inspect.capture import Cache, CaptureMemoryError, capture
 from attnzoo.inspect.steer import steer
 

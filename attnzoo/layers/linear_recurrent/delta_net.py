@@ -84,6 +84,8 @@ class DeltaNet(nn.Module):
 
         ``write`` ``[B, N]`` (0..1, a router's hook) scales each token's write strength β and its
         decay exponent: 0 makes the token an identity step (it only reads).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
         """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:

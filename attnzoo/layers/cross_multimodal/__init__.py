@@ -1,0 +1,1 @@
+"""cross-multimodal: cross-attention and multimodal entries (catalogue section 7)."""

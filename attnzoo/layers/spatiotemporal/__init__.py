@@ -1,0 +1,1 @@
+"""spatiotemporal: space-time attention over video tokens (catalogue section 8)."""
