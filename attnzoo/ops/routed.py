@@ -96,7 +96,8 @@ def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
 
 
 def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int, block_k: int) -> None:
-    """Raise ``ValueError`` naming the argument unless ``blocks`` is bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``."""
+    """Raise ``ValueError`` naming the argument unless ``blocks`` is bool ``[B, H, N / block_q, M / block_k]``
+    (rounded up)."""
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
@@ -223,40 +224,64 @@ def key_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: t
     return _KeyRouted.apply(q, k, v, keys, causal, scale, chunk)
 
 
+def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the queries of every route of ``sel`` bool ``[G, N, R]`` into sub-routes of at most ``cap`` queries.
+
+    Returns ``route`` ``[S]`` (``g * R + r`` of each sub-route) and ``qidx`` ``[S, cap]`` (its queries in
+    increasing order, -1: empty slot). No route is padded by more than ``cap - 1`` slots.
+    """
+    g, n, r = sel.shape
+    gi, ni, ri = sel.nonzero(as_tuple=True)
+    key = gi * r + ri
+    key, order = key.sort(stable=True)
+    ni = ni[order]
+    counts = torch.bincount(key, minlength=g * r)
+    rank = torch.arange(key.numel(), device=sel.device) - (counts.cumsum(0) - counts)[key]
+    nsub = (counts + cap - 1) // cap
+    first = nsub.cumsum(0) - nsub
+    route = torch.repeat_interleave(torch.arange(g * r, device=sel.device), nsub)
+    qidx = torch.full((route.numel(), cap), -1, dtype=torch.int64, device=sel.device)
+    qidx[first[key] + rank // cap, rank % cap] = ni
+    return route, qidx
+
+
 def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
-                        block_k: int, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """Block-routed attention in the MoBA manner: every key block gathers the queries routed to it, attends them
-    to its ``block_k`` keys, and the partial results are merged per query by log-sum-exp. Work and memory are
-    linear in ``N x`` (selected blocks ``x block_k``); autograd gives the backward. Shapes as in
-    :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
+                        block_k: int, causal: bool = False, scale: float | None = None,
+                        cap: int = 128) -> torch.Tensor:
+    """Block-routed attention in the MoBA manner: every key block gathers the queries routed to it (in sub-routes
+    of at most ``cap`` queries), attends them to its ``block_k`` keys, and the partial results are merged per
+    query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``); autograd gives
+    the backward. Shapes as in :func:`check_block_routing` (checked by the caller); queries that see no key
+    return zeros.
     """
     b, h, n, d = q.shape
     m, dv = k.shape[2], v.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     nkb = -(-m // block_k)
     pad = nkb * block_k - m
-    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * h, nkb, block_k, d)
-    vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * h, nkb, block_k, dv)
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, d)
+    vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, dv)
     sel = blocks.repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
-    idx, valid, _ = gather_routes(sel)  # [BH, nkb, C]
-    c = idx.shape[-1]
-    qg = q.reshape(b * h, n, d).gather(1, idx.reshape(b * h, nkb * c, 1).expand(-1, -1, d)).view(b * h, nkb, c, d)
-    kpos = torch.arange(nkb * block_k, device=q.device).view(1, nkb, 1, block_k)
+    route, qidx = _sub_routes(sel, cap)
+    valid = qidx >= 0
+    target = (route // nkb).view(-1, 1) * n + qidx.clamp(min=0)  # [S, cap] rows of q.view(B*H*N, D)
+    qg = q.reshape(b * h * n, d)[target]
+    kpos = (route % nkb).view(-1, 1, 1) * block_k + torch.arange(block_k, device=q.device).view(1, 1, -1)
     ok = valid.unsqueeze(-1) & (kpos < m)
     if causal:
-        ok = ok & (kpos <= idx.unsqueeze(-1) + (m - n))
-    s = (qg @ kb.transpose(-1, -2) * scale).masked_fill(~ok, float("-inf"))
+        ok = ok & (kpos <= qidx.unsqueeze(-1) + (m - n))
+    s = (qg @ kb[route].transpose(-1, -2) * scale).masked_fill(~ok, float("-inf"))
     mx = s.detach().amax(-1)
     seen = torch.isfinite(mx)
     e = torch.exp(s - torch.where(seen, mx, torch.zeros_like(mx)).unsqueeze(-1))
-    den, num = e.sum(-1), e @ vb
-    flat = idx.reshape(b * h, nkb * c)
-    top = torch.full((b * h, n), float("-inf"), dtype=mx.dtype, device=q.device)
-    top = top.scatter_reduce(1, flat, mx.reshape(b * h, -1), "amax")
+    den, num = e.sum(-1), e @ vb[route]
+    flat = target.reshape(-1)
+    top = torch.full((b * h * n,), float("-inf"), dtype=mx.dtype, device=q.device)
+    top = top.scatter_reduce(0, flat, torch.where(seen, mx, float("-inf")).reshape(-1), "amax")
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.where(seen, torch.exp(mx - top.gather(1, flat).view_as(mx)), torch.zeros_like(mx))
-    tot = torch.zeros(b * h, n, dtype=den.dtype, device=q.device).scatter_add(1, flat, (den * w).reshape(b * h, -1))
-    acc = torch.zeros(b * h, n, dv, dtype=num.dtype, device=q.device).scatter_add(
-        1, flat.unsqueeze(-1).expand(-1, -1, dv), (num * w.unsqueeze(-1)).reshape(b * h, -1, dv))
+    w = torch.where(seen, torch.exp(mx - top[target]), torch.zeros_like(mx))
+    tot = torch.zeros(b * h * n, dtype=den.dtype, device=q.device).index_add(0, flat, (den * w).reshape(-1))
+    acc = torch.zeros(b * h * n, dv, dtype=num.dtype, device=q.device).index_add(
+        0, flat, (num * w.unsqueeze(-1)).reshape(-1, dv))
     out = acc / torch.where(tot > 0, tot, torch.ones_like(tot)).unsqueeze(-1)
     return out.view(b, h, n, dv)
