@@ -160,6 +160,7 @@ class AttentionMixer(nn.Module):
     cross_ok: bool = True
     context_width: int | None = None  # the width context must have (None: not checked here)
     last_call_outputs: tuple[str, ...] = ("captured",)  # attributes a forward sets for the caller to read
+    call_pattern: bool = False  # the forward builds a pattern of its own per call (``mix(pattern=...)``)
 
     def __init__(self, dim: int, *, pattern: Any = None, score_mod: Any = None, qk_transform: Any = None,
                  scale: float | None = None, backend: str = "auto") -> None:

@@ -92,3 +92,18 @@ def test_even_depthwise_kernels_are_refused(slug, kwargs, needle):
     with pytest.raises(ValueError, match=f"^{needle}: expected an odd kernel size"):
         attnzoo.create(slug, **kwargs)
 
+
+
+@pytest.mark.parametrize(("slug", "accepted", "refused"), [
+    ("dilated_neighborhood", ["stride", "causal_axes", "output_stride"], []),
+    ("kdgqa", ["rope", "score_mod"], []),
+    ("probabilistic_attention", ["score_mod"], ["rope", "scale"]),  # q/k carry an extra channel: rope cannot apply
+    ("reversed_attention", [], ["rope", "score_mod", "pattern", "context_dim", "n_kv_heads"]),
+])
+def test_registered_classes_take_their_base_classes_arguments(slug, accepted, refused):
+    """The registry reads the class's signature and its bases' (less ``refused_arguments``): no factory to drift."""
+    args = attnzoo.spec(slug).accepted_arguments()
+    assert set(accepted) <= set(args) and not set(refused) & set(args)
+    for name in refused:
+        with pytest.raises(TypeError, match=f"unknown argument.*{name}"):
+            attnzoo.create(slug, **{**attnzoo.spec(slug).test_kwargs, name: None})

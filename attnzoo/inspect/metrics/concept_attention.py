@@ -101,9 +101,10 @@ def concept_attention(layer: nn.Module, x: torch.Tensor, concepts: torch.Tensor,
     if not isinstance(layer, AttentionMixer):
         raise TypeError(f"layer: expected an attnzoo AttentionMixer (e.g. MultiHeadAttention), got "
                         f"{type(layer).__name__}")
-    if layer.pattern is not None or layer.score_mod is not None:
+    if layer.pattern is not None or layer.score_mod is not None or layer.call_pattern:
         raise ValueError("layer: concept_attention needs a layer without its own pattern or score_mod "
-                         f"(got pattern={layer.pattern!r}, score_mod={layer.score_mod!r})")
+                         f"(got pattern={layer.pattern!r}, score_mod={layer.score_mod!r}"
+                         f"{', and a pattern built per call' if layer.call_pattern else ''})")
     if space not in SPACES:
         raise ValueError(f"space: expected one of {SPACES}, got {space!r}")
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != layer.dim:

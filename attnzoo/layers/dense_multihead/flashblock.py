@@ -60,6 +60,8 @@ class FlashBlockAttention(MultiHeadAttention):
     does not state it); it makes ``refresh=True`` exactly full attention. Self-attention only.
     """
 
+    call_pattern = True
+
     refused_arguments = ('context_dim', 'pattern', 'score_mod')  # base-class arguments it sets itself or cannot honour
 
     cross_ok = False

@@ -40,6 +40,8 @@ class TensorAttention(MultiHeadAttention):
     the Kronecker form is the catalogue's.
     """
 
+    call_pattern = True
+
     refused_arguments = ('pattern', 'score_mod', 'rope')  # base-class arguments it sets itself or cannot honour
 
     def __init__(self, dim: int, n_heads: int = 8, **kw: Any) -> None:

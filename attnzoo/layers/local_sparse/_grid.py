@@ -54,6 +54,8 @@ class GridMixer(MultiHeadAttention):
     (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so weights load across entries.
     """
 
+    call_pattern = True
+
     cross_ok = False
     ndim: int | None = None
 

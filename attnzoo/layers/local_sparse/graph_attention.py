@@ -34,6 +34,8 @@ class GraphAttention(MultiHeadAttention):
     edge-list softmax (``O(E d)``), or dense masked scores with ``backend="reference"``.
     """
 
+    call_pattern = True
+
     cross_ok = False
 
     def __init__(self, dim: int, n_heads: int = 8, *, scorer: str = "gatv2", negative_slope: float = 0.2,

@@ -29,6 +29,8 @@ class SegmentAttention(MultiHeadAttention):
     In KV-cache decoding the ids of earlier tokens are kept in the cache.
     """
 
+    call_pattern = True
+
     refused_arguments = ('context_dim', 'pattern', 'score_mod')  # base-class arguments it sets itself or cannot honour
 
     def __init__(self, dim: int, n_heads: int = 8, *, segment_size: int | None = None, global_keys: int = 0,
