@@ -49,6 +49,7 @@ class RoutedMixer(MultiHeadAttention):
 
     refused_arguments = ("pattern", "score_mod", "n_kv_heads", "context_dim")
     cross_ok = False
+    call_pattern = True  # the routing (the keys each query sees) is built per call
 
     def __init__(self, dim: int, n_heads: int = 8, **kw: Any) -> None:
         for name in self.refused_arguments:
