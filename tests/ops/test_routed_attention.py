@@ -127,3 +127,16 @@ def test_flex_path_dispatches_from_the_routing_on_cpu():
     ref = block_routed_attention(q, k, v, blocks, block_q=32, block_k=32, causal=True, backend="reference")
     out = block_routed_attention(q, k, v, blocks, block_q=32, block_k=32, causal=True, backend="flex")
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_gather_splits_busy_routes_into_sub_routes(causal):
+    from attnzoo.ops.routed import block_routed_gather
+
+    q, k, v = _qkv(n=30, m=30)
+    blocks = torch.rand(2, 3, 30, 4, generator=torch.Generator().manual_seed(7)) < 0.7
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=causal, backend="reference")
+    out = block_routed_gather(q, k, v, blocks, block_q=1, block_k=8, causal=causal, cap=4)  # ~5 sub-routes each
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
