@@ -28,9 +28,10 @@ class MoBA(RoutedMixer):
 
     Keys split into blocks of ``block_size``; query ``q`` scores block ``b`` by ``⟨q, mean(K_b)⟩`` and attends
     the union of its ``top_k`` best blocks (per head). Under ``causal``, future blocks score ``-inf`` and the
-    query's own block ``+inf`` (always selected, causal inside), so ``top_k`` counts the own block, as the
-    authors' gating does (MoBA abstract: "each query [attends] the most relevant blocks"; the
-    current-block forcing per the catalogue's reading of the reference code). Early queries with fewer than
+    query's own block ``+inf`` (always selected, causal inside), so ``top_k`` counts the own block and is
+    capped at the number of blocks, as the authors' reference gating does (checked against a copy of
+    MoonshotAI/MoBA ``moba_naive.py``: unscaled ``q·mean(K_b)`` gate, own chunk ``+inf``, later chunks
+    ``-inf``, ``topk(min(top_k, n_blocks))``, then the token-level causal mask). Early queries with fewer than
     ``top_k`` candidate blocks attend all of them. ``top_k`` is capped at the number of blocks of each call
     (so ``top_k >= #blocks`` is full attention). The choice is non-differentiable (hard top-k, as in MoBA);
     gradients flow through the attention over the chosen keys. ``rep = "mean"`` only (LongHeads' chunk
