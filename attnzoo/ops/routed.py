@@ -14,7 +14,8 @@ import torch
 
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "gather_pays", "gather_routes",
-    "routed_attention_reference",
+    "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow", "check_block_routing",
+    "check_key_routing", "key_routed_gather", "key_routing_mask", "routed_attention_reference", "routed_reference",
 ]
 
 # Gather dispatch pays when each routed head is picked by at most this fraction of the tokens
@@ -66,3 +67,221 @@ def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     seen = allow.any(-1, keepdim=True)
     p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
     return torch.einsum("brcm,brmd->brcd", p, v)
+
+
+# Routings: which keys each query attends ------------------------------------------------------------------
+#
+# A *key routing* ``keys`` int64 ``[B, H, N, K]`` lists the keys of every query (``-1``: an empty slot, no
+# repeats). A *block routing* ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]`` says which key
+# blocks each query block attends. Under ``causal`` query ``i`` also sees only keys ``j <= i + M - N`` (the
+# queries are the last ``N`` positions, as in KV-cache decoding).
+
+ROUTED_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of the key-routed path
+
+
+def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
+    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, N, K]`` with entries in ``[-1, n_kv)``."""
+    b, h, n, _ = q.shape
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.dim() != 4 \
+            or tuple(keys.shape[:3]) != (b, h, n):
+        got = f"{keys.dtype} {list(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {n}, K], got {got}")
+    if keys.numel() and (int(keys.min()) < -1 or int(keys.max()) >= n_kv):
+        raise ValueError(f"keys: entries must lie in [-1, {n_kv}) (-1: empty slot), got range "
+                         f"[{int(keys.min())}, {int(keys.max())}]")
+    if keys.shape[-1] > 1:
+        s = keys.sort(-1).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError("keys: a query lists the same key twice")
+
+
+def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int, block_k: int) -> None:
+    """Raise ``ValueError`` naming the argument unless ``blocks`` is bool ``[B, H, N / block_q, M / block_k]``
+    (rounded up)."""
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
+    b, h, n, _ = q.shape
+    want = (b, h, -(-n // block_q), -(-n_kv // block_k))
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool or tuple(blocks.shape) != want:
+        got = f"{blocks.dtype} {list(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise ValueError(f"blocks: expected a bool tensor {list(want)}, got {got}")
+
+
+def blocks_from_index(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Bool block routing ``[..., n_blocks]`` from selected block indices ``index`` int64 ``[..., K]`` (-1: none)."""
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        raise ValueError(f"index: expected an int64 tensor, got {getattr(index, 'dtype', type(index).__name__)}")
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= n_blocks):
+        raise ValueError(f"index: entries must lie in [-1, {n_blocks}), got [{int(index.min())}, {int(index.max())}]")
+    out = torch.zeros(*index.shape[:-1], n_blocks + 1, dtype=torch.bool, device=index.device)
+    out.scatter_(-1, torch.where(index < 0, n_blocks, index), True)
+    return out[..., :n_blocks]
+
+
+def causal_allow(n_q: int, n_kv: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool ``[N, M]``: query ``i`` (at position ``i + M - N``) sees key ``j <= i + M - N``."""
+    return torch.arange(n_kv, device=device).view(1, -1) <= torch.arange(n_q, device=device).view(-1, 1) + n_kv - n_q
+
+
+def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> torch.Tensor:
+    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it)."""
+    out = torch.zeros(*keys.shape[:3], n_kv + 1, dtype=torch.bool, device=keys.device)
+    out.scatter_(-1, torch.where(keys < 0, n_kv, keys), True)
+    out = out[..., :n_kv]
+    return out & causal_allow(keys.shape[2], n_kv, keys.device) if causal else out
+
+
+def block_routing_mask(blocks: torch.Tensor, n_q: int, n_kv: int, block_q: int, block_k: int,
+                       causal: bool = False) -> torch.Tensor:
+    """Dense bool ``[B, H, N, M]`` of a block routing."""
+    out = blocks.repeat_interleave(block_q, 2)[:, :, :n_q].repeat_interleave(block_k, 3)[..., :n_kv]
+    return out & causal_allow(n_q, n_kv, blocks.device) if causal else out
+
+
+def routed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Float64 oracle of routed attention: one dense softmax under ``allow`` ``[B, H, N, M]``; empty rows give zeros."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allow, float("-inf"))
+    seen = allow.any(-1, keepdim=True)
+    p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
+    return p @ v
+
+
+def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: bool) -> tuple[torch.Tensor, ...]:
+    idx = keys[:, :, start:stop]
+    ok = idx >= 0
+    if causal:
+        ok = ok & (idx <= torch.arange(start, stop, device=idx.device).view(1, 1, -1, 1) + n_kv - keys.shape[2])
+    return idx.clamp(min=0), ok
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]``."""
+    b, h, c, kk = idx.shape
+    return t.gather(2, idx.reshape(b, h, c * kk, 1).expand(-1, -1, -1, t.shape[-1])).view(b, h, c, kk, -1)
+
+
+def _key_probs(q, kg, ok, scale):
+    s = torch.einsum("bhcd,bhckd->bhck", q, kg) * scale
+    s = s.masked_fill(~ok, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    return e / torch.where(den > 0, den, torch.ones_like(den))
+
+
+class _KeyRouted(torch.autograd.Function):
+    """Key-routed attention, chunked over queries; the backward recomputes each chunk's probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keys, causal, scale, chunk):
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        for start in range(0, q.shape[2], chunk):
+            stop = min(start + chunk, q.shape[2])
+            idx, ok = _key_chunk(keys, start, stop, k.shape[2], causal)
+            p = _key_probs(q[:, :, start:stop], _gather_rows(k, idx), ok, scale)
+            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v, idx))
+        ctx.save_for_backward(q, k, v, keys, out)
+        ctx.causal, ctx.scale, ctx.chunk = causal, scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, keys, out = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        b, h = q.shape[:2]
+        for start in range(0, q.shape[2], ctx.chunk):
+            stop = min(start + ctx.chunk, q.shape[2])
+            idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
+            kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+            qc, do = q[:, :, start:stop], dout[:, :, start:stop]
+            p = _key_probs(qc, kg, ok, ctx.scale)
+            dp = torch.einsum("bhcd,bhckd->bhck", do, vg)
+            ds = p * (dp - (do * out[:, :, start:stop]).sum(-1, keepdim=True)) * ctx.scale
+            dq[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", ds, kg)
+            flat = idx.reshape(b, h, -1, 1)
+            dk.scatter_add_(2, flat.expand(-1, -1, -1, k.shape[-1]),
+                            torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(b, h, -1, k.shape[-1]))
+            dv.scatter_add_(2, flat.expand(-1, -1, -1, v.shape[-1]),
+                            torch.einsum("bhck,bhcd->bhckd", p, do).reshape(b, h, -1, v.shape[-1]))
+        return dq, dk, dv, None, None, None, None
+
+
+def key_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *, causal: bool = False,
+                      scale: float | None = None) -> torch.Tensor:
+    """Key-routed attention by gathering each query's ``K`` keys: memory linear in ``N x K`` (forward and backward).
+
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D]``, ``keys`` int64 ``[B, H, N, K]`` (checked by the caller).
+    The routing is not differentiable (indices). Queries with no key return zeros and zero gradients.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    per_query = q.shape[0] * q.shape[1] * max(keys.shape[-1], 1) * max(q.shape[-1], 1)
+    chunk = max(1, min(q.shape[2], ROUTED_CHUNK_ELEMENTS // per_query))
+    return _KeyRouted.apply(q, k, v, keys, causal, scale, chunk)
+
+
+def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the queries of every route of ``sel`` bool ``[G, N, R]`` into sub-routes of at most ``cap`` queries.
+
+    Returns ``route`` ``[S]`` (``g * R + r`` of each sub-route) and ``qidx`` ``[S, cap]`` (its queries in
+    increasing order, -1: empty slot). No route is padded by more than ``cap - 1`` slots.
+    """
+    g, n, r = sel.shape
+    gi, ni, ri = sel.nonzero(as_tuple=True)
+    key = gi * r + ri
+    key, order = key.sort(stable=True)
+    ni = ni[order]
+    counts = torch.bincount(key, minlength=g * r)
+    rank = torch.arange(key.numel(), device=sel.device) - (counts.cumsum(0) - counts)[key]
+    nsub = (counts + cap - 1) // cap
+    first = nsub.cumsum(0) - nsub
+    route = torch.repeat_interleave(torch.arange(g * r, device=sel.device), nsub)
+    qidx = torch.full((route.numel(), cap), -1, dtype=torch.int64, device=sel.device)
+    qidx[first[key] + rank // cap, rank % cap] = ni
+    return route, qidx
+
+
+def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
+                        block_k: int, causal: bool = False, scale: float | None = None,
+                        cap: int = 128) -> torch.Tensor:
+    """Block-routed attention in the MoBA manner: every key block gathers the queries routed to it (in sub-routes
+    of at most ``cap`` queries), attends them to its ``block_k`` keys, and the partial results are merged per
+    query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``); autograd gives
+    the backward. Shapes as in :func:`check_block_routing` (checked by the caller); queries that see no key
+    return zeros.
+    """
+    b, h, n, d = q.shape
+    m, dv = k.shape[2], v.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    nkb = -(-m // block_k)
+    pad = nkb * block_k - m
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, d)
+    vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, dv)
+    sel = blocks.repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
+    route, qidx = _sub_routes(sel, cap)
+    valid = qidx >= 0
+    target = (route // nkb).view(-1, 1) * n + qidx.clamp(min=0)  # [S, cap] rows of q.view(B*H*N, D)
+    qg = q.reshape(b * h * n, d)[target]
+    kpos = (route % nkb).view(-1, 1, 1) * block_k + torch.arange(block_k, device=q.device).view(1, 1, -1)
+    ok = valid.unsqueeze(-1) & (kpos < m)
+    if causal:
+        ok = ok & (kpos <= qidx.unsqueeze(-1) + (m - n))
+    s = (qg @ kb[route].transpose(-1, -2) * scale).masked_fill(~ok, float("-inf"))
+    mx = s.detach().amax(-1)
+    seen = torch.isfinite(mx)
+    e = torch.exp(s - torch.where(seen, mx, torch.zeros_like(mx)).unsqueeze(-1))
+    den, num = e.sum(-1), e @ vb[route]
+    flat = target.reshape(-1)
+    top = torch.full((b * h * n,), float("-inf"), dtype=mx.dtype, device=q.device)
+    top = top.scatter_reduce(0, flat, torch.where(seen, mx, float("-inf")).reshape(-1), "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.where(seen, torch.exp(mx - top[target]), torch.zeros_like(mx))
+    tot = torch.zeros(b * h * n, dtype=den.dtype, device=q.device).index_add(0, flat, (den * w).reshape(-1))
+    acc = torch.zeros(b * h * n, dv, dtype=num.dtype, device=q.device).index_add(
+        0, flat, (num * w.unsqueeze(-1)).reshape(-1, dv))
+    out = acc / torch.where(tot > 0, tot, torch.ones_like(tot)).unsqueeze(-1)
+    return out.view(b, h, n, dv)

@@ -11,11 +11,23 @@ from __future__ import annotations
 import torch
 
 from attnzoo.ops import attention
-from attnzoo.ops.routed import GATHER_CHUNK
+from attnzoo.ops.routed import (
+    GATHER_CHUNK,
+    block_routed_gather,
+    block_routing_mask,
+    check_block_routing,
+    check_key_routing,
+    key_routed_gather,
+    key_routing_mask,
+    routed_reference,
+)
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
-__all__ = ["GatheredCausal", "routed_attention"]
+__all__ = ["BlockRouted", "GatheredCausal", "ROUTED_BACKENDS", "block_routed_attention", "explain_routed",
+           "key_routed_attention", "routed_attention"]
+
+ROUTED_BACKENDS = ("auto", "reference", "gather", "blocksparse", "flex", "sdpa")
 
 
 class GatheredCausal(Pattern):
@@ -69,3 +81,133 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: to
         pattern = GatheredCausal(qp) if pad is None else GatheredCausal(qp) & KeyPadding(keep[:, :m])
         outs.append(attention(q[:, :, sl], k[:, :, :m], v[:, :, :m], pattern=pattern, scale=scale, backend=backend))
     return torch.cat(outs, 2)
+
+
+class BlockRouted(Pattern):
+    """A block routing as a pattern: query ``i`` sees key ``j`` when ``blocks[b, h, i // block_q, j // block_k]``
+    (and, if ``causal``, ``j <= i + M - N``). Block bounds are exact for any backend block size (2-D prefix
+    sums of the routing), so blocksparse visits only routed tiles and flex builds its block mask from it."""
+
+    per_batch = True
+    per_head = True
+
+    def __init__(self, blocks: torch.Tensor, block_q: int, block_k: int, causal: bool = False) -> None:
+        self.blocks, self.block_q, self.block_k, self.causal = blocks, block_q, block_k, causal
+
+    def allow(self, b, h, q, kv, shape):
+        ok = self.blocks[b, h, q // self.block_q, kv // self.block_k]
+        return ok & (kv <= q + (shape.n_kv - shape.n_q)) if self.causal else ok
+
+    def check(self, shape):
+        nqb, nkb = -(-shape.n_q // self.block_q), -(-shape.n_kv // self.block_k)
+        want = (shape.batch, shape.heads, nqb, nkb)
+        if tuple(self.blocks.shape) != want:
+            raise ValueError(f"blocks: expected shape {list(want)} for this call, got {list(self.blocks.shape)}")
+
+    def bounds(self, q_lo, q_hi, k_lo, k_hi, shape):
+        c = torch.nn.functional.pad(self.blocks.to(torch.int64).cumsum(2).cumsum(3), (1, 0, 1, 0))
+        qa, qb = q_lo // self.block_q, q_hi // self.block_q + 1
+        ka, kb = k_lo // self.block_k, k_hi // self.block_k + 1
+
+        def box(qa_, qb_, ka_, kb_):
+            return c[:, :, qb_, kb_] - c[:, :, qa_, kb_] - c[:, :, qb_, ka_] + c[:, :, qa_, ka_]
+
+        qa, qb, ka, kb = (t.expand(q_lo.shape[0], k_lo.shape[1]) for t in (qa, qb, ka, kb))
+        total = box(qa, qb, ka, kb)
+        any_, all_ = total > 0, total == (qb - qa) * (kb - ka)
+        if self.causal:
+            off = shape.n_kv - shape.n_q
+            any_, all_ = any_ & (k_lo <= q_hi + off), all_ & (k_hi <= q_lo + off)
+        return any_, all_
+
+    def value_key(self):
+        return None
+
+
+def _check_backend(backend: str, allowed: tuple[str, ...]) -> None:
+    if backend not in allowed:
+        raise ValueError(f"backend: expected one of {list(allowed)}, got {backend!r}")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[:2] != q.shape[:2] \
+            or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q, k, v: expected [B, H, N, D], [B, H, M, D], [B, H, M, D_v] (same B and H), got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+
+
+def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
+                         causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Softmax attention of every query over exactly its routed keys.
+
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D(_v)]``, ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot).
+    ``causal``: query ``i`` also drops keys after position ``i + M - N``. ``backend``: ``"reference"``
+    (float64, dense mask from the routing), ``"gather"`` (chunked gather, memory linear in ``N x K``, forward
+    and backward), or any :func:`attnzoo.attention` backend given the dense mask (``"sdpa"``, ``"flex"``);
+    ``"auto"`` is ``"gather"``. A query whose routing selects nothing returns zeros.
+    """
+    _check_qkv(q, k, v)
+    _check_backend(backend, ROUTED_BACKENDS)
+    check_key_routing(keys, q, k.shape[2])
+    if backend in ("auto", "gather"):
+        return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
+    allow = key_routing_mask(keys, k.shape[2], causal)
+    if backend == "reference":
+        return routed_reference(q, k, v, allow, scale).to(q.dtype)
+    return attention(q, k, v, pattern=DenseRouted(allow), scale=scale, backend=backend)
+
+
+class DenseRouted(Pattern):
+    """A dense routing mask ``[B, H, N, M]`` as a pattern (for the SDPA / flex views of a key routing)."""
+
+    per_batch = True
+    per_head = True
+
+    def __init__(self, allow: torch.Tensor) -> None:
+        self.mask = allow
+
+    def allow(self, b, h, q, kv, shape):
+        return self.mask[b, h, q, kv]
+
+
+def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *,
+                           block_q: int, block_k: int, causal: bool = False, scale: float | None = None,
+                           backend: str = "auto") -> torch.Tensor:
+    """Softmax attention of every query block over exactly its routed key blocks.
+
+    ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``; ``block_q = 1`` routes each query on its
+    own (MoBA). ``causal``: query ``i`` also drops keys after ``i + M - N``. ``backend``: ``"reference"``
+    (float64, dense mask from the routing); ``"gather"`` (each key block gathers its queries, lse merge: CPU
+    fast path for per-query routings); ``"blocksparse"`` / ``"flex"`` / ``"sdpa"`` run :class:`BlockRouted`
+    through :func:`attnzoo.attention` (flex: a block mask built from the routing, the CUDA path); ``"auto"``:
+    ``"gather"`` on CPU when ``block_q`` is below the tile size (64), else :func:`attnzoo.attention`'s choice
+    (:func:`explain_routed` says which). A query whose routing selects nothing returns zeros.
+    """
+    _check_qkv(q, k, v)
+    _check_backend(backend, ROUTED_BACKENDS)
+    check_block_routing(blocks, q, k.shape[2], block_q, block_k)
+    backend = _block_backend(q, block_q) if backend == "auto" else backend
+    if backend == "gather":
+        return block_routed_gather(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale)
+    if backend == "reference":
+        allow = block_routing_mask(blocks, q.shape[2], k.shape[2], block_q, block_k, causal)
+        return routed_reference(q, k, v, allow, scale).to(q.dtype)
+    pattern = BlockRouted(blocks, block_q, block_k, causal)
+    return attention(q, k, v, pattern=pattern, scale=scale, backend=backend)
+
+
+def _block_backend(q: torch.Tensor, block_q: int) -> str:
+    return "gather" if q.device.type == "cpu" and block_q < 64 else "auto"
+
+
+def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
+                   block_k: int, causal: bool = False) -> str:
+    """Which backend :func:`block_routed_attention` runs with ``backend="auto"``, and why (text)."""
+    check_block_routing(blocks, q, k.shape[2], block_q, block_k)
+    if _block_backend(q, block_q) == "gather":
+        return (f"backend: gather (block_q={block_q} < 64: each key block gathers its routed queries and the "
+                "partials merge by log-sum-exp; tiles would union the routings of 64 queries)\n"
+                "  not flex: CUDA path (a block mask built from the routing)")
+    from attnzoo.ops import explain
+
+    return str(explain(q, k, v, pattern=BlockRouted(blocks, block_q, block_k, causal)))

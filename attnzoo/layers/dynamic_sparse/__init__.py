@@ -1,0 +1,1 @@
+"""Catalogue family dynamic-sparse: content-routed or learned sparsity, every entry on the routed-attention op."""

@@ -1,0 +1,122 @@
+"""Shared by the dynamic-sparse entries: :class:`RoutedMixer`, a multi-head mixer whose keys per query come from a
+router, and the routers' shared pieces (block means, top-k that skips forbidden candidates)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from attnzoo.layers.base import Call, MultiHeadAttention
+from attnzoo.layers.testing import random_tokens
+from attnzoo.ops import attention
+from attnzoo.ops.routed import block_routing_mask, causal_allow, key_routing_mask
+from attnzoo.patterns.routed import DenseRouted, block_routed_attention, key_routed_attention
+
+FAMILY = "dynamic-sparse"
+SMALL = {"dim": 32, "n_heads": 4}
+SUPPORT = {"self", "causal", "padding", "decoding"}
+
+rand_x = partial(random_tokens, n=12)  # the family's reduction inputs [2, 12, 32]
+
+
+class Routing:
+    """A routing of one call: ``kind="blocks"`` (bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``) or
+    ``kind="keys"`` (int64 ``[B, H, N, K]``, -1 empty)."""
+
+    def __init__(self, kind: str, index: torch.Tensor, block_q: int = 1, block_k: int = 1) -> None:
+        self.kind, self.index, self.block_q, self.block_k = kind, index, block_q, block_k
+
+    def dense(self, n_q: int, n_kv: int, causal: bool) -> torch.Tensor:
+        """Bool ``[B, H, N, M]``: the pairs this routing (and causality) allows."""
+        if self.kind == "keys":
+            return key_routing_mask(self.index, n_kv, causal)
+        return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
+
+
+class RoutedMixer(MultiHeadAttention):
+    """Multi-head attention whose keys per query come from :meth:`route` (projections ``q_proj, k_proj, v_proj,
+    o_proj`` as in ``mha``, so weights move between them).
+
+    :meth:`route` sees ``q`` ``[B, H, N, D]``, ``k`` ``[B, H, M, D]`` (cached keys included; under
+    ``causal`` query ``i`` sits at position ``i + M - N``), the key padding ``keep`` bool ``[B, M]`` or None,
+    and the :class:`~attnzoo.layers.base.Call`; it returns a :class:`Routing`. Routers run under
+    ``torch.no_grad``: the discrete choice has no gradient (the attention over the chosen keys has).
+    ``backend``: ``"reference"`` (float64 oracle, dense mask from the routing) or a routed-attention backend.
+    With key padding the routing is intersected with the kept keys and runs through :func:`attnzoo.attention`.
+    """
+
+    refused_arguments = ("pattern", "score_mod", "n_kv_heads", "context_dim")
+    cross_ok = False
+    call_pattern = True  # the routing (the keys each query sees) is built per call
+
+    def __init__(self, dim: int, n_heads: int = 8, **kw: Any) -> None:
+        for name in self.refused_arguments:
+            if kw.get(name) is not None:
+                raise ValueError(f"{name}: {type(self).__name__} cannot honour it (the router chooses the keys)")
+            kw.pop(name, None)
+        super().__init__(dim, n_heads, **kw)
+
+    def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
+        raise NotImplementedError
+
+    def attend(self, q, k, v, pattern, want_weights, call=None):
+        causal = bool(call.causal) if call is not None else False
+        keep = call.kv_keep if call is not None else None
+        if keep is not None and bool(keep.all()):
+            keep = None
+        with torch.no_grad():
+            routing = self.route(q.detach(), k.detach(), keep, call)
+        scale = self.attention_scale(q)
+        n, m = q.shape[2], k.shape[2]
+        if want_weights or keep is not None:
+            allow = routing.dense(n, m, causal)
+            if keep is not None:
+                allow = allow & keep.view(keep.shape[0], 1, 1, m)
+            backend = "reference" if want_weights or self.backend == "reference" else "auto"
+            res = attention(q, k, v, pattern=DenseRouted(allow), scale=scale, backend=backend,
+                            return_weights=want_weights)
+            return (res[0], res[1]) if want_weights else (res, None)
+        backend = self.backend if self.backend in ("reference", "gather", "blocksparse", "flex", "sdpa") else "auto"
+        if routing.kind == "keys":
+            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend), None
+        return block_routed_attention(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
+                                      causal=causal, scale=scale, backend=backend), None
+
+
+def check_top_k(top_k: Any, name: str = "top_k") -> int:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {top_k!r}")
+    return top_k
+
+
+def block_means(k: torch.Tensor, block: int, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``k`` ``[B, H, M, D]`` over blocks of ``block`` keys (kept keys only; the last block may be partial).
+
+    Returns ``(means [B, H, nb, D], valid bool [B, nb])`` (a block with no kept key is invalid).
+    """
+    b, h, m, d = k.shape
+    nb = -(-m // block)
+    w = torch.ones(b, m, dtype=k.dtype, device=k.device) if keep is None else keep.to(k.dtype)
+    w = torch.nn.functional.pad(w, (0, nb * block - m)).view(b, 1, nb, block, 1)
+    kp = torch.nn.functional.pad(k, (0, 0, 0, nb * block - m)).view(b, h, nb, block, d)
+    cnt = w.sum(3)
+    return (kp * w).sum(3) / cnt.clamp(min=1), cnt.view(b, nb) > 0
+
+
+def top_k_allowed(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Bool mask ``[..., n]`` of the ``min(top_k, n)`` highest ``scores`` per row, never a ``-inf`` one."""
+    kk = min(top_k, scores.shape[-1])
+    val, idx = scores.topk(kk, dim=-1)
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    return out.scatter_(-1, idx, val > float("-inf"))
+
+
+def query_positions(n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
+    """Positions ``[N]`` of the call's queries among the keys (the last ``N`` of ``M``)."""
+    return torch.arange(n_q, device=device) + (n_kv - n_q)
+
+
+__all__ = ["FAMILY", "SMALL", "SUPPORT", "RoutedMixer", "Routing", "block_means", "causal_allow", "check_top_k",
+           "query_positions", "rand_x", "top_k_allowed"]

@@ -1,0 +1,142 @@
+"""Routed attention over key and block routings: every backend against the float64 reference (forward and
+gradients), empty routings give zeros, bad routings are refused, explain covers the op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo.ops.routed import blocks_from_index, key_routing_mask
+from attnzoo.patterns.routed import BlockRouted, block_routed_attention, explain_routed, key_routed_attention
+
+
+def _qkv(seed=0, b=2, h=3, n=29, m=29, d=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, d, generator=g, dtype=dtype).requires_grad_() for t in (n, m, m)]
+
+
+def _grads(out, inputs):
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return torch.autograd.grad((out * w).sum(), inputs)
+
+
+def _close(got, want, tol=1e-12):
+    assert (got - want).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_q,block_k,backend", [(1, 8, "gather"), (1, 8, "blocksparse"), (4, 8, "gather"),
+                                                     (8, 8, "blocksparse"), (3, 5, "sdpa"), (1, 4, "auto")])
+def test_block_routing_backends_equal_reference(causal, block_q, block_k, backend):
+    q, k, v = _qkv(n=29, m=31 if not causal else 29)
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.rand(2, 3, -(-29 // block_q), -(-k.shape[2] // block_k), generator=g) < 0.4
+    blocks[0, 1, 2] = False  # a query block with no key block
+    ref = block_routed_attention(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal,
+                                 backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, backend=backend)
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    rows = slice(2 * block_q, 3 * block_q)
+    assert out[0, 1, rows].abs().max() == 0  # selects nothing: zeros
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["gather", "sdpa"])
+def test_key_routing_backends_equal_reference(causal, backend):
+    q, k, v = _qkv(n=23, m=23)
+    g = torch.Generator().manual_seed(2)
+    keys = torch.stack([torch.randperm(23, generator=g)[:6] for _ in range(2 * 3 * 23)]).view(2, 3, 23, 6)
+    keys[..., -1] = -1
+    keys[1, 2, 5] = -1  # selects nothing
+    ref = key_routed_attention(q, k, v, keys, causal=causal, backend="reference")
+    out = key_routed_attention(q, k, v, keys, causal=causal, backend=backend)
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    assert out[1, 2, 5].abs().max() == 0
+
+
+def test_select_everything_is_dense_attention():
+    q, k, v = _qkv(n=17, m=17)
+    dense = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+    keys = torch.arange(17).expand(2, 3, 17, 17).contiguous()
+    _close(key_routed_attention(q, k, v, keys), dense)
+    _close(block_routed_attention(q, k, v, torch.ones(2, 3, 17, 3, dtype=torch.bool), block_q=1, block_k=6), dense)
+
+
+def test_reference_uses_the_routing_mask():
+    q, k, v = _qkv(n=9, m=9, h=1, b=1)
+    keys = torch.tensor([[[[0, 3], [1, -1], [2, 8], [0, 1], [4, 5], [6, 7], [8, 0], [3, 2], [1, 5]]]])
+    allow = key_routing_mask(keys, 9)
+    s = (q @ k.transpose(-1, -2) / 4).masked_fill(~allow, float("-inf"))
+    _close(key_routed_attention(q, k, v, keys, backend="reference"), torch.softmax(s, -1) @ v)
+
+
+def test_block_pattern_bounds_are_exact():
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.rand(2, 2, 7, 5, generator=g) < 0.3
+    q, k, v = _qkv(b=2, h=2, n=50, m=50, d=8)
+    pat = BlockRouted(blocks, 8, 11, causal=True)
+    from attnzoo.ops.layout import Shape
+    layout = pat.block_layout(Shape(2, 2, 50, 50), 16, 16)
+    dense = pat.dense_mask(Shape(2, 2, 50, 50))
+    tiles = torch.nn.functional.pad(dense, (0, 14, 0, 14)).view(2, 2, 4, 16, 4, 16)
+    assert torch.equal(layout.state != 0, tiles.any(-1).any(-2))
+
+
+def test_bad_routings_are_refused():
+    q, k, v = _qkv(n=8, m=8)
+    with pytest.raises(ValueError, match="keys"):
+        key_routed_attention(q, k, v, torch.zeros(2, 3, 8, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="keys"):
+        key_routed_attention(q, k, v, torch.full((2, 3, 8, 2), 8))
+    with pytest.raises(ValueError, match="keys"):
+        key_routed_attention(q, k, v, torch.zeros(2, 3, 8, 2, dtype=torch.int64))  # repeated key
+    with pytest.raises(ValueError, match="blocks"):
+        block_routed_attention(q, k, v, torch.ones(2, 3, 8, 3, dtype=torch.bool), block_q=1, block_k=4)
+    with pytest.raises(ValueError, match="block_k"):
+        block_routed_attention(q, k, v, torch.ones(2, 3, 8, 2, dtype=torch.bool), block_q=1, block_k=0)
+    with pytest.raises(ValueError, match="backend"):
+        key_routed_attention(q, k, v, torch.zeros(2, 3, 8, 1, dtype=torch.int64), backend="nope")
+    with pytest.raises(ValueError, match="index"):
+        blocks_from_index(torch.tensor([[0, 5]]), 4)
+
+
+def test_blocks_from_index():
+    got = blocks_from_index(torch.tensor([[0, 2], [-1, 3], [-1, -1]]), 4)
+    assert got.tolist() == [[True, False, True, False], [False, False, False, True], [False] * 4]
+
+
+def test_explain_covers_routed_attention():
+    q, k, v = (t.detach().float() for t in _qkv(n=256, m=256, d=32))
+    per_query = torch.rand(2, 3, 256, 4) < 0.3
+    assert explain_routed(q, k, v, per_query, block_q=1, block_k=64).startswith("backend: gather")
+    q, k, v = (torch.zeros(2, 3, 1024, 32) for _ in range(3))
+    tiles = torch.eye(16, dtype=torch.bool).expand(2, 3, 16, 16)
+    text = explain_routed(q, k, v, tiles, block_q=64, block_k=64, causal=True)
+    assert "backend: blocksparse" in text and "flex" in text
+
+
+def test_flex_path_dispatches_from_the_routing_on_cpu():
+    """On CPU flex runs forward only (no backward, no float64); with a CUDA device it is auto's choice."""
+    q, k, v = (t.detach().float() for t in _qkv(n=64, m=64, d=32))
+    blocks = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(5)) < 0.6
+    blocks[..., 0] = True
+    ref = block_routed_attention(q, k, v, blocks, block_q=32, block_k=32, causal=True, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=32, block_k=32, causal=True, backend="flex")
+    assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_gather_splits_busy_routes_into_sub_routes(causal):
+    from attnzoo.ops.routed import block_routed_gather
+
+    q, k, v = _qkv(n=30, m=30)
+    blocks = torch.rand(2, 3, 30, 4, generator=torch.Generator().manual_seed(7)) < 0.7
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=causal, backend="reference")
+    out = block_routed_gather(q, k, v, blocks, block_q=1, block_k=8, causal=causal, cap=4)  # ~5 sub-routes each
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
