@@ -1,4 +1,4 @@
-"""``attnzoo demo``: the core layer in one minute on CPU.
+"""``attnzoo tour`` (also ``attnzoo demo``): the core layer in one minute on CPU.
 
 Checks a few patterns against the float64 reference, shows what the dispatcher picks and
 why, and times the block-sparse path against SDPA on a sliding window.

@@ -12,11 +12,12 @@ import builtins
 import difflib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["Reduction", "Spec", "create", "list", "register", "spec", "SUPPORTS", "INPUT_KINDS", "TYPES"]
 
@@ -100,6 +101,8 @@ class Spec:
 def class_arguments(cls: type) -> builtins.list[str]:
     """The arguments ``cls(...)`` accepts: its ``__init__``'s, then (while an ``__init__`` passes
     ``**kwargs`` on) its base classes', less ``cls.refused_arguments``."""
+    from torch import nn  # a registered class is a module: torch is already imported
+
     names: builtins.list[str] = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
@@ -177,10 +180,25 @@ def _resolve(slug: str) -> tuple[Spec, dict[str, Any]]:
     if slug in _ALIASES:
         target, preset = _ALIASES[slug]
         return _REGISTRY[target], preset
-    names = sorted([*_REGISTRY, *_ALIASES])
-    close = difflib.get_close_matches(slug, names, n=5, cutoff=0.5)
+    raise unknown_slug_error(slug, _REGISTRY, _ALIASES)
+
+
+def unknown_slug_error(slug: str, entries: Iterable[str], alias_names: Iterable[str]) -> KeyError:
+    """The error for a slug that is not registered: a catalogued entry that is not implemented yet
+    says so; otherwise the closest names and the number of entries (as ``attnzoo list`` counts them)."""
+    from attnzoo.catalog import load_rows  # catalog imports this module
+
+    row = next((r for r in load_rows() if r["slug"] == slug), None)
+    if row is not None:
+        return KeyError(f"{slug!r} is in the catalogue (family {row['family']}, type {row['type']}, priority "
+                        f"{row['priority']}) but not implemented yet; `attnzoo list --status` and "
+                        "docs/CATALOG_STATUS.md show what is")
+    entries, alias_names = sorted(entries), sorted(alias_names)
+    close = difflib.get_close_matches(slug, [*entries, *alias_names], n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise KeyError(f"unknown attnzoo slug {slug!r}{hint} (attnzoo.list() shows all {len(names)} entries)")
+    also = f" and {len(alias_names)} aliases" if alias_names else ""
+    return KeyError(f"unknown attnzoo slug {slug!r}{hint} (`attnzoo list` and attnzoo.list() show all "
+                    f"{len(entries)} entries{also})")
 
 
 def spec(slug: str) -> Spec:

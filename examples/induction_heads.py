@@ -27,8 +27,10 @@ def show(result: dict) -> None:
         layer, head = row["head"]
         print(f"{row['step']:>5} {row['stripe']:>7.3f} {row['mul']:>6.3f} {f'L{layer}H{head}':>6} "
               f"{row['loss_first']:>9.2f} {row['loss_second']:>9.2f}")
-    at = result["crossed_at"]
-    print(f"stripe >= {thr['stripe']} first at step {at['stripe']}; mul >= {thr['mul']} first at step {at['mul']}")
+    at, last = result["crossed_at"], result["curve"][-1]["step"] if result["curve"] else 0
+    print("; ".join(f"{name} >= {thr[name]} " + (f"first at step {at[name]}" if at[name] is not None
+                                                  else f"never in {last} steps")
+                    for name in ("stripe", "mul")))
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -74,9 +76,9 @@ def main() -> None:
     print("\nfinal scores")
     print(f"{'layers':>6} {'seed':>4} {'stripe':>7} {'mul':>6} {'loss 1st':>9} {'loss 2nd':>9} {'crossed at':>10}")
     for r in results:
-        f = r["final"]
+        f, at = r["final"], r["crossed_at"]["stripe"]
         print(f"{r['config']['n_layers']:>6} {r['config']['seed']:>4} {f['stripe']:>7.3f} {f['mul']:>6.3f} "
-              f"{f['loss_first']:>9.2f} {f['loss_second']:>9.2f} {str(r['crossed_at']['stripe']):>10}")
+              f"{f['loss_first']:>9.2f} {f['loss_second']:>9.2f} {'never' if at is None else at:>10}")
     if args.png:
         plot(results, args.png)
 

@@ -7,7 +7,8 @@ registry ``supports``: NS needs ``self``; CS ``self`` + ``causal``; NC ``cross``
 
 - NS: the output has the input's shape and is finite.
 - CS: prefix consistency, CAB's test: the output at position ``i`` equals the output of the
-  prefix ``x[:, :i+1]`` at ``i`` (tolerance 1e-4); with ``decoding`` also incremental decoding
+  prefix ``x[:, :i+1]`` at ``i`` (tolerance 1e-4; over the prefixes the mixer takes: a windowed grid
+  mixer takes the extents its windows divide); with ``decoding`` also incremental decoding
   (one token at a time through a :class:`~attnzoo.layers.KVCache`) equals the full output.
 - NC: a context with a different length (``M != N``) gives a finite ``[B, N, C]`` output.
 - CC: query-prefix consistency against a fixed context: the output for query ``i`` does not
@@ -42,56 +43,115 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
+def _build_for(spec: Any, dim: int, x: torch.Tensor, extra: dict[str, Any] | None) -> tuple[torch.nn.Module, str]:
+    """The mixer in float64 with its default configuration, or, when that refuses CAB's input (a window
+    that does not divide N, segment ids it needs), with its registry ``test_kwargs`` (the conformance
+    configuration); the second item says which."""
+    def build(kwargs: dict[str, Any]) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_mixer(spec.slug, dim, **mixer_kwargs_for(spec.slug, n_heads=4, extra=kwargs)).double().eval()
+
+    module = build(dict(extra or {}))
+    try:
+        with torch.no_grad():
+            module(x)
+            if "causal" in spec.supports:
+                module(x, causal=True)
+        return module, ""
+    except ValueError as e:
+        if spec.type == "score_mod" or not spec.test_kwargs:
+            raise
+        kwargs = {**{k: v for k, v in spec.test_kwargs.items() if k != "dim"}, **(extra or {})}
+        return build(kwargs), f"built with its test configuration {kwargs} (the default refuses N={x.shape[1]}: {e})"
+
+
+def _accepted_prefixes(module: torch.nn.Module, x: torch.Tensor, **kw: Any) -> tuple[list[int], str]:
+    """Prefix lengths ``p < N`` the module takes (a windowed grid mixer takes only the extents its windows
+    divide or cover), and the reason it gave for the first one it refused."""
+    ok, reason = [], ""
+    for p in range(1, x.shape[1]):
+        try:
+            module(x[:, :p], **kw)
+            ok.append(p)
+        except ValueError as e:
+            reason = reason or f"length {p}: {e}"
+    return ok, reason
+
+
+def _causal_row(module: torch.nn.Module, x: torch.Tensor, kw: dict[str, Any], tol: float, decoding: bool,
+                g: torch.Generator) -> dict[str, Any]:
+    """CS / CC: no output reads a later token (later tokens redrawn at the same N); then CAB's prefix
+    consistency; with ``decoding`` also incremental decoding through a KV cache."""
+    n = x.shape[1]
+    y = module(x, **kw)
+    future = 0.0
+    for t in sorted({0, n // 2, n - 2}):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn(x2[:, t + 1:].shape, generator=g, dtype=x.dtype)
+        future = max(future, _err(module(x2, **kw)[:, :t + 1], y[:, :t + 1]))
+    if future > tol:
+        return {"ok": False, "error": future,
+                "detail": f"an output reads later tokens (changes by {future:.1e} when they are redrawn)"}
+    prefixes, reason = _accepted_prefixes(module, x, **kw)
+    prefix = max((_err(module(x[:, :p], **kw)[:, p - 1], y[:, p - 1]) for p in prefixes), default=None)
+    taken = "" if len(prefixes) == n - 1 else f" over the prefixes it takes ({', '.join(map(str, prefixes))} of {n})"
+    if prefix is None or prefix > tol:
+        why = (f"it takes no prefix of the {n} tokens ({reason})" if prefix is None else
+               f"the output at i depends on the length N by design (prefix consistency{taken}: {prefix:.1e})")
+        if not decoding:
+            return {"ok": None, "applicable": False, "error": prefix,
+                    "detail": f"no output reads a later token ({future:.1e}), but {why}: CAB's prefix test does "
+                              "not apply (nor incremental decoding, which the mixer does not declare)"}
+        return {"ok": False, "error": prefix, "detail": f"declares decoding, but {why}"}
+    row = {"ok": True, "error": max(future, prefix),
+           "detail": f"no output reads a later token ({future:.1e}); prefix consistency{taken} ({prefix:.1e})"}
+    if decoding:
+        from attnzoo.layers import KVCache
+
+        cache = KVCache()
+        steps = torch.cat([module(x[:, t:t + 1], cache=cache, **kw) for t in range(n)], dim=1)
+        dec = _err(steps, y)
+        row["error"] = max(row["error"], dec)
+        row["detail"] += f" + incremental decoding ({dec:.1e})"
+        row["ok"] = dec <= tol
+    return row
+
+
 def check(slug: str, *, dim: int = 32, n: int = 12, m: int = 7, batch: int = 2, seed: int = 0, tol: float = 1e-4,
           mixer_kwargs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Run each declared pattern; returns ``{pattern: {"declared", "ok", "error", "detail"}}``
-    (``ok`` None for a pattern that is not declared)."""
+    """Run each declared pattern; returns ``{pattern: {"declared", "applicable", "ok", "error", "detail"}}``
+    (``ok`` None for a pattern that is not declared, or not applicable: then ``detail`` says why).
+
+    The mixer runs in its default configuration, or in its registry ``test_kwargs`` (windows that divide
+    ``n``, segment sizes) when the default refuses CAB's inputs. A causal pattern fails when an output reads
+    a later token; it is not applicable when no output does but the output depends on the length (grid
+    windows placed by the extent) and the mixer does not declare decoding."""
     spec = check_mixer(slug)
-    torch.manual_seed(seed)
-    kwargs = mixer_kwargs_for(slug, n_heads=4, extra=mixer_kwargs)
-    module = build_mixer(slug, dim, **kwargs).double().eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, dim, generator=g, dtype=torch.float64)
     ctx = torch.randn(batch, m, dim, generator=g, dtype=torch.float64)
+    module, note = _build_for(spec, dim, x, mixer_kwargs)
     declared = set(declared_patterns(slug))
     out: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for pat, (name, _) in CAB_PATTERNS.items():
-            row: dict[str, Any] = {"name": name, "declared": pat in declared, "ok": None, "error": None, "detail": ""}
+            row: dict[str, Any] = {"name": name, "declared": pat in declared, "applicable": pat in declared,
+                                   "ok": None, "error": None, "detail": ""}
             out[pat] = row
             if pat not in declared:
                 continue
             try:
-                if pat == "NS":
-                    y = module(x)
+                if pat in ("NS", "NC"):
+                    y = module(x) if pat == "NS" else module(x, context=ctx)
                     row["ok"] = tuple(y.shape) == tuple(x.shape) and bool(torch.isfinite(y).all())
-                    row["detail"] = "shape and finite"
-                elif pat == "CS":
-                    y = module(x, causal=True)
-                    err = max(_err(module(x[:, :i + 1], causal=True)[:, i], y[:, i]) for i in range(n))
-                    row["error"], row["detail"] = err, "prefix consistency"
-                    ok = err <= tol
-                    if "decoding" in spec.supports:
-                        from attnzoo.layers import KVCache
-
-                        cache = KVCache()
-                        steps = torch.cat([module(x[:, t:t + 1], causal=True, cache=cache) for t in range(n)], dim=1)
-                        dec = _err(steps, y)
-                        row["error"] = max(err, dec)
-                        row["detail"] += f" ({err:.1e}) + incremental decoding ({dec:.1e})"
-                        ok = ok and dec <= tol
-                    row["ok"] = ok
-                elif pat == "NC":
-                    y = module(x, context=ctx)
-                    row["ok"] = tuple(y.shape) == tuple(x.shape) and bool(torch.isfinite(y).all())
-                    row["detail"] = f"context length {m} != {n}"
-                else:  # CC
-                    y = module(x, context=ctx)
-                    err = max(_err(module(x[:, :i + 1], context=ctx)[:, i], y[:, i]) for i in range(n))
-                    row["error"], row["ok"] = err, err <= tol
-                    row["detail"] = "query-prefix consistency against a fixed context"
+                    row["detail"] = "shape and finite" if pat == "NS" else f"context length {m} != {n}"
+                else:
+                    kw = {"causal": True} if pat == "CS" else {"context": ctx}
+                    row.update(_causal_row(module, x, kw, tol, pat == "CS" and "decoding" in spec.supports, g))
             except Exception as e:  # a declared pattern that does not run is a failed check
                 row["ok"], row["detail"] = False, f"{type(e).__name__}: {e}"
+            if note:
+                row["detail"] += f"; {note}"
     return out
 
 

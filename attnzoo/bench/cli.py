@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from attnzoo.cli_args import (
+    check_device,
+    check_fits,
+    check_writable,
+    float_in,
+    int_in,
+    seed_int,
+    threads_int,
+    training_bytes,
+)
+
 __all__ = ["add_subcommands"]
+
+_SIZE = int_in(1)
+_LR = float_in(0, 10, low_open=True)  # AdamW steps are about lr: beyond 10 every weight overflows
 
 _NO_BUDGET = "none"
 
@@ -57,14 +72,33 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 # compare -------------------------------------------------------------------------------------
+def _check_compare(args: argparse.Namespace) -> None:
+    from attnzoo.bench.compare import get_preset
+
+    check_device("--device", args.device)
+    check_writable("--store", args.store, make_folders=True)
+    if args.out is not None:
+        check_writable("--out", os.path.join(args.out, "report.html"), make_folders=True)
+    p = get_preset(args.preset)
+    dim = max(args.dims or p.dims)
+    for s in p.settings:
+        batch, n_train, n_test = (args.batch_size or s.batch_size, args.n_train or s.n_train, args.n_test or s.n_test)
+        task = s.task
+        need = training_bytes(vocab=max(task.vocab_size_in or 0, task.n_outputs), seq_len=task.seq_len, dim=dim,
+                              n_layers=p.n_layers, batch_size=batch, n_examples=n_train + n_test)
+        check_fits(f"{task.label()} at width {dim}, batch {batch}, {n_train} + {n_test} examples", need)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from attnzoo.bench.compare import run_compare
+
+    _check_compare(args)
 
     overrides = {"dims": args.dims, "lrs": args.lrs, "seq_lens": args.seq_lens, "epochs": args.epochs,
                  "max_steps": args.max_steps, "n_train": args.n_train, "n_test": args.n_test,
                  "batch_size": args.batch_size, "lengths": args.lengths, "seeds": args.seeds}
     if args.time_budget is not None:
-        overrides["time_budget_s"] = args.time_budget if args.time_budget > 0 else _NO_BUDGET
+        overrides["time_budget_s"] = args.time_budget if args.time_budget > 0 else _NO_BUDGET  # finite, >= 0
     mixer_kwargs: dict[str, dict[str, Any]] = {}
     for spec in args.mixer_arg or []:
         if ":" not in spec:
@@ -95,25 +129,27 @@ def _add_compare(sub: Any) -> None:
                    help="quick (minutes on a CPU), zoology (Zoology Figure 2), full (everything; GPU)")
     p.add_argument("--mixers", nargs="+", metavar="SLUG", help="mixers to compare (default: the preset's)")
     p.add_argument("--mixer-arg", action="append", metavar="MIXER:KEY=VALUE",
-                   help="an argument for one mixer, e.g. sliding_window:window=32 (repeatable)")
+                   help="an argument for one mixer, e.g. sliding_window:window=32 (repeatable; default: none)")
     p.add_argument("--store", metavar="PATH", help="results database (default ./attnzoo-results/results.sqlite)")
     p.add_argument("--out", metavar="DIR", help="report directory (default: beside the store, report/)")
-    p.add_argument("--dims", nargs="+", type=int, metavar="D", help="model widths (override the preset)")
-    p.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="learning rates (override)")
-    p.add_argument("--seq-lens", nargs="+", type=int, metavar="N", help="keep only these MQAR settings")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="training seeds (override)")
-    p.add_argument("--epochs", type=int, help="epochs per run (override)")
-    p.add_argument("--max-steps", type=int, help="steps per run (override)")
-    p.add_argument("--n-train", type=int, help="training examples per task (override)")
-    p.add_argument("--n-test", type=int, help="test examples per task (override)")
-    p.add_argument("--batch-size", type=int, help="batch size (override)")
-    p.add_argument("--lengths", nargs="+", type=int, metavar="N", help="speed sweep lengths (override)")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="seconds per training run (override; 0 = no time budget, only the step budget)")
+    p.add_argument("--dims", nargs="+", type=_SIZE, metavar="D", help="model widths (default: the preset's)")
+    p.add_argument("--lrs", nargs="+", type=_LR, metavar="LR", help="learning rates in (0, 10] (default: the preset's)")
+    p.add_argument("--seq-lens", nargs="+", type=_SIZE, metavar="N",
+                   help="keep only these MQAR settings (default: the preset's)")
+    p.add_argument("--seeds", nargs="+", type=seed_int, metavar="S", help="training seeds (default: the preset's)")
+    p.add_argument("--epochs", type=_SIZE, help="epochs per run (default: the preset's)")
+    p.add_argument("--max-steps", type=_SIZE, help="steps per run (default: the preset's)")
+    p.add_argument("--n-train", type=_SIZE, help="training examples per task (default: the preset's)")
+    p.add_argument("--n-test", type=_SIZE, help="test examples per task (default: the preset's)")
+    p.add_argument("--batch-size", type=_SIZE, help="batch size (default: the preset's)")
+    p.add_argument("--lengths", nargs="+", type=_SIZE, metavar="N", help="speed sweep lengths (default: the preset's)")
+    p.add_argument("--time-budget", type=float_in(0), metavar="SECONDS",
+                   help="seconds per training run, a finite number >= 0; 0 = no time budget, only the step budget "
+                        "(default: the preset's)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=threads_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_guard(_cmd_compare))
 
@@ -132,6 +168,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from attnzoo.bench.models import check_mixer
 
     check_mixer(cfg.mixer, task.needs(), what=f"task {task.label()}")  # before touching the store
+    check_device("--device", args.device)
+    if not args.no_store:
+        check_writable("--store", args.store, make_folders=True)
+    check_fits(f"{task.label()} at --dim {cfg.dim}, --layers {cfg.n_layers}, --batch-size {cfg.batch_size}, "
+               f"{cfg.n_train} + {cfg.n_test} examples",
+               training_bytes(vocab=max(task.vocab_size_in or 0, task.n_outputs), seq_len=task.seq_len, dim=cfg.dim,
+                              n_layers=cfg.n_layers, batch_size=cfg.batch_size, n_examples=cfg.n_train + cfg.n_test))
+    _check_model(task, cfg)
     rank, _, _ = dist_info()
     db = open_store(args.store) if rank == 0 and not args.no_store else None
     try:
@@ -151,33 +195,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model(task: Any, cfg: Any) -> None:
+    """Build the model on the meta device (no memory, no work): a bad ``--mixer-arg`` fails here."""
+    import torch
+
+    from attnzoo.bench.models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(task, cfg.mixer, dim=cfg.dim, n_layers=cfg.n_layers, mixer_kwargs=cfg.mixer_kwargs,
+                        positional=cfg.positional, mlp_ratio=cfg.mlp_ratio)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--mixer-arg: mixer {cfg.mixer!r} with {cfg.mixer_kwargs}: {e}") from None
+    except Exception:  # noqa: BLE001  (a constructor the meta device cannot run: training checks it itself)
+        pass
+
+
 def _add_train(sub: Any) -> None:
     from attnzoo.bench.tasks import TASKS
 
-    p = sub.add_parser("train", help="train one mixer on one task (runs under torchrun with DDP)")
-    p.add_argument("--task", choices=sorted(TASKS), default="mqar")
+    p = sub.add_parser("train", help="train one mixer on one task (runs under torchrun with DDP)",
+                       description="Train a tiny model around one registered mixer on one synthetic task and store "
+                                   "the run (configuration, metrics, curves, environment).")
+    p.add_argument("--task", choices=sorted(TASKS), default="mqar", help="the task")
     p.add_argument("--task-arg", action="append", type=_kv, metavar="KEY=VALUE",
-                   help="a task option, e.g. seq_len=128 (repeatable)")
-    p.add_argument("--mixer", default="mha")
-    p.add_argument("--mixer-arg", action="append", type=_kv, metavar="KEY=VALUE", help="a mixer argument (repeatable)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--positional", default="learned", choices=["learned", "sinusoidal", "none"])
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--n-train", type=int, default=10_000)
-    p.add_argument("--n-test", type=int, default=1_000)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--no-early-stop", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--store", metavar="PATH")
+                   help="a task option, e.g. seq_len=128 (repeatable; default: the task's defaults)")
+    p.add_argument("--mixer", default="mha", help="registered mixer slug (attnzoo list --type mixer)")
+    p.add_argument("--mixer-arg", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="a mixer argument (repeatable; default: none)")
+    p.add_argument("--dim", type=_SIZE, default=64, help="model width")
+    p.add_argument("--layers", type=_SIZE, default=2, help="number of blocks")
+    p.add_argument("--positional", default="learned", choices=["learned", "sinusoidal", "none"],
+                   help="position embeddings")
+    p.add_argument("--lr", type=_LR, default=1e-3, help="AdamW learning rate, in (0, 10]")
+    p.add_argument("--batch-size", type=_SIZE, default=64, help="examples per step")
+    p.add_argument("--epochs", type=_SIZE, default=1, help="passes over the training set")
+    p.add_argument("--max-steps", type=_SIZE, help="stop after this many steps (default: the epochs' steps)")
+    p.add_argument("--n-train", type=_SIZE, default=10_000, help="training examples")
+    p.add_argument("--n-test", type=_SIZE, default=1_000, help="test examples")
+    p.add_argument("--eval-every", type=_SIZE, help="steps between evaluations (default: once per epoch)")
+    p.add_argument("--no-early-stop", action="store_true", help="do not stop once the test accuracy exceeds 0.99")
+    p.add_argument("--seed", type=seed_int, default=0, help="model seed, in [0, 2**63 - 1]")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=threads_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--store", metavar="PATH", help="results database (default ./attnzoo-results/results.sqlite)")
     p.add_argument("--no-store", action="store_true", help="do not record the run")
-    p.add_argument("--session", help="group label stored with the run")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--session", help="group label stored with the run (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_guard(_cmd_train))
 
 
@@ -189,6 +253,12 @@ def _cmd_speed(args: argparse.Namespace) -> int:
     cfg = SpeedConfig(mixers=args.mixers, lengths=args.lengths, modes=args.modes, dim=args.dim, n_heads=args.heads,
                       batch=args.batch, causal=not args.no_causal, repeats=args.repeats, warmup=args.warmup,
                       dtype=args.dtype, device=args.device, max_seconds=args.max_seconds)
+    check_device("--device", args.device)
+    if not args.no_store:
+        check_writable("--store", args.store, make_folders=True)
+    width = {"float64": 8, "float32": 4}.get(args.dtype, 2)
+    check_fits(f"bench speed at --dim {args.dim}, --batch {args.batch}, N={min(args.lengths)}",
+               (16 * args.dim * args.dim + 8 * args.batch * min(args.lengths) * args.dim) * width)
     db = open_store(args.store) if not args.no_store else None
     try:
         points = run_speed(cfg, progress=not args.no_progress, log=print)
@@ -216,26 +286,29 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmarks: speed and memory sweeps")
+    p = sub.add_parser("bench", help="benchmarks: speed and memory sweeps, the CAB contract")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     s = bsub.add_parser("speed", help="forward and forward+backward time, peak memory and FLOPs vs SDPA dense")
-    s.add_argument("--mixers", nargs="+", default=["mha"], metavar="SLUG")
-    s.add_argument("--lengths", nargs="+", type=int, default=[256, 1024, 4096], metavar="N")
-    s.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    s.add_argument("--dim", type=int, default=128)
-    s.add_argument("--heads", type=int, default=2)
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--mixers", nargs="+", default=["mha"], metavar="SLUG", help="registered mixer slugs")
+    s.add_argument("--lengths", nargs="+", type=_SIZE, default=[256, 1024, 4096], metavar="N",
+                   help="sequence lengths (points that cannot fit in memory are recorded as oom or skipped)")
+    s.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"], help="what to time")
+    s.add_argument("--dim", type=_SIZE, default=128, help="model width")
+    s.add_argument("--heads", type=_SIZE, default=2, help="attention heads (must divide --dim)")
+    s.add_argument("--batch", type=_SIZE, default=1, help="batch size")
     s.add_argument("--no-causal", action="store_true", help="run the mixers non-causally")
-    s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-    s.add_argument("--device", default="auto")
-    s.add_argument("--max-seconds", type=float, default=60.0, help="skip points predicted to take longer per run")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--store", metavar="PATH")
-    s.add_argument("--no-store", action="store_true")
-    s.add_argument("--session", help="group label stored with the sweep")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed runs per point (the median is kept)")
+    s.add_argument("--warmup", type=int_in(0, 100), default=1, help="untimed runs per point first")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="input and weight dtype")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--max-seconds", type=float_in(0, low_open=True), default=60.0,
+                   help="skip points predicted to take longer per run")
+    s.add_argument("--threads", type=threads_int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--store", metavar="PATH", help="results database (default ./attnzoo-results/results.sqlite)")
+    s.add_argument("--no-store", action="store_true", help="do not record the sweep")
+    s.add_argument("--session", help="group label stored with the sweep (default: none)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_guard(_cmd_speed))
     c = bsub.add_parser("cab", help="CAB contract: run each declared {causal, noncausal} x {self, cross} pattern")
     c.add_argument("--mixers", nargs="+", metavar="SLUG", help="mixers to check (default: every registered one)")
@@ -250,30 +323,134 @@ def _cmd_cab(args: argparse.Namespace) -> int:
     slugs = args.mixers or [s for s in mixer_slugs() if attnzoo.spec(s).slug == s]
     for s in slugs:
         check_mixer(s)
-    rows, failed = [], 0
+    rows, failures, not_applicable = [], [], []
     for s in slugs:
         try:
             res = check(s)
-        except Exception as e:
-            rows.append([s, *["build failed"] * 4, str(e)[:80]])
-            failed += 1
+        except Exception as e:  # noqa: BLE001  (a mixer that cannot be built is a failure, reported in full)
+            rows.append([s, *["build failed"] * 4])
+            failures.append(f"{s}: {type(e).__name__}: {e}")
             continue
         cells = []
         for pat in CAB_PATTERNS:
             r = res[pat]
-            cells.append("-" if not r["declared"] else ("pass" if r["ok"] else "FAIL"))
-            failed += r["declared"] and not r["ok"]
-        notes = "; ".join(f"{p}: {r['detail']}" for p, r in res.items() if r["declared"] and not r["ok"])
-        rows.append([s, *cells, notes[:100]])
-    _table("CAB contract (declared patterns, run in float64; '-' = not declared)",
-           ["mixer", "NS", "CS", "NC", "CC", "failures"], rows)
-    return 1 if failed else 0
+            if not r["declared"]:
+                cells.append("-")
+            elif r.get("applicable") is False:
+                cells.append("n/a")
+                not_applicable.append(f"{s} {pat}: {r['detail']}")
+            elif r["ok"]:
+                cells.append("pass")
+            else:
+                cells.append("FAIL")
+                failures.append(f"{s} {pat}: {r['detail']}")
+        rows.append([s, *cells])
+    _table("CAB contract (declared patterns, run in float64; '-' = not declared, n/a = not applicable)",
+           ["mixer", "NS", "CS", "NC", "CC"], rows)
+    for title, lines in (("not applicable", not_applicable), ("failures", failures)):
+        if lines:
+            print(f"{title}:")
+            for line in lines:
+                print(f"  {line}")
+    print(f"{len(slugs)} mixers: {len(failures)} failure(s), {len(not_applicable)} pattern(s) not applicable")
+    return 1 if failures else 0
 
 
 # results -------------------------------------------------------------------------------------
+def _flatten_run(r: dict[str, Any]) -> dict[str, Any]:
+    d = {k: r.get(k) for k in ("id", "kind", "session", "created", "task", "mixer")}
+    for part in ("config", "metrics", "env"):
+        d.update({f"{part}.{k}": _cell(v) for k, v in (r.get(part) or {}).items()})
+    return d
+
+
+def _cell(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v
+
+
+def _export_rows(db: Any, kind: str | None) -> list[dict[str, Any]]:
+    """One row per run (every kind, or ``kind``); for ``kind="speed"`` one row per speed point."""
+    if kind == "speed":
+        rows = []
+        for p in db.speed_points():
+            d = {k: v for k, v in p.items() if k != "detail"}
+            d.update({f"detail.{k}": _cell(v) for k, v in (p.get("detail") or {}).items()})
+            rows.append(d)
+        return rows
+    return [_flatten_run(r) for r in db.runs(kind=kind)]
+
+
+def _write_export(args: argparse.Namespace, db: Any, out: Any) -> int:
+    import csv
+
+    if args.format == "json":
+        runs = [db.run(r["id"]) for r in db.runs(kind=args.kind)]
+        json.dump(runs, out, indent=2, default=str)
+        out.write("\n")
+        return len(runs)
+    rows = _export_rows(db, args.kind)
+    columns: list[str] = []
+    for d in rows:
+        columns += [c for c in d if c not in columns]
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return len(rows)
+
+
+def _export(args: argparse.Namespace, db: Any) -> None:
+    import tempfile
+
+    if args.output in (None, "-"):
+        _write_export(args, db, sys.stdout)
+        return
+    out = os.path.abspath(args.output)
+    if os.path.exists(out) and os.path.samefile(out, db.path) or out == os.path.abspath(db.path):
+        raise ValueError(f"--output: {args.output} is the results store itself; choose another file")
+    folder = os.path.dirname(out)
+    fd, tmp = tempfile.mkstemp(prefix=".attnzoo-export-", dir=folder)
+    try:  # a temporary file renamed over the target: an interrupted export never leaves half a file
+        with os.fdopen(fd, "w", newline="") as f:
+            n = _write_export(args, db, f)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"wrote {n} {'rows' if args.format == 'csv' else 'runs'} to {args.output}", file=sys.stderr)
+
+
+def _show(args: argparse.Namespace, db: Any) -> None:
+    run = db.run(args.id)
+    if args.json:
+        print(json.dumps(run, indent=2, default=str))
+        return
+    rows = [[k, "" if run[k] is None else str(run[k])] for k in ("id", "kind", "session", "created", "task", "mixer")]
+    rows += [[f"config.{k}", json.dumps(v, default=str)] for k, v in run["config"].items()]
+    rows += [[f"metrics.{k}", json.dumps(v, default=str)] for k, v in run["metrics"].items()]
+    rows += [[f"env.{k}", str(v)] for k, v in run["env"].items()]
+    if run["curves"]:
+        names = sorted({c[1] for c in run["curves"]})
+        rows.append(["curves", f"{len(run['curves'])} points: {', '.join(names)}"])
+    _table(f"run {run['id']} ({run['kind']})", ["field", "value"], rows)
+    if run["speed"]:
+        _table(f"speed points of run {run['id']} ({len(run['speed'])})",
+               ["mixer", "N", "mode", "status", "ms", "vs SDPA dense", "peak MiB", "note"],
+               [[p["mixer"], str(p["n"]), p["mode"], p["status"],
+                 "" if p["time_s"] is None else f"{p['time_s'] * 1e3:.2f}",
+                 "" if p["ratio"] is None else f"{p['ratio']:.2f}x",
+                 "" if p.get("peak_bytes") is None else f"{p['peak_bytes'] / 2**20:.1f}",
+                 str((p.get("detail") or {}).get("reason") or (p.get("detail") or {}).get("error") or "")]
+                for p in run["speed"]])
+
+
 def _cmd_results(args: argparse.Namespace) -> int:
     from attnzoo.bench.store import open_store
 
+    if args.results_command == "export":
+        if getattr(args, "csv", False):
+            args.format = "csv"
+        if args.output not in (None, "-"):
+            check_writable("--output", args.output)
     with open_store(args.store, create=False) as db:
         if args.results_command == "list":
             runs = db.runs(kind=args.kind, session=args.session, task=args.task, mixer=args.mixer)
@@ -293,30 +470,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
             _table(f"runs in {db.path} ({len(rows)})",
                    ["id", "kind", "created (UTC)", "session", "task", "mixer", "dim", "lr", "result"], rows)
         elif args.results_command == "show":
-            run = db.run(args.id)
-            if args.json:
-                print(json.dumps(run, indent=2, default=str))
-                return 0
-            rows = [[k, json.dumps(run[k], default=str) if isinstance(run[k], (dict, list)) else str(run[k])]
-                    for k in ("id", "kind", "session", "created", "task", "mixer")]
-            rows += [[f"config.{k}", json.dumps(v, default=str)] for k, v in run["config"].items()]
-            rows += [[f"metrics.{k}", json.dumps(v, default=str)] for k, v in run["metrics"].items()]
-            rows += [[f"env.{k}", str(v)] for k, v in run["env"].items()]
-            rows.append(["curves", f"{len(run['curves'])} points: " + ", ".join(sorted({c[1] for c in run['curves']}))])
-            if run["speed"]:
-                rows.append(["speed", f"{len(run['speed'])} points"])
-            _table(f"run {run['id']}", ["field", "value"], rows)
-            for p in run["speed"]:
-                print(f"  {p['mixer']:>20s} N={p['n']:<6d} {p['mode']:<8s} {p['status']:<8s} "
-                      + ("" if p["time_s"] is None else f"{p['time_s'] * 1e3:10.2f} ms")
-                      + ("" if p["ratio"] is None else f"  {p['ratio']:.2f}x SDPA"))
-        else:  # export
-            if args.output in (None, "-"):
-                n = db.export_csv(sys.stdout, kind=args.kind or "train")
-            else:
-                with open(args.output, "w", newline="") as f:
-                    n = db.export_csv(f, kind=args.kind or "train")
-                print(f"wrote {n} rows to {args.output}", file=sys.stderr)
+            _show(args, db)
+        else:
+            _export(args, db)
     return 0
 
 
@@ -324,18 +480,22 @@ def _add_results(sub: Any) -> None:
     p = sub.add_parser("results", help="the results store: list, show and export runs")
     rsub = p.add_subparsers(dest="results_command", metavar="ACTION", required=True)
     ls = rsub.add_parser("list", help="stored runs")
-    ls.add_argument("--kind", choices=["train", "speed"])
-    ls.add_argument("--session")
-    ls.add_argument("--task")
-    ls.add_argument("--mixer")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--kind", choices=["train", "speed"], help="only runs of this kind (default: every kind)")
+    ls.add_argument("--session", help="only this session (default: all)")
+    ls.add_argument("--task", help="only this task label (default: all)")
+    ls.add_argument("--mixer", help="only this mixer (default: all)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
     show = rsub.add_parser("show", help="one run: configuration, metrics, environment, curves, speed points")
-    show.add_argument("id", type=int)
-    show.add_argument("--json", action="store_true")
-    ex = rsub.add_parser("export", help="export runs as CSV")
-    ex.add_argument("--csv", action="store_true", required=True, help="CSV output (the only format)")
-    ex.add_argument("--kind", choices=["train", "speed"], default="train",
-                    help="train: one row per run; speed: one row per speed point")
+    show.add_argument("id", type=_SIZE, help="run id (attnzoo results list)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    ex = rsub.add_parser("export", help="export runs of every kind as CSV (default) or JSON",
+                         description="CSV: one row per run of every kind (config.*, metrics.*, env.* columns); with "
+                                     "--kind speed one row per speed point. JSON: every run in full, with its "
+                                     "curves and speed points.")
+    ex.add_argument("--format", choices=["csv", "json"], default="csv", help="output format")
+    ex.add_argument("--csv", action="store_true", help=argparse.SUPPRESS)  # the former spelling of --format csv
+    ex.add_argument("--kind", choices=["train", "speed"],
+                    help="only runs of this kind; speed in CSV: one row per speed point (default: every kind)")
     ex.add_argument("--output", "-o", metavar="PATH", help="file to write (default: stdout)")
     for q in (ls, show, ex):
         q.add_argument("--store", metavar="PATH", help="results database (default ./attnzoo-results/results.sqlite)")
@@ -350,6 +510,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from attnzoo.bench.store import DEFAULT_STORE, open_store
 
     store = Path(args.store) if args.store else DEFAULT_STORE
+    out_dir = Path(args.out) if args.out else store.parent / "report"
+    check_writable("--out", out_dir / "report.html", make_folders=True)
     with open_store(store, create=False) as db:
         if args.session and args.session not in db.sessions():
             raise ValueError(f"--session: no session {args.session!r}; stored sessions: {', '.join(db.sessions())}")
@@ -368,10 +530,13 @@ def _add_report(sub: Any) -> None:
     p.set_defaults(func=_guard(_cmd_report))
 
 
-def add_subcommands(sub: Any) -> None:
-    """Add ``compare``, ``train``, ``bench``, ``results`` and ``report`` to the ``attnzoo`` parser."""
-    _add_compare(sub)
-    _add_train(sub)
-    _add_bench(sub)
-    _add_results(sub)
-    _add_report(sub)
+_BUILDERS = {"compare": _add_compare, "train": _add_train, "bench": _add_bench, "results": _add_results,
+             "report": _add_report}
+
+
+def add_subcommands(sub: Any, only: Iterable[str] | None = None) -> None:
+    """Add ``compare``, ``train``, ``bench``, ``results`` and ``report`` (or those in ``only``) to the
+    ``attnzoo`` parser."""
+    for name, builder in _BUILDERS.items():
+        if only is None or name in only:
+            builder(sub)

@@ -125,6 +125,11 @@ def _full() -> Preset:
 PRESETS: dict[str, Callable[[], Preset]] = {"quick": _quick, "zoology": _zoology, "full": _full}
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 mixer``, ``2 mixers``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"preset: unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
@@ -223,9 +228,9 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
     for n in notes:
         say(f"note: {n}")
     n_runs = len(p.settings) * len(chosen) * len(p.dims) * len(p.lrs) * len(p.seeds)
-    say(f"attnzoo compare --preset {p.name}: {len(chosen)} mixers ({', '.join(chosen)}), {len(p.settings)} task "
-        f"settings, {n_runs} training runs" + (f", speed sweep to N={max(p.speed.lengths)}" if p.speed and speed
-                                               else "") + f"; session {session}")
+    sweep = f", speed sweep to N={max(p.speed.lengths)}" if p.speed and speed else ""
+    say(f"attnzoo compare --preset {p.name}: {_count(len(chosen), 'mixer')} ({', '.join(chosen)}), "
+        f"{_count(len(p.settings), 'task setting')}, {_count(n_runs, 'training run')}{sweep}; session {session}")
     try:
         k = 0
         for setting in p.settings:

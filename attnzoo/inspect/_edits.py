@@ -16,6 +16,7 @@ to a model for the duration of a ``with`` block and removes every trace afterwar
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if m is model or not hasattr(m, "config"):
             continue
-        fwd = type(m).forward
+        fwd = inspect.unwrap(type(m).forward)  # through decorators such as transformers' deprecate_kwarg
         code = getattr(fwd, "__code__", None)
         if code is not None and "attention_interface" in code.co_varnames:
             out.append((name, m))

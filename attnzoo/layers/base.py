@@ -238,6 +238,10 @@ class AttentionMixer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and weights ``[B, H, N, M]`` if ``return_weights``).
 
+        ``mask``: bool ``[B, N]``, **True = keep** (a real token), False = padding (as ``KeyPadding``; the
+        opposite of ``nn.MultiheadAttention``'s ``key_padding_mask``); padded positions are not attended to
+        and come out as zeros. ``context_mask``: the same for ``context`` ``[B, M, C]``. ``causal``: position
+        ``i`` sees keys ``<= i``. ``cache``: a :class:`~attnzoo.layers.KVCache` for decoding.
         ``head_mask``: ξ, ``[H]`` or ``[B, H]``, multiplies each head's output before W_O.
         """
         return self.mix(x, mask=mask, causal=causal, context=context, context_mask=context_mask, cache=cache,

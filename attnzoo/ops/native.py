@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -145,6 +146,8 @@ def unavailable(name: str = "gather") -> str | None:
         target = _library_path(name, cxx)
         try:
             if not target.exists():
+                print(f"attnzoo: building the compiled CPU kernels ({name}) for this machine, once: a few seconds "
+                      f"(cached in {target.parent})", file=sys.stderr, flush=True)
                 _build(name, cxx, target)
             _loaded[name] = ctypes.CDLL(str(target))
         except (OSError, RuntimeError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import attnzoo
 from attnzoo.bench import cab
 from attnzoo.cli import main
@@ -36,3 +38,38 @@ def test_registry_entry_and_cli(capsys):
     assert main(["bench", "cab", "--mixers", "mha", "reversed_attention"]) == 0
     out = capsys.readouterr().out
     assert "pass" in out and "reversed_attention" in out
+
+
+def test_grid_and_segment_mixers_get_inputs_they_can_take():
+    """Windows that divide N, segment ids: the mixers that failed on CAB's default inputs."""
+    for slug in ("dilated_neighborhood", "multi_axis", "neighborhood", "swin_window", "segment_mask"):
+        res = cab.check(slug)
+        assert all(r["ok"] or r["applicable"] is False for r in res.values() if r["declared"]), (slug, res)
+    swin = cab.check("swin_window")["CS"]
+    assert swin["ok"] and "prefixes it takes (4, 8 of 12)" in swin["detail"] and "test configuration" in swin["detail"]
+    assert cab.check("segment_mask")["NS"]["ok"]
+
+
+def test_length_dependent_windows_are_not_applicable_with_the_reason():
+    cs = cab.check("neighborhood")["CS"]
+    assert cs["applicable"] is False and cs["ok"] is None
+    assert "no output reads a later token (0.0e+00)" in cs["detail"] and "depends on the length N" in cs["detail"]
+
+
+def test_cli_lists_not_applicable_and_full_failure_text(capsys, monkeypatch):
+    assert main(["bench", "cab", "--mixers", "neighborhood", "swin_window"]) == 0
+    out = capsys.readouterr().out
+    assert "n/a" in out and "not applicable:" in out and "neighborhood CS: no output reads a later token" in out
+    assert "0 failure(s)" in out
+    long = "ValueError: " + "x" * 300 + " END"
+    monkeypatch.setattr(cab, "check", lambda slug: {
+        p: {"declared": True, "applicable": True, "ok": p != "CS", "error": None, "detail": long if p == "CS" else ""}
+        for p in cab.CAB_PATTERNS})
+    assert main(["bench", "cab", "--mixers", "mha"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and f"mha CS: {long}" in out
+
+
+@pytest.mark.slow
+def test_every_registered_mixer_passes_or_is_not_applicable(capsys):
+    assert main(["bench", "cab"]) == 0, capsys.readouterr().out

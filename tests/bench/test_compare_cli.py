@@ -138,9 +138,15 @@ def test_cli_results_and_report(tmp_path, capsys):
     assert "metrics.accuracy" in capsys.readouterr().out
     assert main(["results", "show", "9", "--store", str(path)]) == 0
     assert "oom" in capsys.readouterr().out
-    assert main(["results", "export", "--csv", "--store", str(path)]) == 0
+    assert main(["results", "export", "--store", str(path)]) == 0  # every kind, one row per run, CSV
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == 8 and rows[0]["config.dim"] == "64"
+    assert len(rows) == 9 and rows[0]["config.dim"] == "64"
+    assert [r["kind"] for r in rows].count("train") == 8 and [r["kind"] for r in rows].count("speed") == 1
+    assert main(["results", "export", "--kind", "train", "--store", str(path)]) == 0
+    assert len(list(csv.DictReader(io.StringIO(capsys.readouterr().out)))) == 8
+    assert main(["results", "export", "--format", "json", "--store", str(path)]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert {r["kind"] for r in runs} == {"train", "speed"} and any(r["speed"] for r in runs)
     out = tmp_path / "speed.csv"
     assert main(["results", "export", "--csv", "--kind", "speed", "--store", str(path), "-o", str(out)]) == 0
     assert len(list(csv.DictReader(out.open()))) == 7

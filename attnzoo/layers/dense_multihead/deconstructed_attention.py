@@ -75,7 +75,10 @@ class DeconstructedAttention(AttentionMixer):
             self.static_logits = nn.Parameter(torch.zeros(n_heads, max_len, max_len))
 
     def forward(self, x, *, qk_source: torch.Tensor | None = None, **kw: Any):
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``qk_source`` ``[B, N, qk_dim]`` for ``mode="decoupled_qk"``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``qk_source`` ``[B, N, qk_dim]`` for ``mode="decoupled_qk"``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         if qk_source is not None:
             if self.mode != "decoupled_qk":
                 raise ValueError(f"qk_source: only mode='decoupled_qk' takes it, this layer has mode={self.mode!r}")

@@ -60,7 +60,10 @@ class A2SSM(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if causal or context is not None or cache is not None:
             raise ValueError("causal/context/cache: a2ssm is a non-causal (spatial) self mixer")

@@ -49,7 +49,10 @@ class AgentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None, return_weights: bool = False) -> Any:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and the composite weights ``[B, H, N, N]``)."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (and the composite weights ``[B, H, N, N]``).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if causal or context is not None or cache is not None:
             raise ValueError("causal/context/cache: agent_attention is non-causal self-attention (agents pool "

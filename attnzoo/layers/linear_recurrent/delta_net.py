@@ -80,6 +80,8 @@ class DeltaNet(nn.Module):
                 ) -> torch.Tensor:
         """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal).
 
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+
         ``write`` ``[B, N]`` (0..1, a router's hook) scales each token's write strength β and its
         decay exponent: 0 makes the token an identity step (it only reads).
         """

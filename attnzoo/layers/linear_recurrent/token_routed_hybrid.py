@@ -70,7 +70,10 @@ class TokenRoutedHybrid(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal)."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (always causal).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None:
             raise ValueError("context: token_routed_hybrid is a causal self-attention mixer")

@@ -82,7 +82,10 @@ class GridMixer(MultiHeadAttention):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, cache: Any = None,
                 head_mask: torch.Tensor | None = None, return_weights: bool = False):
-        """``x`` ``[B, *spatial, C]`` -> same shape (and weights ``[B, H, N, N]`` with ``return_weights``)."""
+        """``x`` ``[B, *spatial, C]`` -> same shape (and weights ``[B, H, N, N]`` with ``return_weights``).
+
+        ``mask``: bool ``[B, *spatial]``, True = keep (a real token), False = padding.
+        """
         if context is not None:
             raise ValueError(f"context: {type(self).__name__} is a self-attention grid mixer (no cross-attention)")
         if cache is not None:

@@ -82,7 +82,10 @@ class BlockTransformerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = True,
                 context: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]``."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]``.
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, None, self.dim)
         if context is not None:
             raise ValueError("context: BlockTransformerAttention is a causal self-attention decoder")

@@ -99,7 +99,10 @@ class GraphAttention(MultiHeadAttention):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None, adj: torch.Tensor | None = None,
                 edges: torch.Tensor | None = None, return_weights: bool = False, **kw: Any):
-        """``x`` ``[B, N, C]`` node features -> ``[B, N, C]`` (and weights ``[B, H, N, N]``)."""
+        """``x`` ``[B, N, C]`` node features -> ``[B, N, C]`` (and weights ``[B, H, N, N]``).
+
+        ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
+        """
         check_mixer_input(x, mask, context, self.dim)
         if context is not None or cache is not None:
             raise ValueError("context, cache: GraphAttention is self-attention over one graph")

@@ -57,7 +57,10 @@ class HiLoAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, N, C]`` or ``[B, *spatial, C]`` -> same shape (Hi-Fi channels, then Lo-Fi)."""
+        """``x`` ``[B, N, C]`` or ``[B, *spatial, C]`` -> same shape (Hi-Fi channels, then Lo-Fi).
+
+        ``mask``: bool ``[B, N]`` (``[B, *spatial]`` for grid input), True = keep (a real token), False = padding.
+        """
         if causal or context is not None or cache is not None:
             raise ValueError("causal, context, cache: HiLo attention is non-causal self-attention")
         grid, flat, keep = flatten_grid(x, mask, self.dim)

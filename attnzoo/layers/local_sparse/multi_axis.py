@@ -67,7 +67,10 @@ class MultiAxisAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
-        """``x`` ``[B, *spatial, C]`` -> same shape."""
+        """``x`` ``[B, *spatial, C]`` -> same shape.
+
+        ``mask``: bool ``[B, *spatial]``, True = keep (a real token), False = padding.
+        """
         if causal:
             raise ValueError("causal: MultiAxisAttention (MaxViT) does not support causal attention")
         kw = dict(mask=mask, context=context, cache=cache)

@@ -98,7 +98,10 @@ class PooledKVAttention(MultiHeadAttention):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, cache: Any = None, return_weights: bool = False, **kw: Any):
-        """``x`` ``[B, N, C]`` or ``[B, *spatial, C]`` -> same shape."""
+        """``x`` ``[B, N, C]`` or ``[B, *spatial, C]`` -> same shape.
+
+        ``mask``: bool ``[B, N]`` (``[B, *spatial]`` for grid input), True = keep (a real token), False = padding.
+        """
         if context is not None or cache is not None:
             raise ValueError("context, cache: PooledKVAttention is self-attention without a KV cache")
         grid, flat, keep = flatten_grid(x, mask, self.dim)
