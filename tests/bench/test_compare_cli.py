@@ -119,7 +119,8 @@ def test_report_escapes_and_leaderboard(tmp_path):
         cols, rows = leaderboard(db.runs(kind="train"), db.speed_points())
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<b>x</b>" not in html and "&lt;oom&gt;" in html and "cpu&lt;&amp;&gt;" in html
-    assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc", "fwd+bwd vs SDPA", "memory vs SDPA", "at N"]
+    assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc (learned tasks)", "fwd+bwd vs SDPA causal",
+                    "memory vs SDPA causal", "at N"]
     assert rows[0][1] == "mha" and rows[0][2] == "0.990" and rows[0][4] == "0.50x" and rows[0][6] == "128"
     assert rows[1][2] == "0.300"
     for png in ("accuracy.png", "curves.png", "speed_time.png", "speed_memory.png"):
@@ -214,3 +215,24 @@ def test_report_takes_a_run_without_a_mixer(tmp_path):
         db.add_run(kind="train", task="mqar(x)", session="s", env={"date": "2026-01-01T00:00:00+00:00"},
                    config={"dim": 64}, metrics={"metric": "accuracy", "accuracy": 0.5})
         assert build_report(db, tmp_path / "out").exists()
+
+
+def _run(task: str, mixer: str, acc: float, seed: int = 0) -> dict:
+    return {"task": task, "mixer": mixer, "config": {"dim": 64, "lr": 1e-3, "seed": seed},
+            "metrics": {"metric": "accuracy", "accuracy": acc, "higher_is_better": True}}
+
+
+def test_leaderboard_shows_spread_over_seeds_and_does_not_rank_an_unlearned_task():
+    runs = [_run("mqar(64)", "mha", 0.98, 0), _run("mqar(64)", "mha", 0.94, 1),
+            _run("mqar(64)", "base_conv", 0.30, 0), _run("mqar(64)", "base_conv", 0.20, 1),
+            _run("mqar(128)", "mha", 0.03, 0), _run("mqar(128)", "base_conv", 0.01, 0)]
+    cols, rows = leaderboard(runs, [])
+    assert cols[2] == "mqar(64)" and cols[3] == "mqar(128) (not learned in budget)"
+    assert rows[0][:3] == ["1", "mha", "0.960 ± 0.028"] and rows[0][4] == "0.960"  # mqar(128) not in the mean
+    assert rows[1][:3] == ["2", "base_conv", "0.250 ± 0.071"]
+
+
+def test_leaderboard_ranks_nothing_when_nothing_learned():
+    cols, rows = leaderboard([_run("mqar(128)", "mha", 0.03), _run("mqar(128)", "lightning", 0.001)], [])
+    assert cols[2].endswith("(not learned in budget)")
+    assert [r[0] for r in rows] == ["-", "-"] and all(r[3] == "" for r in rows)
