@@ -125,7 +125,7 @@ def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tup
             _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else ""]))
     rows.sort(key=lambda r: (r[0] is None, -(r[0] or 0.0), r[1]))
     out, rank = [], 0
-    for mean, _ratio_, cells in rows:
+    for mean, _, cells in rows:
         if mean is not None:
             rank += 1
         out.append([str(rank) if mean is not None else "-", *cells])

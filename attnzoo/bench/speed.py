@@ -3,7 +3,8 @@
 For each sequence length ``N`` and mode (``fwd``: forward under ``no_grad``; ``fwd+bwd``:
 forward and backward of the output against a fixed random gradient) every mixer, and the
 baseline ``sdpa_dense`` (an ``mha`` of the same width on the ``sdpa`` backend, no pattern; causal
-when the sweep is causal, so causal mixers are compared with SDPA causal), is timed: ``warmup`` runs first (excluded), then the median of ``repeats`` runs, each
+when the sweep is causal, so causal mixers are compared with SDPA causal), is timed: ``warmup``
+runs first (excluded), then the median of ``repeats`` runs, each
 between device synchronisations. Peak memory is the high-water mark of one run above what was
 allocated before it (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set,
 reset through ``/proc/self/clear_refs`` after returning freed memory with ``malloc_trim``).
