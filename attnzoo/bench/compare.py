@@ -248,7 +248,10 @@ def probe_step_seconds(setting: Setting, mixer: str, kwargs: dict[str, Any], dim
                       batch_size=setting.batch_size, max_steps=PROBE_STEPS, n_train=setting.batch_size, n_test=8,
                       eval_every=10 * PROBE_STEPS, early_stop=None, device=device)
     t0 = time.perf_counter()
-    train(setting.task, cfg, data=data, progress=False)
+    try:
+        train(setting.task, cfg, data=data, progress=False)
+    except (FloatingPointError, RuntimeError):  # a run that diverges fails (and is recorded) in the real loop
+        pass
     return (time.perf_counter() - t0) / PROBE_STEPS
 
 
