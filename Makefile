@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test lint bench setup
+.PHONY: demo test test-hf-floor lint bench setup
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -26,3 +26,22 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_patterns.py
+
+# The Hugging Face tests again in a second environment with the oldest supported transformers
+# (the floor of the `hf` extra in pyproject.toml); `.ci/run` runs it after `make test`.
+FLOOR_PY := .venv-floor/bin/python
+FLOOR_STAMP := .venv-floor/.installed
+TRANSFORMERS_FLOOR = $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml | head -n 1)
+HF_TESTS := tests/look_inside/test_hf.py tests/look_inside/test_hf_matrix.py tests/look_inside/test_hf_integration.py \
+	tests/look_inside/test_metrics_p3.py
+
+$(FLOOR_STAMP): pyproject.toml
+	test -x $(FLOOR_PY) || python3 -m venv .venv-floor
+	$(FLOOR_PY) -m pip install -q --upgrade pip
+	$(FLOOR_PY) -m pip install -q torch==2.13.0
+	$(FLOOR_PY) -m pip install -q -e '.[dev]' 'transformers==$(TRANSFORMERS_FLOOR)'
+	touch $(FLOOR_STAMP)
+
+test-hf-floor: $(FLOOR_STAMP)
+	$(FLOOR_PY) -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)', transformers.__version__"
+	$(FLOOR_PY) -m pytest -q -m "not slow" -p no:cacheprovider $(HF_TESTS)

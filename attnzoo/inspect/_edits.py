@@ -16,7 +16,6 @@ to a model for the duration of a ``with`` block and removes every trace afterwar
 from __future__ import annotations
 
 import contextlib
-import inspect
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,20 +64,13 @@ def _is_hf(model: nn.Module) -> bool:
         model, "set_attn_implementation")
 
 
-def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that call an ``AttentionInterface`` function: they carry ``config`` and a head count."""
-    out = []
-    for name, m in model.named_modules():
-        if m is model or not hasattr(m, "config"):
-            continue
-        fwd = inspect.unwrap(type(m).forward)  # through decorators such as transformers' deprecate_kwarg
-        code = getattr(fwd, "__code__", None)
-        if code is not None and "attention_interface" in code.co_varnames:
-            out.append((name, m))
-    return out
-
-
 def heads_of(m: nn.Module) -> int | None:
+    """The query head count of attention layer ``m`` (seen in its calls for Hugging Face modules)."""
+    from attnzoo.inspect import hf
+
+    seen = hf.probed_heads(m)
+    if seen is not None:
+        return seen
     for attr in ("n_heads", "num_attention_heads", "num_heads"):
         v = getattr(m, attr, None)
         if isinstance(v, int):
@@ -88,12 +80,14 @@ def heads_of(m: nn.Module) -> int | None:
     return v if isinstance(v, int) else None
 
 
-def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def attention_layers(model: nn.Module, example: Any = None) -> list[tuple[str, nn.Module]]:
     """The model's attention layers in module order, as ``(name, module)``.
 
     attnzoo mixers (outermost only: a mixer inside a mixer counts once) or, for Hugging Face
-    models, the modules that dispatch through ``AttentionInterface``. Raises ``TypeError``
-    naming the module types found when there is none.
+    models, the modules that call the ``"attnzoo"`` attention function in a probe forward
+    (:func:`attnzoo.inspect.hf.hf_attention_layers`; ``example`` inputs serve as the probe when
+    none can be built from the config). Raises ``TypeError`` naming the module types found
+    when there is none.
     """
     from attnzoo.layers.base import AttentionMixer
 
@@ -104,9 +98,9 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if found:
         return found
     if _is_hf(model):
-        found = _hf_attention_modules(model)
-        if found:
-            return found
+        from attnzoo.inspect import hf
+
+        return hf.hf_attention_layers(model, example)
     types_found = sorted({type(m).__name__ for m in model.modules()})
     raise TypeError(
         "capture: found no attention layer that attnzoo can capture in "
@@ -219,6 +213,7 @@ def installed(model: nn.Module, edits: dict[int, LayerEdit]) -> Iterator[list[tu
         if hf:
             from attnzoo.inspect import hf as hfmod
 
+            hfmod.check_consistent(model)
             undo.append(hfmod.switch_to_attnzoo(model))
             for i, edit in edits.items():
                 mod = layers[i][1]

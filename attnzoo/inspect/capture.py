@@ -111,7 +111,11 @@ def _check_length(model: nn.Module, inputs: Any) -> None:
         limit = getattr(getattr(model, "trunk", None), "max_len", None)
     if limit is None:
         return
-    t = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if hasattr(inputs, "keys") and hasattr(inputs, "get") and not isinstance(inputs, torch.Tensor):
+        t = inputs.get("input_ids")
+        t = inputs.get("inputs_embeds") if t is None else t
+    else:
+        t = inputs
     if isinstance(t, (tuple, list)) and t:
         t = t[0]
     if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] > limit:
@@ -155,11 +159,11 @@ def capture(model: nn.Module, inputs: Any, what: Sequence[str] | str = ("weights
     bad = [w for w in what if w not in CAPTURABLE]
     if bad:
         raise ValueError(f"what: unknown {bad}; expected some of {CAPTURABLE}")
-    found = attention_layers(model)
+    _check_length(model, inputs)
+    found = attention_layers(model, inputs)
     sel = check_layers(layers, len(found))
     cache = Cache(len(found), sel, [found[i][0] for i in sel], [heads_of(found[i][1]) for i in sel])
     hf = _is_hf(model) and not hasattr(found[0][1], "captured")
-    _check_length(model, inputs)
     keep_weights = "weights" in what
     checked = {"done": False}
 

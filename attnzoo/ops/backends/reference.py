@@ -33,15 +33,12 @@ class Reference(Backend):
         if p.score_mod is not None:
             scores = p.score_mod(scores, b, h, qi, kvi, p.shape)
         if p.pattern is not None:
-            allowed = p.pattern.dense_mask(p.shape, q.device)
-            row_any = allowed.any(-1, keepdim=True)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            # Fully masked rows: softmax over zeros, then zeroed, so no NaN in values or gradients.
-            scores = torch.where(row_any, scores, torch.zeros_like(scores))
-            weights = torch.softmax(scores, dim=-1) * row_any
-            lse = torch.where(row_any[..., 0], torch.logsumexp(scores, dim=-1), float("-inf"))
-        else:
-            weights = torch.softmax(scores, dim=-1)
-            lse = torch.logsumexp(scores, dim=-1)
+            scores = scores.masked_fill(~p.pattern.dense_mask(p.shape, q.device), float("-inf"))
+        # A row that sees no key (masked by the pattern, a -inf bias or a score_mod returning -inf): softmax
+        # over zeros, then zeroed, so the row and its gradients are zeros, never NaN.
+        row_any = (scores != float("-inf")).any(-1, keepdim=True)
+        scores = torch.where(row_any, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+        weights = torch.softmax(scores, dim=-1) * row_any
+        lse = torch.where(row_any[..., 0], torch.logsumexp(scores, dim=-1), float("-inf"))
         out = torch.matmul(weights, v).to(p.q.dtype)
         return Result(out, weights.to(p.q.dtype) if p.return_weights else None, lse if p.return_lse else None)

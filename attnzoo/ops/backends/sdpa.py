@@ -71,6 +71,10 @@ class SDPA(Backend):
             zero = torch.zeros((), dtype=p.q.dtype, device=p.q.device)
             bias = p.score_mod(zero, b, h, qi, kvi, p.shape)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+            # rows the bias leaves without a key attend everywhere (no kernel NaN), then are zeroed below
+            bias_any = (mask != float("-inf")).any(-1, keepdim=True)
+            mask = torch.where(bias_any, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+            row_any = bias_any if row_any is None else row_any & bias_any
         out = F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=mask, scale=p.scale, enable_gqa=gqa)
         if row_any is not None:
             out = out * row_any.to(out.dtype)
