@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from attnzoo import registry
 from attnzoo.registry import Spec
+
+if TYPE_CHECKING:  # torch is imported where a builder runs: the CLI lists the checks without it
+    import torch
+    from torch import nn
 
 __all__ = [
     "CHANNEL", "CONTRACTS", "Contract", "DIM", "HEADS", "POOLER", "STEERING", "TOKEN_MIXER", "VOCAB", "build",
@@ -114,6 +115,8 @@ def specs_of(contract: Contract) -> list[Spec]:
 def build_entry(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[nn.Module, nn.Module]:
     """(the module the suite runs, the entry's own module), seeded: equal except for a hosted entry,
     which runs inside a host ``mha`` (``backend="reference"`` when ``reference``)."""
+    import torch
+
     from attnzoo.layers import MultiHeadAttention
 
     torch.manual_seed(seed)
@@ -141,14 +144,19 @@ def build_pair(spec: Spec, seed: int = 0) -> tuple[nn.Module, nn.Module]:
 
 
 # Inputs ---------------------------------------------------------------------------------------
-def inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Token-mixer input ``[b, n, DIM]``."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, n, DIM, generator=g, dtype=torch.float64).to(dtype)
 
 
 def pad_mask(b: int = 2, n: int = 12) -> torch.Tensor:
     """Keep-mask ``[b, n]``: element 0 loses its last 4 tokens, element 1 its last one."""
+    import torch
+
     keep = torch.ones(b, n, dtype=torch.bool)
     keep[0, n - 4:] = False
     keep[1, n - 1:] = False
@@ -157,31 +165,41 @@ def pad_mask(b: int = 2, n: int = 12) -> torch.Tensor:
 
 def tokens(b: int = 2, n: int = 12, seed: int = 0) -> torch.Tensor:
     """Token ids ``[b, n]`` for a steering entry's host model."""
+    import torch
+
     return torch.randint(0, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-def grid_inputs(grid: tuple[int, ...], b: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def grid_inputs(grid: tuple[int, ...], b: int = 2, seed: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Channels-last grid input ``[b, *grid, DIM]``."""
+    import torch
+
+    dtype = torch.float64 if dtype is None else dtype
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, *grid, DIM, generator=g, dtype=torch.float64).to(dtype)
 
 
 def grid_mask(grid: tuple[int, ...], b: int = 2) -> torch.Tensor:
     """Keep-mask ``[b, *grid]``: element 0 loses its last row, element 1 its last 3 tokens."""
+    import torch
+
     keep = torch.ones(b, *grid, dtype=torch.bool)
     keep[0, -1] = False
     keep[1].view(-1)[-3:] = False
     return keep
 
 
-def pooler_inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype = torch.float32
+def pooler_inputs(b: int = 2, n: int = 12, seed: int = 0, dtype: torch.dtype | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """A pooler's input: tokens ``[b, n, DIM]`` and the keep-mask :func:`pad_mask`."""
     return inputs(b, n, seed, dtype), pad_mask(b, n)
 
 
 def channel_inputs(b: int = 2, hw: tuple[int, int] = (6, 8), seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """A channel module's input: a feature map ``[b, DIM, H, W]``."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, DIM, *hw, generator=g, dtype=torch.float64).to(dtype)

@@ -95,13 +95,14 @@ class Spec:
             "complexity": self.complexity, "backends": builtins.list(self.backends), "reference": self.reference,
             "reductions": [{"name": r.name, "description": r.description} for r in self.reductions],
             "aliases": builtins.list(self.aliases), "arguments": self.accepted_arguments(), "summary": self.summary,
+            "class": f"{self.factory.__module__}.{self.factory.__qualname__}" if inspect.isclass(self.factory) else "",
         }
 
 
 def class_arguments(cls: type) -> builtins.list[str]:
     """The arguments ``cls(...)`` accepts: its ``__init__``'s, then (while an ``__init__`` passes
     ``**kwargs`` on) its base classes', less ``cls.refused_arguments``."""
-    from torch import nn  # a registered class is a module: torch is already imported
+    from torch import nn  # not at import time: the CLI lists the registry without importing torch
 
     names: builtins.list[str] = []
     for klass in cls.__mro__:
@@ -219,7 +220,24 @@ def create(slug: str, *args: Any, **kwargs: Any) -> nn.Module:
     clash = sorted(set(kwargs) & set(preset))
     if clash:
         raise TypeError(f"{slug}: argument(s) {clash} are fixed by the alias {slug!r} ({preset})")
-    return s.factory(*args, **preset, **kwargs)
+    built = s.factory(*args, **preset, **kwargs)
+    import torch  # imported by the factory already; the registry itself does not import torch
+
+    if s.type in _MODULE_TYPES and isinstance(built, torch.nn.Module):
+        built.register_forward_pre_hook(_check_module_input, with_kwargs=True)
+    return built
+
+
+# Entry types whose built module takes its input tensor first: checked before every forward.
+_MODULE_TYPES = ("mixer", "pattern", "memory", "pooler", "channel")
+
+
+def _check_module_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The input contract of every module entry: ``x`` a non-empty floating tensor of the module's dtype
+    (a clear error naming ``x`` instead of an error from deep inside the module)."""
+    from attnzoo.layers.base import check_input_tensor
+
+    check_input_tensor(args[0] if args else kwargs.get("x"), module=module, decoding=kwargs.get("cache") is not None)
 
 
 def list(family: str | None = None, type: str | None = None, priority: int | None = None) -> builtins.list[Spec]:  # noqa: A001

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh local         # triton vs flex vs SDPA on windows / neighbourhoods
 #   bash benchmarks/gpu_session.sh local-sweep   # the same with a sweep over tile configurations
 #   bash benchmarks/gpu_session.sh linear        # Triton chunked linear attention vs fla and SDPA
+#   bash benchmarks/gpu_session.sh ring          # ring attention over NCCL, 1/2/4/8 processes (one GPU each)
 #
 # Logs (and JSON rows) go to $OUT when it is set (the device tool's output folder), else ./gpu-out.
 # Runs from a checkout without installing it (PYTHONPATH), with whatever torch/triton the machine has.
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear}"
+stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear|ring}"
 
 {
     date -u '+%Y-%m-%d %H:%M UTC'
@@ -33,7 +34,11 @@ case "$stage" in
             | tee "$out/triton-local-sweep.log" ;;
     linear)
         python benchmarks/bench_triton_linear.py 2>&1 | tee "$out/triton-linear.log" ;;
+    ring)
+        # Configurations with more processes than GPUs are skipped (NCCL: one GPU per process).
+        python benchmarks/bench_ring.py --device cuda --n 131072 --heads 8 --dim 128 --procs 1 2 4 8 \
+            --window-ns 131072 524288 --repeats 5 --timeout 500 --json "$out/ring.json" 2>&1 | tee "$out/ring.log" ;;
     *)
-        echo "unknown stage: $stage (expected tests, local, local-sweep or linear)" >&2
+        echo "unknown stage: $stage (expected tests, local, local-sweep, linear or ring)" >&2
         exit 2 ;;
 esac

@@ -300,7 +300,7 @@ def test_backends_match_reference(name, backend, mod, qkv, randn, fwd_bwd, tol, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tiled_fused_and_unfused_forward_agree(dtype, monkeypatch, no_tile_kernel):
     """The fused (flash kernel) forward of the PyTorch tiled path equals its unfused forward."""
-    from attnzoo.ops.backends import blocksparse as bs
+    from attnzoo.ops.backends import blocksparse_tiles as bs
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 96, 16, generator=g, dtype=dtype) for _ in range(3))
@@ -323,7 +323,7 @@ def test_tiled_fused_and_unfused_forward_agree(dtype, monkeypatch, no_tile_kerne
 def test_tiled_fused_backward_of_permuted_plans(pat, fused_path, monkeypatch, no_tile_kernel):
     """Permuted block-diagonal plans (not shifted windows) take the fused CPU flash backward; both backwards equal
     the float64 reference (GQA, gradients of q, k, v)."""
-    from attnzoo.ops.backends import blocksparse as bs
+    from attnzoo.ops.backends import blocksparse_tiles as bs
 
     g = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(2, h, 96, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))

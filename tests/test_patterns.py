@@ -435,11 +435,13 @@ def test_sdpa_hint():
 
 
 def test_alibi_slopes():
-    torch.testing.assert_close(P.alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]), rtol=0, atol=0)
-    torch.testing.assert_close(P.alibi_slopes(16), torch.tensor([2.0 ** (-i / 2) for i in range(1, 17)]))
+    f64 = {"dtype": torch.float64}  # built in float64: each call rounds them once to its own dtype
+    torch.testing.assert_close(P.alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)], **f64), rtol=0,
+                               atol=0)
+    torch.testing.assert_close(P.alibi_slopes(16), torch.tensor([2.0 ** (-i / 2) for i in range(1, 17)], **f64))
     # Not a power of two: the 4-head slopes, then every other 8-head slope (the paper's rule).
     want6 = [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
-    torch.testing.assert_close(P.alibi_slopes(6), torch.tensor(want6), rtol=0, atol=0)
+    torch.testing.assert_close(P.alibi_slopes(6), torch.tensor(want6, **f64), rtol=0, atol=0)
     assert torch.equal(P.ALiBi(8).slopes, P.alibi_slopes(8))
 
 

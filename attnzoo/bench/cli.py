@@ -168,10 +168,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(mixer=args.mixer, mixer_kwargs=dict(args.mixer_arg or []), dim=args.dim, n_layers=args.layers,
                       positional=args.positional, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                       max_steps=args.max_steps, n_train=args.n_train, n_test=args.n_test, eval_every=args.eval_every,
-                      early_stop=None if args.no_early_stop else 0.99, seed=args.seed, device=args.device)
+                      early_stop=None if args.no_early_stop else 0.99, seed=args.seed, device=args.device,
+                      context_parallel=args.context_parallel)
     from attnzoo.bench.models import check_mixer
 
     check_mixer(cfg.mixer, task.needs(), what=f"task {task.label()}")  # before touching the store
+    if cfg.context_parallel > 1:
+        from attnzoo.parallel.layout import check_length
+
+        check_length(task.seq_len, cfg.context_parallel, cfg.context_layout, "--context-parallel: the task's seq_len")
+        world = os.environ.get("WORLD_SIZE")  # set by torchrun; without it train() says what is missing
+        if world is not None and int(world) % cfg.context_parallel:
+            raise ValueError(f"--context-parallel: {cfg.context_parallel} must divide the number of processes, got "
+                             f"{world} (torchrun --nproc_per_node)")
     check_device("--device", args.device)
     if not args.no_store:
         check_writable("--store", args.store, make_folders=True)
@@ -241,6 +250,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--no-early-stop", action="store_true", help="do not stop once the test accuracy exceeds 0.99")
     p.add_argument("--seed", type=seed_int, default=0, help="model seed, in [0, 2**63 - 1]")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--context-parallel", type=_SIZE, default=1, metavar="P",
+                   help="split each sequence across P processes with ring attention (under torchrun; P must divide "
+                        "the number of processes, data parallel across the groups; language-model tasks, mha "
+                        "mixers)")
     p.add_argument("--threads", type=threads_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--store", metavar="PATH", help="results database (default ./attnzoo-results/results.sqlite)")
     p.add_argument("--no-store", action="store_true", help="do not record the run")
@@ -409,8 +422,7 @@ def _export(args: argparse.Namespace, db: Any) -> None:
         _write_export(args, db, sys.stdout)
         return
     out = os.path.abspath(args.output)
-    if os.path.exists(out) and os.path.samefile(out, db.path) or out == os.path.abspath(db.path):
-        raise ValueError(f"--output: {args.output} is the results store itself; choose another file")
+    db.refuse_as_output(out)  # the store itself, a link to it, or its journals
     folder = os.path.dirname(out)
     fd, tmp = tempfile.mkstemp(prefix=".attnzoo-export-", dir=folder)
     try:  # a temporary file renamed over the target: an interrupted export never leaves half a file
@@ -455,7 +467,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
             args.format = "csv"
         if args.output not in (None, "-"):
             check_writable("--output", args.output)
-    with open_store(args.store, create=False) as db:
+    with open_store(args.store, readonly=True) as db:
         if args.results_command == "list":
             runs = db.runs(kind=args.kind, session=args.session, task=args.task, mixer=args.mixer)
             if args.json:
@@ -516,7 +528,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     store = Path(args.store) if args.store else DEFAULT_STORE
     out_dir = Path(args.out) if args.out else store.parent / "report"
     check_writable("--out", out_dir / "report.html", make_folders=True)
-    with open_store(store, create=False) as db:
+    with open_store(store, readonly=True) as db:
         if args.session and args.session not in db.sessions():
             raise ValueError(f"--session: no session {args.session!r}; stored sessions: {', '.join(db.sessions())}")
         out = args.out or store.parent / "report"

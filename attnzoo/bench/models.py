@@ -182,14 +182,20 @@ class _Trunk(nn.Module):
         zoology_init(self, len(self.blocks))
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        from attnzoo.parallel import current, positions
+
         n = inputs.shape[1]
-        if n > self.max_len:
-            raise ValueError(f"inputs: length {n} exceeds the model's max_len={self.max_len}")
+        sharding = current()  # inputs are this process's shard of the sequence: embed the global positions
+        total = n * sharding.world_size if sharding is not None else n
+        if total > self.max_len:
+            raise ValueError(f"inputs: length {total} exceeds the model's max_len={self.max_len}")
+        pos = slice(0, n) if sharding is None else positions(total, sharding.layout, rank=sharding.rank,
+                                                              world_size=sharding.world_size, device=inputs.device)
         x = self.embed(inputs)
         if self.positional == "learned":
-            x = x + self.pos.weight[:n]
+            x = x + self.pos.weight[pos]
         elif self.positional == "sinusoidal":
-            x = x + self.pos_table[:n].to(x.dtype)
+            x = x + self.pos_table[pos].to(x.dtype)
         x = self.embed_drop(x)
         for b in self.blocks:
             x = b(x, mask=mask, causal=causal)

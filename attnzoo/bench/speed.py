@@ -308,8 +308,16 @@ def run_speed(cfg: SpeedConfig, *, progress: bool = True, log: Callable[[str], N
     total = len(names) * len(cfg.lengths) * len(cfg.modes)
     with progress_bar(total, "speed sweep", enabled=progress) as bar:
         for n in sorted(cfg.lengths):
-            g = torch.Generator().manual_seed(cfg.seed + n)
-            x = torch.randn(cfg.batch, n, cfg.dim, generator=g).to(device=device, dtype=dtype)
+            x, why = _inputs(cfg, n, device, dtype)
+            if x is None:  # the inputs alone cannot be allocated: every point at this length is oom
+                for name in names:
+                    for mode in cfg.modes:
+                        bar.update(1, f"{name} N={n} {mode}")
+                        points.append(_point(name, n, mode, "oom", detail={
+                            "causal": modules.get(name, (None, cfg.causal))[1], "batch": cfg.batch, "dim": cfg.dim,
+                            "dtype": cfg.dtype, "device": str(device), "reason": why}))
+                say(f"  N={n}: {why}")
+                continue
             for name in names:
                 flops = None
                 for mode in cfg.modes:
@@ -365,6 +373,27 @@ def run_speed(cfg: SpeedConfig, *, progress: bool = True, log: Callable[[str], N
     order = {name: i for i, name in enumerate(names)}
     points.sort(key=lambda p: (order[p["mixer"]], p["n"], cfg.modes.index(p["mode"])))
     return points
+
+
+def _inputs(cfg: SpeedConfig, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, str]:
+    """The sweep's input ``[batch, n, dim]`` at length ``n``, or None and why when it cannot be allocated: its
+    size (with the float32 draw it is made from) is over the free memory share, or the allocation fails."""
+    elements = cfg.batch * n * cfg.dim
+    need = elements * (4 + (torch.finfo(dtype).bits // 8 if (device.type != "cpu" or dtype != torch.float32) else 0))
+    avail = _available_bytes(device)
+    host = _available_bytes(torch.device("cpu"))
+    limit = min(a for a in (avail, host) if a is not None) if (avail, host) != (None, None) else None
+    if limit is not None and need > cfg.memory_fraction * limit:
+        return None, (f"the inputs [{cfg.batch}, {n}, {cfg.dim}] need {need / 2**30:.1f} GiB > "
+                      f"{cfg.memory_fraction:g} x free {limit / 2**30:.1f} GiB; not run")
+    try:
+        g = torch.Generator().manual_seed(cfg.seed + n)
+        return torch.randn(cfg.batch, n, cfg.dim, generator=g).to(device=device, dtype=dtype), ""
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        _free(device)
+        return None, f"allocating the inputs [{cfg.batch}, {n}, {cfg.dim}] failed: {str(e).splitlines()[0][:200]}"
 
 
 def _free(device: torch.device) -> None:

@@ -10,7 +10,11 @@ cross-entropy over the labelled positions only (the same value as Zoology's cros
 Runs on CPU, on CUDA when there is a device. Under ``torchrun`` (``WORLD_SIZE > 1``) the model
 is wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA): each rank takes its share
 of every global batch and of the test set, and the metrics are all-reduced, so a run on N
-processes follows the same schedule as on one.
+processes follows the same schedule as on one. With ``context_parallel = P > 1`` (a language-model task, a
+plain ``mha`` mixer) the processes form groups of ``P`` consecutive ranks that split each sequence
+(:func:`attnzoo.parallel.sequence_sharded`, ring attention): context parallel inside a group, data parallel
+across the groups; the loss and gradients are those of the run on one process. Evaluation runs whole
+sequences.
 """
 
 from __future__ import annotations
@@ -62,9 +66,15 @@ class TrainConfig:
     seed: int = 0
     data_seed: int = 0
     device: str = "auto"
+    context_parallel: int = 1           # processes that split each sequence (ring attention); 1: none
+    context_layout: str = "zigzag"      # how they split it (attnzoo.parallel.LAYOUTS)
 
     def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "batch_size", "epochs", "n_train", "n_test"):
+        from attnzoo.parallel import LAYOUTS
+
+        if self.context_layout not in LAYOUTS:
+            raise ValueError(f"context_layout: expected one of {LAYOUTS}, got {self.context_layout!r}")
+        for name in ("dim", "n_layers", "batch_size", "epochs", "n_train", "n_test", "context_parallel"):
             check_int(name, getattr(self, name))
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ValueError(f"lr: expected a finite positive number, got {self.lr!r}")
@@ -206,6 +216,46 @@ def _forward(model: nn.Module, task: Task, batch: TaskData) -> tuple[torch.Tenso
     return model(batch.inputs, mask=batch.mask), batch.labels
 
 
+def _context_group(rank: int, world: int, cp: int) -> Any:
+    """The process group of this rank's ``cp`` consecutive ranks (every rank creates every group)."""
+    groups = [torch.distributed.new_group(list(range(start, start + cp))) for start in range(0, world, cp)]
+    return groups[rank // cp]
+
+
+def _check_context_parallel(model: nn.Module, task: Task, cfg: TrainConfig, seq_len: int, world: int) -> None:
+    from attnzoo.bench.models import Block
+    from attnzoo.parallel.layout import check_length
+
+    cp = cfg.context_parallel
+    if world % cp:
+        raise ValueError(f"context_parallel: {cp} must divide the number of processes, got {world} process(es)")
+    if task.kind != "lm":
+        raise ValueError(f"context_parallel: splitting the sequence needs a language-model task, {task.label()} is "
+                         f"a {task.kind} task")
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        reason = getattr(block.mixer, "sequence_sharding_reason", lambda: "it is not an attention mixer")()
+        if reason is not None:
+            raise ValueError(f"context_parallel: mixer {cfg.mixer!r} cannot run with its sequence split: {reason}")
+    check_length(seq_len, cp, cfg.context_layout, "seq_len")
+
+
+def _sharded_forward_loss(net: nn.Module, batch: TaskData, group: Any, cfg: TrainConfig) -> torch.Tensor:
+    """This process's share of the language-model loss of ``batch`` with the sequence split across ``group``:
+    its summed cross-entropy times the group size over the group's labelled positions, so that the gradients
+    averaged over the processes are those of the mean over the whole batch."""
+    from attnzoo.parallel import sequence_sharded, shard
+
+    with sequence_sharded(group, cfg.context_layout) as where:
+        inputs, labels = (shard(t, 1, where.layout, rank=where.rank, world_size=where.world_size)
+                          for t in (batch.inputs, batch.labels))
+        select = labels != IGNORE
+        out = net(inputs, select=select)
+    count = select.sum().double().reshape(1)
+    torch.distributed.all_reduce(count, group=group)
+    total = F.cross_entropy(out.float(), labels[select], reduction="sum")
+    return total * cfg.context_parallel / count.clamp(min=1).to(total.dtype)
+
+
 def _loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if task.kind == "regress":
         return F.mse_loss(out.float(), target.float())
@@ -262,10 +312,17 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
     torch.manual_seed(cfg.seed)
     model = build_model(task, cfg.mixer, **model_kwargs)  # raises before any data or training work
     rank, world, local_rank = dist_info()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by the world size {world}")
+    cp = cfg.context_parallel
+    dp, dp_rank = max(world // cp, 1), rank // cp  # data-parallel replicas, each splitting its sequences
+    if cfg.batch_size % dp:
+        raise ValueError(f"batch_size: {cfg.batch_size} must be divisible by the number of data-parallel "
+                         f"replicas {dp} ({world} process(es) / context_parallel {cp})")
     device = pick_device(cfg.device, local_rank)
     train_data, test_data = data if data is not None else task.splits(cfg.n_train, cfg.n_test, cfg.data_seed)
+    context_group = None
+    if cp > 1:
+        _check_context_parallel(model, task, cfg, int(train_data.inputs.shape[1]), world)
+        context_group = _context_group(rank, world, cp)
     model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     net: nn.Module = model
@@ -275,7 +332,7 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # as Zoology: all params
     total_steps, per_eval = cfg.total_steps(), cfg.steps_per_eval()
-    local_bs = cfg.batch_size // world
+    local_bs = cfg.batch_size // dp
     curves: list[tuple[int, str, float]] = []
     best, last_eval, stopped_early, stopped_by_time = None, None, False, False
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
@@ -293,13 +350,16 @@ def train(task: Task, cfg: TrainConfig, *, data: tuple[TaskData, TaskData] | Non
                 cursor, epoch = 0, epoch + 1
                 if len(order) < cfg.batch_size:
                     order = order.repeat(math.ceil(cfg.batch_size / max(1, len(order))))
-            idx = order[cursor:cursor + cfg.batch_size][rank::world]
+            idx = order[cursor:cursor + cfg.batch_size][dp_rank::dp]
             cursor += cfg.batch_size
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _cosine(step, total_steps, cfg.warmup_steps)
             batch = train_data.subset(idx).to(device)
-            out, target = _forward(net, task, batch)
-            loss = _loss(task, out, target)
+            if context_group is not None:
+                loss = _sharded_forward_loss(net, batch, context_group, cfg)
+            else:
+                out, target = _forward(net, task, batch)
+                loss = _loss(task, out, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

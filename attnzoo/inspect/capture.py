@@ -155,6 +155,8 @@ def capture(model: nn.Module, inputs: Any, what: Sequence[str] | str = ("weights
     ``detach=False`` keeps the autograd graph (for gradients through the captured tensors).
     Extra keyword arguments go to the model's forward.
     """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes: expected an integer number of bytes >= 0, got {max_bytes!r}")
     what = (what,) if isinstance(what, str) else tuple(what)
     bad = [w for w in what if w not in CAPTURABLE]
     if bad:

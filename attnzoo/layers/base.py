@@ -21,6 +21,8 @@ from torch import nn
 from attnzoo.layers.cache import KVCache, window_of
 from attnzoo.ops import attention
 from attnzoo.ops.backends import BACKENDS
+from attnzoo.parallel import current as current_sharding
+from attnzoo.parallel import ring_attention, unshard
 from attnzoo.patterns import And, Causal, KeyPadding
 
 __all__ = ["AttentionMixer", "Call", "MultiHeadAttention", "check_int", "check_choice", "build_pattern"]
@@ -67,13 +69,36 @@ def load_shared(src: nn.Module, dst: nn.Module) -> nn.Module:
     return dst
 
 
+def check_input_tensor(x: Any, name: str = "x", *, module: nn.Module | None = None, decoding: bool = False) -> None:
+    """``x`` is a non-empty floating tensor (``decoding``: a step with a cache, which may hold no new token), of the
+    dtype of ``module``'s parameters when given (unless autocast is on): else a ``TypeError`` / ``ValueError``
+    naming ``name`` with the expected and actual values."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating tensor (float32, float64, float16, bfloat16), got {x.dtype} "
+                        f"of shape {list(x.shape)}")
+    empty = x.dim() == 0 or x.shape[0] == 0 if decoding else x.numel() == 0
+    if empty:
+        what = "one batch element" if decoding else "one batch element and one token"
+        raise ValueError(f"{name}: expected a non-empty tensor (at least {what}), got shape {list(x.shape)}")
+    if module is not None and not torch.is_autocast_enabled(x.device.type):
+        own = next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), None)
+        if own is not None and own != x.dtype:
+            raise TypeError(f"{name}: expected dtype {own} (the dtype of the module's parameters), got {x.dtype}; "
+                            f"convert one of them (x.to({own}) or module.to({x.dtype}))")
+
+
 def check_mixer_input(
-    x: torch.Tensor, mask: torch.Tensor | None, context: torch.Tensor | None, dim: int
+    x: torch.Tensor, mask: torch.Tensor | None, context: torch.Tensor | None, dim: int,
+    module: nn.Module | None = None, decoding: bool = False,
 ) -> None:
-    """Validate ``x`` ``[B, N, dim]``, ``mask`` bool ``[B, N]`` and ``context`` ``[B, M, *]``."""
+    """Validate ``x`` ``[B, N, dim]`` (floating, B >= 1; N >= 1 and the dtype of ``module``'s parameters when
+    ``module`` is given and not ``decoding``), ``mask`` bool ``[B, N]`` and ``context`` ``[B, M, *]``."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected a tensor [B, N, {dim}], got {got}")
+    check_input_tensor(x, module=module, decoding=decoding or module is None)  # no module: a cache may be in use
     if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
         raise ValueError(
             f"mask: expected a bool tensor [{x.shape[0]}, {x.shape[1]}], got {mask.dtype} {list(mask.shape)}"
@@ -205,16 +230,59 @@ class AttentionMixer(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Any,
                want_weights: bool, call: Call | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sharding = current_sharding()
+        if sharding is not None:  # q, k, v are this process's shards; pattern is the whole sequence's
+            z = ring_attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k, call=call),
+                               scale=self.attention_scale(q), group=sharding.group, layout=sharding.layout)
+            return z, None
         res = attention(q, k, v, pattern=pattern, score_mod=self.score_mod_for(q, k, call=call),
                         scale=self.attention_scale(q), backend=self.backend if not want_weights else "reference",
                         return_weights=want_weights)
         return (res[0], res[1]) if want_weights else (res, None)
 
+    def sequence_sharding_reason(self) -> str | None:
+        """Why this mixer cannot run with its sequence sharded (:func:`attnzoo.parallel.sequence_sharded`), or
+        None: it must be a plain :class:`MultiHeadAttention` (any pattern, score modifier, GQA, rotary
+        embedding), whose only exchange between tokens is the attention itself."""
+        cls = type(self)
+        same = (cls.forward is AttentionMixer.forward and cls.attend is AttentionMixer.attend
+                and cls.post_attention is AttentionMixer.post_attention and isinstance(self, MultiHeadAttention)
+                and cls.project is MultiHeadAttention.project and cls.output is MultiHeadAttention.output)
+        if not same:
+            return (f"{cls.__name__} changes the attention of MultiHeadAttention (its own project, output, "
+                    "post_attention or attend), so it cannot run with its sequence sharded")
+        if self.score_mod is not None and hasattr(self.score_mod, "from_qk"):
+            return f"its score modifier {type(self.score_mod).__name__} is built from q and k on each call"
+        return None
+
+    def _sharded_call(self, sharding: Any, context: torch.Tensor | None, cache: Any, want: bool) -> None:
+        reason = self.sequence_sharding_reason()
+        if reason is None and (context is not None or cache is not None or want):
+            reason = "cross-attention, a KV cache, return_weights and capture need the whole sequence"
+        if reason is not None:
+            raise ValueError(f"sequence_sharded: {type(self).__name__} cannot run here: {reason}")
+
+    def _sharded_qk(self, q: torch.Tensor, k: torch.Tensor, sharding: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q-k transform (rotary) at the global positions of this process's shard."""
+        from attnzoo.parallel import positions
+
+        n = q.shape[2] * sharding.world_size
+        if sharding.layout == "contiguous":
+            start = sharding.rank * q.shape[2]
+            return self.qk_transform(q, k, q_offset=start, k_offset=start)
+        pos = positions(n, sharding.layout, rank=sharding.rank, world_size=sharding.world_size, device=q.device)
+        try:
+            return self.qk_transform(q, k, q_pos=pos, k_pos=pos)
+        except TypeError:
+            raise ValueError(f"sequence_sharded: the zigzag layout needs a q-k transform that takes positions "
+                             f"(q_pos=, k_pos=), {type(self.qk_transform).__name__} does not; use the contiguous "
+                             "layout") from None
+
     # Forward -------------------------------------------------------------------------------
     def check_call(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, context: torch.Tensor | None,
                    cache: Any) -> None:
         """Validate the arguments of :meth:`forward` (shapes, and what this mixer supports)."""
-        check_mixer_input(x, mask, context, self.dim)
+        check_mixer_input(x, mask, context, self.dim, module=self, decoding=cache is not None)
         if causal and not self.causal_ok:
             raise ValueError(f"causal: {type(self).__name__} does not support causal attention")
         if context is not None and not self.cross_ok:
@@ -266,6 +334,9 @@ class AttentionMixer(nn.Module):
         entry-specific values ``extra``, all handed to the hooks in the :class:`Call`."""
         self.check_call(x, mask, causal, context, cache)
         check_context(context, context_mask, self.context_width)
+        sharding = current_sharding()
+        if sharding is not None:
+            self._sharded_call(sharding, context, cache, return_weights or self.capture)
         src = x if context is None else context
         keep = mask if context is None else context_mask
         call = Call(x=x, src=src, mask=mask, kv_keep=keep, causal=causal, cache=cache,
@@ -274,7 +345,13 @@ class AttentionMixer(nn.Module):
         q, k, v = self.project(x, src, call=call)
         pos = cache.position if cache is not None else 0
         if self.qk_transform is not None and context is None:
-            q, k = self.qk_transform(q, k, q_offset=pos, k_offset=pos)
+            if sharding is not None:
+                q, k = self._sharded_qk(q, k, sharding)
+            else:
+                q, k = self.qk_transform(q, k, q_offset=pos, k_offset=pos)
+        if sharding is not None and keep is not None:  # the key padding of the whole sequence
+            keep = unshard(keep, 1, sharding.layout, group=sharding.group)
+            call = replace(call, kv_keep=keep)
         if cache is not None:
             k, v, keep = cache.append(k, v, keep)
             call = replace(call, kv_keep=keep)

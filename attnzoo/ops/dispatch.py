@@ -89,10 +89,11 @@ def _choose(p: Problem) -> Explanation:
     return Explanation(name, dict(sorted(reasons.items())), fraction, path)
 
 
-# Validated calls seen recently: a repeated call (same pattern object, shapes, dtypes, devices
-# and grad mode) skips validation and dispatch. Entries hold the pattern and score modifier,
-# so the ids in a key cannot be reused by other objects while the entry lives.
-_MEMO: OrderedDict[tuple, tuple[Callable[..., Result], Any, Any]] = OrderedDict()
+# Validated calls seen recently: a repeated call (same pattern object with the same data, shapes,
+# dtypes, devices and grad mode) skips validation and dispatch. Entries hold the pattern, the score
+# modifier and the tensors they read, so the ids in a key cannot be reused by other objects while the
+# entry lives; a tensor of the pattern changed in place moves its version counter, so the key changes.
+_MEMO: OrderedDict[tuple, tuple[Callable[..., Result], Any, Any, list[torch.Tensor]]] = OrderedDict()
 _MEMO_SIZE = 128
 
 
@@ -110,13 +111,20 @@ def _memo_key(q, k, v, pattern, score_mod, scale, backend, return_weights, retur
     grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in mod_tensors)
     )
-    return (backend, id(pattern), id(score_mod), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-            q.device, k.device, v.device, grad, scale, return_weights, return_lse,
-            limits.max_weights_bytes, limits.max_mask_bytes, backend == "auto" and auto_enabled())
+    data = pattern.data_version() if hasattr(pattern, "data_version") else None
+    if pattern is not None and data is None:  # a pattern whose tensors cannot be tracked: always validated
+        return None
+    mods = tuple((id(t), t.shape) for t in mod_tensors)  # values may change (trained), shapes are validated
+    return (backend, id(pattern), data, id(score_mod), mods, q.shape, k.shape, v.shape, q.dtype, k.dtype,
+            v.dtype, q.device, k.device, v.device, grad, scale, return_weights, return_lse,
+            limits.max_weights_bytes, limits.max_mask_bytes, limits.max_layout_elements,
+            backend == "auto" and auto_enabled())
 
 
 def _remember(key: tuple, runner: Callable[..., Result], pattern: Any, score_mod: Any) -> None:
-    _MEMO[key] = (runner, pattern, score_mod)
+    held = [*(pattern.tensors() if hasattr(pattern, "tensors") else []),
+            *(score_mod.tensors() if hasattr(score_mod, "tensors") else [])]
+    _MEMO[key] = (runner, pattern, score_mod, held)
     if len(_MEMO) > _MEMO_SIZE:
         _MEMO.popitem(last=False)
 

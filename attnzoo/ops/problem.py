@@ -87,6 +87,10 @@ def make_problem(
         raise ValueError(f"v: expected {m} tokens (the length of k), got {vm}")
     if n == 0 or m == 0:
         raise ValueError(f"q, k: expected at least one token, got N={n} and M={m}")
+    if b == 0 or h == 0:
+        raise ValueError(f"q: expected at least one batch element and one head, got B={b} and H={h}")
+    if d == 0 or v.shape[-1] == 0:
+        raise ValueError(f"q, v: expected head dims >= 1, got D={d} and D_v={v.shape[-1]}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -103,4 +107,6 @@ def make_problem(
         pattern.check(shape)
     if score_mod is not None:
         score_mod.check(shape)
+        if check_finite:
+            score_mod.check_finite()
     return Problem(q, k, v, pattern, score_mod, float(scale), shape, return_weights, return_lse)

@@ -30,6 +30,15 @@ class ScoreMod:
     def check(self, shape: Shape) -> None:
         """Raise ``ValueError`` if the modifier cannot apply to ``shape``."""
 
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` if a tensor the modifier reads holds NaN or an infinity (``attention(...,
+        check_finite=True)``); a modifier to which ``-inf`` means "masked" overrides this."""
+        for i, t in enumerate(self.tensors()):
+            bad = ~torch.isfinite(t.detach())
+            if bool(bad.any()):
+                raise ValueError(f"score_mod: {type(self).__name__}'s tensor {i} {list(t.shape)} holds "
+                                 f"{int(bad.sum())} non-finite value(s) (NaN or +-inf)")
+
     def indexed_bias(self) -> torch.Tensor | None:
         """``table [H, T]`` when the modifier is ``s + table[h, self.index(q, kv)]`` (a per-head bias
         read at an integer index of the pair, e.g. relative positions), else None."""
@@ -100,6 +109,10 @@ class Chain(ScoreMod):
     def check(self, shape: Shape) -> None:
         for m in self.mods:
             m.check(shape)
+
+    def check_finite(self) -> None:
+        for m in self.mods:
+            m.check_finite()
 
 
 class CustomScore(ScoreMod):

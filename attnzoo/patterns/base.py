@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -130,17 +132,130 @@ class Pattern:
             cached = self._cache_put(key, _exact_density(self, shape))
         return cached
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this pattern reads: held in its attributes, in the patterns it is built from, and (for a
+        callable it holds, e.g. :class:`~attnzoo.patterns.Custom`'s ``mask_mod``) in its closure, defaults and
+        the module globals it names. What is derived from the pattern and cached is rebuilt when one of them
+        changes in place (its version counter moves) or is replaced."""
+        return held_tensors(self)
+
+    def data_version(self) -> tuple[tuple[int, int], ...] | None:
+        """``(id, version)`` of every tensor the pattern reads: changes when one is modified in place or
+        replaced. None when one cannot be tracked (an inference-mode tensor): nothing is then cached."""
+        return _versions(self.tensors())
+
     def _cache_get(self, key: Any) -> Any:
-        return self.__dict__.get("_attnzoo_cache", {}).get(key)
+        cache = self.__dict__.get(_CACHE)
+        if not cache:
+            return None
+        if not _same_data(cache.get(_DATA), self.tensors()):
+            cache.clear()  # a tensor the pattern reads changed: everything derived from it is stale
+            return None
+        return cache.get(key)
 
     def _cache_put(self, key: Any, value: Any) -> Any:
-        self.__dict__.setdefault("_attnzoo_cache", {})[key] = value
+        held = self.tensors()
+        stamp = _stamp(held)
+        if stamp is None:  # untrackable tensors: never cache what is derived from them
+            return value
+        cache = self.__dict__.setdefault(_CACHE, {})
+        if not _same_data(cache.get(_DATA), held):
+            cache.clear()
+            cache[_DATA] = stamp
+        cache[key] = value
         return value
 
     def __repr__(self) -> str:
         fields = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         inner = ", ".join(f"{k}={_short(v)}" for k, v in fields.items())
         return f"{type(self).__name__}({inner})"
+
+
+_CACHE = "_attnzoo_cache"
+_DATA = ("data version",)  # cache entry: the tensors read and their versions when the entries were derived
+_SCAN_DEPTH = 4
+
+
+def held_tensors(obj: Any) -> list[torch.Tensor]:
+    """Tensors reachable from ``obj``: its attributes, items of lists, tuples and dicts, nested patterns, and for
+    callables their closure cells, defaults, bound instance, ``functools.partial`` arguments and the tensors and
+    patterns among the module globals their code names (a few levels deep; the pattern caches are skipped)."""
+    found: dict[int, torch.Tensor] = {}
+    _scan(obj, found, set(), _SCAN_DEPTH)
+    return list(found.values())
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def _scan(obj: Any, found: dict[int, torch.Tensor], seen: set[int], depth: int) -> None:
+    if isinstance(obj, torch.Tensor):
+        found.setdefault(id(obj), obj)
+        return
+    if depth < 0 or isinstance(obj, _PLAIN) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Pattern):
+        items = [v for k, v in obj.__dict__.items() if k != _CACHE]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, torch.nn.Module):
+        for t in (*obj.parameters(), *obj.buffers()):
+            found.setdefault(id(t), t)
+        return
+    elif isinstance(obj, types.FunctionType):
+        items = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+        items += [obj.__defaults__, obj.__kwdefaults__]
+        glob = obj.__globals__
+        items += [g for g in (glob.get(n) for n in obj.__code__.co_names)
+                  if isinstance(g, (torch.Tensor, Pattern))]
+    elif isinstance(obj, functools.partial):
+        items = (obj.func, obj.args, obj.keywords)
+    elif isinstance(obj, types.MethodType):
+        items = (obj.__func__, obj.__self__)
+    elif callable(obj) and hasattr(obj, "__dict__"):
+        items = [v for k, v in vars(obj).items() if k != "_flex_fns"]
+    else:
+        return
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            found.setdefault(id(item), item)
+        elif not isinstance(item, _PLAIN):
+            _scan(item, found, seen, depth - 1)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell (a name not assigned yet)
+        return False
+    return True
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], ...] | None:
+    out = []
+    for t in tensors:
+        try:
+            out.append((id(t), t._version))
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+    return tuple(out)
+
+
+def _stamp(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[tuple[int, int], ...]] | None:
+    """The tensors (kept alive, so their ids are not reused while the stamp lives) and their versions."""
+    versions = _versions(tensors)
+    return None if versions is None else (tensors, versions)
+
+
+def _same_data(stamp: Any, tensors: list[torch.Tensor]) -> bool:
+    if stamp is None:
+        return False
+    held, versions = stamp
+    return len(held) == len(tensors) and all(a is b for a, b in zip(held, tensors)) and \
+        _versions(tensors) == versions
 
 
 def _short(value: Any) -> str:
@@ -171,6 +286,7 @@ def _block_state(pattern: Pattern, shape: Shape, block_q: int, block_kv: int, de
     k_hi = (k_lo + block_kv - 1).clamp(max=shape.n_kv - 1)
     bounds = pattern.bounds(q_lo, q_hi, k_lo, k_hi, shape)
     if bounds is None:
+        check_evaluations(pattern, shape, nqb * block_q * nkb * block_kv)
         any_, all_ = _tile_bounds(pattern, shape, block_q, block_kv, device)
     else:
         any_, all_ = (torch.as_tensor(t, device=device) for t in bounds)
@@ -182,6 +298,24 @@ def _block_state(pattern: Pattern, shape: Shape, block_q: int, block_kv: int, de
     state[~any_] = EMPTY
     state[all_ & any_] = FULL
     return state
+
+
+def check_evaluations(pattern: Pattern, shape: Shape, pairs: int) -> None:
+    """Refuse (``ValueError``, with the figures) evaluating ``pattern``'s rule on ``pairs`` (query, key) pairs per
+    batch element and head when that is over ``attnzoo.ops.config.limits.max_layout_elements``."""
+    from attnzoo.ops.config import limits
+
+    bsz = shape.batch if pattern.per_batch else 1
+    hsz = shape.heads if pattern.per_head else 1
+    need = bsz * hsz * pairs
+    if need > limits.max_layout_elements:
+        hint = " (declare per_batch=False / per_head=False if its rule ignores b / h)" if bsz * hsz > 1 else ""
+        raise ValueError(
+            f"pattern: {pattern!r} gives no block bounds, so its block layout needs its rule evaluated on every "
+            f"(batch, head, query, key) of [{bsz}, {hsz}, {shape.n_q}, {shape.n_kv}]{hint}: {need:.3g} evaluations, "
+            f"over attnzoo.ops.config.limits.max_layout_elements = {limits.max_layout_elements:.3g}; refused "
+            "before starting (give the pattern bounds(), or raise the limit)"
+        )
 
 
 def _tile_bounds(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -15,14 +15,23 @@ class Custom(Pattern):
     Its block layout is found by evaluating it tile by tile (exact, cached per shape).
     Declare ``per_batch=False`` / ``per_head=False`` when the rule ignores ``b`` / ``h``
     so that layouts and FlexAttention block masks are shared across them.
+
+    Tensors the rule reads are watched: a change in place (or a new tensor bound to the name) rebuilds
+    what was cached. They are found in its closure, defaults, bound object and the module globals it
+    names; list any other (e.g. read through an attribute of another object) in ``tensors``.
     """
 
     def __init__(
-        self, mask_mod: Callable[..., torch.Tensor], *, per_batch: bool = True, per_head: bool = True, name: str = ""
+        self, mask_mod: Callable[..., torch.Tensor], *, per_batch: bool = True, per_head: bool = True, name: str = "",
+        tensors: Sequence[torch.Tensor] = (),
     ) -> None:
         if not callable(mask_mod):
             raise TypeError(f"mask_mod: expected a callable (b, h, q_idx, kv_idx) -> bool tensor, got {mask_mod!r}")
+        bad = [i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise TypeError(f"tensors: expected a list of tensors, item {bad[0]} is {type(tensors[bad[0]]).__name__}")
         self.fn = mask_mod
+        self.watched = tuple(tensors)
         self.per_batch, self.per_head = per_batch, per_head
         self.name = name or getattr(mask_mod, "__name__", "mask_mod")
 

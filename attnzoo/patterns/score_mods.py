@@ -17,7 +17,8 @@ __all__ = [
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
-    """The ALiBi paper's geometric slopes, including its rule for a non-power-of-two head count."""
+    """The ALiBi paper's geometric slopes, including its rule for a non-power-of-two head count (float64, so that
+    each call rounds them once to its own dtype)."""
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads: expected a positive integer head count, got {heads!r}")
 
@@ -26,9 +27,9 @@ def alibi_slopes(heads: int) -> torch.Tensor:
         return [start ** (i + 1) for i in range(n)]
 
     if math.log2(heads).is_integer():
-        return torch.tensor(pow2(heads))
+        return torch.tensor(pow2(heads), dtype=torch.float64)
     closest = 2 ** math.floor(math.log2(heads))
-    return torch.tensor(pow2(closest) + pow2(2 * closest)[0::2][: heads - closest])
+    return torch.tensor(pow2(closest) + pow2(2 * closest)[0::2][: heads - closest], dtype=torch.float64)
 
 
 class ALiBi(ScoreMod):
@@ -108,6 +109,14 @@ class Bias(ScoreMod):
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.bias]
+
+    def check_finite(self) -> None:
+        """NaN and ``+inf`` are refused; ``-inf`` masks the pair."""
+        b = self.bias.detach()
+        nan, pos = int(torch.isnan(b).sum()), int((b == float("inf")).sum())
+        if nan or pos:
+            raise ValueError(f"bias: holds {nan} NaN and {pos} +inf value(s) (only -inf, which masks a pair, "
+                             "may be non-finite)")
 
     def to(self, *args, **kwargs) -> Bias:
         """A copy with the bias moved (``torch.Tensor.to`` arguments)."""

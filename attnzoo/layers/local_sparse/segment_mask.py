@@ -51,9 +51,10 @@ class SegmentAttention(MultiHeadAttention):
                 global_keys: torch.Tensor | None = None, global_queries: torch.Tensor | None = None,
                 cache: KVCache | None = None, **kw: Any):
         """``x`` ``[B, N, C]``; ``segment_ids`` int ``[B, N]`` / ``[N]`` and bool ``global_keys`` /
+        ``global_queries`` ``[B, N]`` for the new tokens (defaults from the constructor).
 
         ``mask``: bool ``[B, N]``, True = keep (a real token), False = padding.
-        ``global_queries`` ``[B, N]`` for the new tokens (defaults from the constructor)."""
+        """
         pattern = self._pattern(x, segment_ids, global_keys, global_queries, cache) if self.segment_local else None
         return self.mix(x, cache=cache, pattern=pattern, **kw)
 

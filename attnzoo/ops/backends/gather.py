@@ -151,9 +151,9 @@ def gather_form(pattern: Any, shape: Shape) -> tuple[Any, torch.Tensor | None] |
     return None if pattern.key_table(shape) is None else (pattern, mask)
 
 
-# KeyTables of recently used key tables, by the identity of the table tensor (kept alive here, so
-# its id is not reused): compositions rebuilt on every call return their parts' cached tables.
-_RECENT: OrderedDict[tuple[int, int], tuple[torch.Tensor, KeyTables]] = OrderedDict()
+# KeyTables of recently used key tables, by the identity and version of the table tensor (kept alive here,
+# so its id is not reused): compositions rebuilt on every call return their parts' cached tables.
+_RECENT: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, KeyTables]] = OrderedDict()
 _RECENT_SIZE = 8
 
 
@@ -164,7 +164,7 @@ def key_tables(pattern: Any, shape: Shape) -> KeyTables:
         raise ValueError(f"gather: {pattern_reason(pattern, shape)}")
     base, mask = form
     table = base.key_table(shape)
-    key = (id(table), shape.n_kv)
+    key = (id(table), table._version, shape.n_kv)
     hit = _RECENT.get(key)
     if hit is not None and hit[0] is table:
         _RECENT.move_to_end(key)
