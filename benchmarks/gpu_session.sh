@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear|ring}"
+stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear|ring|pooling}"
 
 {
     date -u '+%Y-%m-%d %H:%M UTC'
@@ -38,7 +38,9 @@ case "$stage" in
         # Configurations with more processes than GPUs are skipped (NCCL: one GPU per process).
         python benchmarks/bench_ring.py --device cuda --n 131072 --heads 8 --dim 128 --procs 1 2 4 8 \
             --window-ns 131072 524288 --repeats 5 --timeout 500 --json "$out/ring.json" 2>&1 | tee "$out/ring.log" ;;
+    pooling)
+        python benchmarks/bench_pooling.py --device cuda --repeats 5 2>&1 | tee "$out/pooling.log" ;;
     *)
-        echo "unknown stage: $stage (expected tests, local, local-sweep, linear or ring)" >&2
+        echo "unknown stage: $stage (expected tests, local, local-sweep, linear, ring or pooling)" >&2
         exit 2 ;;
 esac

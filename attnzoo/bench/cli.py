@@ -126,7 +126,8 @@ def _add_compare(sub: Any) -> None:
                        description="Train tiny models on synthetic tasks (MQAR...), sweep speed and memory against "
                                    "SDPA dense, store every run and write an HTML report with a leaderboard.")
     p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick (minutes on a CPU), zoology (Zoology Figure 2), full (everything; GPU)")
+                   help="quick (minutes on a CPU), zoology (Zoology Figure 2), full (everything; GPU), pooling "
+                        "(the poolers on MIL bags and set maximum)")
     p.add_argument("--mixers", nargs="+", metavar="SLUG", help="mixers to compare (default: the preset's)")
     p.add_argument("--mixer-arg", action="append", metavar="MIXER:KEY=VALUE",
                    help="an argument for one mixer, e.g. sliding_window:window=32 (repeatable; default: none)")

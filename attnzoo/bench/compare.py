@@ -139,8 +139,16 @@ def _full() -> Preset:
                   n_heads=2)
 
 
+def _pooling() -> Preset:
+    # Runs through attnzoo.bench.pooling_bench (poolers in a bag classifier, not mixers in a stack).
+    return Preset("pooling", "the P1/P2 poolers in a bag classifier on MIL bags (bag accuracy / AUC, localisation "
+                  "AUC from the weights) and the set maximum, 300 steps each", [], dims=[32], lrs=[3e-3],
+                  candidates=("mean_pool", "attention_pool", "query_pool", "abmil", "attentive_stats_pool",
+                              "set_transformer_pma"))
+
+
 PRESETS: dict[str, Callable[[], Preset]] = {"quick": _quick, "zoology": _zoology, "zoology-cpu": _zoology_cpu,
-                                             "full": _full}
+                                             "full": _full, "pooling": _pooling}
 
 
 def _count(n: int, noun: str) -> str:
@@ -309,6 +317,10 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
     Before any training a short probe times a few steps of every (setting, mixer, width) and the
     runs, steps and estimated wall time are printed (``estimate=False`` skips it); on a CPU an
     estimate over an hour is a ``ValueError`` unless ``yes``."""
+    if preset == "pooling":
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device: the pooling preset runs on the CPU, got device={device!r}")
+        return _run_pooling_preset(mixers, store, out, report, overrides, mixer_kwargs, log)
     started = time.perf_counter()
     p = _apply_overrides(get_preset(preset), overrides or {})
     chosen, notes = resolve_mixers(p, mixers)          # every check before any work
@@ -416,6 +428,19 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
             db.close()
     return CompareResult(session=session, store=store_path, report=report_path, leaderboard=board,
                          wall_s=time.perf_counter() - started, notes=notes)
+
+
+def _run_pooling_preset(poolers: list[str] | None, store: str | Path | None, out: str | Path | None, report: bool,
+                        overrides: dict[str, Any] | None, mixer_kwargs: dict[str, dict[str, Any]] | None,
+                        log: Callable[[str], None]) -> CompareResult:
+    from attnzoo.bench.pooling_bench import run_pooling_compare
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "max_steps"}
+    if given or mixer_kwargs:
+        raise ValueError(f"preset: 'pooling' takes --mixers (poolers) and --max-steps only; got "
+                         f"{sorted([*given, *(['mixer_arg'] if mixer_kwargs else [])])}")
+    steps = (overrides or {}).get("max_steps") or 300
+    return run_pooling_compare(poolers=poolers, store=store, out=out, report=report, steps=steps, log=log)
 
 
 def _apply_overrides(p: Preset, o: dict[str, Any]) -> Preset:

@@ -27,8 +27,8 @@ import attnzoo
 from attnzoo.bench.tasks import Task
 from attnzoo.contracts import TOKEN_MIXER, hosted
 
-__all__ = ["Block", "EncoderClassifier", "TinyLM", "build_mixer", "build_model", "check_mixer", "mixer_kwargs_for",
-           "mixer_slugs", "POSITIONAL"]
+__all__ = ["BagClassifier", "Block", "EncoderClassifier", "SmallCNN", "TinyLM", "build_mixer", "build_model",
+           "check_mixer", "mixer_kwargs_for", "mixer_slugs", "POSITIONAL"]
 
 POSITIONAL = ("learned", "sinusoidal", "none")
 
@@ -293,3 +293,63 @@ def build_model(task: Task, mixer: str, *, dim: int = 64, n_layers: int = 2,
                       mlp_ratio=2.0 if mlp_ratio is None else mlp_ratio, **common)
     return TinyLM(mixer, vocab_size=task.vocab_size_in, n_outputs=task.n_outputs,
                   mlp_ratio=0.0 if mlp_ratio is None else mlp_ratio, **common)
+
+
+class BagClassifier(nn.Module):
+    """Set / bag classifier around any registered pooler: instance encoder -> pooler -> head.
+
+    ``forward(inputs [B, N, F], mask=None, return_weights=False)`` returns logits ``[B, n_classes]``
+    (and, with ``return_weights``, the pooler's weights reduced to ``[B, N]`` by a mean over any
+    head / branch / query axes). A pooler giving ``[B, K, C]`` is averaged over its K outputs.
+    """
+
+    def __init__(self, pooler: str, *, n_features: int, n_classes: int, dim: int = 64,
+                 pooler_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        spec = attnzoo.spec(pooler)
+        if spec.type != "pooler":
+            raise ValueError(f"pooler: expected a registered pooler (one of "
+                             f"{', '.join(s.slug for s in attnzoo.list(type='pooler'))}), got {pooler!r} ({spec.type})")
+        self.encoder = nn.Sequential(nn.Linear(n_features, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.pooler = attnzoo.create(pooler, dim=dim, **(pooler_kwargs or {}))
+        with torch.no_grad():
+            width = self._pool(torch.zeros(1, 2, dim), None, False)[0].shape[-1]
+        self.head = nn.Linear(width, n_classes)
+
+    def _pool(self, h: torch.Tensor, mask: torch.Tensor | None, weights: bool) -> tuple[torch.Tensor, Any]:
+        out = self.pooler(h, mask=mask, return_weights=True) if weights else self.pooler(h, mask=mask)
+        z, w = out if weights else (out, None)
+        if z.dim() == 3:
+            z = z.mean(1)
+        if w is not None and w.dim() > 2:
+            w = w.flatten(2).mean(-1)
+        return z, w
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
+                return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        z, w = self._pool(self.encoder(inputs), mask, return_weights)
+        logits = self.head(z)
+        return (logits, w) if return_weights else logits
+
+
+class SmallCNN(nn.Module):
+    """A small CNN host for the channel modules: two conv stages, each followed by ``channel`` (or nothing),
+    global average pooling and a linear head. ``forward(images [B, in_channels, H, W]) -> [B, n_classes]``."""
+
+    def __init__(self, channel: str | None, *, in_channels: int = 3, n_classes: int = 10, width: int = 16,
+                 channel_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if channel is not None and attnzoo.spec(channel).type != "channel":
+            raise ValueError(f"channel: expected a registered channel module (one of "
+                             f"{', '.join(s.slug for s in attnzoo.list(type='channel'))}), got {channel!r}")
+
+        def gate(c: int) -> nn.Module:
+            return nn.Identity() if channel is None else attnzoo.create(channel, channels=c, **(channel_kwargs or {}))
+
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.ReLU(), gate(width),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * width), nn.ReLU(), gate(2 * width))
+        self.head = nn.Linear(2 * width, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images).mean((2, 3)))

@@ -42,7 +42,7 @@ def test_compare_checks_everything_before_training(tmp_path):
         run_compare("quick", mixers=["mha", "reversed_attention"], store=store, overrides=TINY, progress=False)
     with pytest.raises(ValueError, match=r"'gqa' cannot be built at width 64.*n_kv_heads: must divide n_heads=1"):
         run_compare("quick", mixers=["mha", "gqa"], store=store, overrides=TINY, progress=False)
-    with pytest.raises(ValueError, match="valid presets: quick, zoology, zoology-cpu, full"):
+    with pytest.raises(ValueError, match="valid presets: quick, zoology, zoology-cpu, full, pooling"):
         run_compare("fast", store=store)
     with pytest.raises(ValueError, match="seq_lens"):
         run_compare("quick", store=store, overrides={"seq_lens": [512]})
@@ -191,7 +191,7 @@ def test_cli_train_and_speed(tmp_path, capsys):
     assert "invalid choice: 'mqr'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--preset", "fast"])
-    assert "choose from 'quick', 'zoology', 'zoology-cpu', 'full'" in capsys.readouterr().err
+    assert "choose from 'quick', 'zoology', 'zoology-cpu', 'full', 'pooling'" in capsys.readouterr().err
 
 
 def test_efficiency_length_cab_fit_and_measured():

@@ -1,0 +1,98 @@
+"""``poolformer``: the PoolFormer token mixer, ``AvgPool_{3x3, stride 1, pad 1, count_include_pad=False}(X) - X``.
+
+A non-attention comparator inside the MetaFormer block (``X + Mixer(Norm X)``, then ``+ MLP(Norm .)``:
+the wrapper every registry mixer plugs into, :class:`attnzoo.bench.models.Block`). Channels-last
+grids ``[B, H, W, C]`` (and ``[B, N, C]`` as a 1-D grid, pooling 3 neighbours). Padded tokens are
+left out of the averages (as ``count_include_pad=False`` leaves out the border) and give zero rows.
+No parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnzoo.layers.base import check_int
+from attnzoo.layers.pooling._common import FAMILY, check_pool_mask
+from attnzoo.registry import Reduction, register
+
+__all__ = ["PoolFormerMixer", "local_average"]
+
+
+def _box_sum(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """Sum over a centred window of ``size`` along ``axis`` (zero padding): same shape as ``t``."""
+    r = size // 2
+    pad = [0, 0] * (t.dim() - 1 - axis) + [r, r]
+    return F.pad(t, pad).unfold(axis, size, 1).sum(-1)
+
+
+def local_average(x: torch.Tensor, keep: torch.Tensor | None, pool: int) -> torch.Tensor:
+    """Mean of each token's ``pool``-wide box (``pool`` per spatial axis) over the kept tokens in it.
+
+    ``x`` channels-last ``[B, *spatial, C]`` with 1, 2 or 3 spatial axes; ``keep`` bool ``[B, *spatial]``.
+    Boxes are cut at the border (``count_include_pad=False``); half precision is summed in float32.
+    """
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xf = x.float() if low else x
+    w = torch.ones_like(xf[..., :1]) if keep is None else keep.unsqueeze(-1).to(xf.dtype)
+    num, den = xf * w, w
+    for axis in range(1, x.dim() - 1):
+        num, den = _box_sum(num, axis, pool), _box_sum(den, axis, pool)
+    out = num / torch.where(den > 0, den, torch.ones_like(den))
+    return out.to(x.dtype)
+
+
+class PoolFormerMixer(nn.Module):
+    """PoolFormer mixer ``[B, *spatial, C] -> [B, *spatial, C]`` (1-D, 2-D or 3-D grids, channels last)."""
+
+    def __init__(self, dim: int, *, pool_size: int = 3) -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim)
+        self.pool_size = check_int("pool_size", pool_size)
+        if pool_size % 2 == 0:
+            raise ValueError(f"pool_size: expected an odd size (same-size output), got {pool_size}")
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """``AvgPool(X) - X`` over the kept tokens; ``causal`` and ``context`` are refused."""
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != self.dim:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a channels-last grid [B, N, {self.dim}], [B, H, W, {self.dim}] or "
+                             f"[B, T, H, W, {self.dim}], got {got}")
+        check_pool_mask("mask", mask, tuple(x.shape[:-1]))
+        if causal:
+            raise ValueError("causal: poolformer averages both sides of each token; it has no causal form")
+        if context is not None:
+            raise ValueError("context: poolformer mixes tokens of x only; it takes no context")
+        if mask is not None:
+            x = x.masked_fill(~mask.unsqueeze(-1), 0)
+        y = local_average(x, mask, self.pool_size) - x
+        return y if mask is None else y.masked_fill(~mask.unsqueeze(-1), 0)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, pool_size={self.pool_size}"
+
+
+def _constant_is_zero() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 1, 1, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).expand(2, 5, 6, 8)
+    return PoolFormerMixer(8)(x), torch.zeros(2, 5, 6, 8, dtype=torch.float64)
+
+
+def _matches_avg_pool() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 5, 6, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pooled = F.avg_pool2d(x.movedim(-1, 1), 3, 1, 1, count_include_pad=False).movedim(1, -1)
+    return PoolFormerMixer(8)(x), pooled - x
+
+
+register(
+    "poolformer", family=FAMILY, type="mixer", priority=3, input_kind="grid2d", papers=("MetaFormer/PoolFormer",),
+    supports={"self", "padding"}, complexity="O(N)", backends=(),
+    reference="torch avg_pool2d (count_include_pad=False)",
+    reference_kwargs={}, test_kwargs={"dim": 32},
+    summary="PoolFormer token mixer AvgPool3x3(X) - X (count_include_pad=False): no parameters, a spatially "
+            "constant input gives 0.",
+    reductions=(Reduction("constant_is_zero", "a spatially constant input gives mixer output 0", _constant_is_zero),
+                Reduction("avg_pool_minus_x", "equals avg_pool2d(3, 1, 1, count_include_pad=False)(X) - X",
+                          _matches_avg_pool)),
+)(PoolFormerMixer)
