@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from attnzoo import registry
-from attnzoo.contracts import checks_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ROWS = ROOT.parent / "shared" / "catalog" / "rows.tsv"
@@ -20,6 +19,14 @@ BUNDLED_ROWS = Path(__file__).resolve().parent / "data" / "catalog_rows.tsv"
 STATUS_PATH = "docs/CATALOG_STATUS.md"
 
 __all__ = ["checks_for", "load_rows", "render_status", "status_rows", "write_status"]
+
+
+def checks_for(s: registry.Spec) -> list[str]:
+    """Names of the conformance checks the suite runs for ``s`` (:func:`attnzoo.contracts.checks_for`;
+    imported here on first use, since contracts imports torch and ``attnzoo list --status`` must not)."""
+    from attnzoo.contracts import checks_for as contract_checks
+
+    return contract_checks(s)
 
 
 def load_rows() -> list[dict[str, str]]:

@@ -192,7 +192,7 @@ def test_unknown_slug_counts_agree_with_list(capsys):
 def test_info_renders_docstrings_without_markup(capsys):
     assert main(["info", "mha"]) == 0
     out = capsys.readouterr().out
-    assert ":class:" not in out and "``" not in out and "MultiHeadAttention" in out
+    assert ":class:" not in out and "``" not in out and "Multi-head" in out
 
 
 def test_plain_doc():

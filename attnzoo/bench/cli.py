@@ -108,7 +108,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         mixer_kwargs.setdefault(mixer, {})[k] = v
     res = run_compare(args.preset, mixers=args.mixers, store=args.store, out=args.out, report=not args.no_report,
                       speed=not args.no_speed, overrides=overrides, mixer_kwargs=mixer_kwargs, device=args.device,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, yes=args.yes, estimate=not args.no_estimate)
     cols, rows = res.leaderboard
     if cols:
         _table(f"leaderboard ({args.preset}, session {res.session})", cols, rows)
@@ -148,6 +148,10 @@ def _add_compare(sub: Any) -> None:
                    help="seconds per training run, a finite number >= 0; 0 = no time budget, only the step budget "
                         "(default: the preset's)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
+    p.add_argument("--yes", action="store_true",
+                   help="run even when the estimate on a CPU is over an hour (default: refuse such a run)")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip the timing probe and wall-time estimate printed before training")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=threads_int, help="torch CPU threads (default: torch's choice)")

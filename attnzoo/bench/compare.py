@@ -2,10 +2,12 @@
 
 Presets:
 
-- ``quick`` (``make demo``; minutes on a 2-core CPU): whichever of ``mha``, ``sliding_window``,
-  ``linear_attention`` and ``lightning`` are registered, on MQAR at Zoology's (64, 4) and
-  (128, 8) settings (2 layers, width 64, one learning rate, a fixed step budget, early stop at
-  0.99), and a speed/memory sweep against SDPA dense up to N = 16384.
+- ``quick`` (``make demo``; at most 10 minutes on 2 idle CPU cores): whichever of ``mha``,
+  ``base_conv``, ``sliding_window`` and ``linear_attention`` are registered, on MQAR at Zoology's
+  (64, 4) setting (2 layers, width 64, one learning rate, 1000 steps, early stop at 0.99, seeds 0
+  and 1, no time budget), and a speed/memory sweep against SDPA up to N = 16384.
+- ``zoology-cpu``: Figure 2's (64, 4) and (128, 8) at widths 64 and 128 with ``mha``, ``base_conv``,
+  ``hyena`` and ``based``, step budgets sized for about an hour on 2 idle cores.
 - ``zoology``: Zoology's Figure 2 sweep: the four (seq, kv) settings, d_model 64-512, the four
   learning rates ``logspace(-4, -2, 4)``, 100k/3k examples, 64 epochs, the paper's batch sizes;
   the figure reports the best over learning rates. Options narrow it (``--seq-lens``,
@@ -36,11 +38,12 @@ from attnzoo.bench.report import build_report, leaderboard
 from attnzoo.bench.speed import SpeedConfig, config_dict, run_speed
 from attnzoo.bench.store import DEFAULT_STORE, environment, open_store
 from attnzoo.bench.tasks import MQAR, ICLLinearRegression, Induction, ListOps, SelectiveCopy, Task
-from attnzoo.bench.train import TrainConfig, dist_info, train
+from attnzoo.bench.train import TrainConfig, dist_info, pick_device, train
 
 __all__ = ["PRESETS", "QUICK_MIXERS", "Preset", "Setting", "get_preset", "resolve_mixers", "run_compare"]
 
-QUICK_MIXERS = ("mha", "sliding_window", "linear_attention", "lightning")
+QUICK_MIXERS = ("mha", "base_conv", "sliding_window", "linear_attention")
+ZOOLOGY_MIXERS = ("mha", "base_conv", "hyena", "based")
 # Per-mixer arguments the presets use (only the ones an entry accepts are passed).
 MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 16},
@@ -74,23 +77,36 @@ class Preset:
     all_mixers: bool = False          # every registered mixer that can run the tasks
     speed: SpeedConfig | None = None
     early_stop: float | None = 0.99
+    warmup_steps: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
 
 
 def _quick() -> Preset:
-    # Zoology's settings and model at width 64 with ~1% of its training: batch 64, 16k examples
-    # (repeated), at most 800 steps and 45 s per run, and a speed sweep bounded to 150 s, so the
-    # preset fits in 10 minutes on 2 CPU cores.
+    # Zoology's (64, 4) setting and model at width 64 with ~1% of its training: batch 64, 16k examples
+    # (repeated), 1000 steps (early stop at 0.99), two seeds, no time budget: every run reaches its
+    # step budget. Attention against the attention-free BaseConv (Zoology's gated convolution), a
+    # sliding window and linear attention. The (128, 8) setting costs ~4.5x a step and mha does not
+    # reach 0.9 in a budget that fits 10 minutes on 2 cores; it is in zoology-cpu.
     settings = [
-        Setting(MQAR.paper(64), batch_size=64, n_train=16_000, n_test=500, max_steps=800, eval_every=50,
-                time_budget_s=45.0),
-        Setting(MQAR.paper(128), batch_size=64, n_train=16_000, n_test=500, max_steps=800, eval_every=50,
-                time_budget_s=45.0),
+        Setting(MQAR.paper(64), batch_size=64, n_train=16_000, n_test=500, max_steps=1000, eval_every=100),
     ]
-    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=64, n_heads=1, repeats=3, warmup=1, max_seconds=120.0,
-                        point_budget_s=6.0, budget_s=150.0)
-    return Preset("quick", "MQAR (64, 4) and (128, 8) at width 64, <= 800 steps / 45 s per run; speed sweep to "
-                  "N=16384", settings, dims=[64], lrs=[3e-3], speed=speed)
+    speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=64, n_heads=1, repeats=3, warmup=1, max_seconds=60.0,
+                        point_budget_s=5.0, budget_s=90.0)
+    return Preset("quick", "MQAR (64, 4) at width 64, 1000 steps per run, 2 seeds, attention vs BaseConv; speed "
+                  "sweep to N=16384", settings, dims=[64], lrs=[3e-3], speed=speed, seeds=[0, 1],
+                  candidates=QUICK_MIXERS)
+
+
+def _zoology_cpu() -> Preset:
+    # Figure 2's (64, 4) and (128, 8) at widths 64 and 128 with attention and the paper's baselines,
+    # sized for about an hour on 2 idle cores: one learning rate, step budgets instead of 64 epochs.
+    settings = [
+        Setting(MQAR.paper(64), batch_size=64, n_train=20_000, n_test=1_000, max_steps=1500, eval_every=250),
+        Setting(MQAR.paper(128), batch_size=64, n_train=20_000, n_test=1_000, max_steps=1000, eval_every=250),
+    ]
+    return Preset("zoology-cpu", "Zoology Figure 2's (64, 4) and (128, 8) at d_model 64 and 128: mha, base_conv, "
+                  "hyena, based; 1500 / 1000 steps, one lr, one seed", settings, dims=[64, 128], lrs=[3e-3],
+                  candidates=ZOOLOGY_MIXERS)
 
 
 def _zoology() -> Preset:
@@ -100,7 +116,8 @@ def _zoology() -> Preset:
     lrs = [float(f"{x:.3g}") for x in torch.logspace(-4, -2, 4, dtype=torch.float64).tolist()]
     speed = SpeedConfig(lengths=[256, 1024, 4096, 16384], dim=128, n_heads=2, repeats=5, warmup=2, max_seconds=60.0)
     return Preset("zoology", "Zoology Figure 2: MQAR (64,4) (128,8) (256,16) (512,64), d_model 64-512, 4 lrs, "
-                  "64 epochs; best over lrs", settings, dims=[64, 128, 256, 512], lrs=lrs, speed=speed)
+                  "64 epochs; best over lrs", settings, dims=[64, 128, 256, 512], lrs=lrs, speed=speed,
+                  candidates=ZOOLOGY_MIXERS)
 
 
 def _full() -> Preset:
@@ -130,7 +147,8 @@ def _pooling() -> Preset:
                               "set_transformer_pma"))
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"quick": _quick, "zoology": _zoology, "full": _full, "pooling": _pooling}
+PRESETS: dict[str, Callable[[], Preset]] = {"quick": _quick, "zoology": _zoology, "zoology-cpu": _zoology_cpu,
+                                             "full": _full, "pooling": _pooling}
 
 
 def _count(n: int, noun: str) -> str:
@@ -217,12 +235,88 @@ class CompareResult:
     notes: list[str]
 
 
+LONG_RUN_S = 3600.0  # a CPU run estimated longer than this needs ``yes=True`` (``--yes``)
+PROBE_STEPS = 3
+
+
+def run_steps(setting: Setting) -> int:
+    """The step budget of one training run of ``setting`` (``max_steps``, else epochs x batches)."""
+    if setting.max_steps is not None:
+        return setting.max_steps
+    return setting.epochs * math.ceil(setting.n_train / setting.batch_size)
+
+
+def probe_step_seconds(setting: Setting, mixer: str, kwargs: dict[str, Any], dim: int, p: Preset, *,
+                       device: str = "auto") -> float:
+    """Wall seconds per training step of ``mixer`` at width ``dim`` on ``setting``, from a
+    :data:`PROBE_STEPS`-step run on a batch of freshly generated examples (model build and a tiny
+    evaluation included, so it errs long)."""
+    data = setting.task.splits(setting.batch_size, 8, 1)
+    cfg = TrainConfig(mixer=mixer, mixer_kwargs=kwargs, dim=dim, n_layers=p.n_layers, lr=p.lrs[0],
+                      batch_size=setting.batch_size, max_steps=PROBE_STEPS, n_train=setting.batch_size, n_test=8,
+                      eval_every=10 * PROBE_STEPS, early_stop=None, device=device)
+    t0 = time.perf_counter()
+    try:
+        train(setting.task, cfg, data=data, progress=False)
+    except (FloatingPointError, RuntimeError):  # a run that diverges fails (and is recorded) in the real loop
+        pass
+    return (time.perf_counter() - t0) / PROBE_STEPS
+
+
+def check_time_budgets(p: Preset) -> None:
+    """A time budget must leave room for warm-up: refuse one shorter than the warm-up of its runs."""
+    for s in p.settings:
+        if s.time_budget_s is not None and s.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s: {s.time_budget_s:g} s leaves no training steps "
+                             f"(warm-up is {p.warmup_steps} steps) for {s.task.label()}")
+
+
+def estimate_wall_s(p: Preset, mixers: list[str], kwargs_of: dict[str, dict[str, Any]], *, device: str = "auto",
+                    log: Callable[[str], None] = print) -> tuple[int, int, float]:
+    """(training runs, training steps, estimated wall seconds on this machine): every run's step
+    budget times its step time from :func:`probe_step_seconds` (one probe per setting, mixer and
+    width; seeds and learning rates share it). A run whose time budget leaves fewer steps than its
+    warm-up is a ``ValueError`` naming both."""
+    runs = steps = 0
+    wall = 0.0
+    per = len(p.lrs) * len(p.seeds)
+    for s in p.settings:
+        for m in mixers:
+            for dim in p.dims:
+                step_s = probe_step_seconds(s, m, kwargs_of[m], dim, p, device=device)
+                n = run_steps(s)
+                if s.time_budget_s is not None:
+                    fits = int(s.time_budget_s / step_s)
+                    if fits < p.warmup_steps:
+                        raise ValueError(f"time_budget_s: {s.time_budget_s:g} s leaves about {fits} steps of {m} "
+                                         f"at width {dim} on {s.task.label()}, fewer than warmup_steps="
+                                         f"{p.warmup_steps}")
+                    n = min(n, max(fits, 1))
+                runs += per
+                steps += per * n
+                wall += per * n * step_s
+    return runs, steps, wall
+
+
+def _clock(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store: str | Path | None = None,
                 out: str | Path | None = None, report: bool = True, speed: bool = True,
                 overrides: dict[str, Any] | None = None, mixer_kwargs: dict[str, dict[str, Any]] | None = None,
-                device: str = "auto", progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
+                device: str = "auto", progress: bool = True, log: Callable[[str], None] = print,
+                yes: bool = False, estimate: bool = True) -> CompareResult:
     """Run a preset; ``overrides``: ``dims``, ``lrs``, ``seq_lens`` (MQAR settings), ``epochs``,
-    ``max_steps``, ``n_train``, ``n_test``, ``batch_size``, ``lengths`` (speed), ``seeds``."""
+    ``max_steps``, ``n_train``, ``n_test``, ``batch_size``, ``lengths`` (speed), ``seeds``.
+
+    Before any training a short probe times a few steps of every (setting, mixer, width) and the
+    runs, steps and estimated wall time are printed (``estimate=False`` skips it); on a CPU an
+    estimate over an hour is a ``ValueError`` unless ``yes``."""
     if preset == "pooling":
         if device not in ("auto", "cpu"):
             raise ValueError(f"device: the pooling preset runs on the CPU, got device={device!r}")
@@ -232,6 +326,21 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
     chosen, notes = resolve_mixers(p, mixers)          # every check before any work
     kwargs_of = {m: _mixer_kwargs(m, p.n_heads, mixer_kwargs) for m in chosen}
     _preflight(chosen, kwargs_of, p)
+    check_time_budgets(p)
+    for s_ in p.settings:
+        if s_.batch_size > s_.n_train:
+            raise ValueError(f"batch_size: {s_.batch_size} is larger than the training set n_train={s_.n_train} "
+                             f"({s_.task.label()}); lower --batch-size or raise --n-train")
+    if estimate:
+        n_est, steps_est, wall_est = estimate_wall_s(p, chosen, kwargs_of, device=device, log=log)
+        on_cpu = pick_device(device).type == "cpu"
+        log(f"estimate: {_count(n_est, 'training run')}, {steps_est} steps, about {_clock(wall_est)} of training "
+            f"on this machine now (from a {PROBE_STEPS}-step probe per setting, mixer and width; a loaded "
+            "machine is slower)")
+        if on_cpu and wall_est > LONG_RUN_S and not yes:
+            raise ValueError(f"preset {p.name!r} is estimated at {_clock(wall_est)} on this CPU (over "
+                             f"{_clock(LONG_RUN_S)}); pass --yes to run it anyway, or narrow it (--seq-lens, "
+                             "--dims, --lrs, --epochs, --max-steps)")
     rank, world, _ = dist_info()
     store_path = Path(store) if store is not None else DEFAULT_STORE
     db = open_store(store_path) if rank == 0 else None  # a foreign or corrupt store fails here, before training
@@ -261,7 +370,7 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
                                               max_steps=setting.max_steps, n_train=setting.n_train,
                                               n_test=setting.n_test, eval_every=setting.eval_every,
                                               early_stop=p.early_stop, seed=seed, device=device,
-                                              time_budget_s=setting.time_budget_s)
+                                              time_budget_s=setting.time_budget_s, warmup_steps=p.warmup_steps)
                             try:
                                 res = train(task, cfg, data=data, progress=progress,
                                             desc=f"[{k}/{n_runs}] {mixer} d={dim} lr={lr:g} {task.label()}")

@@ -69,33 +69,67 @@ def best_by_setting(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], di
     return best
 
 
-def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows: per mechanism, its best metric per task (over widths and learning rates),
-    the mean accuracy, and forward+backward time and memory against SDPA dense at the longest
-    length both ran. Sorted by mean accuracy, then by time."""
-    best = best_by_setting(runs)
-    tasks = sorted({k[0] for k in best}, key=_natural)
-    mixers = sorted({k[1] for k in best} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
-    per: dict[str, dict[str, float]] = defaultdict(dict)
+NOT_LEARNED_BELOW = 0.2  # a task whose best mechanism stays below this accuracy was not learned in budget
+
+
+def seed_stats(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(task label, mixer) -> the best configuration (width, lr) by mean over seeds: ``mean``,
+    ``std`` (sample standard deviation over seeds, 0 for one seed), ``n`` seeds, ``higher``."""
+    groups: dict[tuple[str, str, int, float], list[float]] = defaultdict(list)
     higher_of: dict[str, bool] = {}
-    for (task, mixer, _dim), r in best.items():
-        name, v, higher = _metric(r)
-        higher_of[task] = higher
-        old = per[mixer].get(task)
-        if old is None or (v > old if higher else v < old):
-            per[mixer][task] = v
+    for r in runs:
+        _name, v, higher = _metric(r)
+        if v is None or math.isnan(v):
+            continue
+        higher_of[r["task"]] = higher
+        groups[(r["task"], r["mixer"], int(r["config"].get("dim", 0)), float(r["config"].get("lr", 0.0)))].append(v)
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for (task, mixer, _dim, _lr), vals in groups.items():
+        mean = sum(vals) / len(vals)
+        std = (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        higher = higher_of[task]
+        cur = out.get((task, mixer))
+        if cur is None or (mean > cur["mean"] if higher else mean < cur["mean"]):
+            out[(task, mixer)] = {"mean": mean, "std": std, "n": len(vals), "higher": higher}
+    return out
+
+
+def _pm(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return ""
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+
+def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows: per mechanism, its metric per task as mean ± standard deviation over seeds
+    (best width and learning rate by the mean), the mean accuracy over the tasks some mechanism
+    learned, and forward+backward time and memory against SDPA (causal when the sweep is) at the
+    longest length both ran. A task where every mechanism stays below :data:`NOT_LEARNED_BELOW`
+    accuracy is labelled "not learned in budget" and does not count; a mechanism with no learned
+    task is not ranked ("-"). Sorted by mean accuracy, then by time."""
+    stats = seed_stats(runs)
+    tasks = sorted({k[0] for k in stats}, key=_natural)
+    mixers = sorted({k[1] for k in stats} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
+    learned = {t: not all(s["higher"] and s["mean"] < NOT_LEARNED_BELOW for (t2, _), s in stats.items() if t2 == t)
+               for t in tasks}
     speed_cols = _speed_summary(points)
-    columns = ["#", "mechanism", *tasks, "mean acc", "fwd+bwd vs SDPA", "memory vs SDPA", "at N"]
+    columns = ["#", "mechanism", *[t if learned[t] else f"{t} (not learned in budget)" for t in tasks],
+               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N"]
     rows = []
     for m in mixers:
-        accs = [per[m][t] for t in tasks if t in per[m] and higher_of.get(t, True)]
+        accs = [stats[(t, m)]["mean"] for t in tasks if (t, m) in stats and learned[t] and stats[(t, m)]["higher"]]
         mean = sum(accs) / len(accs) if accs else None
         s = speed_cols.get(m, {})
-        rows.append((mean if mean is not None else -1.0, s.get("ratio", math.inf), [
-            m, *[_fmt(per[m].get(t)) for t in tasks], _fmt(mean), _ratio(s.get("ratio")),
+        rows.append((mean, s.get("ratio", math.inf), [
+            m, *[_pm(stats.get((t, m))) for t in tasks], _fmt(mean), _ratio(s.get("ratio")),
             _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else ""]))
-    rows.sort(key=lambda r: (-r[0], r[1]))
-    return columns, [[str(i + 1), *r[2]] for i, r in enumerate(rows)]
+    rows.sort(key=lambda r: (r[0] is None, -(r[0] or 0.0), r[1]))
+    out, rank = [], 0
+    for mean, _, cells in rows:
+        if mean is not None:
+            rank += 1
+        out.append([str(rank) if mean is not None else "-", *cells])
+    return columns, out
 
 
 def _speed_summary(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 For each sequence length ``N`` and mode (``fwd``: forward under ``no_grad``; ``fwd+bwd``:
 forward and backward of the output against a fixed random gradient) every mixer, and the
-baseline ``sdpa_dense`` (an ``mha`` of the same width on the ``sdpa`` backend, non-causal, no
-pattern), is timed: ``warmup`` runs first (excluded), then the median of ``repeats`` runs, each
+baseline ``sdpa_dense`` (an ``mha`` of the same width on the ``sdpa`` backend, no pattern; causal
+when the sweep is causal, so causal mixers are compared with SDPA causal), is timed: ``warmup``
+runs first (excluded), then the median of ``repeats`` runs, each
 between device synchronisations. Peak memory is the high-water mark of one run above what was
 allocated before it (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set,
 reset through ``/proc/self/clear_refs`` after returning freed memory with ``malloc_trim``).
@@ -223,7 +224,7 @@ def _build(slug: str, cfg: SpeedConfig, device: torch.device, dtype: torch.dtype
     torch.manual_seed(cfg.seed)
     if slug == BASELINE:
         m = attnzoo.create("mha", dim=cfg.dim, n_heads=cfg.n_heads, backend="sdpa")
-        return m.to(device=device, dtype=dtype), False
+        return m.to(device=device, dtype=dtype), cfg.causal
     spec = check_mixer(slug)
     kwargs = mixer_kwargs_for(slug, n_heads=cfg.n_heads, extra=cfg.mixer_kwargs.get(slug))
     m = build_mixer(slug, cfg.dim, **kwargs)

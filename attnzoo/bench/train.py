@@ -82,6 +82,12 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         check_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.batch_size > self.n_train:  # a batch would repeat examples within one step
+            raise ValueError(f"batch_size: {self.batch_size} is larger than the training set n_train="
+                             f"{self.n_train}; use a batch of at most n_train or more training examples")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} is more than the step budget max_steps="
+                             f"{self.max_steps}; the learning rate would never finish warming up")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             # a negative clip norm would flip the gradients' sign
             raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip!r}")

@@ -24,7 +24,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         runs = db.runs(session=res.session)
         train = [r for r in runs if r["kind"] == "train"]
         assert len(train) == 4 and {r["mixer"] for r in train} == {"mha", "gated_attention"}
-        assert {r["task"] for r in train} == {"mqar(seq_len=64, num_kv_pairs=4)", "mqar(seq_len=128, num_kv_pairs=8)"}
+        assert {r["task"] for r in train} == {"mqar(seq_len=64, num_kv_pairs=4)"}
         assert all(r["config"]["preset"] == "quick" and r["env"]["torch"] for r in train)
         points = db.speed_points(session=res.session)
         assert {p["mixer"] for p in points} == {"sdpa_dense", "mha", "gated_attention"}
@@ -42,7 +42,7 @@ def test_compare_checks_everything_before_training(tmp_path):
         run_compare("quick", mixers=["mha", "reversed_attention"], store=store, overrides=TINY, progress=False)
     with pytest.raises(ValueError, match=r"'gqa' cannot be built at width 64.*n_kv_heads: must divide n_heads=1"):
         run_compare("quick", mixers=["mha", "gqa"], store=store, overrides=TINY, progress=False)
-    with pytest.raises(ValueError, match="valid presets: quick, zoology, full"):
+    with pytest.raises(ValueError, match="valid presets: quick, zoology, zoology-cpu, full, pooling"):
         run_compare("fast", store=store)
     with pytest.raises(ValueError, match="seq_lens"):
         run_compare("quick", store=store, overrides={"seq_lens": [512]})
@@ -81,7 +81,7 @@ def test_default_mixers_are_the_registered_candidates():
     import attnzoo.bench.models as M
 
     usable = set(M.mixer_slugs())
-    for m in ("sliding_window", "linear_attention", "lightning"):
+    for m in ("base_conv", "sliding_window", "linear_attention"):
         assert (m in chosen) == (m in usable) or any(n.startswith(m) for n in notes)
 
 
@@ -119,7 +119,8 @@ def test_report_escapes_and_leaderboard(tmp_path):
         cols, rows = leaderboard(db.runs(kind="train"), db.speed_points())
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<b>x</b>" not in html and "&lt;oom&gt;" in html and "cpu&lt;&amp;&gt;" in html
-    assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc", "fwd+bwd vs SDPA", "memory vs SDPA", "at N"]
+    assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc (learned tasks)", "fwd+bwd vs SDPA causal",
+                    "memory vs SDPA causal", "at N"]
     assert rows[0][1] == "mha" and rows[0][2] == "0.990" and rows[0][4] == "0.50x" and rows[0][6] == "128"
     assert rows[1][2] == "0.300"
     for png in ("accuracy.png", "curves.png", "speed_time.png", "speed_memory.png"):
@@ -190,7 +191,7 @@ def test_cli_train_and_speed(tmp_path, capsys):
     assert "invalid choice: 'mqr'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--preset", "fast"])
-    assert "choose from 'quick', 'zoology', 'full'" in capsys.readouterr().err
+    assert "choose from 'quick', 'zoology', 'zoology-cpu', 'full', 'pooling'" in capsys.readouterr().err
 
 
 def test_efficiency_length_cab_fit_and_measured():
@@ -214,3 +215,24 @@ def test_report_takes_a_run_without_a_mixer(tmp_path):
         db.add_run(kind="train", task="mqar(x)", session="s", env={"date": "2026-01-01T00:00:00+00:00"},
                    config={"dim": 64}, metrics={"metric": "accuracy", "accuracy": 0.5})
         assert build_report(db, tmp_path / "out").exists()
+
+
+def _run(task: str, mixer: str, acc: float, seed: int = 0) -> dict:
+    return {"task": task, "mixer": mixer, "config": {"dim": 64, "lr": 1e-3, "seed": seed},
+            "metrics": {"metric": "accuracy", "accuracy": acc, "higher_is_better": True}}
+
+
+def test_leaderboard_shows_spread_over_seeds_and_does_not_rank_an_unlearned_task():
+    runs = [_run("mqar(64)", "mha", 0.98, 0), _run("mqar(64)", "mha", 0.94, 1),
+            _run("mqar(64)", "base_conv", 0.30, 0), _run("mqar(64)", "base_conv", 0.20, 1),
+            _run("mqar(128)", "mha", 0.03, 0), _run("mqar(128)", "base_conv", 0.01, 0)]
+    cols, rows = leaderboard(runs, [])
+    assert cols[2] == "mqar(64)" and cols[3] == "mqar(128) (not learned in budget)"
+    assert rows[0][:3] == ["1", "mha", "0.960 ± 0.028"] and rows[0][4] == "0.960"  # mqar(128) not in the mean
+    assert rows[1][:3] == ["2", "base_conv", "0.250 ± 0.071"]
+
+
+def test_leaderboard_ranks_nothing_when_nothing_learned():
+    cols, rows = leaderboard([_run("mqar(128)", "mha", 0.03), _run("mqar(128)", "lightning", 0.001)], [])
+    assert cols[2].endswith("(not learned in budget)")
+    assert [r[0] for r in rows] == ["-", "-"] and all(r[3] == "" for r in rows)
