@@ -29,9 +29,11 @@ def test_list_and_filters():
 def test_spec_fields_are_consistent():
     catalog = {row["slug"]: row for row in _rows()}
     for s in attnzoo.list():
-        assert s.slug in catalog, f"{s.slug} is not a catalogue slug"
-        row = catalog[s.slug]
-        assert (s.family, s.type, s.priority) == (row["family"], row["type"], int(row["priority"])), s.slug
+        if s.slug in catalog:
+            row = catalog[s.slug]
+            assert (s.family, s.type, s.priority) == (row["family"], row["type"], int(row["priority"])), s.slug
+        else:  # only bench-only baselines (Zoology's gated convolutions, ...) may stand outside the catalogue
+            assert s.family == "benchmark" and s.type == "mixer", f"{s.slug} is not a catalogue slug"
         assert s.supports <= set(SUPPORTS)
         assert s.reference and s.summary and s.papers
         json.dumps(s.to_dict())

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from attnzoo.cli import build_parser, main
+from tests.helpers import unimplemented_slug
 
 ROOT = Path(__file__).resolve().parents[2]
 HUGE = "1" + "0" * 22  # 1e22, as an integer
@@ -131,7 +132,7 @@ def _bad_values(command: str, action: argparse.Action, places) -> list[str]:
     if opt == "--out":
         return list(places["bad_folders"])
     if opt in ("--mixer", "--mixers") and not command.startswith("results"):
-        return ["no_such_mixer", "moba", ""]
+        return ["no_such_mixer", unimplemented_slug(), ""]
     if opt == "--device":
         import torch
 
@@ -141,7 +142,7 @@ def _bad_values(command: str, action: argparse.Action, places) -> list[str]:
     if opt in ("--family", "--type"):
         return ["nope"]
     if opt == "slug":
-        return ["nope", "moba"]
+        return ["nope", unimplemented_slug()]
     if opt == "--text":
         return ["word " * 2000]
     return []

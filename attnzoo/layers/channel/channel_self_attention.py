@@ -76,7 +76,8 @@ class ChannelSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix ``x`` ``[B, N, C]``; ``causal`` and ``context`` are refused (every output channel reads all N)."""
+        """Mix ``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``mask`` bool ``[B, N]``, True = keep (padding gets no weight and
+        comes out as zeros). ``causal`` and ``context`` are refused (every output channel reads all N)."""
         check_mixer_input(x, mask, None, self.dim)
         if causal:
             raise ValueError("causal: channel_self_attention sums over every position; it has no causal form")

@@ -65,7 +65,8 @@ class PoNet(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix ``x`` ``[B, N, C]``; ``causal`` and ``context`` are refused."""
+        """Mix ``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``mask`` bool ``[B, N]``, True = keep (padding comes out as
+        zeros and is never pooled). ``causal`` and ``context`` are refused."""
         if causal:
             raise ValueError("causal: ponet's global and segment branches read the whole sequence; no causal form")
         if context is not None:

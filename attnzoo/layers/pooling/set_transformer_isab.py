@@ -31,7 +31,8 @@ class ISAB(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix ``x`` ``[B, N, C]``; ``causal`` and ``context`` are refused (a set has no order, ISAB no cross input)."""
+        """Mix ``x`` ``[B, N, C]`` -> ``[B, N, C]``; ``mask`` bool ``[B, N]``, True = keep. ``causal`` and ``context``
+        are refused (a set has no order, ISAB no cross input)."""
         check_mixer_input(x, mask, None, self.dim)
         if causal:
             raise ValueError("causal: set_transformer_isab is permutation-equivariant and has no causal form")

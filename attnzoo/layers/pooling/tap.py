@@ -37,6 +37,8 @@ class TokenAggregationPooling(nn.Module):
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix ``x`` ``[B, *spatial, C]`` -> same shape; ``mask`` bool ``[B, *spatial]``, True = keep.
+        ``causal`` and ``context`` are refused."""
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != self.dim:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a channels-last grid [B, N, {self.dim}], [B, H, W, {self.dim}] or "
