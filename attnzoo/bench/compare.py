@@ -248,19 +248,26 @@ def run_steps(setting: Setting) -> int:
 
 def probe_step_seconds(setting: Setting, mixer: str, kwargs: dict[str, Any], dim: int, p: Preset, *,
                        device: str = "auto") -> float:
-    """Wall seconds per training step of ``mixer`` at width ``dim`` on ``setting``, from a
-    :data:`PROBE_STEPS`-step run on a batch of freshly generated examples (model build and a tiny
-    evaluation included, so it errs long)."""
+    """Wall seconds per training step of ``mixer`` at width ``dim`` on ``setting``: the slope between
+    runs of :data:`PROBE_STEPS` and ``3 * PROBE_STEPS`` steps on freshly generated examples, so the fixed
+    costs (model build, first-call warm-up, the evaluation) cancel; the longer run's mean when noise makes
+    the slope non-positive."""
     data = setting.task.splits(setting.batch_size, 8, 1)
-    cfg = TrainConfig(mixer=mixer, mixer_kwargs=kwargs, dim=dim, n_layers=p.n_layers, lr=p.lrs[0],
-                      batch_size=setting.batch_size, max_steps=PROBE_STEPS, n_train=setting.batch_size, n_test=8,
-                      eval_every=10 * PROBE_STEPS, early_stop=None, device=device)
-    t0 = time.perf_counter()
-    try:
-        train(setting.task, cfg, data=data, progress=False)
-    except (FloatingPointError, RuntimeError):  # a run that diverges fails (and is recorded) in the real loop
-        pass
-    return (time.perf_counter() - t0) / PROBE_STEPS
+
+    def timed(steps: int) -> float:
+        cfg = TrainConfig(mixer=mixer, mixer_kwargs=kwargs, dim=dim, n_layers=p.n_layers, lr=p.lrs[0],
+                          batch_size=setting.batch_size, max_steps=steps, n_train=setting.batch_size, n_test=8,
+                          eval_every=10 * steps, early_stop=None, device=device)
+        t0 = time.perf_counter()
+        try:
+            train(setting.task, cfg, data=data, progress=False)
+        except (FloatingPointError, RuntimeError):  # a run that diverges fails (and is recorded) in the real loop
+            pass
+        return time.perf_counter() - t0
+
+    short, long = timed(PROBE_STEPS), timed(3 * PROBE_STEPS)
+    slope = (long - short) / (2 * PROBE_STEPS)
+    return slope if slope > 0 else long / (3 * PROBE_STEPS)
 
 
 def check_time_budgets(p: Preset) -> None:
@@ -335,7 +342,7 @@ def run_compare(preset: str = "quick", *, mixers: list[str] | None = None, store
         n_est, steps_est, wall_est = estimate_wall_s(p, chosen, kwargs_of, device=device, log=log)
         on_cpu = pick_device(device).type == "cpu"
         log(f"estimate: {_count(n_est, 'training run')}, {steps_est} steps, about {_clock(wall_est)} of training "
-            f"on this machine now (from a {PROBE_STEPS}-step probe per setting, mixer and width; a loaded "
+            f"on this machine now (from a short timing probe per setting, mixer and width; a loaded "
             "machine is slower)")
         if on_cpu and wall_est > LONG_RUN_S and not yes:
             raise ValueError(f"preset {p.name!r} is estimated at {_clock(wall_est)} on this CPU (over "
