@@ -227,6 +227,9 @@ def _build(slug: str, cfg: SpeedConfig, device: torch.device, dtype: torch.dtype
         return m.to(device=device, dtype=dtype), cfg.causal
     spec = check_mixer(slug)
     kwargs = mixer_kwargs_for(slug, n_heads=cfg.n_heads, extra=cfg.mixer_kwargs.get(slug))
+    accepted = spec.accepted_arguments()
+    if accepted is not None and "max_len" in accepted and "max_len" not in kwargs:
+        kwargs["max_len"] = max(cfg.lengths)  # explicit-filter mixers (base_conv, hyena) sized for the sweep
     m = build_mixer(slug, cfg.dim, **kwargs)
     return m.to(device=device, dtype=dtype), cfg.causal and "causal" in spec.supports
 
