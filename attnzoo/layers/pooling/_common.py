@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.ops.segment import check_cu_seqlens, segment_ids, segment_max, segment_softmax, segment_sum
 
 __all__ = ["MAB", "Bags", "Pooler", "bag_attention", "dense_attention", "masked_softmax", "rank_in_bag", "rff",
-           "check_bag_input", "check_pool_mask", "FAMILY"]
+           "check_bag_input", "check_grid_call", "check_pool_mask", "local_average", "FAMILY"]
 
 FAMILY = "pooling"
 _LOW = (torch.float16, torch.bfloat16)
@@ -36,6 +37,44 @@ def check_pool_mask(name: str, mask: Any, shape: tuple[int, ...]) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
         got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"{name}: expected a bool tensor {list(shape)}, got {got}")
+
+
+def check_grid_call(name: str, x: Any, dim: int, mask: Any, causal: bool, context: Any) -> None:
+    """The checks of a non-causal, self-only grid mixer ``name``: ``x`` a channels-last grid
+    ``[B, *spatial, dim]`` (1-3 spatial axes), ``mask`` bool ``[B, *spatial]``; ``causal`` and ``context``
+    are refused (its average reads both sides of each token)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != dim:
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a channels-last grid [B, N, {dim}], [B, H, W, {dim}] or "
+                         f"[B, T, H, W, {dim}], got {got}")
+    check_pool_mask("mask", mask, tuple(x.shape[:-1]))
+    if causal:
+        raise ValueError(f"causal: {name} averages both sides of each token; it has no causal form")
+    if context is not None:
+        raise ValueError(f"context: {name} mixes tokens of x only; it takes no context")
+
+
+def _box_sum(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """Sum over a centred window of ``size`` along ``axis`` (zero padding): same shape as ``t``."""
+    r = size // 2
+    pad = [0, 0] * (t.dim() - 1 - axis) + [r, r]
+    return F.pad(t, pad).unfold(axis, size, 1).sum(-1)
+
+
+def local_average(x: torch.Tensor, keep: torch.Tensor | None, pool: int) -> torch.Tensor:
+    """Mean of each token's ``pool``-wide box (``pool`` per spatial axis) over the kept tokens in it.
+
+    ``x`` channels-last ``[B, *spatial, C]`` with 1, 2 or 3 spatial axes; ``keep`` bool ``[B, *spatial]``.
+    Boxes are cut at the border (``count_include_pad=False``); half precision is summed in float32.
+    """
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xf = x.float() if low else x
+    w = torch.ones_like(xf[..., :1]) if keep is None else keep.unsqueeze(-1).to(xf.dtype)
+    num, den = xf * w, w
+    for axis in range(1, x.dim() - 1):
+        num, den = _box_sum(num, axis, pool), _box_sum(den, axis, pool)
+    out = num / torch.where(den > 0, den, torch.ones_like(den))
+    return out.to(x.dtype)
 
 
 def check_bag_input(x: Any, mask: Any, cu_seqlens: Any, dim: int) -> None:

@@ -14,33 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.layers.base import check_int
-from attnzoo.layers.pooling._common import FAMILY, check_pool_mask
+from attnzoo.layers.pooling._common import FAMILY, check_grid_call, local_average
 from attnzoo.registry import Reduction, register
 
-__all__ = ["PoolFormerMixer", "local_average"]
-
-
-def _box_sum(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """Sum over a centred window of ``size`` along ``axis`` (zero padding): same shape as ``t``."""
-    r = size // 2
-    pad = [0, 0] * (t.dim() - 1 - axis) + [r, r]
-    return F.pad(t, pad).unfold(axis, size, 1).sum(-1)
-
-
-def local_average(x: torch.Tensor, keep: torch.Tensor | None, pool: int) -> torch.Tensor:
-    """Mean of each token's ``pool``-wide box (``pool`` per spatial axis) over the kept tokens in it.
-
-    ``x`` channels-last ``[B, *spatial, C]`` with 1, 2 or 3 spatial axes; ``keep`` bool ``[B, *spatial]``.
-    Boxes are cut at the border (``count_include_pad=False``); half precision is summed in float32.
-    """
-    low = x.dtype in (torch.float16, torch.bfloat16)
-    xf = x.float() if low else x
-    w = torch.ones_like(xf[..., :1]) if keep is None else keep.unsqueeze(-1).to(xf.dtype)
-    num, den = xf * w, w
-    for axis in range(1, x.dim() - 1):
-        num, den = _box_sum(num, axis, pool), _box_sum(den, axis, pool)
-    out = num / torch.where(den > 0, den, torch.ones_like(den))
-    return out.to(x.dtype)
+__all__ = ["PoolFormerMixer"]
 
 
 class PoolFormerMixer(nn.Module):
@@ -57,15 +34,7 @@ class PoolFormerMixer(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """``AvgPool(X) - X`` over the kept tokens of ``x`` ``[B, *spatial, C]``; ``mask`` bool ``[B, *spatial]``,
         True = keep. ``causal`` and ``context`` are refused."""
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != self.dim:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a channels-last grid [B, N, {self.dim}], [B, H, W, {self.dim}] or "
-                             f"[B, T, H, W, {self.dim}], got {got}")
-        check_pool_mask("mask", mask, tuple(x.shape[:-1]))
-        if causal:
-            raise ValueError("causal: poolformer averages both sides of each token; it has no causal form")
-        if context is not None:
-            raise ValueError("context: poolformer mixes tokens of x only; it takes no context")
+        check_grid_call("poolformer", x, self.dim, mask, causal, context)
         if mask is not None:
             x = x.masked_fill(~mask.unsqueeze(-1), 0)
         y = local_average(x, mask, self.pool_size) - x

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from attnzoo.layers.base import check_int, seeded
-from attnzoo.layers.pooling._common import FAMILY, check_pool_mask
-from attnzoo.layers.pooling.poolformer import local_average
+from attnzoo.layers.pooling._common import FAMILY, check_grid_call, local_average
 from attnzoo.registry import Reduction, register
 
 __all__ = ["TokenAggregationPooling"]
@@ -39,15 +38,7 @@ class TokenAggregationPooling(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """Mix ``x`` ``[B, *spatial, C]`` -> same shape; ``mask`` bool ``[B, *spatial]``, True = keep.
         ``causal`` and ``context`` are refused."""
-        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[-1] != self.dim:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a channels-last grid [B, N, {self.dim}], [B, H, W, {self.dim}] or "
-                             f"[B, T, H, W, {self.dim}], got {got}")
-        check_pool_mask("mask", mask, tuple(x.shape[:-1]))
-        if causal:
-            raise ValueError("causal: tap averages both sides of each token; it has no causal form")
-        if context is not None:
-            raise ValueError("context: tap mixes tokens of x only; it takes no context")
+        check_grid_call("tap", x, self.dim, mask, causal, context)
         if mask is not None:
             x = x.masked_fill(~mask.unsqueeze(-1), 0)
         w = self.kernel_weights(x)
