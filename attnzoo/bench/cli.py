@@ -375,64 +375,20 @@ def _cmd_cab(args: argparse.Namespace) -> int:
 
 
 # results -------------------------------------------------------------------------------------
-def _flatten_run(r: dict[str, Any]) -> dict[str, Any]:
-    d = {k: r.get(k) for k in ("id", "kind", "session", "created", "task", "mixer")}
-    for part in ("config", "metrics", "env"):
-        d.update({f"{part}.{k}": _cell(v) for k, v in (r.get(part) or {}).items()})
-    return d
-
-
-def _cell(v: Any) -> Any:
-    return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v
-
-
-def _export_rows(db: Any, kind: str | None) -> list[dict[str, Any]]:
-    """One row per run (every kind, or ``kind``); for ``kind="speed"`` one row per speed point."""
-    if kind == "speed":
-        rows = []
-        for p in db.speed_points():
-            d = {k: v for k, v in p.items() if k != "detail"}
-            d.update({f"detail.{k}": _cell(v) for k, v in (p.get("detail") or {}).items()})
-            rows.append(d)
-        return rows
-    return [_flatten_run(r) for r in db.runs(kind=kind)]
-
-
 def _write_export(args: argparse.Namespace, db: Any, out: Any) -> int:
-    import csv
-
     if args.format == "json":
         runs = [db.run(r["id"]) for r in db.runs(kind=args.kind)]
         json.dump(runs, out, indent=2, default=str)
         out.write("\n")
         return len(runs)
-    rows = _export_rows(db, args.kind)
-    columns: list[str] = []
-    for d in rows:
-        columns += [c for c in d if c not in columns]
-    writer = csv.DictWriter(out, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return len(rows)
+    return db.export_csv(out, kind=args.kind)
 
 
 def _export(args: argparse.Namespace, db: Any) -> None:
-    import tempfile
-
     if args.output in (None, "-"):
         _write_export(args, db, sys.stdout)
         return
-    out = os.path.abspath(args.output)
-    db.refuse_as_output(out)  # the store itself, a link to it, or its journals
-    folder = os.path.dirname(out)
-    fd, tmp = tempfile.mkstemp(prefix=".attnzoo-export-", dir=folder)
-    try:  # a temporary file renamed over the target: an interrupted export never leaves half a file
-        with os.fdopen(fd, "w", newline="") as f:
-            n = _write_export(args, db, f)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    n = db.export_file(os.path.abspath(args.output), lambda f: _write_export(args, db, f))
     print(f"wrote {n} {'rows' if args.format == 'csv' else 'runs'} to {args.output}", file=sys.stderr)
 
 

@@ -473,24 +473,29 @@ class ResultsStore:
             return [r[0] for r in conn.execute(
                 "SELECT session FROM runs WHERE session IS NOT NULL GROUP BY session ORDER BY MAX(id)")]
 
-    def export_csv(self, out: io.TextIOBase | Any, *, kind: str = "train") -> int:
-        """Write runs of ``kind`` (``train``: one row per run; ``speed``: one row per speed point) as CSV."""
+    def export_rows(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Flat rows for export: one per run (every kind, or ``kind``), or for ``kind="speed"`` one per
+        speed point; nested values (config, metrics, env, details) become ``part.key`` columns."""
+        if kind not in (None, "train", "speed"):
+            raise ValueError(f"kind: expected 'train', 'speed' or None (every kind), got {kind!r}")
         if kind == "speed":
             rows = []
             for p in self.speed_points():
                 d = {k: v for k, v in p.items() if k != "detail"}
-                d.update({f"detail.{k}": v for k, v in p["detail"].items()})
+                d.update({f"detail.{k}": _cell(v) for k, v in (p.get("detail") or {}).items()})
                 rows.append(d)
-        elif kind == "train":
-            rows = []
-            for r in self.runs(kind="train"):
-                d = {k: r[k] for k in ("id", "session", "created", "task", "mixer")}
-                d.update({f"config.{k}": _cell(v) for k, v in r["config"].items()})
-                d.update({f"metrics.{k}": _cell(v) for k, v in r["metrics"].items()})
-                d.update({f"env.{k}": _cell(v) for k, v in r["env"].items()})
-                rows.append(d)
-        else:
-            raise ValueError(f"kind: expected 'train' or 'speed', got {kind!r}")
+            return rows
+        rows = []
+        for r in self.runs(kind=kind):
+            d = {k: r.get(k) for k in ("id", "kind", "session", "created", "task", "mixer")}
+            for part in ("config", "metrics", "env"):
+                d.update({f"{part}.{k}": _cell(v) for k, v in (r.get(part) or {}).items()})
+            rows.append(d)
+        return rows
+
+    def export_csv(self, out: io.TextIOBase | Any, *, kind: str | None = "train") -> int:
+        """Write :meth:`export_rows` of ``kind`` to ``out`` as CSV; returns the number of rows."""
+        rows = self.export_rows(kind)
         columns: list[str] = []
         for d in rows:
             columns += [c for c in d if c not in columns]
@@ -498,7 +503,6 @@ class ResultsStore:
         writer.writeheader()
         writer.writerows(rows)
         return len(rows)
-
 
     def refuse_as_output(self, path: str | os.PathLike[str], option: str = "--output") -> None:
         """``ValueError`` when ``path`` is this store (by any name: a link, another spelling) or one of its
@@ -511,10 +515,10 @@ class ResultsStore:
                                  f"{'' if own == self.path else ' (its journal)'}; writing there would destroy the "
                                  "runs; give another file")
 
-    def export_csv_file(self, path: str | os.PathLike[str], *, kind: str = "train") -> int:
-        """Write :meth:`export_csv` to ``path`` through a temporary file beside it, renamed into place once
-        complete (an interrupted export leaves ``path`` as it was). The store itself (or its journal files)
-        is refused as ``path``."""
+    def export_file(self, path: str | os.PathLike[str], write: Callable[[Any], int]) -> int:
+        """Run ``write(file)`` on a temporary file beside ``path``, renamed into place once complete (an
+        interrupted export leaves ``path`` as it was); the store itself (or its journal files) and a
+        directory are refused as ``path``. Returns what ``write`` returns."""
         target = Path(path)
         self.refuse_as_output(target)
         if target.is_dir():
@@ -523,7 +527,7 @@ class ResultsStore:
                                    str(target.parent) else ".")
         try:
             with os.fdopen(fd, "w", newline="") as f:
-                n = self.export_csv(f, kind=kind)
+                n = write(f)
             _default_mode(Path(tmp), like=target)
             os.replace(tmp, target)
         except BaseException:
@@ -532,9 +536,13 @@ class ResultsStore:
             raise
         return n
 
+    def export_csv_file(self, path: str | os.PathLike[str], *, kind: str | None = "train") -> int:
+        """:meth:`export_csv` into ``path`` through :meth:`export_file`."""
+        return self.export_file(path, lambda f: self.export_csv(f, kind=kind))
+
 
 def _cell(v: Any) -> Any:
-    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else v
+    return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v
 
 
 def open_store(path: str | os.PathLike[str] | None = None, *, create: bool = True, readonly: bool = False,
