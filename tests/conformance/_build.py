@@ -90,6 +90,17 @@ def build_steered(spec: Spec, seed: int = 0, reference: bool = False) -> tuple[n
     return attnzoo.create(spec.slug, host, **spec.test_kwargs), host
 
 
+def built_eval(spec: Spec, **kw: Any) -> nn.Module:
+    """Entry ``spec`` built by the contract's builder, in eval mode."""
+    return build(spec, **kw).eval()
+
+
+def first_output(m: nn.Module, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """``m(x, **kw)``, or its first element when the module returns a tuple (output, weights, ...)."""
+    out = m(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def supports(spec: Spec, what: str) -> bool:
     return what in spec.supports
 

@@ -15,63 +15,58 @@ from torch import nn
 from attnzoo import registry
 from tests.conformance._build import (
     DIM,
-    build,
     build_pair,
+    built_eval,
     channel_inputs,
     channel_specs,
     check_against_reference,
     check_every_parameter_gets_a_gradient,
     check_safetensors_round_trip,
     check_seeded,
+    first_output,
     registered_probes,
 )
 
 SPECS = channel_specs()
 
 
-def run(m, x, **kw):
-    out = m(x, **kw)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _built(spec, **kw):
-    return build(spec, **kw).eval()
 
 
 def check_shape_dtype(spec):
-    m = _built(spec)
+    m = built_eval(spec)
     for dtype in (torch.float32, torch.float64):
         m = m.to(dtype)
         x = channel_inputs(dtype=dtype)
-        y = run(m, x)
+        y = first_output(m, x)
         assert y.shape == x.shape and y.dtype == dtype, f"{spec.slug}: {list(y.shape)} {y.dtype} from {list(x.shape)}"
         assert torch.isfinite(y).all(), f"{spec.slug}: non-finite output"
 
 
 def check_reference(spec):
     m, ref = build_pair(spec)
-    check_against_reference(spec.slug, m.eval(), ref.eval(), run, channel_inputs(seed=3), {})
+    check_against_reference(spec.slug, m.eval(), ref.eval(), first_output, channel_inputs(seed=3), {})
 
 
 def check_gradients(spec):
     x = channel_inputs(dtype=torch.float64)
-    check_every_parameter_gets_a_gradient(spec.slug, _built(spec).double(), lambda m: run(m, x).pow(2).sum())
+    check_every_parameter_gets_a_gradient(spec.slug, built_eval(spec).double(),
+                                          lambda m: first_output(m, x).pow(2).sum())
 
 
 def check_batch_independence(spec):
-    m = _built(spec).double()
+    m = built_eval(spec).double()
     x = channel_inputs(b=3, dtype=torch.float64)
-    torch.testing.assert_close(run(m, x[1:2]), run(m, x)[1:2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(first_output(m, x[1:2]), first_output(m, x)[1:2], rtol=1e-10, atol=1e-12)
 
 
 def check_seed(spec):
     x = channel_inputs()
-    check_seeded(lambda seed: _built(spec, seed=seed), lambda m: run(m, x))
+    check_seeded(lambda seed: built_eval(spec, seed=seed), lambda m: first_output(m, x))
 
 
 def check_safetensors(spec):
     x = channel_inputs()
-    check_safetensors_round_trip(lambda seed: _built(spec, seed=seed), lambda m: run(m, x))
+    check_safetensors_round_trip(lambda seed: built_eval(spec, seed=seed), lambda m: first_output(m, x))
 
 
 CHECKS = {

@@ -17,12 +17,13 @@ from torch import nn
 from attnzoo import registry
 from tests.conformance._build import (
     DIM,
-    build,
     build_pair,
+    built_eval,
     check_against_reference,
     check_every_parameter_gets_a_gradient,
     check_safetensors_round_trip,
     check_seeded,
+    first_output,
     pooler_inputs,
     pooler_specs,
     registered_probes,
@@ -32,21 +33,14 @@ SPECS = pooler_specs()
 IDS = [s.slug for s in SPECS]
 
 
-def run(m, x, **kw):
-    out = m(x, **kw)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _built(spec, **kw):
-    return build(spec, **kw).eval()
 
 
 def check_shape_dtype(spec):
-    m = _built(spec)
+    m = built_eval(spec)
     for dtype in (torch.float32, torch.float64):
         m = m.to(dtype)
         x, keep = pooler_inputs(dtype=dtype)
-        y = run(m, x, mask=keep)
+        y = first_output(m, x, mask=keep)
         assert y.dim() in (2, 3) and y.shape[0] == x.shape[0], f"{spec.slug}: output {list(y.shape)}, expected " \
                                                               "[B, C_out] or [B, K, C_out]"
         assert y.dtype == dtype and torch.isfinite(y).all(), f"{spec.slug}: {y.dtype} or non-finite output"
@@ -58,58 +52,59 @@ def check_reference(spec):
     ref.eval()
     _, keep = pooler_inputs()
     for kw in ({}, {"mask": keep}):
-        check_against_reference(spec.slug, m, ref, run, pooler_inputs(seed=3)[0], kw)
+        check_against_reference(spec.slug, m, ref, first_output, pooler_inputs(seed=3)[0], kw)
 
 
 def check_gradients(spec):
     x, keep = pooler_inputs(dtype=torch.float64)
-    check_every_parameter_gets_a_gradient(spec.slug, _built(spec).double(),
-                                          lambda m: run(m, x, mask=keep).pow(2).sum())
+    check_every_parameter_gets_a_gradient(spec.slug, built_eval(spec).double(),
+                                          lambda m: first_output(m, x, mask=keep).pow(2).sum())
 
 
 def check_batch_independence(spec):
-    m = _built(spec).double()
+    m = built_eval(spec).double()
     x, keep = pooler_inputs(b=3, dtype=torch.float64)
-    y = run(m, x, mask=keep)
-    torch.testing.assert_close(run(m, x[1:2], mask=keep[1:2]), y[1:2], rtol=1e-10, atol=1e-12)
+    y = first_output(m, x, mask=keep)
+    torch.testing.assert_close(first_output(m, x[1:2], mask=keep[1:2]), y[1:2], rtol=1e-10, atol=1e-12)
 
 
 def check_seed(spec):
     x, keep = pooler_inputs()
-    check_seeded(lambda seed: _built(spec, seed=seed), lambda m: run(m, x, mask=keep))
+    check_seeded(lambda seed: built_eval(spec, seed=seed), lambda m: first_output(m, x, mask=keep))
 
 
 def check_safetensors(spec):
     x, keep = pooler_inputs()
-    check_safetensors_round_trip(lambda seed: _built(spec, seed=seed), lambda m: run(m, x, mask=keep))
+    check_safetensors_round_trip(lambda seed: built_eval(spec, seed=seed), lambda m: first_output(m, x, mask=keep))
 
 
 def check_padding(spec):
-    m = _built(spec).double()
+    m = built_eval(spec).double()
     x, keep = pooler_inputs(dtype=torch.float64)
-    y = run(m, x, mask=keep)
+    y = first_output(m, x, mask=keep)
     x2 = torch.where(keep.unsqueeze(-1), x, torch.randn_like(x) * 5)
-    torch.testing.assert_close(run(m, x2, mask=keep), y, rtol=1e-10, atol=1e-12,
+    torch.testing.assert_close(first_output(m, x2, mask=keep), y, rtol=1e-10, atol=1e-12,
                                msg=lambda s: f"{spec.slug}: padded content changed the output: {s}")
 
 
 def check_all_masked_zeros(spec):
-    m = _built(spec).double()
+    m = built_eval(spec).double()
     x, keep = pooler_inputs(dtype=torch.float64)
     keep[0] = False
     x = x.requires_grad_()
-    y = run(m, x, mask=keep)
+    y = first_output(m, x, mask=keep)
     assert torch.isfinite(y).all() and (y[0] == 0).all(), f"{spec.slug}: a fully masked bag must pool to zeros"
     y.sum().backward()
     assert torch.isfinite(x.grad).all(), f"{spec.slug}: non-finite gradient through a fully masked bag"
 
 
 def check_permutation_invariance(spec):
-    m = _built(spec).double()
+    m = built_eval(spec).double()
     x, keep = pooler_inputs(dtype=torch.float64)
     perm = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(run(m, x[:, perm], mask=keep[:, perm]), run(m, x, mask=keep), rtol=1e-10,
-                               atol=1e-12, msg=lambda s: f"{spec.slug}: a set pooler depends on token order: {s}")
+    torch.testing.assert_close(first_output(m, x[:, perm], mask=keep[:, perm]), first_output(m, x, mask=keep),
+                               rtol=1e-10, atol=1e-12,
+                               msg=lambda s: f"{spec.slug}: a set pooler depends on token order: {s}")
 
 
 CHECKS = {
