@@ -60,8 +60,10 @@ class LandmarkAttention(RoutedMixer):
     ``window`` blocks on either side), and runs the same grouped softmax over them: retrieving every block is
     exactly training mode; tokens attended per query = ``top_k·block_size + window·block_size`` + its section
     (whatever the length). The choice is a hard top-k without gradient (as in the paper); landmark keys learn
-    through the grouped softmax. The scores of every key are computed densely (memory ``O(N·M)``); no gathered
-    fast path yet.
+    through the grouped softmax. Backends: training mode and ``return_weights`` run densely (memory ``O(N·M)``);
+    retrieval gathers each query's used blocks (``"auto"``/``"gather"``: memory ``O(N·(top_k + window + 1)·
+    (block_size + 1))`` besides the landmark scores ``O(N·M / block_size)``); ``"reference"`` is the dense form in
+    float64.
 
     From the paper (Mohtashami & Jaggi) and the authors' code (epfml/landmark-attention ``models/landmark.py``,
     ``models/caches/mem_cache.py`` @78ec517, read not copied): the grouped softmax (the current section and the
@@ -131,10 +133,11 @@ class LandmarkAttention(RoutedMixer):
         if self.backend == "reference":
             z, w = grouped_softmax_attention(q.double(), k.double(), v.double(), routing.index, self.block_size,
                                              causal, keep, scale)
-            z, w = z.to(q.dtype), w.to(q.dtype)
-        else:
+            return z.to(q.dtype), (w.to(q.dtype) if want_weights else None)
+        if want_weights or self.top_k is None or self.backend not in ("auto", "gather"):
             z, w = grouped_softmax_attention(q, k, v, routing.index, self.block_size, causal, keep, scale)
-        return z, (w if want_weights else None)
+            return z, (w if want_weights else None)
+        return gathered_grouped_softmax(q, k, v, routing.index, self.block_size, causal, keep, scale), None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}, top_k={self.top_k}, window={self.window}"
@@ -178,6 +181,39 @@ def grouped_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     w_other = (inner * gate).view(b, h, n, nb * span)[..., :m]
     w = torch.where(section, p_top, torch.zeros_like(p_top)) + w_other
     return w @ v, w
+
+
+def gathered_grouped_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+                             block_size: int, causal: bool, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """:func:`grouped_softmax_attention`'s output computed on each query's used blocks only, gathered: memory and work
+    linear in ``N x`` (used blocks ``x (block_size + 1)``), autograd gives the backward (retrieval mode's path)."""
+    b, h, n, d = q.shape
+    m, span = k.shape[2], block_size + 1
+    nb = blocks.shape[-1]
+    ar = torch.arange(nb, device=q.device)
+    r = max(int(blocks.sum(-1).max()), 1)
+    idx = torch.where(blocks, ar, nb).sort(-1).values[..., :r]  # [B, H, N, R], nb = empty slot
+    slot = idx < nb
+    kpos = idx.unsqueeze(-1) * span + torch.arange(span, device=q.device)  # [B, H, N, R, span]
+    ok = slot.unsqueeze(-1) & (kpos < m)
+    pos = query_positions(n, m, q.device).view(1, 1, n, 1, 1)
+    if causal:
+        ok = ok & (kpos <= pos)
+    flat = kpos.clamp(max=m - 1).reshape(b, h, n * r * span)
+    if keep is not None:
+        ok = ok & keep.gather(1, flat.reshape(b, -1)).view(b, h, n, r, span)
+    kg = k.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(b, h, n, r, span, d)
+    vg = v.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1])).view(b, h, n, r, span, v.shape[-1])
+    s = torch.einsum("bhnd,bhnrsd->bhnrs", q, kg) * scale
+    mine = (idx == pos.view(1, 1, n, 1) // span).unsqueeze(-1)
+    is_lm = (torch.arange(span, device=q.device) == block_size).view(1, 1, 1, 1, span)
+    section = ok & mine & ~is_lm
+    gates = ok & ~mine & is_lm
+    top_allow = (section | gates).view(b, h, n, r * span)
+    p_top = _masked_softmax(s.reshape(b, h, n, r * span), top_allow).view(b, h, n, r, span)
+    inner = _masked_softmax(s, ok & ~mine & ~is_lm)
+    w = torch.where(section, p_top, torch.zeros_like(p_top)) + inner * p_top[..., block_size:]
+    return torch.einsum("bhnrs,bhnrsd->bhnd", w, vg)
 
 
 def _masked_softmax(s: torch.Tensor, allow: torch.Tensor) -> torch.Tensor:
@@ -229,7 +265,7 @@ def _tokens_per_step():
 register(
     "landmark", family=FAMILY, type="pattern", priority=3, papers=("Landmark Attention",),
     supports=SUPPORT, complexity="O(N M) scores; k·L + window tokens attended per query",
-    backends=("reference", "torch"),
+    backends=("reference", "gather", "torch"),
     summary="Landmark attention: a landmark token per block gates the block through a grouped softmax; inference "
             "retrieves each query's top-k blocks by landmark score plus a local window.",
     test_kwargs={**SMALL, "block_size": 2, "top_k": 1, "window": 1},

@@ -17,18 +17,20 @@ def _landmark(**kw):
     return create("landmark", dim=32, n_heads=4, **args).double()
 
 
-@pytest.mark.parametrize("kw", [{}, {"top_k": 1, "window": 1}])
+@pytest.mark.parametrize("kw", [{}, {"top_k": 1, "window": 1}, {"top_k": 2}])
 @pytest.mark.parametrize("causal", [False, True])
-def test_default_path_equals_the_reference(kw, causal):
+def test_every_backend_equals_the_reference(kw, causal):
     m = _landmark(**kw)
     ref = _landmark(backend="reference", **kw)
     ref.load_state_dict(m.state_dict())
     x = random_tokens(n=21).double().requires_grad_()
     want = ref(x, causal=causal)
-    got = m(x, causal=causal)
-    assert (got - want).abs().max() < 1e-12
     gx_want = torch.autograd.grad(want.square().sum(), x)[0]
-    assert (torch.autograd.grad(got.square().sum(), x)[0] - gx_want).abs().max() < 1e-12
+    for backend in ("auto", "gather", "sdpa"):  # retrieval: gathered blocks (auto, gather) or the dense form
+        m.backend = backend
+        got = m(x, causal=causal)
+        assert (got - want).abs().max() < 1e-12, backend
+        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx_want).abs().max() < 1e-12, backend
 
 
 @pytest.mark.parametrize("kw", [{}, {"top_k": 1, "window": 1}])
@@ -74,6 +76,18 @@ def test_insert_and_drop_landmarks():
     assert y.shape == (2, 9, 32)
     assert (y[:, landmark_mask(9, 3)] == 9.0).all()
     assert torch.equal(drop_landmarks(y, 3), x)
+
+
+def test_gathered_retrieval_with_padding_equals_the_reference():
+    m = _landmark(top_k=2)
+    ref = _landmark(top_k=2, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x = random_tokens(n=21).double()
+    keep = torch.ones(2, 21, dtype=torch.bool)
+    keep[0, 5:9] = False
+    keep[1, 18:] = False
+    for causal in (False, True):
+        assert (m(x, causal=causal, mask=keep) - ref(x, causal=causal, mask=keep)).abs().max() < 1e-12
 
 
 def test_padding_a_landmark_hides_its_block():
