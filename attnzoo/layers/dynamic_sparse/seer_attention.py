@@ -25,6 +25,7 @@ from attnzoo.layers.testing import mha_from
 from attnzoo.registry import Reduction, register
 
 GATES = ("auto", "pooled", "per_query")
+TARGET_CHUNK_ELEMENTS = 1 << 22  # attention-map elements per chunk of query rows while building the target
 
 
 def block_pool(t: torch.Tensor, block: int, keep: torch.Tensor | None, n_blocks: int,
@@ -241,25 +242,39 @@ class SeerAttention(RoutedMixer):
         query block and the query heads of a GQA group), rows normalised to sum 1; and the valid rows ``[B, R]``.
 
         ``q`` ``[B, H, N, D]``, ``k`` ``[B, Hkv, N, D]`` (self-attention, no cache), ``keep`` bool ``[B, N]``.
+        Built in chunks of whole query blocks (memory ``O(chunk·N)``, not the ``N x N`` map; the paper fuses it
+        into a FlashAttention kernel).
         """
         b, h, n, _ = q.shape
         bs, group = self.block_size, self.n_heads // self.n_kv_heads
         nb = -(-n // bs)
         kf = k.repeat_interleave(group, 1)
         scale = self.attention_scale(q)
-        s = q @ kf.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        allow = causal_allow(n, n, q.device).expand(b, h, n, n) if causal else torch.ones(
-            b, h, n, n, dtype=torch.bool, device=q.device)
-        if keep is not None:
-            allow = allow & keep.view(b, 1, 1, n)
-        s = s.masked_fill(~allow, float("-inf"))
-        seen = allow.any(-1, keepdim=True)
-        a = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
-        a = a.view(b, self.n_kv_heads, group, n, n).amax(2)
-        a = torch.nn.functional.pad(a, (0, nb * bs - n)).view(b, self.n_kv_heads, n, nb, bs).amax(-1)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        pooled = self.gate_kind(causal) == "pooled"
+        rows = max(bs, TARGET_CHUNK_ELEMENTS // max(b * h * n, 1) // bs * bs)  # query rows per chunk, whole blocks
+        parts = []
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            s = q[:, :, start:stop] @ kf.transpose(-1, -2) * scale
+            allow = causal_allow(n, n, q.device)[start:stop] if causal else torch.ones(
+                stop - start, n, dtype=torch.bool, device=q.device)
+            allow = allow.expand(b, h, stop - start, n)
+            if keep is not None:
+                allow = allow & keep.view(b, 1, 1, n)
+            s = s.masked_fill(~allow, float("-inf"))
+            seen = allow.any(-1, keepdim=True)
+            a = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
+            a = a.view(b, self.n_kv_heads, group, stop - start, n).amax(2)
+            a = torch.nn.functional.pad(a, (0, nb * bs - n)).view(b, self.n_kv_heads, stop - start, nb, bs).amax(-1)
+            if pooled:
+                c = -(-(stop - start) // bs)
+                a = torch.nn.functional.pad(a, (0, 0, 0, c * bs - (stop - start))).view(
+                    b, self.n_kv_heads, c, bs, nb).amax(3)
+            parts.append(a)
+        a = torch.cat(parts, 2)
         qvalid = torch.ones(b, n, dtype=torch.bool, device=q.device) if keep is None else keep
-        if self.gate_kind(causal) == "pooled":
-            a = torch.nn.functional.pad(a, (0, 0, 0, nb * bs - n)).view(b, self.n_kv_heads, nb, bs, nb).amax(3)
+        if pooled:
             qvalid = torch.nn.functional.pad(qvalid, (0, nb * bs - n)).view(b, nb, bs).any(-1)
         tot = a.sum(-1, keepdim=True)
         qvalid = qvalid & (tot > 0).all(1).squeeze(-1)

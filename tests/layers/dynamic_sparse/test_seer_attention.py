@@ -143,3 +143,18 @@ def test_weights_move_from_mha():
     m2.gate.load_state_dict(m.gate.state_dict())
     x = random_tokens(n=9).double()
     assert torch.equal(m2(x), m(x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_target_built_in_chunks_equals_the_whole_map(monkeypatch, causal):
+    from attnzoo.layers.dynamic_sparse import seer_attention
+
+    m = _seer(block_size=3)
+    x = random_tokens(n=14).double()
+    keep = torch.ones(2, 14, dtype=torch.bool)
+    keep[0, 10:] = False
+    q, k, _ = m.project(x, x)
+    whole = m.gate_target(q, k, keep, causal)
+    monkeypatch.setattr(seer_attention, "TARGET_CHUNK_ELEMENTS", 2 * 4 * 14 * 3)  # one query block per chunk
+    chunked = m.gate_target(q, k, keep, causal)
+    assert torch.equal(whole[1], chunked[1]) and (whole[0] - chunked[0]).abs().max() < 1e-14
