@@ -195,8 +195,9 @@ class RoutingTransformerAttention(RoutedMixer):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, cache: Any = None,
                 head_mask: torch.Tensor | None = None, return_weights: bool = False):
-        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (the :class:`~attnzoo.layers.base.AttentionMixer` contract);
-        a balanced call checks ``window <= N`` and refuses ``cache`` before any work."""
+        """``x`` ``[B, N, C]`` -> ``[B, N, C]`` (the :class:`~attnzoo.layers.base.AttentionMixer` contract:
+        ``mask`` bool ``[B, N]``, True = keep; ``causal``; ``cache`` a KVCache with ``assignment="argmax"``); a
+        balanced call checks ``window <= N`` and refuses ``cache`` before any work."""
         if self.assignment == "balanced":
             if cache is not None:
                 raise ValueError("cache: assignment='balanced' picks each cluster's tokens over the whole call; "
