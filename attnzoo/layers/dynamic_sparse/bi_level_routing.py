@@ -15,6 +15,8 @@ from attnzoo.layers.base import Call, check_choice, check_int, seeded
 from attnzoo.layers.dynamic_sparse._common import FAMILY, SMALL, RoutedMixer, Routing, check_top_k
 from attnzoo.layers.local_sparse._grid import flatten_grid, per_axis
 from attnzoo.layers.testing import mha_from, random_grid, random_tokens
+from attnzoo.ops import attention
+from attnzoo.patterns import KeyPadding
 from attnzoo.registry import Reduction, register
 
 
@@ -139,9 +141,12 @@ class BiLevelRoutingAttention(RoutedMixer):
             return grid_region_ids(grid, parts, k.device).expand(b, n), math.prod(parts)
         return adaptive_chunks(k, keep, self.regions), self.regions
 
-    def route(self, q, k, keep, call):
+    def region_routing(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, grid: tuple[int, ...]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rid [B, N], members [B, R, L], keys [B, H', R, top_k * L])``: every token's region, every region's
+        tokens (-1 filler) and the tokens of every query region's routed regions (-1: none; ``H'`` is 1
+        unless ``per_head_routing``)."""
         b, h, n, _ = q.shape
-        grid = call.extra.get("grid", (n,)) if call is not None else (n,)
         rid, r = self.region_ids(k, keep, grid)
         w = torch.ones(b, n, dtype=q.dtype, device=q.device) if keep is None else keep.to(q.dtype)
         member = F.one_hot(rid, r).to(q.dtype) * w.unsqueeze(-1)  # [B, N, R]
@@ -159,15 +164,53 @@ class BiLevelRoutingAttention(RoutedMixer):
         hh = scores.shape[1]
         sel = members.view(b, 1, 1, r, -1).expand(b, hh, r, r, -1).gather(
             3, idx.unsqueeze(-1).expand(-1, -1, -1, -1, members.shape[-1]))  # [B, H', R, k, L]
-        sel = torch.where((val > float("-inf")).unsqueeze(-1), sel, -1).flatten(3)  # [B, H', R, k*L]
+        return rid, members, torch.where((val > float("-inf")).unsqueeze(-1), sel, -1).flatten(3)
+
+    def route(self, q, k, keep, call):
+        b, h, n, _ = q.shape
+        grid = call.extra.get("grid", (n,)) if call is not None else (n,)
+        rid, _, sel = self.region_routing(q, k, keep, grid)
+        hh = sel.shape[1]
         keys = sel.gather(2, rid.view(b, 1, n, 1).expand(b, hh, n, sel.shape[-1]))  # [B, H', N, K]
         return Routing("keys", keys.expand(b, h, n, keys.shape[-1]))
 
     def attend(self, q, k, v, pattern, want_weights, call=None):
-        z, weights = super().attend(q, k, v, pattern, want_weights, call=call)
+        if want_weights or self.backend != "auto":
+            z, weights = super().attend(q, k, v, pattern, want_weights, call=call)
+        else:
+            z, weights = self.region_attend(q, k, v, call), None
         if self.lce is not None:
             z = z + self.local_context(v, call)
         return z, weights
+
+    def region_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call | None) -> torch.Tensor:
+        """BRA's gathered form (``backend="auto"``): each query region gathers the K/V of its routed regions and
+        its queries attend them densely (:func:`attnzoo.attention`, one problem per region and head), memory
+        linear in ``N x top_k``; equal to the key-routed op."""
+        b, h, n, d = q.shape
+        keep = call.kv_keep if call is not None else None
+        keep = None if keep is None or bool(keep.all()) else keep
+        grid = call.extra.get("grid", (n,)) if call is not None else (n,)
+        with torch.no_grad():
+            _, members, sel = self.region_routing(q.detach(), k.detach(), keep, grid)
+        r, length = members.shape[1:]
+        kidx = sel.expand(b, h, r, sel.shape[-1])  # [B, H, R, K]
+        ok = kidx >= 0
+        if keep is not None:
+            ok = ok & keep.gather(1, kidx.clamp(min=0).reshape(b, -1)).view_as(kidx)
+        qidx = members.view(b, 1, r, length).expand(b, h, r, length)
+
+        def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            flat = idx.clamp(min=0).reshape(b, h, -1, 1).expand(-1, -1, -1, t.shape[-1])
+            return t.gather(2, flat).view(b * h * r, 1, idx.shape[-1], t.shape[-1])
+
+        big = b * h * r
+        pad = None if bool(ok.all()) else KeyPadding(ok.reshape(big, -1))
+        out = attention(take(q, qidx), take(k, kidx), take(v, kidx), pattern=pad, scale=self.attention_scale(q))
+        dv = v.shape[-1]
+        dest = torch.where(qidx >= 0, qidx, n).reshape(b, h, -1, 1).expand(-1, -1, -1, dv)
+        z = out.new_zeros(b, h, n + 1, dv).scatter(2, dest, out.reshape(b, h, -1, dv))
+        return z[:, :, :n]
 
     def local_context(self, v: torch.Tensor, call: Call | None) -> torch.Tensor:
         """BRA's LCE: the depthwise convolution of ``v`` ``[B, H, N, D]`` on the grid -> ``[B, H, N, D]``."""
