@@ -19,6 +19,7 @@ from attnzoo.layers.dynamic_sparse._common import (
     rand_x,
 )
 from attnzoo.layers.testing import mha_from
+from attnzoo.patterns.routed import key_routed_attention
 from attnzoo.registry import Reduction, register
 
 
@@ -28,6 +29,70 @@ def dedupe_keys(keys: torch.Tensor) -> torch.Tensor:
     repeat = torch.zeros_like(s, dtype=torch.bool)
     repeat[..., 1:] = s[..., 1:] == s[..., :-1]
     return torch.where(repeat | (s < 0), -1, s)
+
+
+def membership(lists: torch.Tensor, n: int, n_clusters: int) -> torch.Tensor:
+    """Every token's clusters ``[B, H, N, S]`` (increasing, ``n_clusters`` as filler; ``S`` the most any token is
+    in) from the cluster lists ``[B, H, C, W]`` (-1 filler)."""
+    b, h, c, _ = lists.shape
+    member = torch.zeros(b, h, n + 1, c, dtype=torch.bool, device=lists.device)
+    idx = torch.where(lists >= 0, lists, n).transpose(2, 3)  # [B, H, W, C]
+    member.scatter_(2, idx, True)
+    member = member[:, :, :n]
+    most = max(int(member.sum(-1).max()) if member.numel() else 0, 1)
+    ar = torch.arange(c, device=lists.device)
+    return torch.where(member, ar, n_clusters).sort(-1).values[..., :most]
+
+
+def shared_earlier(qlists: torch.Tensor, klists: torch.Tensor, qclusters: torch.Tensor, m: int,
+                   n_clusters: int) -> torch.Tensor:
+    """Bool ``[B, H, C, Wq, Wk]``: query slot ``a`` and key slot ``b`` of cluster ``c`` also share a cluster
+    ``c' < c`` (the pair is counted there, so the merge counts every key of a query once)."""
+    b, h, c, wq = qlists.shape
+    kclusters = membership(klists, m, n_clusters)  # [B, H, M, S_k]
+    qc = qclusters.gather(2, qlists.clamp(min=0).reshape(b, h, -1, 1).expand(-1, -1, -1, qclusters.shape[-1]))
+    kc = kclusters.gather(2, klists.clamp(min=0).reshape(b, h, -1, 1).expand(-1, -1, -1, kclusters.shape[-1]))
+    qc = qc.view(b, h, c, wq, -1)
+    kc = kc.view(b, h, c, klists.shape[-1], -1)
+    own = torch.arange(c, device=qlists.device).view(1, 1, c, 1, 1)
+    qc = torch.where(qc < own, qc, n_clusters + 1)  # only earlier clusters can match
+    kc = torch.where(kc < n_clusters, kc, n_clusters + 2)
+    return (qc.unsqueeze(4).unsqueeze(-1) == kc.unsqueeze(3).unsqueeze(-2)).flatten(-2).any(-1)
+
+
+def cluster_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qlists: torch.Tensor, klists: torch.Tensor,
+                      causal: bool, scale: float, earlier: torch.Tensor | None) -> torch.Tensor:
+    """Attention of every query over the union of its clusters' keys: per cluster a dense ``Wq x Wk`` block, then
+    a log-sum-exp merge per query (``earlier`` drops pairs counted in an earlier cluster). ``q`` ``[B, H, N, D]``,
+    ``k``/``v`` ``[B, H, M, D]``, lists ``[B, H, C, W]`` (-1 filler); a query in no cluster returns zeros."""
+    b, h, n, _ = q.shape
+    m, dv, c = k.shape[2], v.shape[-1], qlists.shape[2]
+
+    def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.clamp(min=0).reshape(b, h, -1, 1).expand(-1, -1, -1, t.shape[-1])
+        return t.gather(2, flat).view(b, h, c, idx.shape[-1], t.shape[-1])
+
+    ok = (qlists >= 0).unsqueeze(-1) & (klists >= 0).unsqueeze(-2)  # [B, H, C, Wq, Wk]
+    if causal:
+        ok = ok & (klists.unsqueeze(-2) <= (qlists + (m - n)).unsqueeze(-1))
+    if earlier is not None:
+        ok = ok & ~earlier
+    s = (take(q, qlists) @ take(k, klists).transpose(-1, -2) * scale).masked_fill(~ok, float("-inf"))
+    mx = s.detach().amax(-1)  # [B, H, C, Wq]
+    seen = torch.isfinite(mx)
+    e = torch.exp(s - torch.where(seen, mx, torch.zeros_like(mx)).unsqueeze(-1))
+    den, num = e.sum(-1), e @ take(v, klists)  # [B, H, C, Wq], [B, H, C, Wq, Dv]
+    target = torch.where(qlists >= 0, qlists, n).reshape(b, h, -1)  # row n: the filler slots
+    top = torch.full((b, h, n + 1), float("-inf"), dtype=mx.dtype, device=q.device)
+    top = top.scatter_reduce(2, target, torch.where(seen, mx, float("-inf")).reshape(b, h, -1), "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    wgt = torch.where(seen, torch.exp(mx - top.gather(2, target).view_as(mx)), torch.zeros_like(mx))
+    tot = torch.zeros(b, h, n + 1, dtype=den.dtype, device=q.device).scatter_add(
+        2, target, (den * wgt).reshape(b, h, -1))
+    acc = torch.zeros(b, h, n + 1, dv, dtype=num.dtype, device=q.device).scatter_add(
+        2, target.unsqueeze(-1).expand(-1, -1, -1, dv), (num * wgt.unsqueeze(-1)).reshape(b, h, -1, dv))
+    out = acc / torch.where(tot > 0, tot, torch.ones_like(tot)).unsqueeze(-1)
+    return out[:, :, :n]
 
 
 def cluster_lists(cluster: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,43 +186,84 @@ class RoutingTransformerAttention(RoutedMixer):
         """Tokens per cluster of a balanced call on ``n`` tokens."""
         return -(-n // self.n_clusters) if self.window is None else self.window
 
-    def route(self, q, k, keep, call):
+    def clusters(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(qlists [B, H, C, Wq], klists [B, H, C, Wk], qclusters [B, H, N, S])``: every cluster's queries and
+        keys (-1 filler) and every query's clusters (``C``: filler; one per query for ``argmax``)."""
         b, h, n, _ = q.shape
-        m = k.shape[2]
-        causal = bool(call is not None and call.causal)
+        m, c = k.shape[2], self.n_clusters
         sq, sk = self.similarity(q), self.similarity(k)
         if keep is not None:
             sk = sk.masked_fill(~keep.view(b, 1, m, 1), float("-inf"))
         if self.assignment == "argmax":
-            ck = torch.where(torch.isfinite(sk[..., 0]), sk.argmax(-1), self.n_clusters)
-            lists, _ = cluster_lists(ck, self.n_clusters)  # [B, H, C, L]
-            keys = lists.gather(2, sq.argmax(-1).unsqueeze(-1).expand(-1, -1, -1, lists.shape[-1]))
-        else:
-            qkeep = call.mask if call is not None else None  # padded queries take no cluster's slot
-            if qkeep is not None:
-                sq = sq.masked_fill(~qkeep.view(b, 1, n, 1), float("-inf"))
-            keys = self._balanced_keys(sq, sk)
+            cq = sq.argmax(-1)
+            ck = torch.where(torch.isfinite(sk[..., 0]), sk.argmax(-1), c)
+            return cluster_lists(cq, c)[0], cluster_lists(ck, c)[0], cq.unsqueeze(-1)
+        qkeep = call.mask if call is not None else None  # padded queries take no cluster's slot
+        if qkeep is not None:
+            sq = sq.masked_fill(~qkeep.view(b, 1, n, 1), float("-inf"))
+        w = self.call_window(n)
+        qval, qsel = sq.topk(w, dim=2)  # [B, H, w, C]: the queries of every cluster
+        kval, ksel = sk.topk(min(w, m), dim=2)
+        qlists = torch.where(torch.isfinite(qval), qsel, -1).transpose(2, 3)  # [B, H, C, w]
+        klists = torch.where(torch.isfinite(kval), ksel, -1).transpose(2, 3)
+        return qlists, klists, membership(qlists, n, c)
+
+    def route(self, q, k, keep, call):
+        b, h, n, _ = q.shape
+        m = k.shape[2]
+        _, klists, qclusters = self.clusters(q, k, keep, call)
+        padded = torch.cat([klists, torch.full_like(klists[:, :, :1], -1)], 2)  # [B, H, C + 1, Wk]
+        keys = padded.gather(2, qclusters.reshape(b, h, -1, 1).expand(-1, -1, -1, padded.shape[-1]))
+        keys = keys.view(b, h, n, -1)
+        if self.assignment == "balanced":
+            keys = dedupe_keys(keys)
         if self.local_heads:
-            keys = self._with_local_heads(keys, n, m, causal)
-        if self.training and self.update_centroids:
-            mask = call.mask if call is not None else None
-            self.centroids.copy_(self.updated_centroids(q, k[:, :, m - n:], mask, None if keep is None
-                                                        else keep[:, m - n:]))
+            keys = self._with_local_heads(keys, n, m, bool(call is not None and call.causal))
         return Routing("keys", keys)
 
-    def _balanced_keys(self, sq: torch.Tensor, sk: torch.Tensor) -> torch.Tensor:
-        b, h, n, c = sq.shape
-        w = self.call_window(n)
-        qsel = sq.topk(w, dim=2).indices  # [B, H, w, C]: the queries of every cluster
-        kval, ksel = sk.topk(min(w, sk.shape[2]), dim=2)
-        ksel = torch.where(torch.isfinite(kval), ksel, -1).transpose(2, 3)  # [B, H, C, w]
-        member = torch.zeros(b, h, n, c, dtype=torch.bool, device=sq.device).scatter_(2, qsel, True)
-        most = max(int(member.sum(-1).max()), 1)
-        ar = torch.arange(c, device=sq.device)
-        clusters = torch.where(member, ar, c).sort(-1).values[..., :most]  # [B, H, N, most] (c: none)
-        padded = torch.cat([ksel, torch.full_like(ksel[:, :, :1], -1)], 2)  # [B, H, C + 1, w]
-        keys = padded.gather(2, clusters.reshape(b, h, -1, 1).expand(-1, -1, -1, padded.shape[-1]))
-        return dedupe_keys(keys.view(b, h, n, -1))
+    def attend(self, q, k, v, pattern, want_weights, call=None):
+        if want_weights or self.backend != "auto":
+            out = super().attend(q, k, v, pattern, want_weights, call=call)
+        else:
+            out = self.cluster_attend(q, k, v, call), None
+        if self.training and self.update_centroids:
+            n, m = q.shape[2], k.shape[2]
+            keep = call.kv_keep if call is not None else None
+            self.centroids.copy_(self.updated_centroids(q, k[:, :, m - n:], call.mask if call is not None else None,
+                                                        None if keep is None else keep[:, m - n:]))
+        return out
+
+    def cluster_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Any) -> torch.Tensor:
+        """The clustered form (``backend="auto"``): each cluster attends its queries to its keys densely and a
+        query in several clusters merges its partial results by log-sum-exp, a key shared by two of its
+        clusters counted once (work ``O(C·Wq·Wk)`` per head); local heads run on the key-routed op. Equal to
+        one softmax over the union of the query's clusters' keys (the routed reference)."""
+        b, h, n, _ = q.shape
+        m = k.shape[2]
+        causal = bool(call is not None and call.causal)
+        keep = call.kv_keep if call is not None else None
+        keep = None if keep is None or bool(keep.all()) else keep
+        scale = self.attention_scale(q)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        lh = self.local_heads
+        with torch.no_grad():
+            qlists, klists, qclusters = self.clusters(q.detach(), k.detach(), keep, call)
+        outs = []
+        if lh:
+            keys = self._with_local_heads(torch.full((b, h, n, 1), -1, dtype=torch.int64, device=q.device), n, m,
+                                          causal)[:, :lh]
+            if keep is not None:
+                keys = torch.where(keep.gather(1, keys.clamp(min=0).reshape(b, -1)).view_as(keys), keys, -1)
+            outs.append(key_routed_attention(q[:, :lh], k[:, :lh], v[:, :lh], keys, causal=causal, scale=scale))
+        if lh < h:
+            sl = slice(lh, h)
+            earlier = None
+            if self.assignment == "balanced":
+                earlier = shared_earlier(qlists[:, sl], klists[:, sl], qclusters[:, sl], m, self.n_clusters)
+            outs.append(cluster_attention(q[:, sl], k[:, sl], v[:, sl], qlists[:, sl], klists[:, sl], causal, scale,
+                                          earlier))
+        return torch.cat(outs, 1)
 
     def _with_local_heads(self, keys: torch.Tensor, n: int, m: int, causal: bool) -> torch.Tensor:
         w = self.local_window
