@@ -137,3 +137,17 @@ def test_bad_calls_are_refused_before_any_work():
     with pytest.raises(ValueError, match="cache"):
         _double(n_clusters=2)(random_tokens(n=4), causal=True, cache=KVCache())
     assert F.normalize(m.centroids, dim=-1).shape == (4, 2, 8)
+
+
+def test_clustered_form_counts_a_key_shared_by_two_clusters_once():
+    """Balanced clusters overlap (a small window over few clusters): some query shares a key with two of its
+    clusters, and the clustered form (auto) still equals the single softmax over the union (reference)."""
+    from attnzoo.layers.dynamic_sparse.routing_transformer import shared_earlier
+
+    m = _double(n_clusters=2, window=9, update_centroids=False).eval()
+    ref = _double(n_clusters=2, window=9, update_centroids=False, backend="reference").eval()
+    x = random_tokens(n=10)
+    q, k, _ = m.project(x, x)
+    qlists, klists, qclusters = m.clusters(q, k, None, Call(x=x, src=x))
+    assert shared_earlier(qlists, klists, qclusters, 10, 2).any()
+    assert (m(x) - ref(x)).abs().max() < 1e-12
