@@ -73,6 +73,9 @@ class BiLevelRoutingAttention(RoutedMixer):
     region's query mean reads every token of the region, so the routing of a token would depend on later
     tokens. ``top_k`` above the number of regions of a call is refused; ``top_k`` equal to it is full
     attention.
+    ``backend="auto"`` runs BRA's gathered form (:meth:`region_attend`: every query region gathers its routed
+    regions' K/V, one dense problem per region and head); ``"reference"`` / ``"gather"`` / ``"sdpa"`` /
+    ``"flex"`` run the same routing as per-query key lists on the routed-attention op (equal in float64).
 
     Args:
         dim, n_heads: as ``mha``.

@@ -134,6 +134,9 @@ class RoutingTransformerAttention(RoutedMixer):
     ``update_centroids=False`` leave the buffer as it is; nothing else of the call stays on the module).
     The routing is non-differentiable (the centroids get no gradient; k-means is the paper's training
     signal for them).
+    ``backend="auto"`` runs the clustered form (:meth:`cluster_attend`: a dense block per cluster, merged per
+    query by log-sum-exp, work ``O(C·W²)`` per head); ``"reference"`` / ``"gather"`` / ``"sdpa"`` / ``"flex"``
+    run the same routing as per-query key lists on the routed-attention op (all equal in float64).
 
     Sources: the abstract (online k-means routing, O(n^1.5 d)); lucidrains/routing-transformer (read, a peer
     implementation: per-head centroids, cosine similarity to them, argmax buckets, balanced top-``window``
