@@ -8,7 +8,15 @@ from typing import Any
 import torch
 
 from attnzoo.layers.base import check_int, seeded
-from attnzoo.layers.dynamic_sparse._common import FAMILY, SMALL, RoutedMixer, block_means, rand_x
+from attnzoo.layers.dynamic_sparse._common import (
+    FAMILY,
+    SMALL,
+    RoutedMixer,
+    block_means,
+    pool_levels,
+    pooled_token_weights,
+    rand_x,
+)
 from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
 from attnzoo.ops.routed import key_routed_gather, routed_reference
@@ -16,29 +24,6 @@ from attnzoo.patterns.routed import DenseRouted
 from attnzoo.registry import Reduction, register
 
 PYRAMID_BACKENDS = ("auto", "reference", "gather", "sdpa", "flex")
-
-
-def pool_levels(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, block_size: int, n_levels: int
-                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The key/value pyramid: for level ``l < n_levels``, ``(k_l [B, H, M_l, D], v_l [B, H, M_l, D_v],
-    count_l [B, M_l])`` with ``M_l = nkb * block_size / 2^l``: the mean of each group of ``2^l`` consecutive
-    kept keys (values) of a key block and how many kept keys it stands for (0: none). Keys are padded to whole
-    blocks (the padding is not kept)."""
-    b, h, m, d = k.shape
-    nkb = -(-m // block_size)
-    pad = nkb * block_size - m
-    w = torch.ones(b, m, dtype=k.dtype, device=k.device) if keep is None else keep.to(k.dtype)
-    w = torch.nn.functional.pad(w, (0, pad))
-    kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
-    out = []
-    for level in range(n_levels):
-        g = 1 << level
-        cnt = w.view(b, -1, g).sum(-1)
-        wk = w.view(b, 1, -1, g, 1)
-        den = cnt.clamp(min=1).view(b, 1, -1, 1)
-        out.append(((kp.view(b, h, -1, g, d) * wk).sum(3) / den, (vp.view(b, h, -1, g, vp.shape[-1]) * wk).sum(3) / den,
-                    cnt))
-    return out
 
 
 def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, *, block_size: int,
@@ -96,21 +81,12 @@ def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels:
         if not return_weights:
             return res.to(q.dtype)
         out, w = res
-        return out, _token_weights(w, counts, block_size, m)
+        return out, pooled_token_weights(w, counts, m)
     width = max(int(block_allow.sum(-1).max()), 1)
     ar = torch.arange(block_allow.shape[-1], device=q.device)
     lists = torch.where(block_allow, ar, block_allow.shape[-1]).sort(-1).values[..., :width]
     lists = torch.where(lists < block_allow.shape[-1], lists, -1)
     return key_routed_gather(qq, kk, vv, lists[:, :, qblock].contiguous(), scale=scale)
-
-
-def _token_weights(w: torch.Tensor, counts: list[torch.Tensor], block_size: int, m: int) -> torch.Tensor:
-    out, start = 0, 0
-    for level, cnt in enumerate(counts):
-        wl = w[..., start:start + cnt.shape[1]] / cnt.clamp(min=1).view(cnt.shape[0], 1, 1, -1).to(w.dtype)
-        out = out + wl.repeat_interleave(1 << level, -1)[..., :m]
-        start += cnt.shape[1]
-    return out
 
 
 def check_level_blocks(level_blocks: Any, block_size: int) -> tuple[int, ...]:
