@@ -26,6 +26,8 @@ from attnzoo.ops.routed import key_routing_mask
 from attnzoo.patterns.routed import DenseRouted, key_routed_attention
 from attnzoo.registry import Reduction, register
 
+# Anchor-key gathers per chunk of queries while searching ([chunk, S, D] at a time).
+SEARCH_CHUNK_ELEMENTS = 1 << 22
 SPAN_FACTOR = 2.0  # span length ceil(2 sqrt(p + 1)): the smallest factor that leaves no earlier position unreachable
 
 
@@ -116,32 +118,37 @@ class SuperlinearSpanAttention(RoutedMixer):
                             if combine == "gated" else None)
 
     def search(self, s: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, causal: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The span search: ``(anchors [B, H, N, k] (-1: none), logits [B, H, N, k] (-inf: none), keys
-        [B, H, N, k, L + 1])`` for search queries ``s`` ``[B, H, N, D]`` (differentiable logits)."""
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The span search (no gradient): ``(anchors [B, H, N, k] (-1: none), keys [B, H, N, k, L + 1])`` for
+        search queries ``s`` ``[B, H, N, D]``; anchors are scored in chunks of queries (``O(chunk sqrt(M))``)."""
         b, h, n, d = s.shape
-        m = k.shape[2]
-        pos = search_positions(n, m, causal, s.device)
+        pos = search_positions(n, k.shape[2], causal, s.device)
         cand = span_anchors(pos)  # [N, S]
-        idx = cand.clamp(min=0).view(1, 1, n, -1).expand(b, h, -1, -1)
-        kg = k.gather(2, idx.reshape(b, h, -1, 1).expand(-1, -1, -1, d)).view(b, h, n, -1, d)
-        logits = torch.einsum("bhnd,bhnsd->bhns", s, kg)
         ok = (cand >= 0).view(1, 1, n, -1)
         if keep is not None:
             ok = ok & keep.gather(1, cand.clamp(min=0).view(1, -1).expand(b, -1)).view(b, 1, n, -1)
-        logits = logits.masked_fill(~ok, float("-inf"))
         kk = min(self.top_k, cand.shape[1])
-        val, best = logits.detach().topk(kk, dim=-1)
-        anchor = torch.where(val > float("-inf"), cand.view(1, 1, n, -1).expand(b, h, -1, -1).gather(-1, best), -1)
+        best = torch.empty(b, h, n, kk, dtype=torch.int64, device=s.device)
+        found = torch.empty(b, h, n, kk, dtype=torch.bool, device=s.device)
+        chunk = max(1, min(n, SEARCH_CHUNK_ELEMENTS // max(b * h * cand.shape[1] * d, 1)))
+        for start in range(0, n, chunk):
+            sl = slice(start, min(n, start + chunk))
+            idx = cand[sl].clamp(min=0).reshape(1, 1, -1, 1).expand(b, h, -1, d)
+            kg = k.gather(2, idx).view(b, h, -1, cand.shape[1], d)
+            logits = torch.einsum("bhnd,bhnsd->bhns", s[:, :, sl], kg)
+            logits = logits.masked_fill(~ok[:, :, sl], float("-inf"))
+            val, ix = logits.topk(kk, dim=-1)
+            best[:, :, sl], found[:, :, sl] = ix, val > float("-inf")
+        anchor = torch.where(found, cand.view(1, 1, n, -1).expand(b, h, -1, -1).gather(-1, best), -1)
         keys = span_keys(anchor, span_length(pos))
         if keep is not None:
-            keys = torch.where(keys >= 0, torch.where(keep.gather(1, keys.clamp(min=0).view(b, -1)).view(keys.shape),
-                                                      keys, -1), -1)
-        return anchor, logits.gather(-1, best).masked_fill(anchor < 0, float("-inf")), keys
+            kept = keep.gather(1, keys.clamp(min=0).view(b, -1)).view(keys.shape)
+            keys = torch.where((keys >= 0) & kept, keys, -1)
+        return anchor, keys
 
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         causal = bool(call is not None and call.causal)
-        return Routing("keys", union_keys(self.search(q, k, keep, causal)[2]))
+        return Routing("keys", union_keys(self.search(q, k, keep, causal)[1]))
 
     def attend(self, q, k, v, pattern, want_weights, call=None):
         if self.combine == "union":
@@ -150,7 +157,7 @@ class SuperlinearSpanAttention(RoutedMixer):
         keep = call.kv_keep if call is not None else None
         s = self.split(self.search_proj(call.x), self.n_heads)
         with torch.no_grad():
-            anchor, _, keys = self.search(s.detach(), k.detach(), keep, causal)
+            anchor, keys = self.search(s.detach(), k.detach(), keep, causal)
         logits = anchor_logits(s, k, anchor)
         gate = torch.softmax(logits.masked_fill(anchor < 0, -1e30), -1) * (anchor >= 0)
         scale = self.attention_scale(q)

@@ -85,3 +85,15 @@ def test_rounds_are_logarithmic():
 def test_bad_arguments_name_themselves(kw, name):
     with pytest.raises(ValueError, match=name):
         create("hip", dim=32, n_heads=4, **kw)
+
+
+def test_chunked_search_equals_one_pass(monkeypatch):
+    import attnzoo.layers.dynamic_sparse.hip as hip
+
+    m = _double(top_k=3)
+    x = random_tokens(n=19)
+    q, k, _ = m.project(x, x)
+    call = Call(x=x, src=x, causal=True)
+    whole = m.route(q, k, None, call).index
+    monkeypatch.setattr(hip, "SEARCH_CHUNK_ELEMENTS", 1)
+    assert torch.equal(m.route(q, k, None, call).index, whole)

@@ -90,3 +90,16 @@ def test_union_routing_is_within_the_selected_spans():
 def test_bad_arguments_name_themselves(kw, name):
     with pytest.raises(ValueError, match=name):
         create("superlinear_span", dim=32, n_heads=4, **kw)
+
+
+def test_chunked_search_equals_one_pass(monkeypatch):
+    import attnzoo.layers.dynamic_sparse.superlinear_span as sl
+    from attnzoo.layers.base import Call
+
+    m = _double(top_k=2)
+    x = random_tokens(n=19)
+    q, k, _ = m.project(x, x)
+    call = Call(x=x, src=x, causal=True)
+    whole = m.route(q, k, None, call).index
+    monkeypatch.setattr(sl, "SEARCH_CHUNK_ELEMENTS", 1)
+    assert torch.equal(m.route(q, k, None, call).index, whole)
