@@ -65,6 +65,8 @@ def hierarchical_top_k(q: torch.Tensor, k: torch.Tensor, kept_pos: torch.Tensor,
     pos = kept_pos.view(kept_pos.shape[0], 1, 1, -1).expand(b, h, n, -1)
     per_query = b * h * 2 * kk * max(d, 1)
     chunk = max(1, min(n, SEARCH_CHUNK_ELEMENTS // per_query))
+    kflat = k.reshape(-1, d)
+    base = (torch.arange(b * h, device=q.device) * k.shape[2]).view(b, h, 1, 1)
     while bool(((hi - lo) > 1).any()):
         mid = lo + (hi - lo + 1) // 2
         c_lo = torch.cat([lo, mid], -1)
@@ -72,11 +74,11 @@ def hierarchical_top_k(q: torch.Tensor, k: torch.Tensor, kept_pos: torch.Tensor,
         rep = c_lo if representative == "first" else c_lo + (c_hi - c_lo - 1).clamp(min=0) // 2
         idx = pos.gather(-1, rep.clamp(max=pos.shape[-1] - 1))
         scores = torch.empty(idx.shape, dtype=q.dtype, device=q.device)
+        rows = idx + base  # rows of k.reshape(B*H*M, D)
         for start in range(0, n, chunk):
             sl = slice(start, min(n, start + chunk))
-            ks = idx[:, :, sl]
-            kg = k.gather(2, ks.reshape(b, h, -1, 1).expand(-1, -1, -1, d)).view(*ks.shape, d)
-            scores[:, :, sl] = torch.einsum("bhnd,bhncd->bhnc", q[:, :, sl], kg)
+            kg = kflat.index_select(0, rows[:, :, sl].reshape(-1)).view(*rows[:, :, sl].shape, d)
+            scores[:, :, sl] = (kg @ q[:, :, sl].unsqueeze(-1)).squeeze(-1)
         scores = scores.masked_fill(c_hi <= c_lo, float("-inf"))
         best = scores.topk(kk, dim=-1).indices
         lo, hi = c_lo.gather(-1, best), c_hi.gather(-1, best)
