@@ -60,11 +60,12 @@ def span_keys(anchor: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
 
 
 def union_keys(keys: torch.Tensor) -> torch.Tensor:
-    """``[..., k, L]`` span keys -> ``[..., k L]`` the sorted union (repeats and -1 as -1)."""
+    """``[..., k, L]`` span keys -> ``[..., W]`` their union (decreasing, then -1), ``W`` the largest union."""
     flat = keys.flatten(-2).sort(-1).values
     dup = torch.zeros_like(flat, dtype=torch.bool)
     dup[..., 1:] = flat[..., 1:] == flat[..., :-1]
-    return torch.where(dup, -1, flat)
+    out = torch.where(dup, -1, flat).sort(-1, descending=True).values
+    return out[..., :max(int((out >= 0).sum(-1).max()), 1) if out.numel() else 1]
 
 
 def anchor_logits(s: torch.Tensor, k: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
