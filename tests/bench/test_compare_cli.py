@@ -252,7 +252,8 @@ def test_report_labels_extrapolated_fits_and_writes_booleans_as_words(tmp_path):
         db.add_run(kind="speed", session="s", env=env, config={}, metrics={}, speed=[
             {"mixer": m, "n": n, "mode": "fwd", "status": "ok", "time_s": t(n), "peak_bytes": None, "flops": None,
              "ratio": t(n) / (1e-8 * n * n), "detail": {}}
-            for m, t in (("sdpa_dense", lambda n: 1e-8 * n * n), ("lin", lambda n: 1e-3 * n)) for n in (256, 512, 1024)])
+            for m, t in (("sdpa_dense", lambda n: 1e-8 * n * n), ("lin", lambda n: 1e-3 * n))
+            for n in (256, 512, 1024)])
         html = build_report(db, tmp_path / "out").read_text()
     training = html[html.index("<h2>Training runs</h2>"):html.index("<h2>Speed and memory</h2>")]
     assert "<td>yes</td><td>no</td>" in training and "True" not in training and "False" not in training
