@@ -108,15 +108,23 @@ def secondary_names(runs: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
+def _of_best(runs: list[dict[str, Any]], best: dict[str, Any] | None, task: str, mixer: str,
+             name: str) -> list[float]:
+    """The metric ``name`` of the runs (seeds) of the configuration ``best`` ranked ``mixer`` by on ``task``."""
+    if best is None:
+        return []
+    vals = [r["metrics"].get(name) for r in runs if r["task"] == task and r["mixer"] == mixer
+            and int(r["config"].get("dim", 0)) == best["dim"] and float(r["config"].get("lr", 0.0)) == best["lr"]
+            and _metric(r)[1] is not None]
+    return [float(v) for v in vals if isinstance(v, (int, float)) and not math.isnan(v)]
+
+
 def _secondary(runs: list[dict[str, Any]], best: dict[str, Any] | None, task: str, mixer: str, name: str) -> str:
     """The secondary metric ``name`` over the seeds of the configuration ``best`` ranked ``mixer`` by on
     ``task`` ("n/a" where the runs have none, e.g. a localisation AUC of a pooler without weights)."""
     if best is None:
         return ""
-    vals = [r["metrics"].get(name) for r in runs if r["task"] == task and r["mixer"] == mixer
-            and int(r["config"].get("dim", 0)) == best["dim"] and float(r["config"].get("lr", 0.0)) == best["lr"]
-            and _metric(r)[1] is not None]
-    vals = [float(v) for v in vals if v is not None and not math.isnan(v)]
+    vals = _of_best(runs, best, task, mixer, name)
     if not vals:
         return "n/a"
     mean, std = _mean_std(vals)
@@ -133,10 +141,11 @@ def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tup
     """Columns and rows: per mechanism, its metric per task as mean ± standard deviation over seeds
     (best width and learning rate by the mean), followed by the task's secondary metrics (the bag and
     localisation AUC of the MIL task) of that configuration, the mean accuracy over the tasks some mechanism
-    learned, and forward+backward time and memory against SDPA (causal when the sweep is) at the
-    longest length both ran. A task where every mechanism stays below :data:`NOT_LEARNED_BELOW`
-    accuracy is labelled "not learned in budget" and does not count; a mechanism with no learned
-    task is not ranked ("-"). Sorted by mean accuracy, then by time."""
+    learned, forward+backward time and memory against SDPA (causal when the sweep is) at the
+    longest length both ran, and the mean training time of those best configurations' runs. A task where
+    every mechanism stays below :data:`NOT_LEARNED_BELOW` accuracy is labelled "not learned in budget" and
+    does not count; a mechanism with no learned task is not ranked ("-"). Sorted by mean accuracy, then by
+    time."""
     stats = seed_stats(runs)
     tasks = sorted({k[0] for k in stats}, key=_natural)
     mixers = sorted({k[1] for k in stats} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
@@ -148,7 +157,8 @@ def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tup
     for t in tasks:
         task_cols += [t if learned[t] else f"{t} (not learned in budget)", *[f"{t} {x}" for x in extra.get(t, [])]]
     columns = ["#", "mechanism", *task_cols,
-               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N"]
+               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N",
+               "train time per run (s)"]
     rows = []
     for m in mixers:
         accs = [stats[(t, m)]["mean"] for t in tasks if (t, m) in stats and learned[t] and stats[(t, m)]["higher"]]
@@ -158,9 +168,11 @@ def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tup
         for t in tasks:
             cells += [_pm(stats.get((t, m))),
                       *[_secondary(runs, stats.get((t, m)), t, m, x) for x in extra.get(t, [])]]
+        times = [v for t in tasks for v in _of_best(runs, stats.get((t, m)), t, m, "train_time_s")]
         rows.append((mean, s.get("ratio", math.inf), [
             m, *cells, _fmt(mean), _ratio(s.get("ratio")),
-            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else ""]))
+            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else "",
+            f"{sum(times) / len(times):.1f}" if times else ""]))
     rows.sort(key=lambda r: (r[0] is None, -(r[0] or 0.0), r[1]))
     out, rank = [], 0
     for mean, _, cells in rows:
@@ -424,7 +436,8 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
     parts.append("<p class='note'>Task columns: the best test metric over widths and learning rates "
                  "(accuracy: Zoology's per-example rule; higher is better), then any secondary metric of the task "
                  "for that width and learning rate, from the final model (bag AUC; localisation AUC: the pooler's "
-                 "weights against the true positive instances; n/a: a pooler without weights). Speed: "
+                 "weights against the true positive instances; n/a: a pooler without weights). Train time: the "
+                 "mean wall time of a training run of those configurations (a loaded machine is slower). Speed: "
                  "forward+backward time and peak memory divided by SDPA dense at the same N, at the longest N "
                  "both ran (below 1 is faster / smaller).</p>")
     if plt is None:
