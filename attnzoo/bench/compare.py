@@ -155,11 +155,17 @@ def _bag_setting(task: Task) -> Setting:
     return Setting(task, batch_size=64, n_train=4000, n_test=500, max_steps=300, eval_every=100)
 
 
+# The bag classifiers' learning rate under the harness's recipe (AdamW, weight decay 0.1, cosine decay over
+# 300 steps): at 3e-3 no pooler beat the majority class on set_maximum (0.870) and abmil settled on MIL at
+# 0.60 with its weights on the non-witnesses; at 1e-2 they reach 0.94 and 0.86 (seed 0, one run each).
+BAG_LR = 1e-2
+
+
 def _pooling() -> Preset:
     # Each pooler in a bag classifier (instance MLP to width 32, the pooler, a linear head), 300 steps.
     return Preset("pooling", "the P1/P2 poolers in a bag classifier on MIL bags (bag accuracy / AUC, localisation "
                   "AUC from the weights) and the set maximum, 300 steps each",
-                  [_bag_setting(MILBags()), _bag_setting(SetMaximum())], dims=[32], lrs=[3e-3],
+                  [_bag_setting(MILBags()), _bag_setting(SetMaximum())], dims=[32], lrs=[BAG_LR],
                   candidates=POOLING_POOLERS, early_stop=None)
 
 
@@ -174,7 +180,7 @@ def task_preset(task: Task) -> Preset:
     if task.kind == "bag":
         return Preset(f"task-{task.name}", f"{task.label()}: poolers in a bag classifier, 300 steps each",
                       [_bag_setting(task)],
-                      dims=[32], lrs=[3e-3], candidates=POOLING_POOLERS, early_stop=None)
+                      dims=[32], lrs=[BAG_LR], candidates=POOLING_POOLERS, early_stop=None)
     setting = Setting(task, batch_size=64, n_train=16_000, n_test=500, max_steps=1000, eval_every=100)
     return Preset(f"task-{task.name}", f"{task.label()}: 2-layer models at width 64, 1000 steps each", [setting],
                   dims=[64],
