@@ -112,6 +112,44 @@ def seed_stats_by_width(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int]
     return _best_over(groups, higher_of, lambda g: (g[0], g[1], g[2]))
 
 
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    mean = sum(vals) / len(vals)
+    return mean, (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+
+
+def secondary_names(runs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Task label -> the secondary metrics its runs report (``metrics["secondary_metrics"]``, in order)."""
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        for name in r["metrics"].get("secondary_metrics") or []:
+            if name not in out.setdefault(r["task"], []):
+                out[r["task"]].append(name)
+    return out
+
+
+def _of_best(runs: list[dict[str, Any]], best: dict[str, Any] | None, task: str, mixer: str,
+             name: str) -> list[float]:
+    """The metric ``name`` of the runs (seeds) of the configuration ``best`` ranked ``mixer`` by on ``task``."""
+    if best is None:
+        return []
+    vals = [r["metrics"].get(name) for r in runs if r["task"] == task and r["mixer"] == mixer
+            and int(r["config"].get("dim", 0)) == best["dim"] and float(r["config"].get("lr", 0.0)) == best["lr"]
+            and _metric(r)[1] is not None]
+    return [float(v) for v in vals if isinstance(v, (int, float)) and not math.isnan(v)]
+
+
+def _secondary(runs: list[dict[str, Any]], best: dict[str, Any] | None, task: str, mixer: str, name: str) -> str:
+    """The secondary metric ``name`` over the seeds of the configuration ``best`` ranked ``mixer`` by on
+    ``task`` ("n/a" where the runs have none, e.g. a localisation AUC of a pooler without weights)."""
+    if best is None:
+        return ""
+    vals = _of_best(runs, best, task, mixer, name)
+    if not vals:
+        return "n/a"
+    mean, std = _mean_std(vals)
+    return f"{mean:.3f} ± {std:.3f}" if len(vals) > 1 else f"{mean:.3f}"
+
+
 def _pm(s: dict[str, Any] | None) -> str:
     if s is None:
         return ""
@@ -120,27 +158,40 @@ def _pm(s: dict[str, Any] | None) -> str:
 
 def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Columns and rows: per mechanism, its metric per task as mean ± standard deviation over seeds
-    (best width and learning rate by the mean), the mean accuracy over the tasks some mechanism
-    learned, and forward+backward time and memory against SDPA (causal when the sweep is) at the
-    longest length both ran. A task where every mechanism stays below :data:`NOT_LEARNED_BELOW`
-    accuracy is labelled "not learned in budget" and does not count; a mechanism with no learned
-    task is not ranked ("-"). Sorted by mean accuracy, then by time."""
+    (best width and learning rate by the mean), followed by the task's secondary metrics (the bag and
+    localisation AUC of the MIL task) of that configuration, the mean accuracy over the tasks some mechanism
+    learned, forward+backward time and memory against SDPA (causal when the sweep is) at the
+    longest length both ran, and the mean training time of those best configurations' runs. A task where
+    every mechanism stays below :data:`NOT_LEARNED_BELOW` accuracy is labelled "not learned in budget" and
+    does not count; a mechanism with no learned task is not ranked ("-"). Sorted by mean accuracy, then by
+    time."""
     stats = seed_stats(runs)
     tasks = sorted({k[0] for k in stats}, key=_natural)
     mixers = sorted({k[1] for k in stats} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
     learned = {t: not all(s["higher"] and s["mean"] < NOT_LEARNED_BELOW for (t2, _), s in stats.items() if t2 == t)
                for t in tasks}
     speed_cols = _speed_summary(points)
-    columns = ["#", "mechanism", *[t if learned[t] else f"{t} (not learned in budget)" for t in tasks],
-               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N"]
+    extra = secondary_names(runs)
+    task_cols = []
+    for t in tasks:
+        task_cols += [t if learned[t] else f"{t} (not learned in budget)", *[f"{t} {x}" for x in extra.get(t, [])]]
+    columns = ["#", "mechanism", *task_cols,
+               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N",
+               "train time per run (s)"]
     rows = []
     for m in mixers:
         accs = [stats[(t, m)]["mean"] for t in tasks if (t, m) in stats and learned[t] and stats[(t, m)]["higher"]]
         mean = sum(accs) / len(accs) if accs else None
         s = speed_cols.get(m, {})
+        cells = []
+        for t in tasks:
+            cells += [_pm(stats.get((t, m))),
+                      *[_secondary(runs, stats.get((t, m)), t, m, x) for x in extra.get(t, [])]]
+        times = [v for t in tasks for v in _of_best(runs, stats.get((t, m)), t, m, "train_time_s")]
         rows.append((mean, s.get("ratio", math.inf), [
-            m, *[_pm(stats.get((t, m))) for t in tasks], _fmt(mean), _ratio(s.get("ratio")),
-            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else ""]))
+            m, *cells, _fmt(mean), _ratio(s.get("ratio")),
+            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else "",
+            f"{sum(times) / len(times):.1f}" if times else ""]))
     rows.sort(key=lambda r: (r[0] is None, -(r[0] or 0.0), r[1]))
     out, rank = [], 0
     for mean, _, cells in rows:
@@ -421,9 +472,12 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
     cols, rows = leaderboard(runs, points)
     parts.append("<h2>Leaderboard</h2>" + _table(cols, rows))
     parts.append("<p class='note'>Task columns: the best test metric over widths and learning rates "
-                 "(accuracy: Zoology's per-example rule; higher is better), mean ± sd over seeds. Speed: "
-                 "forward+backward time and peak memory divided by SDPA (causal when the sweep is) at the "
-                 "same N, at the longest N both ran (below 1 is faster / smaller).</p>")
+                 "(accuracy: Zoology's per-example rule; higher is better), mean ± sd over seeds, then any "
+                 "secondary metric of the task for that width and learning rate, from the final model (bag AUC; "
+                 "localisation AUC: the pooler's weights against the true positive instances; n/a: a pooler "
+                 "without weights). Train time: the mean wall time of a training run of those configurations (a "
+                 "loaded machine is slower). Speed: forward+backward time and peak memory divided by SDPA (causal "
+                 "when the sweep is) at the same N, at the longest N both ran (below 1 is faster / smaller).</p>")
     if plt is None:
         parts.append("<p class='note'>Plots need matplotlib: <code>pip install 'attnzoo[report]'</code>.</p>")
     for fname, caption, data in images:
@@ -435,13 +489,15 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
         for r in runs:
             name, v, _ = _metric(r)
             m, c = r["metrics"], r["config"]
+            others = ", ".join(f"{k} " + ("n/a" if m.get(k) is None else _fmt(m[k], 4))
+                               for k in m.get("secondary_metrics") or [])
             trows.append([r["id"], r["task"], r["mixer"], c.get("dim"), c.get("lr"),
-                          json.dumps(c.get("mixer_kwargs", {}), sort_keys=True), name, _fmt(v, 4),
+                          json.dumps(c.get("mixer_kwargs", {}), sort_keys=True), name, _fmt(v, 4), others,
                           m.get("steps"), m.get("stopped_early"), m.get("stopped_by_time", False),
                           m.get("train_time_s"), m.get("params")])
         parts.append("<h2>Training runs</h2>" + _table(
-            ["id", "task", "mixer", "dim", "lr", "mixer kwargs", "metric", "value", "steps", "early stop",
-             "time budget hit", "time (s)", "params"], trows))
+            ["id", "task", "mixer", "dim", "lr", "mixer kwargs", "metric", "value", "other metrics", "steps",
+             "early stop", "time budget hit", "time (s)", "params"], trows))
         if any(r["metrics"].get("stopped_by_time") for r in runs):
             parts.append("<p class='note'>Runs that hit their time budget stopped before their step budget: "
                          "their numbers depend on the machine's speed (and on what else it was running).</p>")

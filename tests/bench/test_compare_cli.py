@@ -120,7 +120,7 @@ def test_report_escapes_and_leaderboard(tmp_path):
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<b>x</b>" not in html and "&lt;oom&gt;" in html and "cpu&lt;&amp;&gt;" in html
     assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc (learned tasks)", "fwd+bwd vs SDPA causal",
-                    "memory vs SDPA causal", "at N"]
+                    "memory vs SDPA causal", "at N", "train time per run (s)"]
     assert rows[0][1] == "mha" and rows[0][2] == "0.990" and rows[0][4] == "0.50x" and rows[0][6] == "128"
     assert rows[1][2] == "0.300"
     for png in ("accuracy.png", "curves.png", "speed_time.png", "speed_memory.png"):
