@@ -140,3 +140,52 @@ def test_block_gather_splits_busy_routes_into_sub_routes(causal):
     _close(out, ref)
     for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
         _close(a, b)
+
+
+def _block_case(n, m, block_k, causal, seed, own=False, dtype=torch.float64, dv=None):
+    q, k, v = _qkv(seed=seed, n=n, m=m, dtype=dtype)
+    if dv is not None:
+        v = torch.randn(*v.shape[:-1], dv, dtype=dtype, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    nkb = -(-m // block_k)
+    blocks = torch.rand(2, 3, n, nkb, generator=torch.Generator().manual_seed(seed + 1)) < 0.5
+    if own:
+        blocks[..., torch.arange(n), (torch.arange(n) + m - n) // block_k] = True
+    blocks[1, 0, 3] = False  # a query with no key block
+    return q, k, v, blocks
+
+
+@pytest.mark.parametrize("n,m,block_k,causal,own", [
+    (5, 29, 8, True, False),    # decoding shape: the queries are the last 5 of 29 keys, ragged last block
+    (32, 32, 8, True, True),    # every query keeps its own block, N a multiple of block_k: no copies
+    (32, 32, 8, False, False),
+    (29, 31, 8, False, False),  # ragged last key block seen whole
+])
+def test_block_flash_path_equals_reference(n, m, block_k, causal, own):
+    from attnzoo.ops.routed_blocks import flash_routing_ok
+
+    q, k, v, blocks = _block_case(n, m, block_k, causal, seed=11, own=own)
+    assert flash_routing_ok(q, k, v, causal)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="gather")
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    assert out[1, 0, 3].abs().max() == 0
+
+
+def test_block_flash_path_in_float32_and_the_autograd_fallback():
+    from attnzoo.ops.routed_blocks import flash_routing_ok
+
+    q, k, v, blocks = _block_case(40, 40, 8, True, seed=12, dtype=torch.float32)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="gather")
+    assert (out - ref).abs().max() < 1e-5
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        assert (a - b).abs().max() < 1e-4
+    q, k, v, blocks = _block_case(20, 20, 8, True, seed=13, dv=10)  # value width != key width: autograd path
+    assert not flash_routing_ok(q, k, v, True)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="gather")
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)

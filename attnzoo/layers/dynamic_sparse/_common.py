@@ -61,6 +61,17 @@ class RoutedMixer(MultiHeadAttention):
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         raise NotImplementedError
 
+    def top_k_limit(self, n_keys: int) -> tuple[int, int, str] | None:
+        """``(top_k, available, what)`` for a call with ``n_keys`` keys, checked by :func:`check_top_k_fits`
+        before any work (None: the entry has no such bound)."""
+        return None
+
+    def check_call(self, x, mask, causal, context, cache) -> None:
+        super().check_call(x, mask, causal, context, cache)
+        limit = self.top_k_limit(x.shape[1]) if cache is None else None
+        if limit is not None:
+            check_top_k_fits(*limit)
+
     def attend(self, q, k, v, pattern, want_weights, call=None):
         causal = bool(call.causal) if call is not None else False
         keep = call.kv_keep if call is not None else None
@@ -91,6 +102,18 @@ def check_top_k(top_k: Any, name: str = "top_k") -> int:
     return top_k
 
 
+def check_top_k_fits(top_k: int, available: int, what: str, name: str = "top_k") -> None:
+    """Raise ``ValueError`` naming ``name`` when ``top_k`` exceeds the ``available`` candidates (blocks, keys,
+    regions: ``what``) of the call; ``top_k == available`` selects everything (full attention).
+
+    :class:`RoutedMixer` runs it before any work through :meth:`RoutedMixer.top_k_limit`, on calls without a KV
+    cache: a decoding step is part of a longer sequence, and its query attends all its candidates when it has
+    fewer than ``top_k``, as the full forward's early queries do under causality.
+    """
+    if top_k > available:
+        raise ValueError(f"{name}: expected at most {available} (the {what} of this call), got {top_k}")
+
+
 def block_means(k: torch.Tensor, block: int, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``k`` ``[B, H, M, D]`` over blocks of ``block`` keys (kept keys only; the last block may be partial).
 
@@ -119,4 +142,4 @@ def query_positions(n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
 
 
 __all__ = ["FAMILY", "SMALL", "SUPPORT", "RoutedMixer", "Routing", "block_means", "causal_allow", "check_top_k",
-           "query_positions", "rand_x", "top_k_allowed"]
+           "check_top_k_fits", "query_positions", "rand_x", "top_k_allowed"]
