@@ -47,6 +47,9 @@ ZOOLOGY_MIXERS = ("mha", "base_conv", "hyena", "based")
 # Per-mixer arguments the presets use (only the ones an entry accepts are passed).
 MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 16},
+    # Small routings at MQAR's lengths (64 tokens: 4 blocks of 16, the own block and one routed block).
+    "moba": {"block_size": 16, "top_k": 2},
+    "topk_attention": {"top_k": 4},
 }
 
 

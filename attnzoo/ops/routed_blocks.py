@@ -100,6 +100,32 @@ def _key_blocks(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(plan.bh * plan.nkb, plan.block_k, t.shape[-1])
 
 
+def _diag_is_identity(plan: _Plan) -> bool:
+    return plan.n == plan.m == plan.nkb * plan.block_k
+
+
+def _scaled_rows(o_own: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The own-block output (the op's ``[BH, nkb, block_k, D]``, or ``[BH, N, D]`` already in query order) times
+    the per-query weights ``w`` ``[BH * N]``, as contiguous rows ``[BH * N, D]`` (one pass over the op's layout)."""
+    d = o_own.shape[-1]
+    out = o_own.new_empty(plan.bh * plan.n, d)
+    torch.mul(o_own, w.view(*o_own.shape[:-1], 1), out=out.view(o_own.shape))
+    return out
+
+
+def _add_rows(dst: torch.Tensor, slots: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None, units: int,
+              ln: int) -> None:
+    """``dst[slots] += t (* w)`` for one fused call's ``t`` ``[1, units, ln, D]`` in whatever layout the op returned
+    it (its ``[1, ln, units, D]`` memory order is read in place, with the slots permuted to match)."""
+    d = t.shape[-1]
+    if units > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
+        t = t.transpose(1, 2)
+        slots = slots.view(units, ln).t().reshape(-1)
+        w = None if w is None else w.view(units, ln).t().reshape(-1)
+    rows = t.reshape(-1, d)
+    dst.index_add_(0, slots, rows if w is None else rows * w.unsqueeze(-1))
+
+
 class _BlockRoutedFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, scale: float):
@@ -112,16 +138,15 @@ class _BlockRoutedFlash(torch.autograd.Function):
             shape4 = (plan.bh, plan.nkb, plan.block_k, d)
             qd = _diag_layout(qf if plan.diag_all else qf * plan.diag.unsqueeze(-1).to(q.dtype), plan)
             od, ld = op(qd.view(shape4), kb.view(shape4), vb.view(shape4), 0.0, True, scale=scale)
-            o_own = od.reshape(plan.bh, -1, d)[:, plan.m - n:plan.m].reshape(-1, d)
+            o_own = od if _diag_is_identity(plan) else od.reshape(plan.bh, -1, d)[:, plan.m - n:plan.m]
             l_own = ld.reshape(plan.bh, -1)[:, plan.m - n:plan.m].masked_fill(~plan.diag, neg).reshape(-1)
         qg = qf.reshape(-1, d).index_select(0, plan.slots)
         outs, lses = [], []
         for a, z, units, ln, klen, blk in plan.calls:
             o, lse = op(qg[a:z].view(1, units, ln, d), kb.index_select(0, blk)[:, :klen].unsqueeze(0),
                         vb.index_select(0, blk)[:, :klen].unsqueeze(0), 0.0, False, scale=scale)
-            outs.append(o.reshape(-1, d))
+            outs.append(o)
             lses.append(lse.reshape(-1))
-        og = torch.cat(outs) if outs else q.new_zeros(0, d)
         lg = (torch.cat(lses) if lses else q.new_zeros(0)).masked_fill(plan.empty, neg)
         top = l_own.clone() if plan.causal else q.new_full((plan.bh * n,), neg)
         top.scatter_reduce_(0, plan.slots, lg, "amax")
@@ -130,18 +155,20 @@ class _BlockRoutedFlash(torch.autograd.Function):
         tot.index_add_(0, plan.slots, torch.exp(lg - top_safe[plan.slots]))
         lse_safe = torch.where(tot > 0, top_safe + torch.log(tot), torch.zeros_like(tot))
         if plan.causal:
-            out = o_own * torch.exp(l_own - lse_safe).unsqueeze(-1)
+            out = _scaled_rows(o_own, torch.exp(l_own - lse_safe), plan)
         else:
             out = q.new_zeros(plan.bh * n, d)
-        out.index_add_(0, plan.slots, og * torch.exp(lg - lse_safe[plan.slots]).unsqueeze(-1))
+        w = torch.exp(lg - lse_safe[plan.slots])
+        for (a, z, units, ln, _, _), o in zip(plan.calls, outs):
+            _add_rows(out, plan.slots[a:z], o, w[a:z], units, ln)
         out = out.view(b, h, n, d)
-        ctx.save_for_backward(q, k, v, out, lse_safe)
+        ctx.save_for_backward(q, k, v, out, lse_safe, qg)
         ctx.plan, ctx.scale = plan, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, qg = ctx.saved_tensors
         plan: _Plan = ctx.plan
         b, h, n, d = q.shape
         opb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -159,31 +186,28 @@ class _BlockRoutedFlash(torch.autograd.Function):
                                    _diag_layout(of, plan).view(shape4), _diag_layout(lf, plan).view(shape4[:3]),
                                    0.0, True, scale=ctx.scale)
             dq = dq_d.reshape(plan.bh, -1, d)[:, plan.m - n:plan.m].reshape(-1, d).contiguous()
-            dkb, dvb = dk_d.reshape(-1, plan.block_k, d).clone(), dv_d.reshape(-1, plan.block_k, d).clone()
+            dkb, dvb = dk_d.reshape(-1, plan.block_k, d), dv_d.reshape(-1, plan.block_k, d)  # the op's own tensors
         else:
             dq = q.new_zeros(plan.bh * n, d)
             dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
         slots = plan.slots
-        qg, dog, og = (t.reshape(-1, d).index_select(0, slots) for t in (qf, do, of))
+        dog, og = (t.reshape(-1, d).index_select(0, slots) for t in (do, of))
         lg = lf.reshape(-1).index_select(0, slots).masked_fill(plan.empty, float("inf"))
-        dqs = []
         for a, z, units, ln, klen, blk in plan.calls:
             shape4 = (1, units, ln, d)
             gq, gk, gv = opb(dog[a:z].view(shape4), qg[a:z].view(shape4),
                              kb.index_select(0, blk)[:, :klen].unsqueeze(0),
                              vb.index_select(0, blk)[:, :klen].unsqueeze(0), og[a:z].view(shape4),
                              lg[a:z].view(1, units, ln), 0.0, False, scale=ctx.scale)
-            dqs.append(gq.reshape(-1, d))
+            _add_rows(dq, slots[a:z], gq, None, units, ln)
             if klen == plan.block_k:
                 dkb.index_add_(0, blk, gk[0])
                 dvb.index_add_(0, blk, gv[0])
             else:
                 dkb[:, :klen].index_add_(0, blk, gk[0])
                 dvb[:, :klen].index_add_(0, blk, gv[0])
-        if dqs:
-            dq.index_add_(0, slots, torch.cat(dqs))
-        dk = dkb.view(plan.bh, -1, d)[:, :plan.m].reshape(k.shape)
-        dv = dvb.view(plan.bh, -1, d)[:, :plan.m].reshape(v.shape)
+        dk = dkb.reshape(plan.bh, -1, d)[:, :plan.m].reshape(k.shape)
+        dv = dvb.reshape(plan.bh, -1, d)[:, :plan.m].reshape(v.shape)
         return dq.view(q.shape), dk, dv, None, None
 
 
