@@ -253,9 +253,8 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``). On CPU in
     float32/float64 the tiles run on the fused flash kernel with its fused backward
     (:func:`attnzoo.ops.routed_blocks.block_routed_flash`); otherwise autograd gives the backward. ``cap``:
-    queries per sub-route (per fused call on the flash path; default 128 on the autograd path, a whole key
-    block's queries on the flash path). Shapes as in :func:`check_block_routing` (checked by the caller);
-    queries that see no key return zeros.
+    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). Shapes as in
+    :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
     from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
 

@@ -9,8 +9,9 @@ into two kinds of dense tiles, each run by ``aten._scaled_dot_product_flash_atte
   occupies an empty slot.
 - *full*: a routed key block the query sees entirely (every block under non-causal calls; blocks before the
   own block under ``causal``). The queries routed to each key block are gathered (one ``index_select`` over
-  all pairs, key-block-major) and attend the block's keys in place, one fused call per key block (or per
-  ``cap`` queries of it); a ragged last key block runs with its true length. Keys are never copied.
+  all pairs, key-block-major) into units of at most ``cap`` queries (``UNIT_QUERIES`` by default), padded to
+  a multiple of ``PAD_QUERIES``; units of equal padded length batch into one fused call against their key
+  blocks; a ragged last key block runs with its true length.
 
 Under ``causal`` a routed block after the query's own block is invisible and is dropped. The partials merge
 per query by log-sum-exp. The backward runs the fused flash backward on the same tiles with the merged
@@ -25,6 +26,9 @@ import torch
 __all__ = ["block_routed_flash", "flash_routing_ok"]
 
 PAD_QUERIES = 64  # a unit's query slots are padded to a multiple of this, so units batch into few fused calls
+# Queries per unit by default: a busy key block splits into units of this size, which batch with others (the
+# fused backward runs one thread per unit, so one big unit alone would leave the other cores idle).
+UNIT_QUERIES = 512
 
 def flash_routing_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
     """Whether :func:`block_routed_flash` applies: CPU, float32/float64, equal head dims, ``N <= M`` if causal."""
@@ -57,7 +61,7 @@ class _Plan:
         g, _, i = full.transpose(1, 2).nonzero(as_tuple=True)  # key-block-major: (head, key block, query)
         rows = g * n + i
         counts = full.sum(1).reshape(-1)  # [BH * nkb] queries per key block
-        cap = cap or max(n, 1)
+        cap = cap or UNIT_QUERIES
         pad_to = min(PAD_QUERIES, cap)
         nseg = (counts + cap - 1) // cap
         unit_block = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), nseg)

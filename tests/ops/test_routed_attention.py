@@ -189,3 +189,32 @@ def test_block_flash_path_in_float32_and_the_autograd_fallback():
     _close(out, ref)
     for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
         _close(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_of_a_routing_comes_from_its_layout(causal):
+    """The routed flex path builds its block mask from the routing's exact bounds (no pass over every pair); it
+    equals create_block_mask's, and flex's forward equals the reference (CPU, float32)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from attnzoo.ops.backends.flex import FLEX_BLOCK, layout_block_mask
+    from attnzoo.ops.layout import Shape
+
+    n = 2 * FLEX_BLOCK + 40  # a ragged last tile
+    g = torch.Generator().manual_seed(9)
+    blocks = torch.rand(2, 3, -(-n // 32), -(-n // 64), generator=g) < 0.4
+    pat = BlockRouted(blocks, 32, 64, causal)
+    shape = Shape(2, 3, n, n)
+    got = layout_block_mask(pat, shape, "cpu")
+    want = create_block_mask(pat.mask_mod(shape), 2, 3, n, n, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+    # The layout's tiles are a superset (its causal bound may visit a tile whose routed pairs are all in the
+    # future: mask_mod drops them), and it calls a ragged last tile full when every real pair is allowed
+    # (create_block_mask evaluates the padding); the forward checks both.
+    assert bool((got.to_dense() >= want.to_dense()).all())
+    assert bool((got.full_kv_num_blocks >= want.full_kv_num_blocks).all())
+    if not causal:
+        assert torch.equal(got.to_dense(), want.to_dense())
+    q, k, v = (t.detach().float() for t in _qkv(n=n, m=n, d=32))
+    ref = block_routed_attention(q, k, v, blocks, block_q=32, block_k=64, causal=causal, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=32, block_k=64, causal=causal, backend="flex")
+    assert (out - ref).abs().max() < 1e-5
