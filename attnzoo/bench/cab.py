@@ -45,14 +45,15 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _build_for(spec: Any, dim: int, x: torch.Tensor, extra: dict[str, Any] | None) -> tuple[torch.nn.Module, str]:
     """The mixer in float64 with its default configuration, or, when that refuses CAB's input (a window
-    that does not divide N, segment ids it needs), with its registry ``test_kwargs`` (the conformance
-    configuration); the second item says which."""
+    that does not divide N, segment ids it needs) or cannot be built without arguments (gist_pool's
+    context length), with its registry ``test_kwargs`` (the conformance configuration); the second item
+    says which."""
     def build(kwargs: dict[str, Any]) -> torch.nn.Module:
         torch.manual_seed(0)
         return build_mixer(spec.slug, dim, **mixer_kwargs_for(spec.slug, n_heads=4, extra=kwargs)).double().eval()
 
-    module = build(dict(extra or {}))
     try:
+        module = build(dict(extra or {}))
         with torch.no_grad():
             module(x)
             if "causal" in spec.supports:
@@ -62,7 +63,8 @@ def _build_for(spec: Any, dim: int, x: torch.Tensor, extra: dict[str, Any] | Non
         if spec.type == "score_mod" or not spec.test_kwargs:
             raise
         kwargs = {**{k: v for k, v in spec.test_kwargs.items() if k != "dim"}, **(extra or {})}
-        return build(kwargs), f"built with its test configuration {kwargs} (the default refuses N={x.shape[1]}: {e})"
+        return build(kwargs), (f"built with its test configuration {kwargs} (the default cannot run on "
+                               f"N={x.shape[1]}: {e})")
 
 
 def _accepted_prefixes(module: torch.nn.Module, x: torch.Tensor, **kw: Any) -> tuple[list[int], str]:
@@ -125,13 +127,15 @@ def check(slug: str, *, dim: int = 32, n: int = 12, m: int = 7, batch: int = 2, 
     The mixer runs in its default configuration, or in its registry ``test_kwargs`` (windows that divide
     ``n``, segment sizes) when the default refuses CAB's inputs. A causal pattern fails when an output reads
     a later token; it is not applicable when no output does but the output depends on the length (grid
-    windows placed by the extent) and the mixer does not declare decoding."""
+    windows placed by the extent) and the mixer does not declare decoding. A mixer class lists the patterns
+    whose CAB inputs do not fit its contract, with the reason, in ``cab_not_applicable``."""
     spec = check_mixer(slug)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, dim, generator=g, dtype=torch.float64)
     ctx = torch.randn(batch, m, dim, generator=g, dtype=torch.float64)
     module, note = _build_for(spec, dim, x, mixer_kwargs)
     declared = set(declared_patterns(slug))
+    exempt: dict[str, str] = getattr(type(module), "cab_not_applicable", {})
     out: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for pat, (name, _) in CAB_PATTERNS.items():
@@ -139,6 +143,9 @@ def check(slug: str, *, dim: int = 32, n: int = 12, m: int = 7, batch: int = 2, 
                                    "ok": None, "error": None, "detail": ""}
             out[pat] = row
             if pat not in declared:
+                continue
+            if pat in exempt:
+                row.update(applicable=False, detail=exempt[pat])
                 continue
             try:
                 if pat in ("NS", "NC"):

@@ -72,14 +72,27 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 # compare -------------------------------------------------------------------------------------
+def _compare_target(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """(preset name, task): ``--task`` (with its ``--task-arg``) or ``--preset`` (default quick), not both."""
+    from attnzoo.bench.tasks import get_task
+
+    if args.task is None:
+        if args.task_arg:
+            raise ValueError(f"--task-arg: options of a task given with --task; got {args.task_arg} without one")
+        return args.preset or "quick", None
+    if args.preset is not None:
+        raise ValueError(f"--task: runs one task instead of a preset; got --preset {args.preset} as well")
+    return None, get_task(args.task, **dict(args.task_arg or []))
+
+
 def _check_compare(args: argparse.Namespace) -> None:
-    from attnzoo.bench.compare import get_preset
+    from attnzoo.bench.compare import resolve_preset
 
     check_device("--device", args.device)
     check_writable("--store", args.store, make_folders=True)
     if args.out is not None:
         check_writable("--out", os.path.join(args.out, "report.html"), make_folders=True)
-    p = get_preset(args.preset)
+    p = resolve_preset(*_compare_target(args))
     dim = max(args.dims or p.dims)
     for s in p.settings:
         batch, n_train, n_test = (args.batch_size or s.batch_size, args.n_train or s.n_train, args.n_test or s.n_test)
@@ -106,12 +119,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         mixer, kv = spec.split(":", 1)
         k, v = _kv(kv)
         mixer_kwargs.setdefault(mixer, {})[k] = v
-    res = run_compare(args.preset, mixers=args.mixers, store=args.store, out=args.out, report=not args.no_report,
+    preset, task = _compare_target(args)
+    res = run_compare(preset, task=task, mixers=args.mixers, store=args.store, out=args.out, report=not args.no_report,
                       speed=not args.no_speed, overrides=overrides, mixer_kwargs=mixer_kwargs, device=args.device,
                       progress=not args.no_progress, yes=args.yes, estimate=not args.no_estimate)
     cols, rows = res.leaderboard
     if cols:
-        _table(f"leaderboard ({args.preset}, session {res.session})", cols, rows)
+        _table(f"leaderboard ({preset or task.label()}, session {res.session})", cols, rows)
     for note in res.notes:
         print(f"note: {note}")
     print(f"results: {res.store}" + (f"; report: {res.report}" if res.report else ""))
@@ -121,16 +135,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _add_compare(sub: Any) -> None:
     from attnzoo.bench.compare import PRESETS
+    from attnzoo.bench.tasks import TASKS
 
     p = sub.add_parser("compare", help="train, measure, store and report mechanisms side by side (the main job)",
                        description="Train tiny models on synthetic tasks (MQAR...), sweep speed and memory against "
                                    "SDPA dense, store every run and write an HTML report with a leaderboard.")
-    p.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick (minutes on a CPU), zoology (Zoology Figure 2), full (everything; GPU), pooling "
-                        "(the poolers on MIL bags and set maximum)")
-    p.add_argument("--mixers", nargs="+", metavar="SLUG", help="mixers to compare (default: the preset's)")
-    p.add_argument("--mixer-arg", action="append", metavar="MIXER:KEY=VALUE",
-                   help="an argument for one mixer, e.g. sliding_window:window=32 (repeatable; default: none)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="quick (minutes on a CPU; the default), zoology (Zoology Figure 2), full (everything; GPU), "
+                        "pooling (the poolers on MIL bags and set maximum)")
+    p.add_argument("--task", choices=sorted(TASKS),
+                   help="one task instead of a preset (1000 steps at width 64; on a bag task the pooling preset's "
+                        "recipe) (default: none, the preset runs)")
+    p.add_argument("--task-arg", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="an option of --task, e.g. max_bag=64 (repeatable; default: the task's defaults)")
+    p.add_argument("--mixers", "--poolers", dest="mixers", nargs="+", metavar="SLUG",
+                   help="mixers to compare, poolers on a bag task (default: the preset's)")
+    p.add_argument("--mixer-arg", "--pooler-arg", dest="mixer_arg", action="append", metavar="MIXER:KEY=VALUE",
+                   help="an argument for one mixer or pooler, e.g. sliding_window:window=32 (repeatable; default: "
+                        "none)")
     p.add_argument("--store", metavar="PATH", help="results database (default ./attnzoo-results/results.sqlite)")
     p.add_argument("--out", metavar="DIR", help="report directory (default: beside the store, report/)")
     p.add_argument("--dims", nargs="+", type=_SIZE, metavar="D", help="model widths (default: the preset's)")
@@ -163,17 +185,18 @@ def _add_compare(sub: Any) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from attnzoo.bench.store import environment, open_store
     from attnzoo.bench.tasks import get_task
-    from attnzoo.bench.train import TrainConfig, dist_info, train
+    from attnzoo.bench.train import TrainConfig, dist_info, secondary_text, train
 
     task = get_task(args.task, **dict(args.task_arg or []))
-    cfg = TrainConfig(mixer=args.mixer, mixer_kwargs=dict(args.mixer_arg or []), dim=args.dim, n_layers=args.layers,
+    mixer = args.mixer if args.mixer is not None else ("abmil" if task.kind == "bag" else "mha")
+    cfg = TrainConfig(mixer=mixer, mixer_kwargs=dict(args.mixer_arg or []), dim=args.dim, n_layers=args.layers,
                       positional=args.positional, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                       max_steps=args.max_steps, n_train=args.n_train, n_test=args.n_test, eval_every=args.eval_every,
                       early_stop=None if args.no_early_stop else 0.99, seed=args.seed, device=args.device,
                       context_parallel=args.context_parallel)
-    from attnzoo.bench.models import check_mixer
+    from attnzoo.bench.models import check_entry
 
-    check_mixer(cfg.mixer, task.needs(), what=f"task {task.label()}")  # before touching the store
+    check_entry(cfg.mixer, task)  # a mixer for a sequence task, a pooler for a bag task; before touching the store
     if cfg.context_parallel > 1:
         from attnzoo.parallel.layout import check_length
 
@@ -196,8 +219,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         res = train(task, cfg, progress=not args.no_progress, log=print if rank == 0 else None)
         if rank == 0:
             m = res.metrics
-            print(f"{task.label()} {cfg.mixer}: {m['metric']} {m[m['metric']]:.4f} after {m['steps']} steps "
-                  f"({m['train_time_s']:.1f} s, {res.world_size} process(es), {res.device})")
+            print(f"{task.label()} {cfg.mixer}: {m['metric']} {m[m['metric']]:.4f}{secondary_text(m)} after "
+                  f"{m['steps']} steps ({m['train_time_s']:.1f} s, {res.world_size} process(es), {res.device})")
             if db is not None:
                 run_id = db.add_run(kind="train", task=task.label(), mixer=cfg.mixer, session=args.session,
                                     config={**res.config, "task": res.task, "world_size": res.world_size},
@@ -210,17 +233,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_model(task: Any, cfg: Any) -> None:
-    """Build the model on the meta device (no memory, no work): a bad ``--mixer-arg`` fails here."""
+    """Build the model on the meta device (no memory, no work): a bad ``--mixer-arg`` fails here. A bag
+    classifier is small and probes its pooler with a forward pass: it is built on the CPU."""
+    import contextlib
+
     import torch
 
     from attnzoo.bench.models import build_model
 
+    option = "--pooler-arg: pooler" if task.kind == "bag" else "--mixer-arg: mixer"
     try:
-        with torch.device("meta"):
+        with torch.device("meta") if task.kind != "bag" else contextlib.nullcontext():
             build_model(task, cfg.mixer, dim=cfg.dim, n_layers=cfg.n_layers, mixer_kwargs=cfg.mixer_kwargs,
                         positional=cfg.positional, mlp_ratio=cfg.mlp_ratio)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"--mixer-arg: mixer {cfg.mixer!r} with {cfg.mixer_kwargs}: {e}") from None
+        raise ValueError(f"{option} {cfg.mixer!r} with {cfg.mixer_kwargs}: {e}") from None
     except Exception:  # noqa: BLE001  (a constructor the meta device cannot run: training checks it itself)
         pass
 
@@ -228,19 +255,24 @@ def _check_model(task: Any, cfg: Any) -> None:
 def _add_train(sub: Any) -> None:
     from attnzoo.bench.tasks import TASKS
 
+    bags = ", ".join(sorted(name for name, cls in TASKS.items() if cls.kind == "bag"))
     p = sub.add_parser("train", help="train one mixer on one task (runs under torchrun with DDP)",
                        description="Train a tiny model around one registered mixer on one synthetic task and store "
-                                   "the run (configuration, metrics, curves, environment).")
+                                   f"the run (configuration, metrics, curves, environment); on the bag tasks ({bags}) "
+                                   "a bag classifier around one registered pooler.")
     p.add_argument("--task", choices=sorted(TASKS), default="mqar", help="the task")
     p.add_argument("--task-arg", action="append", type=_kv, metavar="KEY=VALUE",
                    help="a task option, e.g. seq_len=128 (repeatable; default: the task's defaults)")
-    p.add_argument("--mixer", default="mha", help="registered mixer slug (attnzoo list --type mixer)")
-    p.add_argument("--mixer-arg", action="append", type=_kv, metavar="KEY=VALUE",
-                   help="a mixer argument (repeatable; default: none)")
+    p.add_argument("--mixer", "--pooler", dest="mixer", metavar="SLUG",
+                   help=f"registered mixer slug (attnzoo list --type mixer); on the bag tasks ({bags}) a pooler "
+                        "(attnzoo list --type pooler) (default: mha; abmil on a bag task)")
+    p.add_argument("--mixer-arg", "--pooler-arg", dest="mixer_arg", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="an argument of the mixer or pooler (repeatable; default: none)")
     p.add_argument("--dim", type=_SIZE, default=64, help="model width")
-    p.add_argument("--layers", type=_SIZE, default=2, help="number of blocks")
-    p.add_argument("--positional", default="learned", choices=["learned", "sinusoidal", "none"],
-                   help="position embeddings")
+    p.add_argument("--layers", type=_SIZE, default=2,
+                   help="number of blocks (on a bag task: layers of the instance encoder)")
+    p.add_argument("--positional", choices=["learned", "sinusoidal", "none"],
+                   help="position embeddings (default: learned; none on a bag task, whose instances are a set)")
     p.add_argument("--lr", type=_LR, default=1e-3, help="AdamW learning rate, in (0, 10]")
     p.add_argument("--batch-size", type=_SIZE, default=64, help="examples per step")
     p.add_argument("--epochs", type=_SIZE, default=1, help="passes over the training set")

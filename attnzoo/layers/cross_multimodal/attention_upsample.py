@@ -29,6 +29,12 @@ class AttentionUpsample(MultiHeadAttention):
 
     refused_arguments = ("pattern", "rope", "n_kv_heads")
 
+    # CAB's noncausal patterns assume an input-shaped output and a context of any length.
+    cab_not_applicable = {
+        "NS": "an upsampler: the output grid is scale_factor times the input's",
+        "NC": "the context is the skip features at the output resolution, not a sequence of any length",
+    }
+
     def __init__(self, dim: int, n_heads: int = 8, *, scale_factor: int = 2, window: int = 4, **kw: Any) -> None:
         super().__init__(dim, n_heads, **kw)
         self.scale_factor = check_int("scale_factor", scale_factor)

@@ -27,6 +27,8 @@ class DualCrossAttention(MultiHeadAttention):
     equal to the image itself it is self-attention (duplicated keys leave the average unchanged).
     """
 
+    cab_not_applicable = {"NC": "its cross branch (PWCA, a partner image) exists only in training; CAB runs in eval"}
+
     def __init__(self, dim: int, n_heads: int = 8, *, top_r: int = 4, cls_index: int = 0, **kw: Any) -> None:
         super().__init__(dim, n_heads, **kw)
         self.top_r = check_int("top_r", top_r)

@@ -141,5 +141,40 @@ def query_positions(n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n_q, device=device) + (n_kv - n_q)
 
 
+def pool_levels(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, block_size: int, n_levels: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The key/value pyramid: for level ``l < n_levels``, ``(k_l [B, H, M_l, D], v_l [B, H, M_l, D_v],
+    count_l [B, M_l])`` with ``M_l = nkb * block_size / 2^l``: the mean of each group of ``2^l`` consecutive
+    kept keys (values) of a key block and how many kept keys it stands for (0: none). Keys are padded to whole
+    blocks (the padding is not kept)."""
+    b, h, m, d = k.shape
+    nkb = -(-m // block_size)
+    pad = nkb * block_size - m
+    w = torch.ones(b, m, dtype=k.dtype, device=k.device) if keep is None else keep.to(k.dtype)
+    w = torch.nn.functional.pad(w, (0, pad))
+    kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+    out = []
+    for level in range(n_levels):
+        g = 1 << level
+        cnt = w.view(b, -1, g).sum(-1)
+        wk = w.view(b, 1, -1, g, 1)
+        den = cnt.clamp(min=1).view(b, 1, -1, 1)
+        out.append(((kp.view(b, h, -1, g, d) * wk).sum(3) / den, (vp.view(b, h, -1, g, vp.shape[-1]) * wk).sum(3) / den,
+                    cnt))
+    return out
+
+
+def pooled_token_weights(w: torch.Tensor, counts: list[torch.Tensor], m: int) -> torch.Tensor:
+    """Token-level weights ``[..., M]`` of weights ``w`` ``[..., sum M_l]`` over the concatenated levels of
+    :func:`pool_levels` (``counts`` its ``count_l``): a pooled key's weight is shared equally by its kept
+    members, so ``w @ cat(v_l) == result @ v``."""
+    out, start = 0, 0
+    for level, cnt in enumerate(counts):
+        wl = w[..., start:start + cnt.shape[1]] / cnt.clamp(min=1).view(cnt.shape[0], 1, 1, -1).to(w.dtype)
+        out = out + wl.repeat_interleave(1 << level, -1)[..., :m]
+        start += cnt.shape[1]
+    return out
+
+
 __all__ = ["FAMILY", "SMALL", "SUPPORT", "RoutedMixer", "Routing", "block_means", "causal_allow", "check_top_k",
-           "check_top_k_fits", "query_positions", "rand_x", "top_k_allowed"]
+           "check_top_k_fits", "pool_levels", "pooled_token_weights", "query_positions", "rand_x", "top_k_allowed"]

@@ -195,6 +195,18 @@ class Bags:
             return segment_softmax(s, self.ids, self.n_bags).to(scores.dtype)
         return masked_softmax(s, self._keep(s), 1).to(scores.dtype)
 
+    def logsumexp(self, scores: torch.Tensor) -> torch.Tensor:
+        """``log sum_i exp(scores_i)`` over each bag's kept instances, per trailing index: ``[B, ...]``;
+        ``-inf`` for an empty bag or where every score is ``-inf`` (with zero gradients, never NaN)."""
+        s = scores.float() if scores.dtype in _LOW else scores
+        if not self.packed and self.mask is not None:
+            s = s.masked_fill(~self._keep(s), float("-inf"))
+        top = self.max(s)                                       # zero where nothing is finite
+        total = self.sum(torch.exp(s - self.broadcast(top)))
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        out = torch.where(total > 0, top + torch.log(safe), torch.full_like(total, float("-inf")))
+        return out.to(scores.dtype)
+
     def weighted_sum(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_i w_i v_i`` per bag: ``w`` ``[., H]`` with ``v`` ``[., D]`` (shared by the H weightings) or
         ``[., H, D]``; returns ``[B, H, D]``.
@@ -290,13 +302,20 @@ class Pooler(nn.Module):
 
 
 def bag_attention(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, per_bag: bool,
-                  topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  topk: int | None = None, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head cross-attention of M queries over each bag's instances.
 
     ``q`` ``[B, M, H, d]`` (``per_bag``) or ``[M, H, d]`` (the same queries for every bag), already
     scaled; ``k``, ``v`` per instance ``[., H, d]``. ``topk`` keeps each query-head's k highest
-    scores. Returns ``(z [B, M, H * d], weights [., M, H])``.
+    scores. ``extra = (k_e, v_e)``, ``[B, J, H, d]`` or ``[J, H, d]``, are J more keys and values every
+    bag's queries see besides its instances, in the same softmax (the queries themselves, for class
+    attention over ``[CLS; tokens]``); ``topk`` selects among the instances only. Returns
+    ``(z [B, M, H * d], weights [., M, H])``, the weights of the instances (with ``extra`` they sum to
+    the share of the instances, below 1).
     """
+    if extra is not None:
+        return _attention_with_extra(bags, q, k, v, per_bag=per_bag, topk=topk, extra=extra)
     m, h, d = q.shape[-3:]
     if per_bag:
         s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
@@ -311,6 +330,33 @@ def bag_attention(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         z = torch.einsum("bnmh,bnhd->bmhd", a, v)
     return z.flatten(-2), a
+
+
+def _attention_with_extra(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, per_bag: bool,
+                          topk: int | None, extra: tuple[torch.Tensor, torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bag_attention` over the instances and ``extra``: the two softmaxes merged by their log-sum-exps."""
+    k_e, v_e = extra
+    h, d = q.shape[-2:]
+    if per_bag:
+        s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
+    else:
+        s = torch.einsum("...hd,mhd->...mh", k, q)
+    if topk is not None:
+        flat = s.flatten(-2)
+        s = flat.masked_fill(rank_in_bag(bags, flat) >= topk, float("-inf")).view_as(s)
+    a = bags.softmax(s)
+    lse = bags.logsumexp(s)                                                   # [B, M, H]
+    s_e = torch.einsum("...mhd,...jhd->...mhj", q, k_e)                       # [B or -, M, H, J]
+    lse_all = torch.logaddexp(lse, torch.logsumexp(s_e, -1))
+    share = torch.exp(lse - lse_all)                                          # the instances' share [B, M, H]
+    p_e = torch.exp(s_e - lse_all.unsqueeze(-1))
+    if bags.packed:
+        z = segment_sum(a.unsqueeze(-1) * v.unsqueeze(-3), bags.ids, bags.n_bags)
+    else:
+        z = torch.einsum("bnmh,bnhd->bmhd", a, v)
+    z = share.unsqueeze(-1) * z + torch.einsum("...mhj,...jhd->...mhd", p_e, v_e)
+    return z.flatten(-2), a * bags.broadcast(share)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

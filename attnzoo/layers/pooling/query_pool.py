@@ -5,9 +5,11 @@ optional output projection and MLP; the output size does not depend on N. Query 
 ``learned`` (attentive probe), ``mean`` (a linear map of the bag mean), ``cls`` (the first kept
 token of the bag attends over all of them: class attention) and ``external`` (a per-call
 ``query`` ``[B, M, C]``, e.g. DARE's target item). ``topk`` keeps each query's k highest-scoring
-tokens (DARE's pre-selection). ``variant="ep"`` is Efficient Probing: no ``W_Q``/``W_K`` and no
-output projection; the values ``W_V X`` split channel-wise into M chunks and query m aggregates
-chunk m only.
+tokens (DARE's pre-selection). ``include_query_in_kv`` adds the M query vectors to the keys and
+values (``MHA(Q_M, [Q_M; X], [Q_M; X])``, class attention over ``[CLS; patches]`` as in CaiT), in one
+softmax with the tokens; the returned weights are then the tokens' (summing to their share, below 1).
+``variant="ep"`` is Efficient Probing: no ``W_Q``/``W_K`` and no output projection; the values
+``W_V X`` split channel-wise into M chunks and query m aggregates chunk m only.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ class QueryPool(Pooler):
 
     def __init__(self, dim: int, *, n_queries: int = 1, n_heads: int = 4, query_source: str = "learned",
                  variant: str = "mha", topk: int | None = None, out_proj: bool = True, mlp_ratio: float = 0.0,
-                 out_dim: int | None = None, bias: bool = True) -> None:
+                 out_dim: int | None = None, bias: bool = True, include_query_in_kv: bool = False) -> None:
         super().__init__()
         self.dim = check_int("dim", dim)
+        self.include_query_in_kv = bool(include_query_in_kv)
+        if include_query_in_kv and (variant == "ep" or query_source == "cls"):
+            reason = ("variant='ep' has no key projection for them" if variant == "ep" else
+                      "query_source='cls' takes its query from the bag, whose tokens are the keys already")
+            raise ValueError(f"include_query_in_kv: {reason}")
         self.n_queries = check_int("n_queries", n_queries)
         self.query_source = check_choice("query_source", query_source, QUERY_SOURCES)
         self.variant = check_choice("variant", variant, VARIANTS)
@@ -107,7 +114,10 @@ class QueryPool(Pooler):
         q = self.q(q0).unflatten(-1, (h, d)) / math.sqrt(d)           # [B, M, H, d]
         k, v = self.k(x).unflatten(-1, (h, d)), self.v(x).unflatten(-1, (h, d))
         learned = self.query_source == "learned"
-        z, a = bag_attention(bags, q, k, v, per_bag=not learned, topk=self.topk)
+        extra = None
+        if self.include_query_in_kv:
+            extra = (self.k(q0).unflatten(-1, (h, d)), self.v(q0).unflatten(-1, (h, d)))
+        z, a = bag_attention(bags, q, k, v, per_bag=not learned, topk=self.topk, extra=extra)
         if self.o is not None:
             z = self.o(z)
         if self.mlp is not None:
@@ -141,6 +151,21 @@ def _permutation_invariant() -> tuple[torch.Tensor, torch.Tensor]:
     return m(x[:, perm]), m(x)
 
 
+def _query_in_kv_is_attention_over_both() -> tuple[torch.Tensor, torch.Tensor]:
+    m = seeded(QueryPool, dim=8, n_heads=2, n_queries=2, include_query_in_kv=True)
+    x = _x()
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 4:] = False
+    want = []
+    for b, n in enumerate((9, 4)):
+        kv = torch.cat([m.query, x[b, :n]])                                   # [Q_M; X]
+        q = m.q(m.query).unflatten(-1, (2, 4)).transpose(0, 1) / 2.0          # [H, M, d], scale 1/sqrt(4)
+        k, v = (f(kv).unflatten(-1, (2, 4)).transpose(0, 1) for f in (m.k, m.v))
+        z = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(0, 1).flatten(-2)
+        want.append(m.o(z))
+    return m(x, mask=keep), torch.stack(want)
+
+
 def _topk_all_is_full() -> tuple[torch.Tensor, torch.Tensor]:
     full = seeded(QueryPool, dim=8, n_heads=2, n_queries=2)
     top = seeded(QueryPool, dim=8, n_heads=2, n_queries=2, topk=9)
@@ -163,5 +188,7 @@ register(
                   _zero_queries_is_mean_map),
         Reduction("permutation_invariant", "permutation-invariant without positional encoding", _permutation_invariant),
         Reduction("topk_all_is_full", "topk = N keeps every token (full cross-attention)", _topk_all_is_full),
+        Reduction("query_in_kv", "include_query_in_kv is one softmax attention of the queries over [Q_M; X]",
+                  _query_in_kv_is_attention_over_both),
     ),
 )(QueryPool)

@@ -10,7 +10,9 @@ from tests.layers.pooling._bags import bags
 
 CONFIGS = [{"n_queries": 3}, {"query_source": "mean", "n_queries": 2}, {"query_source": "cls"},
            {"query_source": "external", "n_queries": 2}, {"variant": "ep", "n_queries": 4}, {"topk": 3, "n_queries": 2},
-           {"mlp_ratio": 2.0, "out_proj": False}]
+           {"mlp_ratio": 2.0, "out_proj": False}, {"include_query_in_kv": True, "n_queries": 2},
+           {"include_query_in_kv": True, "query_source": "external", "n_queries": 2, "topk": 3},
+           {"include_query_in_kv": True, "query_source": "mean"}]
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
@@ -48,3 +50,22 @@ def test_bad_input():
         attnzoo.create("query_pool", dim=16)(torch.randn(2, 5, 16), query=torch.randn(2, 1, 16))
     with pytest.raises(ValueError, match="n_queries: must divide out_dim=16, got 3"):
         attnzoo.create("query_pool", dim=16, variant="ep", n_queries=3)
+
+
+def test_include_query_in_kv_weights_and_empty_bags():
+    torch.manual_seed(0)
+    m = attnzoo.create("query_pool", dim=16, n_heads=2, n_queries=2, include_query_in_kv=True).double()
+    x, mask, packed, cu = bags()
+    _, a = m(x, mask=mask, return_weights=True)
+    share = a.sum(1)                                          # the tokens' share; the rest is on the queries
+    assert ((share > 0) & (share < 1)).all() and (a[~mask] == 0).all()
+    empty = mask.clone()
+    empty[1] = False
+    y = m(x, mask=empty)
+    assert torch.isfinite(y).all() and (y[1] == 0).all()
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="include_query_in_kv: query_source='cls' takes its query from the bag"):
+        attnzoo.create("query_pool", dim=16, query_source="cls", include_query_in_kv=True)
+    with pytest.raises(ValueError, match="include_query_in_kv: variant='ep' has no key projection"):
+        attnzoo.create("query_pool", dim=16, variant="ep", include_query_in_kv=True)

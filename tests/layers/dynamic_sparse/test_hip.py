@@ -1,0 +1,99 @@
+"""hip beyond the conformance contract: the search itself, backends, padding, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo.layers.base import Call
+from attnzoo.layers.dynamic_sparse.hip import hierarchical_top_k, visible_keys
+from attnzoo.layers.testing import random_tokens
+from attnzoo.registry import create
+
+
+def _double(**kw):
+    torch.manual_seed(0)
+    return create("hip", dim=32, n_heads=4, **kw).double()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("representative", ["first", "middle"])
+def test_every_backend_equals_the_reference(causal, representative):
+    m = _double(top_k=4, representative=representative)
+    ref = _double(top_k=4, representative=representative, backend="reference")
+    x = random_tokens(n=23).requires_grad_()
+    want = ref(x, causal=causal)
+    gx = torch.autograd.grad(want.square().sum(), x)[0]
+    for backend in ("gather", "sdpa"):
+        m.backend = backend
+        got = m(x, causal=causal)
+        assert (got - want).abs().max() < 1e-12, backend
+        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx).abs().max() < 1e-12, backend
+
+
+def test_monotone_scores_find_the_exact_top_k():
+    """Scores increasing along the keys: halving by the first key keeps the right halves, i.e. the last k keys."""
+    n, kk = 37, 5
+    q = torch.ones(1, 1, 1, 2, dtype=torch.float64)
+    k = torch.stack([torch.arange(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)], -1).view(1, 1, n, 2)
+    kept, count = visible_keys(1, None, n, False, q.device)
+    got = hierarchical_top_k(q, k, kept, count, kk)
+    assert sorted(got.flatten().tolist()) == list(range(n - kk, n))
+
+
+def test_padded_keys_are_never_selected_and_counts_follow_the_kept_keys():
+    m = _double(top_k=3)
+    x = random_tokens(n=10)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 2:5] = False
+    keep[1, 7:] = False
+    for causal in (False, True):
+        q, k, _ = m.project(x, x)
+        keys = m.route(q, k, keep, Call(x=x, src=x, causal=causal)).index
+        for b in range(2):
+            sel = keys[b][keys[b] >= 0]
+            assert keep[b][sel].all()
+        cnt = keep.cumsum(1) if causal else keep.sum(1, keepdim=True).expand(-1, 10)
+        assert torch.equal((keys >= 0).sum(-1), cnt.clamp(max=3).unsqueeze(1).expand(-1, 4, -1))
+
+
+def test_rounds_are_logarithmic():
+    """The search halves chunks: ceil(log2(ceil(T / k))) rounds score 2k keys each, so O(k log T) per query."""
+    calls = []
+    q = torch.randn(1, 1, 1, 4, dtype=torch.float64)
+    for n in (64, 1024):
+        k = torch.randn(1, 1, n, 4, dtype=torch.float64)
+        orig = torch.Tensor.topk
+        count = [0]
+
+        def counting(self, *a, _orig=orig, _count=count, **kw):
+            _count[0] += 1
+            return _orig(self, *a, **kw)
+
+        torch.Tensor.topk = counting
+        try:
+            kept, cnt = visible_keys(1, None, n, False, q.device)
+            hierarchical_top_k(q, k, kept, cnt, 4)
+        finally:
+            torch.Tensor.topk = orig
+        calls.append(count[0])
+    assert calls == [4, 8]  # log2(64 / 4), log2(1024 / 4)
+
+
+@pytest.mark.parametrize("kw,name", [({"top_k": 0}, "top_k"), ({"top_k": 2.5}, "top_k"),
+                                     ({"representative": "last"}, "representative")])
+def test_bad_arguments_name_themselves(kw, name):
+    with pytest.raises(ValueError, match=name):
+        create("hip", dim=32, n_heads=4, **kw)
+
+
+def test_chunked_search_equals_one_pass(monkeypatch):
+    import attnzoo.layers.dynamic_sparse.hip as hip
+
+    m = _double(top_k=3)
+    x = random_tokens(n=19)
+    q, k, _ = m.project(x, x)
+    call = Call(x=x, src=x, causal=True)
+    whole = m.route(q, k, None, call).index
+    monkeypatch.setattr(hip, "SEARCH_CHUNK_ELEMENTS", 1)
+    assert torch.equal(m.route(q, k, None, call).index, whole)
