@@ -1,18 +1,23 @@
 """Dynamic-sparse attention on CPU: moba against causal mha (SDPA), topk_attention's memory, effective throughput.
 
-Run: ``python benchmarks/bench_dynamic_sparse.py [--n 16384] [--repeats 3] [--threads 0]``.
+Run: ``python benchmarks/bench_dynamic_sparse.py [--n 16384] [--repeats 3] [--threads 0] [--clock wall|cpu]``.
 
 - ``moba`` (block 256, top_k 4) and ``mha`` with the same weights (``mha_from``), dim 512, 8 heads, float32,
   causal, forward + backward, interleaved rounds; wall time, every round printed (the spread) and the median.
 - Effective throughput: ``t_moba / (t_mha x density)``, ``density`` = attended pairs / causal pairs of the
   call (1 would be "sparse as fast as dense per attended pair").
-- ``topk_attention`` (top_k 64) memory: bytes autograd saves for the backward, per N (linear in N when the
-  ratio bytes / N stays flat), next to mha on SDPA.
+- ``topk_attention`` (top_k 64) memory: bytes autograd saves for the backward, and the peak resident memory a
+  forward + backward adds (each in a fresh process), per N (linear in N when the ratio per token stays flat),
+  next to mha on SDPA; its time against mha's at the same N, and the effective throughput
+  ``t_topk / (t_mha x density)``.
+- The load average is printed before and after (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -21,18 +26,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import machine  # noqa: E402
+from _harness import machine, run_isolated  # noqa: E402
 
 from attnzoo.layers.base import Call  # noqa: E402
 from attnzoo.layers.testing import mha_from  # noqa: E402
 from attnzoo.registry import create  # noqa: E402
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCK["wall"]
+
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> float:
     x = x.detach().requires_grad_()
-    t = time.perf_counter()
+    t = clock()
     module(x, causal=True).sum().backward()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def moba_density(m: torch.nn.Module, x: torch.Tensor) -> float:
@@ -61,16 +69,59 @@ def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     return total
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+def peak_added_bytes(slug: str, n: int) -> None:
+    """(Run in a fresh process.) Print JSON: peak resident memory a causal forward + backward adds at length n
+    (Linux: the peak is reset through ``/proc/self/clear_refs`` right before the call)."""
+    torch.manual_seed(0)
+    topk = create("topk_attention", dim=512, n_heads=8, top_k=64)
+    module = topk if slug == "topk_attention" else mha_from(topk).float()
+    module(torch.randn(1, 64, 512, requires_grad=True), causal=True).sum().backward()  # libraries' first-use memory
+    x = torch.randn(1, n, 512, requires_grad=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_bytes()
+    module(x, causal=True).sum().backward()
+    peak = _peak_rss_bytes()
+    print(json.dumps({"slug": slug, "n": n, "peak_added": peak - before}))
+
+
+def topk_density(m: torch.nn.Module, n: int) -> float:
+    """Attended / causal pairs of topk_attention at length n (query i attends min(top_k, i + 1) keys)."""
+    pos = torch.arange(n, dtype=torch.float64)
+    return (pos + 1).clamp(max=m.top_k).sum().item() / (pos + 1).sum().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-topk", action="store_true")
+    ap.add_argument("--topk-n", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--clock", choices=list(CLOCK), default="wall",
+                    help="wall time, or process CPU time (with --threads 1: stable on a shared machine)")
+    ap.add_argument("--one", choices=["topk_attention", "mha"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(machine())
+    if args.one:
+        peak_added_bytes(args.one, args.n)
+        return
+    print(machine(), f"clock: {args.clock}")
+    print(f"load average (1, 5, 15 min) before: {os.getloadavg()}")
     torch.manual_seed(0)
     if not args.skip_speed:
         moba = create("moba", dim=512, n_heads=8, block_size=256, top_k=4)
@@ -91,15 +142,34 @@ def main() -> None:
               f"{', '.join(f'{d / s:.2f}' for s, d in zip(rounds['moba'], rounds['mha']))})")
         print(f"moba density (attended / causal pairs): {dens:.4f}; t_moba / (t_mha x density): "
               f"{tm / (td * dens):.2f}")
-    print("\ntopk_attention (top_k 64) vs mha: bytes saved for backward, dim 512, 8 heads")
-    print("| N | topk_attention (MB) | per token (KB) | mha SDPA (MB) |\n|---|---|---|---|")
+    if not args.skip_topk:
+        topk_section(args)
+    print(f"\nload average (1, 5, 15 min) after: {os.getloadavg()}")
+
+
+def topk_section(args: argparse.Namespace) -> None:
+    print("\ntopk_attention (top_k 64) vs mha (SDPA), causal forward + backward, dim 512, 8 heads: bytes saved for "
+          "backward, peak resident memory added (fresh process each), time (rounds) and t_topk / (t_mha x density)")
+    print("| N | saved topk (MB) | per token (KB) | saved mha (MB) | peak topk (MB) | per token (KB) | peak mha (MB) "
+          "| topk rounds (s) | mha rounds (s) | density | t_topk / (t_mha x density) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     topk = create("topk_attention", dim=512, n_heads=8, top_k=64)
     dense = mha_from(topk).float()
-    for n in (1024, 2048, 4096, 8192):
+    for n in args.topk_n:
         x = torch.randn(1, n, 512)
         a, b = saved_bytes(topk, x), saved_bytes(dense, x)
-        print(f"| {n} | {a / 2**20:.1f} | {a / n / 1024:.1f} | {b / 2**20:.1f} |", flush=True)
-
+        peaks = [run_isolated(__file__, ["--one", slug, "--n", str(n), "--threads", str(torch.get_num_threads())])
+                 for slug in ("topk_attention", "mha")]
+        pa, pb = (p.get("peak_added", float("nan")) for p in peaks)
+        rt, rd = [], []
+        for _ in range(args.repeats):
+            rt.append(fwd_bwd(topk, x))
+            rd.append(fwd_bwd(dense, x))
+        dens = topk_density(topk, n)
+        eff = statistics.median(rt) / (statistics.median(rd) * dens)
+        print(f"| {n} | {a / 2**20:.1f} | {a / n / 1024:.1f} | {b / 2**20:.1f} | {pa / 2**20:.1f} | "
+              f"{pa / n / 1024:.1f} | {pb / 2**20:.1f} | {', '.join(f'{t:.2f}' for t in rt)} | "
+              f"{', '.join(f'{t:.2f}' for t in rd)} | {dens:.4f} | {eff:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh local-sweep   # the same with a sweep over tile configurations
 #   bash benchmarks/gpu_session.sh linear        # Triton chunked linear attention vs fla and SDPA
 #   bash benchmarks/gpu_session.sh ring          # ring attention over NCCL, 1/2/4/8 processes (one GPU each)
+#   bash benchmarks/gpu_session.sh routed        # routed flex vs a FlexAttention block mask rebuilt per call
 #
 # Logs (and JSON rows) go to $OUT when it is set (the device tool's output folder), else ./gpu-out.
 # Runs from a checkout without installing it (PYTHONPATH), with whatever torch/triton the machine has.
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear|ring|pooling}"
+stage="${1:?usage: gpu_session.sh tests|local|local-sweep|linear|ring|pooling|routed}"
 
 {
     date -u '+%Y-%m-%d %H:%M UTC'
@@ -40,7 +41,10 @@ case "$stage" in
             --window-ns 131072 524288 --repeats 5 --timeout 500 --json "$out/ring.json" 2>&1 | tee "$out/ring.log" ;;
     pooling)
         python benchmarks/bench_pooling.py --device cuda --repeats 5 2>&1 | tee "$out/pooling.log" ;;
+    routed)
+        python benchmarks/bench_routed_flex.py --n 8192 32768 --json "$out/routed-flex.json" 2>&1 \
+            | tee "$out/routed-flex.log" ;;
     *)
-        echo "unknown stage: $stage (expected tests, local, local-sweep, linear, ring or pooling)" >&2
+        echo "unknown stage: $stage (expected tests, local, local-sweep, linear, ring, pooling or routed)" >&2
         exit 2 ;;
 esac

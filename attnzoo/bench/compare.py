@@ -57,6 +57,9 @@ POOLING_POOLERS = ("mean_pool", "attention_pool", "query_pool", "abmil", "attent
 # Per-entry arguments the presets use (only the ones an entry accepts are passed).
 MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 16},
+    # Small routings at MQAR's lengths (64 tokens: 4 blocks of 16, the own block and one routed block).
+    "moba": {"block_size": 16, "top_k": 2},
+    "topk_attention": {"top_k": 4},
     "abmil": {"attn_dim": 32}, "attentive_stats_pool": {"attn_dim": 32},
     "query_pool": {"n_heads": 4}, "set_transformer_pma": {"n_heads": 4},
 }

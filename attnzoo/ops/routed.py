@@ -247,13 +247,21 @@ def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor
 
 def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
                         block_k: int, causal: bool = False, scale: float | None = None,
-                        cap: int = 128) -> torch.Tensor:
+                        cap: int | None = None) -> torch.Tensor:
     """Block-routed attention in the MoBA manner: every key block gathers the queries routed to it (in sub-routes
     of at most ``cap`` queries), attends them to its ``block_k`` keys, and the partial results are merged per
-    query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``); autograd gives
-    the backward. Shapes as in :func:`check_block_routing` (checked by the caller); queries that see no key
-    return zeros.
+    query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``). On CPU in
+    float32/float64 the tiles run on the fused flash kernel with its fused backward
+    (:func:`attnzoo.ops.routed_blocks.block_routed_flash`); otherwise autograd gives the backward. ``cap``:
+    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). Shapes as in
+    :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
+    from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
+
+    if flash_routing_ok(q, k, v, causal):
+        return block_routed_flash(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale,
+                                  cap=cap)
+    cap = GATHER_CHUNK if cap is None else cap
     b, h, n, d = q.shape
     m, dv = k.shape[2], v.shape[-1]
     scale = d ** -0.5 if scale is None else scale

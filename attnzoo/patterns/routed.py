@@ -90,6 +90,7 @@ class BlockRouted(Pattern):
 
     per_batch = True
     per_head = True
+    flex_from_layout = True  # flex's block mask comes from the exact bounds, never from evaluating every pair
 
     def __init__(self, blocks: torch.Tensor, block_q: int, block_k: int, causal: bool = False) -> None:
         self.blocks, self.block_q, self.block_k, self.causal = blocks, block_q, block_k, causal
@@ -205,8 +206,12 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: to
     """Which backend :func:`block_routed_attention` runs with ``backend="auto"``, and why (text)."""
     check_block_routing(blocks, q, k.shape[2], block_q, block_k)
     if _block_backend(q, block_q) == "gather":
+        from attnzoo.ops.routed_blocks import flash_routing_ok
+
+        how = ("fused CPU flash tiles: own block causal, routed blocks batched by query count, fused backward"
+               if flash_routing_ok(q, k, v, causal) else "autograd over sub-routes")
         return (f"backend: gather (block_q={block_q} < 64: each key block gathers its routed queries and the "
-                "partials merge by log-sum-exp; tiles would union the routings of 64 queries)\n"
+                f"partials merge by log-sum-exp; tiles would union the routings of 64 queries; {how})\n"
                 "  not flex: CUDA path (a block mask built from the routing)")
     from attnzoo.ops import explain
 

@@ -140,3 +140,81 @@ def test_block_gather_splits_busy_routes_into_sub_routes(causal):
     _close(out, ref)
     for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
         _close(a, b)
+
+
+def _block_case(n, m, block_k, causal, seed, own=False, dtype=torch.float64, dv=None):
+    q, k, v = _qkv(seed=seed, n=n, m=m, dtype=dtype)
+    if dv is not None:
+        v = torch.randn(*v.shape[:-1], dv, dtype=dtype, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    nkb = -(-m // block_k)
+    blocks = torch.rand(2, 3, n, nkb, generator=torch.Generator().manual_seed(seed + 1)) < 0.5
+    if own:
+        blocks[..., torch.arange(n), (torch.arange(n) + m - n) // block_k] = True
+    blocks[1, 0, 3] = False  # a query with no key block
+    return q, k, v, blocks
+
+
+@pytest.mark.parametrize("n,m,block_k,causal,own", [
+    (5, 29, 8, True, False),    # decoding shape: the queries are the last 5 of 29 keys, ragged last block
+    (32, 32, 8, True, True),    # every query keeps its own block, N a multiple of block_k: no copies
+    (32, 32, 8, False, False),
+    (29, 31, 8, False, False),  # ragged last key block seen whole
+])
+def test_block_flash_path_equals_reference(n, m, block_k, causal, own):
+    from attnzoo.ops.routed_blocks import flash_routing_ok
+
+    q, k, v, blocks = _block_case(n, m, block_k, causal, seed=11, own=own)
+    assert flash_routing_ok(q, k, v, causal)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="gather")
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    assert out[1, 0, 3].abs().max() == 0
+
+
+def test_block_flash_path_in_float32_and_the_autograd_fallback():
+    from attnzoo.ops.routed_blocks import flash_routing_ok
+
+    q, k, v, blocks = _block_case(40, 40, 8, True, seed=12, dtype=torch.float32)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="gather")
+    assert (out - ref).abs().max() < 1e-5
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        assert (a - b).abs().max() < 1e-4
+    q, k, v, blocks = _block_case(20, 20, 8, True, seed=13, dv=10)  # value width != key width: autograd path
+    assert not flash_routing_ok(q, k, v, True)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="gather")
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_of_a_routing_comes_from_its_layout(causal):
+    """The routed flex path builds its block mask from the routing's exact bounds (no pass over every pair); it
+    equals create_block_mask's, and flex's forward equals the reference (CPU, float32)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from attnzoo.ops.backends.flex import FLEX_BLOCK, layout_block_mask
+    from attnzoo.ops.layout import Shape
+
+    n = 2 * FLEX_BLOCK + 40  # a ragged last tile
+    g = torch.Generator().manual_seed(9)
+    blocks = torch.rand(2, 3, -(-n // 32), -(-n // 64), generator=g) < 0.4
+    pat = BlockRouted(blocks, 32, 64, causal)
+    shape = Shape(2, 3, n, n)
+    got = layout_block_mask(pat, shape, "cpu")
+    want = create_block_mask(pat.mask_mod(shape), 2, 3, n, n, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+    # The layout's tiles are a superset (its causal bound may visit a tile whose routed pairs are all in the
+    # future: mask_mod drops them), and it calls a ragged last tile full when every real pair is allowed
+    # (create_block_mask evaluates the padding); the forward checks both.
+    assert bool((got.to_dense() >= want.to_dense()).all())
+    assert bool((got.full_kv_num_blocks >= want.full_kv_num_blocks).all())
+    if not causal:
+        assert torch.equal(got.to_dense(), want.to_dense())
+    q, k, v = (t.detach().float() for t in _qkv(n=n, m=n, d=32))
+    ref = block_routed_attention(q, k, v, blocks, block_q=32, block_k=64, causal=causal, backend="reference")
+    out = block_routed_attention(q, k, v, blocks, block_q=32, block_k=64, causal=causal, backend="flex")
+    assert (out - ref).abs().max() < 1e-5

@@ -61,6 +61,17 @@ class RoutedMixer(MultiHeadAttention):
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         raise NotImplementedError
 
+    def top_k_limit(self, n_keys: int) -> tuple[int, int, str] | None:
+        """``(top_k, available, what)`` for a call with ``n_keys`` keys, checked by :func:`check_top_k_fits`
+        before any work (None: the entry has no such bound)."""
+        return None
+
+    def check_call(self, x, mask, causal, context, cache) -> None:
+        super().check_call(x, mask, causal, context, cache)
+        limit = self.top_k_limit(x.shape[1]) if cache is None else None
+        if limit is not None:
+            check_top_k_fits(*limit)
+
     def attend(self, q, k, v, pattern, want_weights, call=None):
         causal = bool(call.causal) if call is not None else False
         keep = call.kv_keep if call is not None else None
@@ -89,6 +100,18 @@ def check_top_k(top_k: Any, name: str = "top_k") -> int:
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {top_k!r}")
     return top_k
+
+
+def check_top_k_fits(top_k: int, available: int, what: str, name: str = "top_k") -> None:
+    """Raise ``ValueError`` naming ``name`` when ``top_k`` exceeds the ``available`` candidates (blocks, keys,
+    regions: ``what``) of the call; ``top_k == available`` selects everything (full attention).
+
+    :class:`RoutedMixer` runs it before any work through :meth:`RoutedMixer.top_k_limit`, on calls without a KV
+    cache: a decoding step is part of a longer sequence, and its query attends all its candidates when it has
+    fewer than ``top_k``, as the full forward's early queries do under causality.
+    """
+    if top_k > available:
+        raise ValueError(f"{name}: expected at most {available} (the {what} of this call), got {top_k}")
 
 
 def block_means(k: torch.Tensor, block: int, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,4 +177,4 @@ def pooled_token_weights(w: torch.Tensor, counts: list[torch.Tensor], m: int) ->
 
 
 __all__ = ["FAMILY", "SMALL", "SUPPORT", "RoutedMixer", "Routing", "block_means", "causal_allow", "check_top_k",
-           "pool_levels", "pooled_token_weights", "query_positions", "rand_x", "top_k_allowed"]
+           "check_top_k_fits", "pool_levels", "pooled_token_weights", "query_positions", "rand_x", "top_k_allowed"]

@@ -28,14 +28,14 @@ class MoBA(RoutedMixer):
 
     Keys split into blocks of ``block_size``; query ``q`` scores block ``b`` by ``⟨q, mean(K_b)⟩`` and attends
     the union of its ``top_k`` best blocks (per head). Under ``causal``, future blocks score ``-inf`` and the
-    query's own block ``+inf`` (always selected, causal inside), so ``top_k`` counts the own block and is
-    capped at the number of blocks, as the authors' reference gating does (checked against a copy of
-    MoonshotAI/MoBA ``moba_naive.py``: unscaled ``q·mean(K_b)`` gate, own chunk ``+inf``, later chunks
-    ``-inf``, ``topk(min(top_k, n_blocks))``, then the token-level causal mask). Early queries with fewer than
-    ``top_k`` candidate blocks attend all of them. ``top_k`` is capped at the number of blocks of each call
-    (so ``top_k >= #blocks`` is full attention). The choice is non-differentiable (hard top-k, as in MoBA);
-    gradients flow through the attention over the chosen keys. ``rep = "mean"`` only (LongHeads' chunk
-    keys and its first+local always-on blocks are not implemented).
+    query's own block ``+inf`` (always selected, causal inside), so ``top_k`` counts the own block (checked
+    against a copy of MoonshotAI/MoBA ``moba_naive.py``: unscaled ``q·mean(K_b)`` gate, own chunk ``+inf``,
+    later chunks ``-inf``, ``topk(min(top_k, n_blocks))``, then the token-level causal mask). Early queries
+    with fewer than ``top_k`` candidate blocks attend all of them. Unlike the authors' ``min``, a ``top_k``
+    above the number of key blocks of a call is refused (``ValueError``); ``top_k`` equal to it is full
+    attention. KV-cache decoding steps are not checked (each is part of a longer sequence). The choice is
+    non-differentiable (hard top-k, as in MoBA); gradients flow through the attention over the chosen keys.
+    ``rep = "mean"`` only (LongHeads' chunk keys and its first+local always-on blocks are not implemented).
 
     Args:
         dim, n_heads: as ``mha``.
@@ -48,6 +48,9 @@ class MoBA(RoutedMixer):
         super().__init__(dim, n_heads, **kw)
         self.block_size = check_int("block_size", block_size)
         self.top_k = check_top_k(top_k)
+
+    def top_k_limit(self, n_keys):
+        return self.top_k, -(-n_keys // self.block_size), f"key blocks of {self.block_size}"
 
     def route(self, q, k, keep, call):
         n, m = q.shape[2], k.shape[2]
@@ -97,7 +100,7 @@ register(
     summary="Mixture of block attention: per query the top-k key blocks by mean-pooled keys (own block forced).",
     test_kwargs={**SMALL, "block_size": 4, "top_k": 2},
     reductions=(
-        Reduction("all_blocks_is_mha", "top_k >= #blocks equals mha (causal and not)", _all_blocks_is_mha),
+        Reduction("all_blocks_is_mha", "top_k == #blocks equals mha (causal and not)", _all_blocks_is_mha),
         Reduction("own_block_no_future", "the own block is always selected, future blocks never, <= top_k blocks",
                   _own_block_and_no_future),
     ),

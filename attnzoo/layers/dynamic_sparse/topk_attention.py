@@ -30,7 +30,9 @@ class TopKAttention(RoutedMixer):
 
     Selection runs in chunks of queries (memory ``O(chunk·M)`` transient, ``O(N·top_k)`` kept) and the attention
     gathers each query's keys (memory linear in ``N·top_k``, forward and backward). Ties keep the lower key index
-    (``torch.topk``). ``top_k`` is capped at the keys a query may see (so ``top_k >= N`` is dense attention). The
+    (``torch.topk``). A ``top_k`` above the number of keys of a call is refused (``ValueError``); ``top_k = N``
+    is dense attention, and causal queries with fewer than ``top_k`` visible keys attend all of them (as do
+    KV-cache decoding steps, which are not checked). The
     selection is non-differentiable (hard top-k). ``scorer="predictor"`` (Sparsifiner's low-rank connectivity
     predictor, trained with its own loss) is not implemented and is refused.
     """
@@ -39,6 +41,9 @@ class TopKAttention(RoutedMixer):
         super().__init__(dim, n_heads, **kw)
         self.top_k = check_top_k(top_k)
         self.scorer = check_choice("scorer", scorer, ("exact",))
+
+    def top_k_limit(self, n_keys):
+        return self.top_k, n_keys, "keys"
 
     def route(self, q, k, keep, call):
         b, h, n, _ = q.shape

@@ -46,6 +46,9 @@ def pattern_block_mask(pattern: Any, shape: Shape, device: torch.device | str) -
         raise RuntimeError(flex)
     key = ("flex_block_mask", shape, str(device))
     cached = pattern._cache_get(key)
+    if cached is None and getattr(pattern, "flex_from_layout", False):
+        cached = layout_block_mask(pattern, shape, device)
+        pattern._cache_put(key, cached)
     if cached is None:
         cached = flex.create_block_mask(
             pattern.mask_mod(shape),
@@ -58,6 +61,28 @@ def pattern_block_mask(pattern: Any, shape: Shape, device: torch.device | str) -
         )
         pattern._cache_put(key, cached)
     return cached
+
+
+def layout_block_mask(pattern: Any, shape: Shape, device: torch.device | str) -> Any:
+    """The block mask built from the pattern's exact block layout (its ``bounds``), without evaluating the mask
+    over every pair as ``create_block_mask`` does: for patterns rebuilt per call (a routing) whose bounds are
+    exact and cheap. Partial tiles keep ``pattern.mask_mod``."""
+    from attnzoo.ops.layout import FULL, PARTIAL
+
+    flex = _flex()
+    if isinstance(flex, str):
+        raise RuntimeError(flex)
+    state = pattern.block_layout(shape, FLEX_BLOCK, FLEX_BLOCK, device).state
+    state = state.expand(shape.batch if pattern.per_batch else 1, shape.heads if pattern.per_head else 1,
+                         *state.shape[2:])
+
+    def lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # the selected blocks first, in order
+        return sel.sum(-1, dtype=torch.int32), order.to(torch.int32).contiguous()
+
+    (kv_num, kv_idx), (full_num, full_idx) = lists(state == PARTIAL), lists(state == FULL)
+    return flex.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                         mask_mod=pattern.mask_mod(shape), seq_lengths=(shape.n_q, shape.n_kv))
 
 
 class Flex(Backend):

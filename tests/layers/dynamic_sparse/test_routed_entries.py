@@ -90,3 +90,23 @@ def test_block_sparse_layout_too_small_is_refused():
     m = _double("block_sparse", block_size=4, layout=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="layout"):
         m(random_tokens(n=12).double())
+
+
+@pytest.mark.parametrize("slug,kw,n,available", [
+    ("moba", {"block_size": 4, "top_k": 4}, 12, 3),
+    ("moba", {"block_size": 5, "top_k": 4}, 12, 3),
+    ("topk_attention", {"top_k": 13}, 12, 12),
+])
+def test_top_k_above_the_call_is_refused_before_any_work(slug, kw, n, available, monkeypatch):
+    m = _double(slug, **kw)
+    projected = []
+    monkeypatch.setattr(m, "project", lambda *a, **k: projected.append(1))
+    for causal in (False, True):
+        with pytest.raises(ValueError, match=rf"top_k: expected at most {available} .*got {kw['top_k']}"):
+            m(random_tokens(n=n).double(), causal=causal)
+    assert not projected
+
+
+def test_top_k_equal_to_the_call_is_accepted():
+    assert create("moba", dim=32, n_heads=4, block_size=4, top_k=3)(random_tokens(n=12).float()).shape == (2, 12, 32)
+    assert create("topk_attention", dim=32, n_heads=4, top_k=12)(random_tokens(n=12).float()).shape == (2, 12, 32)
