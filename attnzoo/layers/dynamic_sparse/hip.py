@@ -102,8 +102,9 @@ class HiPAttention(RoutedMixer):
     (``representative="first"``; ``"middle"`` takes its centre key, as InfiniteHiP does). Queries are searched
     one by one (HiP groups them in query blocks sharing a mask; not implemented). The search is
     non-differentiable (hard top-k); gradients flow through the attention over the chosen keys. A query that sees
-    ``T <= top_k`` keys attends all of them, so ``top_k >= T`` is dense attention (``top_k`` is capped per call,
-    as in ``moba``, so decoding from one token works).
+    ``T <= top_k`` keys attends all of them (early causal queries), so ``top_k == T`` is dense attention. A call
+    without a KV cache whose ``T`` is below ``top_k`` is refused before any work (``ValueError`` naming
+    ``top_k``); decoding steps with a cache are not, so decoding from one token works.
 
     Args:
         dim, n_heads: as ``mha``.
@@ -118,6 +119,9 @@ class HiPAttention(RoutedMixer):
         self.top_k = check_top_k(top_k)
         self.representative = check_choice("representative", representative, ("first", "middle"))
 
+
+    def top_k_limit(self, n_keys):
+        return self.top_k, n_keys, "keys"
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         causal = bool(call is not None and call.causal)
         kept_pos, count = visible_keys(q.shape[2], keep, k.shape[2], causal, q.device)

@@ -99,8 +99,10 @@ class SuperlinearSpanAttention(RoutedMixer):
     ``common/adjustment.py``; not copied): anchors at ``p + 1 - i^2``, unscaled ``Q1·K`` anchor scores, top-k
     anchors, backward span length ``ceil(2 (p + 1)^{1/2})``, the per-span outputs mixed by the softmax of the
     anchor scores. Not implemented: the sliding-window branch beside the spans (``sw_index``), forward span
-    extension, other search powers (N > 2), the Triton kernels. ``top_k`` is capped per query at its number of
-    anchors (a query with fewer attends all its spans), as ``moba`` caps, so decoding from one token works.
+    extension, other search powers (N > 2), the Triton kernels. A query with fewer than ``top_k`` anchors attends
+    all its spans; a call without a KV cache whose last query has fewer than ``top_k`` anchors
+    (``floor(sqrt(N))``) is refused before any work (``ValueError`` naming ``top_k``); decoding steps with a cache
+    are not, so decoding from one token works.
 
     Args:
         dim, n_heads: as ``mha``.
@@ -118,6 +120,9 @@ class SuperlinearSpanAttention(RoutedMixer):
         self.search_proj = (nn.Linear(dim, n_heads * self.head_dim, bias=self.q_proj.bias is not None)
                             if combine == "gated" else None)
 
+
+    def top_k_limit(self, n_keys):
+        return self.top_k, math.isqrt(n_keys), "span anchors of the last query (floor(sqrt(N)))"
     def search(self, s: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, causal: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The span search (no gradient): ``(anchors [B, H, N, k] (-1: none), keys [B, H, N, k, L + 1])`` for

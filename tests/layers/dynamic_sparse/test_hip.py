@@ -97,3 +97,12 @@ def test_chunked_search_equals_one_pass(monkeypatch):
     whole = m.route(q, k, None, call).index
     monkeypatch.setattr(hip, "SEARCH_CHUNK_ELEMENTS", 1)
     assert torch.equal(m.route(q, k, None, call).index, whole)
+
+
+def test_top_k_above_the_keys_of_a_call_is_refused_before_any_work():
+    import attnzoo
+
+    m = attnzoo.create("hip", dim=32, n_heads=4, top_k=8)
+    with pytest.raises(ValueError, match=r"top_k: expected at most 7 \(the keys of this call\), got 8"):
+        m(torch.randn(2, 7, 32))
+    assert m(torch.randn(2, 8, 32)).shape == (2, 8, 32)

@@ -103,3 +103,12 @@ def test_chunked_search_equals_one_pass(monkeypatch):
     whole = m.route(q, k, None, call).index
     monkeypatch.setattr(sl, "SEARCH_CHUNK_ELEMENTS", 1)
     assert torch.equal(m.route(q, k, None, call).index, whole)
+
+
+def test_top_k_above_the_anchors_of_a_call_is_refused_before_any_work():
+    import attnzoo
+
+    m = attnzoo.create("superlinear_span", dim=32, n_heads=4, top_k=3)
+    with pytest.raises(ValueError, match=r"top_k: expected at most 2 .*got 3"):
+        m(torch.randn(2, 8, 32), causal=True)
+    assert m(torch.randn(2, 9, 32), causal=True).shape == (2, 9, 32)
