@@ -140,10 +140,11 @@ def test_compare_a_bag_task(tmp_path):
     assert cols[2:5] == [label, f"{label} bag_auc", f"{label} localisation_auc"]
     by = {r[1]: r for r in rows}
     assert set(by) == {"mean_pool", "abmil"} and by["mean_pool"][4] == "n/a" and 0 <= float(by["abmil"][4]) <= 1
-    assert cols[-1] == "train time per run (s)" and float(by["abmil"][-1]) > 0
+    assert cols[-1] == "train time per run (s)" and float(by["abmil"][-1]) >= 0  # a tiny run may round to 0.0
     assert "localisation_auc" in res.report.read_text()
     with open_store(store, create=False) as db:
         assert {r["config"]["preset"] for r in db.runs(kind="train")} == {"task-mil_bags"}
+        assert all(r["metrics"]["train_time_s"] > 0 for r in db.runs(kind="train"))
     with pytest.raises(ValueError, match="takes a pooler, not a mixer"):
         run_compare(None, task=TINY_MIL, mixers=["mha"], store=store, log=lambda s: None)
     with pytest.raises(ValueError, match="preset: give a preset or a task, not both"):
