@@ -301,6 +301,18 @@ class Pooler(nn.Module):
         return out, bags.to_instances(weights)
 
 
+def _bag_scores(bags: Bags, q: torch.Tensor, k: torch.Tensor, *, per_bag: bool, topk: int | None) -> torch.Tensor:
+    """Scores ``[., M, H]`` of each instance against each query-head, beyond each bag's ``topk`` best -inf."""
+    if per_bag:
+        s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
+    else:
+        s = torch.einsum("...hd,mhd->...mh", k, q)
+    if topk is not None:
+        flat = s.flatten(-2)
+        s = flat.masked_fill(rank_in_bag(bags, flat) >= topk, float("-inf")).view_as(s)
+    return s
+
+
 def bag_attention(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, per_bag: bool,
                   topk: int | None = None, extra: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,13 +329,7 @@ def bag_attention(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if extra is not None:
         return _attention_with_extra(bags, q, k, v, per_bag=per_bag, topk=topk, extra=extra)
     m, h, d = q.shape[-3:]
-    if per_bag:
-        s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
-    else:
-        s = torch.einsum("...hd,mhd->...mh", k, q)
-    if topk is not None:
-        flat = s.flatten(-2)
-        s = flat.masked_fill(rank_in_bag(bags, flat) >= topk, float("-inf")).view_as(s)
+    s = _bag_scores(bags, q, k, per_bag=per_bag, topk=topk)
     a = bags.softmax(s)
     if bags.packed:
         z = segment_sum(a.unsqueeze(-1) * v.unsqueeze(-3), bags.ids, bags.n_bags)
@@ -338,13 +344,7 @@ def _attention_with_extra(bags: Bags, q: torch.Tensor, k: torch.Tensor, v: torch
     """:func:`bag_attention` over the instances and ``extra``: the two softmaxes merged by their log-sum-exps."""
     k_e, v_e = extra
     h, d = q.shape[-2:]
-    if per_bag:
-        s = torch.einsum("...hd,...mhd->...mh", k, bags.broadcast(q))
-    else:
-        s = torch.einsum("...hd,mhd->...mh", k, q)
-    if topk is not None:
-        flat = s.flatten(-2)
-        s = flat.masked_fill(rank_in_bag(bags, flat) >= topk, float("-inf")).view_as(s)
+    s = _bag_scores(bags, q, k, per_bag=per_bag, topk=topk)
     a = bags.softmax(s)
     lse = bags.logsumexp(s)                                                   # [B, M, H]
     s_e = torch.einsum("...mhd,...jhd->...mhj", q, k_e)                       # [B or -, M, H, J]
