@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.layers.base import Call, check_choice, check_int, seeded
-from attnzoo.layers.dynamic_sparse._common import FAMILY, SMALL, RoutedMixer, Routing, check_top_k
+from attnzoo.layers.dynamic_sparse._common import (
+    FAMILY,
+    SMALL,
+    RoutedMixer,
+    Routing,
+    check_top_k,
+    check_top_k_fits,
+)
 from attnzoo.layers.local_sparse._grid import flatten_grid, per_axis
 from attnzoo.layers.testing import mha_from, random_grid, random_tokens
 from attnzoo.ops import attention
@@ -129,10 +136,7 @@ class BiLevelRoutingAttention(RoutedMixer):
                 raise ValueError(f"x: grid extent {grid} must be a multiple of regions {parts} on every axis")
         if self.lce is not None and len(grid) > 2:
             raise ValueError(f"x: lce runs a 2-D depthwise convolution: 1 or 2 spatial axes, got grid {grid}")
-        total = math.prod(parts)
-        if self.top_k > total:
-            raise ValueError(f"top_k: expected at most the number of regions of this call ({total}), got "
-                             f"{self.top_k}")
+        check_top_k_fits(self.top_k, math.prod(parts), "regions")
         return parts
 
     def region_ids(self, k: torch.Tensor, keep: torch.Tensor | None, grid: tuple[int, ...]

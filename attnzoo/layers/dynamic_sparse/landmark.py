@@ -87,13 +87,10 @@ class LandmarkAttention(RoutedMixer):
         self.top_k = None if top_k is None else check_top_k(top_k)
         self.window = check_int("window", window, minimum=0)
 
-    def check_call(self, x, mask, causal, context, cache):
-        super().check_call(x, mask, causal, context, cache)
-        if cache is None and self.top_k is not None and isinstance(x, torch.Tensor) and x.dim() == 3:
-            nb = -(-x.shape[1] // (self.block_size + 1))
-            if self.top_k > nb:
-                raise ValueError(f"top_k: expected at most the {nb} blocks of this call ({x.shape[1]} tokens, "
-                                 f"block_size={self.block_size} + 1 landmark), got {self.top_k}")
+    def top_k_limit(self, n_keys):
+        if self.top_k is None:
+            return None
+        return self.top_k, -(-n_keys // (self.block_size + 1)), f"blocks of {self.block_size} + 1 landmark"
 
     def route(self, q, k, keep, call):
         """Blocks each query uses, bool ``[B, H, N, nb]`` (its own block included), as a routing over blocks of

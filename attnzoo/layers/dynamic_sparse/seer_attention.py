@@ -143,11 +143,11 @@ class SeerAttention(RoutedMixer):
                              "pass causal=True with gate='auto' or 'per_query'")
         if not causal and self.gate_kind(causal) == "per_query":
             raise ValueError("causal: gate='per_query' is the causal decode gate; call with causal=True")
-        if cache is None and self.top_k is not None and isinstance(x, torch.Tensor) and x.dim() == 3:
-            nb = -(-x.shape[1] // self.block_size)
-            if self.top_k > nb:
-                raise ValueError(f"top_k: expected at most the {nb} blocks of this call ({x.shape[1]} tokens, "
-                                 f"block_size={self.block_size}), got {self.top_k}")
+
+    def top_k_limit(self, n_keys):
+        if self.top_k is None:
+            return None
+        return self.top_k, -(-n_keys // self.block_size), f"key blocks of {self.block_size}"
 
     # The gate ------------------------------------------------------------------------------------------------
     def _group_mean(self, q: torch.Tensor) -> torch.Tensor:

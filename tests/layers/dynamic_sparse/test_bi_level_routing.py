@@ -121,3 +121,9 @@ def test_region_gather_path_equals_the_reference_with_padding_and_variable_chunk
     assert (got - want).abs().max() < 1e-12
     g1, g2 = (torch.autograd.grad(y.square().sum(), x)[0] for y in (got, want))
     assert (g1 - g2).abs().max() < 1e-12
+
+
+def test_top_k_above_the_regions_of_a_call_is_refused_before_any_work():
+    m = _double(regions=2, top_k=5)
+    with pytest.raises(ValueError, match=r"top_k: expected at most 4 \(the regions of this call\), got 5"):
+        m(random_grid(grid=(4, 4)))

@@ -111,7 +111,8 @@ def test_bad_arguments_name_themselves(kw, name):
 
 def test_bad_calls_name_their_argument():
     x = random_tokens(n=8).double()
-    with pytest.raises(ValueError, match="top_k: expected at most the 2 blocks"):
+    with pytest.raises(ValueError,
+                       match=r"top_k: expected at most 2 \(the blocks of 3 \+ 1 landmark of this call\), got 3"):
         _landmark(top_k=3)(x)
     with pytest.raises(ValueError, match="landmark"):
         insert_landmarks(x, torch.zeros(3), 2)

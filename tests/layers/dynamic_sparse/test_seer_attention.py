@@ -124,7 +124,7 @@ def test_bad_arguments_name_themselves(kw, name):
 
 def test_bad_calls_name_their_argument():
     x = random_tokens(n=12).double()
-    with pytest.raises(ValueError, match="top_k: expected at most the 3 blocks"):
+    with pytest.raises(ValueError, match=r"top_k: expected at most 3 \(the key blocks of 4 of this call\), got 4"):
         _seer(top_k=4)(x)
     with pytest.raises(ValueError, match="cache"):
         _seer(gate="pooled")(x, causal=True, cache=KVCache())
