@@ -68,7 +68,7 @@ def test_topk_memory_of_the_routing_is_n_by_k():
     ("moba", {"top_k": 0}, "top_k"),
     ("moba", {"block_size": 0}, "block_size"),
     ("topk_attention", {"top_k": -1}, "top_k"),
-    ("topk_attention", {"scorer": "predictor"}, "scorer"),
+    ("topk_attention", {"scorer": "learned"}, "scorer"),
     ("block_sparse", {"layout": torch.ones(3, 3)}, "layout"),
     ("block_sparse", {"layout": torch.ones(3, 2, 2, dtype=torch.bool)}, "layout"),
 ])
