@@ -10,6 +10,10 @@ Run: ``python benchmarks/bench_dynamic_sparse.py [--n 16384] [--repeats 3] [--th
   forward + backward adds (each in a fresh process), per N (linear in N when the ratio per token stays flat),
   next to mha on SDPA; its time against mha's at the same N, and the effective throughput
   ``t_topk / (t_mha x density)``.
+- ``--scorer predictor``: the topk section instead times ``topk_attention`` with Sparsifiner's connectivity
+  predictor (``--rank``, default head_dim // 2) interleaved with the exact scorer and mha (same q/k/v/o weights),
+  forward + backward, and the selection alone (``route``, forward, no grad) of each scorer next to mha's
+  forward + backward.
 - The load average is printed before and after (the machine is shared).
 """
 
@@ -109,6 +113,9 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-topk", action="store_true")
     ap.add_argument("--topk-n", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--scorer", choices=["exact", "predictor"], default="exact",
+                    help="topk section: exact (memory and time) or predictor (time vs exact and mha)")
+    ap.add_argument("--rank", type=int, nargs="+", default=[32], help="predictor ranks (with --scorer predictor)")
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or process CPU time (with --threads 1: stable on a shared machine)")
     ap.add_argument("--one", choices=["topk_attention", "mha"], help=argparse.SUPPRESS)
@@ -143,7 +150,7 @@ def main() -> None:
         print(f"moba density (attended / causal pairs): {dens:.4f}; t_moba / (t_mha x density): "
               f"{tm / (td * dens):.2f}")
     if not args.skip_topk:
-        topk_section(args)
+        (topk_scorer_section if args.scorer == "predictor" else topk_section)(args)
     print(f"\nload average (1, 5, 15 min) after: {os.getloadavg()}")
 
 
@@ -170,6 +177,47 @@ def topk_section(args: argparse.Namespace) -> None:
         print(f"| {n} | {a / 2**20:.1f} | {a / n / 1024:.1f} | {b / 2**20:.1f} | {pa / 2**20:.1f} | "
               f"{pa / n / 1024:.1f} | {pb / 2**20:.1f} | {', '.join(f'{t:.2f}' for t in rt)} | "
               f"{', '.join(f'{t:.2f}' for t in rd)} | {dens:.4f} | {eff:.1f} |", flush=True)
+
+
+def select_time(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """The routing alone (scores + top-k per query), forward, no grad, on the module's own q and k."""
+    with torch.no_grad():
+        q, k, _ = module.project(x, x)
+        t = clock()
+        module.route(q, k, None, Call(x=x, src=x, causal=True))
+        return clock() - t
+
+
+def topk_scorer_section(args: argparse.Namespace) -> None:
+    print("\ntopk_attention (top_k 64): predictor vs exact scorer vs mha (SDPA), causal forward + backward, dim 512, "
+          "8 heads, interleaved; sel = the routing alone (forward)")
+    names = ["exact"] + [f"predictor r{r}" for r in args.rank]
+    head = " | ".join(f"{n} (s) | sel {n} (s)" for n in names)
+    print(f"| N | {head} | mha (s) | density | " + " | ".join(f"eff {n}" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names) + "---|---|" + "---|" * len(names))
+    torch.manual_seed(0)
+    exact = create("topk_attention", dim=512, n_heads=8, top_k=64)
+    mods = {"exact": exact}
+    for r in args.rank:
+        torch.manual_seed(0)
+        mods[f"predictor r{r}"] = create("topk_attention", dim=512, n_heads=8, top_k=64, scorer="predictor", rank=r)
+        mods[f"predictor r{r}"].load_state_dict(exact.state_dict(), strict=False)
+    dense = mha_from(exact).float()
+    for n in args.topk_n:
+        x = torch.randn(1, n, 512)
+        fb = {name: [] for name in [*names, "mha"]}
+        sel = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for name in names:
+                fb[name].append(fwd_bwd(mods[name], x))
+                sel[name].append(select_time(mods[name], x))
+            fb["mha"].append(fwd_bwd(dense, x))
+        dens = topk_density(exact, n)
+        td = statistics.median(fb["mha"])
+        cells = " | ".join(f"{', '.join(f'{t:.2f}' for t in fb[nm])} | {', '.join(f'{t:.2f}' for t in sel[nm])}"
+                           for nm in names)
+        effs = " | ".join(f"{statistics.median(fb[nm]) / (td * dens):.0f}" for nm in names)
+        print(f"| {n} | {cells} | {', '.join(f'{t:.2f}' for t in fb['mha'])} | {dens:.4f} | {effs} |", flush=True)
 
 if __name__ == "__main__":
     main()
