@@ -90,8 +90,9 @@ def test_rows_have_at_most_k_nonzeros_summing_to_one_and_zero_outside():
     assert (w[~allow] == 0).all()
 
 
-def test_decoding_with_the_kv_cache_equals_the_full_forward():
-    m = _topk(top_k=4, rank=3)
+@pytest.mark.parametrize("rope", [None, True])
+def test_decoding_with_the_kv_cache_equals_the_full_forward(rope):
+    m = _topk(top_k=4, rank=3, rope=rope)
     x = random_tokens(n=14).double()
     full = m(x, causal=True)
     cache = KVCache()
@@ -128,8 +129,9 @@ def test_predictor_loss_is_the_kl_to_dense_attention_and_trains_only_the_predict
     assert abs(loss.item() - terms[rows].mean().item()) < 1e-12
 
 
-def test_identity_predictor_has_zero_loss():
-    m = _topk(rank=8)
+@pytest.mark.parametrize("rope", [None, True])
+def test_identity_predictor_has_zero_loss(rope):
+    m = _topk(rank=8, rope=rope)
     m.predictor.set_identity_()
     assert m.predictor_loss(random_tokens(n=10).double(), causal=True).abs().item() < 1e-12
 
