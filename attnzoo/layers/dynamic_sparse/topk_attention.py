@@ -16,7 +16,6 @@ from attnzoo.layers.dynamic_sparse._common import (
     SUPPORT,
     RoutedMixer,
     Routing,
-    causal_allow,
     check_top_k,
     rand_x,
 )
@@ -71,7 +70,8 @@ class TopKAttention(RoutedMixer):
       (:class:`ConnectivityPredictor`, per-head down-projections to ``rank``, default ``head_dim // 2``), whose
       top-k per query picks the keys; the attention over them is still the exact softmax of ``q·k``.
 
-    Selection runs in chunks of queries (memory ``O(chunk·M)`` transient, ``O(N·top_k)`` kept) and the attention
+    Selection runs in chunks of queries (memory ``O(chunk·M)`` transient, ``O(N·top_k)`` kept; under ``causal`` a
+    chunk scores only the key prefix it may see, about half the pairs) and the attention
     gathers each query's keys (memory linear in ``N·top_k``, forward and backward). Ties keep the lower key index
     (``torch.topk``). A ``top_k`` above the number of keys of a call is refused (``ValueError``); ``top_k = N``
     is dense attention, and causal queries with fewer than ``top_k`` visible keys attend all of them (as do
@@ -137,17 +137,19 @@ class TopKAttention(RoutedMixer):
         causal = bool(call is not None and call.causal)
         qs, ks = self.selection_scores(q, k)
         kk = min(self.top_k, m)
-        out = torch.empty(b, h, n, kk, dtype=torch.int64, device=q.device)
+        out = torch.full((b, h, n, kk), -1, dtype=torch.int64, device=q.device)
         chunk = max(1, SELECT_CHUNK_ELEMENTS // max(b * h * m, 1))
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            s = qs[:, :, start:stop] @ ks.transpose(-1, -2)
+            width = min(m, stop + m - n) if causal else m  # under causality the chunk sees only a key prefix
+            s = qs[:, :, start:stop] @ ks[:, :, :width].transpose(-1, -2)
             if causal:
-                s = s.masked_fill(~causal_allow(n, m, q.device)[start:stop], float("-inf"))
+                pos = torch.arange(start, stop, device=q.device) + (m - n)
+                s = s.masked_fill(torch.arange(width, device=q.device).view(1, -1) > pos.view(-1, 1), float("-inf"))
             if keep is not None:
-                s = s.masked_fill(~keep.view(b, 1, 1, m), float("-inf"))
-            val, idx = s.topk(kk, dim=-1)
-            out[:, :, start:stop] = torch.where(val > float("-inf"), idx, -1)
+                s = s.masked_fill(~keep[:, :width].view(b, 1, 1, width), float("-inf"))
+            val, idx = s.topk(min(kk, width), dim=-1)
+            out[:, :, start:stop, :idx.shape[-1]] = torch.where(val > float("-inf"), idx, -1)
         return Routing("keys", out)
 
     def predictor_loss(self, x: torch.Tensor, *, mask: torch.Tensor | None = None,
@@ -177,9 +179,8 @@ class TopKAttention(RoutedMixer):
         rows = q.new_zeros(())
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            allow = torch.ones(stop - start, n, dtype=torch.bool, device=q.device)
-            if causal:
-                allow = causal_allow(n, n, q.device)[start:stop]
+            keys = torch.arange(n, device=q.device).view(1, -1)
+            allow = keys <= torch.arange(start, stop, device=q.device).view(-1, 1) if causal else keys >= 0
             allow = allow.expand(b, h, stop - start, n)
             if mask is not None:
                 allow = allow & mask.view(b, 1, 1, n)

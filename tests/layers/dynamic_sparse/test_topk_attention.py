@@ -108,21 +108,23 @@ def test_the_output_gradient_never_reaches_the_predictor():
     assert named["q_proj.weight"].grad.abs().sum() > 0
 
 
-def test_predictor_loss_is_the_kl_to_dense_attention_and_trains_only_the_predictor():
+@pytest.mark.parametrize("causal", [False, True])
+def test_predictor_loss_is_the_kl_to_dense_attention_and_trains_only_the_predictor(causal):
     m = _topk(rank=4)
     x = random_tokens(n=12).double()
     keep = torch.ones(2, 12, dtype=torch.bool)
     keep[1, 9:] = False
-    loss = m.predictor_loss(x, mask=keep, causal=True)
+    loss = m.predictor_loss(x, mask=keep, causal=causal)
     loss.backward()
     named = dict(m.named_parameters())
     assert all(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in named if n.startswith("predictor."))
     assert all(named[n].grad is None for n in named if not n.startswith("predictor."))
     # by hand: target from mha's weights, prediction from the predictor's scores, mean over kept queries and heads
-    _, w = mha_from(m)(x, causal=True, mask=keep, return_weights=True)
+    _, w = mha_from(m)(x, causal=causal, mask=keep, return_weights=True)
     q, k, _ = m.project(x, x)
     qs, ks = m.predictor.project(q, k)
-    allow = torch.ones(12, 12, dtype=torch.bool).tril() & keep.view(2, 1, 1, 12)
+    allow = torch.ones(12, 12, dtype=torch.bool)
+    allow = (allow.tril() if causal else allow) & keep.view(2, 1, 1, 12)
     logp = torch.log_softmax((qs @ ks.transpose(-1, -2) / 8 ** 0.5).masked_fill(~allow, float("-inf")), -1)
     terms = torch.where(w > 0, w * (w.clamp(min=1e-300).log() - logp), torch.zeros_like(w)).sum(-1)
     rows = keep.view(2, 1, 12).expand(2, 4, 12)
