@@ -14,7 +14,8 @@ import torch
 
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "gather_pays", "gather_routes",
-    "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow", "check_block_routing",
+    "as_block_mask", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
+    "check_block_lists", "check_block_routing",
     "check_key_routing", "key_routed_gather", "key_routing_mask", "routed_attention_reference", "routed_reference",
 ]
 
@@ -96,16 +97,40 @@ def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
 
 
 def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int, block_k: int) -> None:
-    """Raise ``ValueError`` naming the argument unless ``blocks`` is bool ``[B, H, N / block_q, M / block_k]``
-    (rounded up)."""
+    """Raise ``ValueError`` naming the argument unless ``blocks`` is a block routing of this call: bool
+    ``[B, H, N / block_q, M / block_k]`` (rounded up), or the same routing as block lists, int64
+    ``[B, H, N / block_q, K]`` of key-block indices in ``[-1, M / block_k)`` (-1: an empty slot, no repeats)."""
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
     b, h, n, _ = q.shape
     want = (b, h, -(-n // block_q), -(-n_kv // block_k))
-    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool or tuple(blocks.shape) != want:
+    is_lists = isinstance(blocks, torch.Tensor) and blocks.dtype == torch.int64 and blocks.dim() == 4 \
+        and tuple(blocks.shape[:3]) == want[:3]
+    if not is_lists and (not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool
+                         or tuple(blocks.shape) != want):
         got = f"{blocks.dtype} {list(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
-        raise ValueError(f"blocks: expected a bool tensor {list(want)}, got {got}")
+        raise ValueError(f"blocks: expected a bool tensor {list(want)} or int64 block lists {list(want[:3])} + [K], "
+                         f"got {got}")
+    if is_lists:
+        check_block_lists(blocks, want[3])
+
+
+def check_block_lists(lists: torch.Tensor, n_blocks: int) -> None:
+    """Raise ``ValueError`` naming ``blocks`` unless the int64 lists ``[..., K]`` hold indices in ``[-1, n_blocks)``
+    with no index twice in a list."""
+    if lists.numel() and (int(lists.min()) < -1 or int(lists.max()) >= n_blocks):
+        raise ValueError(f"blocks: block indices must lie in [-1, {n_blocks}) (-1: empty slot), got range "
+                         f"[{int(lists.min())}, {int(lists.max())}]")
+    if lists.shape[-1] > 1:
+        s = lists.sort(-1).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError("blocks: a query block lists the same key block twice")
+
+
+def as_block_mask(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The bool form ``[..., n_blocks]`` of a block routing given as bool or as int64 block lists."""
+    return blocks if blocks.dtype == torch.bool else blocks_from_index(blocks, n_blocks)
 
 
 def blocks_from_index(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -134,8 +159,9 @@ def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> tor
 
 def block_routing_mask(blocks: torch.Tensor, n_q: int, n_kv: int, block_q: int, block_k: int,
                        causal: bool = False) -> torch.Tensor:
-    """Dense bool ``[B, H, N, M]`` of a block routing."""
-    out = blocks.repeat_interleave(block_q, 2)[:, :, :n_q].repeat_interleave(block_k, 3)[..., :n_kv]
+    """Dense bool ``[B, H, N, M]`` of a block routing (bool or block lists)."""
+    out = as_block_mask(blocks, -(-n_kv // block_k)).repeat_interleave(block_q, 2)[:, :, :n_q]
+    out = out.repeat_interleave(block_k, 3)[..., :n_kv]
     return out & causal_allow(n_q, n_kv, blocks.device) if causal else out
 
 
@@ -269,7 +295,7 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     pad = nkb * block_k - m
     kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, d)
     vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, dv)
-    sel = blocks.repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
+    sel = as_block_mask(blocks, nkb).repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
     route, qidx = _sub_routes(sel, cap)
     valid = qidx >= 0
     target = (route // nkb).view(-1, 1) * n + qidx.clamp(min=0)  # [S, cap] rows of q.view(B*H*N, D)

@@ -13,6 +13,7 @@ import torch
 from attnzoo.ops import attention
 from attnzoo.ops.routed import (
     GATHER_CHUNK,
+    as_block_mask,
     block_routed_gather,
     block_routing_mask,
     check_block_routing,
@@ -176,9 +177,11 @@ def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            backend: str = "auto") -> torch.Tensor:
     """Softmax attention of every query block over exactly its routed key blocks.
 
-    ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``; ``block_q = 1`` routes each query on its
-    own (MoBA). ``causal``: query ``i`` also drops keys after ``i + M - N``. ``backend``: ``"reference"``
-    (float64, dense mask from the routing); ``"gather"`` (each key block gathers its queries, lse merge: CPU
+    ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``, or the same routing as int64 block lists
+    ``[B, H, ceil(N / block_q), K]`` (key-block indices, -1: empty; the CPU fast path reads them without a bool
+    mask); ``block_q = 1`` routes each query on its own (MoBA). ``causal``: query ``i`` also drops keys after
+    ``i + M - N``. ``backend``: ``"reference"`` (float64
+   , dense mask from the routing); ``"gather"`` (each key block gathers its queries, lse merge: CPU
     fast path for per-query routings); ``"blocksparse"`` / ``"flex"`` / ``"sdpa"`` run :class:`BlockRouted`
     through :func:`attnzoo.attention` (flex: a block mask built from the routing, the CUDA path); ``"auto"``:
     ``"gather"`` on CPU when ``block_q`` is below the tile size (64), else :func:`attnzoo.attention`'s choice
@@ -193,7 +196,7 @@ def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if backend == "reference":
         allow = block_routing_mask(blocks, q.shape[2], k.shape[2], block_q, block_k, causal)
         return routed_reference(q, k, v, allow, scale).to(q.dtype)
-    pattern = BlockRouted(blocks, block_q, block_k, causal)
+    pattern = BlockRouted(as_block_mask(blocks, -(-k.shape[2] // block_k)), block_q, block_k, causal)
     return attention(q, k, v, pattern=pattern, scale=scale, backend=backend)
 
 
@@ -215,4 +218,5 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: to
                 "  not flex: CUDA path (a block mask built from the routing)")
     from attnzoo.ops import explain
 
-    return str(explain(q, k, v, pattern=BlockRouted(blocks, block_q, block_k, causal)))
+    return str(explain(q, k, v, pattern=BlockRouted(as_block_mask(blocks, -(-k.shape[2] // block_k)), block_q,
+                                                    block_k, causal)))

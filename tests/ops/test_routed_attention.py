@@ -173,6 +173,89 @@ def test_block_flash_path_equals_reference(n, m, block_k, causal, own):
     assert out[1, 0, 3].abs().max() == 0
 
 
+def _token_major(t):
+    """The same values as a head split of ``[B, N, H*D]`` memory (how a mixer's projections arrive)."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+
+def _as_lists(blocks):
+    """The block-list form (int64 ``[..., K]``, -1 empty, shuffled order) of a bool block routing."""
+    k = int(blocks.sum(-1).max())
+    val, idx = blocks.to(torch.int64).sort(dim=-1, descending=True, stable=True)
+    lists = idx[..., :k].masked_fill(val[..., :k] == 0, -1)
+    return lists.flip(-1)
+
+
+@pytest.mark.parametrize("n,m,block_k,causal,own", [
+    (5, 29, 8, True, False),
+    (32, 32, 8, True, True),
+    (32, 32, 8, True, False),
+    (29, 31, 8, False, False),
+])
+@pytest.mark.parametrize("q_layout,kv_layout,grad_layout", [
+    ("token", "token", "token"), ("token", "heads", "heads"), ("heads", "token", "token")])
+def test_block_flash_path_reads_both_layouts_and_block_lists(n, m, block_k, causal, own, q_layout, kv_layout,
+                                                             grad_layout):
+    q, k, v, blocks = _block_case(n, m, block_k, causal, seed=21, own=own)
+    if q_layout == "token":
+        q = _token_major(q)
+    if kv_layout == "token":
+        k, v = _token_major(k), _token_major(v)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="reference")
+    for routing in (blocks, _as_lists(blocks)):
+        out = block_routed_attention(q, k, v, routing, block_q=1, block_k=block_k, causal=causal, backend="gather")
+        _close(out, ref)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        if grad_layout == "token":
+            w = w.transpose(1, 2).contiguous().transpose(1, 2)
+        got = torch.autograd.grad(out, (q, k, v), w)
+        want = torch.autograd.grad(ref, (q, k, v), w, retain_graph=True)
+        for a, b in zip(got, want):
+            _close(a, b)
+        assert out[1, 0, 3].abs().max() == 0
+
+
+def test_block_flash_path_units_split_busy_key_blocks():
+    from attnzoo.ops.routed_blocks import block_routed_flash
+
+    q, k, v, blocks = _block_case(40, 40, 8, True, seed=22, own=True)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    want = _grads(ref, (q, k, v))
+    for cap in (3, 8):
+        out = block_routed_flash(q, k, v, _as_lists(blocks), block_q=1, block_k=8, causal=True, cap=cap)
+        _close(out, ref)
+        for a, b in zip(_grads(out, (q, k, v)), want):
+            _close(a, b)
+
+
+def test_block_lists_equal_the_bool_routing_on_every_backend():
+    q, k, v = _qkv(n=24, m=24)
+    blocks = torch.rand(2, 3, 6, 3, generator=torch.Generator().manual_seed(23)) < 0.5
+    lists = _as_lists(blocks)
+    for backend in ("reference", "gather", "blocksparse", "sdpa"):
+        a = block_routed_attention(q, k, v, blocks, block_q=4, block_k=8, causal=True, backend=backend)
+        b = block_routed_attention(q, k, v, lists, block_q=4, block_k=8, causal=True, backend=backend)
+        _close(a, b)
+
+
+def test_bad_block_lists_are_refused():
+    q, k, v = _qkv(n=24, m=24)
+    good = torch.zeros(2, 3, 24, 2, dtype=torch.int64)
+    good[..., 1] = -1
+    block_routed_attention(q, k, v, good, block_q=1, block_k=8)
+    bad = good.clone()
+    bad[0, 0, 0, 1] = 3  # 3 key blocks: indices 0..2
+    with pytest.raises(ValueError, match=r"blocks: block indices must lie in \[-1, 3\)"):
+        block_routed_attention(q, k, v, bad, block_q=1, block_k=8)
+    bad[0, 0, 0, 1] = 0  # the same block twice
+    with pytest.raises(ValueError, match="blocks: a query block lists the same key block twice"):
+        block_routed_attention(q, k, v, bad, block_q=1, block_k=8)
+    with pytest.raises(ValueError, match=r"blocks: expected a bool tensor \[2, 3, 24, 3\] or int64 block lists"):
+        block_routed_attention(q, k, v, good[:, :, :5], block_q=1, block_k=8)
+    with pytest.raises(ValueError, match="blocks: expected a bool tensor"):
+        block_routed_attention(q, k, v, good.to(torch.int32), block_q=1, block_k=8)
+
+
 def test_block_flash_path_in_float32_and_the_autograd_fallback():
     from attnzoo.ops.routed_blocks import flash_routing_ok
 
