@@ -180,12 +180,12 @@ def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``, or the same routing as int64 block lists
     ``[B, H, ceil(N / block_q), K]`` (key-block indices, -1: empty; the CPU fast path reads them without a bool
     mask); ``block_q = 1`` routes each query on its own (MoBA). ``causal``: query ``i`` also drops keys after
-    ``i + M - N``. ``backend``: ``"reference"`` (float64
-   , dense mask from the routing); ``"gather"`` (each key block gathers its queries, lse merge: CPU
-    fast path for per-query routings); ``"blocksparse"`` / ``"flex"`` / ``"sdpa"`` run :class:`BlockRouted`
-    through :func:`attnzoo.attention` (flex: a block mask built from the routing, the CUDA path); ``"auto"``:
-    ``"gather"`` on CPU when ``block_q`` is below the tile size (64), else :func:`attnzoo.attention`'s choice
-    (:func:`explain_routed` says which). A query whose routing selects nothing returns zeros.
+    ``i + M - N``. ``backend``: ``"reference"`` (float64, dense mask from the routing); ``"gather"`` (each key
+    block gathers its queries, lse merge: CPU fast path for per-query routings); ``"blocksparse"`` / ``"flex"``
+    / ``"sdpa"`` run :class:`BlockRouted` through :func:`attnzoo.attention` (flex: a block mask built from the
+    routing, the CUDA path); ``"auto"``: ``"gather"`` on CPU when ``block_q`` is below the tile size (64), else
+    :func:`attnzoo.attention`'s choice (:func:`explain_routed` says which). A query whose routing selects nothing
+    returns zeros.
     """
     _check_qkv(q, k, v)
     _check_backend(backend, ROUTED_BACKENDS)
