@@ -169,14 +169,15 @@ def _key_blocks(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
 def _add_rows(dst: torch.Tensor, slots: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None, units: int,
               ln: int) -> None:
     """``dst[slots] += t (* w)`` for one fused call's ``t`` ``[1, units, ln, D]`` in whatever layout the op returned
-    it (its ``[1, ln, units, D]`` memory order is read in place, with the slots permuted to match)."""
+    it (its ``[1, ln, units, D]`` memory order is read in place, with the slots permuted to match); a weighted ``t``
+    is scaled in place (it is the kernel's fresh output, used once)."""
     d = t.shape[-1]
     if units > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
         t = t.transpose(1, 2)
         slots = slots.view(units, ln).t().reshape(-1)
         w = None if w is None else w.view(units, ln).t().reshape(-1)
     rows = t.reshape(-1, d)
-    dst.index_add_(0, slots, rows if w is None else rows * w.unsqueeze(-1))
+    dst.index_add_(0, slots, rows if w is None else rows.mul_(w.unsqueeze(-1)))  # ``t``: the kernel's own output
 
 
 def _key_rows(blk: torch.Tensor, klen: int, plan: _Plan) -> torch.Tensor:
