@@ -184,10 +184,18 @@ def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: boo
     return idx.clamp(min=0), ok
 
 
+def _flat_rows(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Key indices ``idx`` ``[B, H, c, K]`` (in ``[0, M)``) as rows of ``[B*H*M, D]``, flattened."""
+    b, h = idx.shape[:2]
+    base = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * m
+    return (idx + base).reshape(-1)
+
+
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]``."""
+    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]`` (whole rows: ``index_select``)."""
     b, h, c, kk = idx.shape
-    return t.gather(2, idx.reshape(b, h, c * kk, 1).expand(-1, -1, -1, t.shape[-1])).view(b, h, c, kk, -1)
+    rows = t.reshape(b * h * t.shape[2], t.shape[-1])
+    return rows.index_select(0, _flat_rows(idx, t.shape[2])).view(b, h, c, kk, -1)
 
 
 def _key_probs(q, kg, ok, scale):
@@ -218,8 +226,9 @@ class _KeyRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, keys, out = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        b, h = q.shape[:2]
+        dq = torch.zeros_like(q)
+        dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: rows of [B*H*M, D] for index_add_
+        dk_rows, dv_rows = dk.view(-1, k.shape[-1]), dv.view(-1, v.shape[-1])
         for start in range(0, q.shape[2], ctx.chunk):
             stop = min(start + ctx.chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
@@ -229,11 +238,9 @@ class _KeyRouted(torch.autograd.Function):
             dp = torch.einsum("bhcd,bhckd->bhck", do, vg)
             ds = p * (dp - (do * out[:, :, start:stop]).sum(-1, keepdim=True)) * ctx.scale
             dq[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", ds, kg)
-            flat = idx.reshape(b, h, -1, 1)
-            dk.scatter_add_(2, flat.expand(-1, -1, -1, k.shape[-1]),
-                            torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(b, h, -1, k.shape[-1]))
-            dv.scatter_add_(2, flat.expand(-1, -1, -1, v.shape[-1]),
-                            torch.einsum("bhck,bhcd->bhckd", p, do).reshape(b, h, -1, v.shape[-1]))
+            rows = _flat_rows(idx, k.shape[2])
+            dk_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(-1, k.shape[-1]))
+            dv_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", p, do).reshape(-1, v.shape[-1]))
         return dq, dk, dv, None, None, None, None
 
 

@@ -25,8 +25,8 @@ from attnzoo.ops.routed import (
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
-__all__ = ["BlockRouted", "GatheredCausal", "ROUTED_BACKENDS", "block_routed_attention", "explain_routed",
-           "key_routed_attention", "routed_attention"]
+__all__ = ["BlockRouted", "GatheredCausal", "KEY_DENSE_MAX_ELEMENTS", "KEY_DENSE_MIN_DENSITY", "ROUTED_BACKENDS",
+           "block_routed_attention", "explain_key_routed", "explain_routed", "key_routed_attention", "routed_attention"]
 
 ROUTED_BACKENDS = ("auto", "reference", "gather", "blocksparse", "flex", "sdpa")
 
@@ -146,17 +146,55 @@ def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
     ``causal``: query ``i`` also drops keys after position ``i + M - N``. ``backend``: ``"reference"``
     (float64, dense mask from the routing), ``"gather"`` (chunked gather, memory linear in ``N x K``, forward
     and backward), or any :func:`attnzoo.attention` backend given the dense mask (``"sdpa"``, ``"flex"``);
-    ``"auto"`` is ``"gather"``. A query whose routing selects nothing returns zeros.
+    ``"auto"``: ``"gather"``, except on CPU for a dense routing (at least ``KEY_DENSE_MIN_DENSITY`` of the
+    ``N x M`` pairs) of a small call (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``), where the masked dense kernel is
+    faster (:func:`explain_key_routed` says which). A query whose routing selects nothing returns zeros.
     """
     _check_qkv(q, k, v)
     _check_backend(backend, ROUTED_BACKENDS)
     check_key_routing(keys, q, k.shape[2])
-    if backend in ("auto", "gather"):
+    if backend == "auto":
+        backend = _key_backend(q, k, keys)[0]
+    if backend == "gather":
         return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
     allow = key_routing_mask(keys, k.shape[2], causal)
     if backend == "reference":
         return routed_reference(q, k, v, allow, scale).to(q.dtype)
+    if backend == "dense":
+        backend = "auto"
     return attention(q, k, v, pattern=DenseRouted(allow), scale=scale, backend=backend)
+
+
+# A key routing runs as a masked dense call on CPU when it selects at least this fraction of the pairs and the mask
+# stays small (benchmarks/bench_routed_keys.py, RESULTS.md: at 6% the gather path and SDPA with the mask break even).
+KEY_DENSE_MIN_DENSITY = 0.06
+KEY_DENSE_MAX_ELEMENTS = 1 << 25
+
+
+def _key_backend(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> tuple[str, str]:
+    """(``"gather"`` or ``"dense"``, why) for ``backend="auto"`` of :func:`key_routed_attention`."""
+    pairs = keys.shape[0] * keys.shape[1] * keys.shape[2] * k.shape[2]
+    if q.device.type != "cpu":
+        return "gather", "off CPU the gather path is the default (memory linear in N x K)"
+    if pairs > KEY_DENSE_MAX_ELEMENTS:
+        return "gather", (f"a dense mask would hold {pairs} pairs (over KEY_DENSE_MAX_ELEMENTS="
+                          f"{KEY_DENSE_MAX_ELEMENTS}); the gather path's memory is linear in N x K")
+    density = int((keys >= 0).sum()) / max(pairs, 1)
+    if density < KEY_DENSE_MIN_DENSITY:
+        return "gather", (f"the routing selects {density:.3f} of the pairs (< KEY_DENSE_MIN_DENSITY="
+                          f"{KEY_DENSE_MIN_DENSITY})")
+    return "dense", (f"the routing selects {density:.3f} of the pairs (>= KEY_DENSE_MIN_DENSITY="
+                     f"{KEY_DENSE_MIN_DENSITY}) in a small call: the masked dense kernel is faster on CPU")
+
+
+def explain_key_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor) -> str:
+    """Which backend :func:`key_routed_attention` runs with ``backend="auto"``, and why (text)."""
+    _check_qkv(q, k, v)
+    check_key_routing(keys, q, k.shape[2])
+    backend, why = _key_backend(q, k, keys)
+    if backend == "gather":
+        return f"backend: gather ({why})"
+    return f"backend: dense mask through attnzoo.attention ({why})"
 
 
 class DenseRouted(Pattern):

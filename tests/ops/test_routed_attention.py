@@ -238,6 +238,32 @@ def test_block_lists_equal_the_bool_routing_on_every_backend():
         _close(a, b)
 
 
+def test_key_routing_auto_runs_dense_routings_of_small_calls_densely(monkeypatch):
+    import attnzoo.patterns.routed as routed
+
+    q, k, v = _qkv(n=32, m=32)
+    g = torch.Generator().manual_seed(24)
+    dense_keys = torch.stack([torch.randperm(32, generator=g)[:12] for _ in range(2 * 3 * 32)]).view(2, 3, 32, 12)
+    sparse_keys = dense_keys[..., :1].clone()  # 1 of 32 keys: below the density threshold
+    assert routed.explain_key_routed(q, k, v, dense_keys).startswith("backend: dense mask")
+    assert "< KEY_DENSE_MIN_DENSITY" in routed.explain_key_routed(q, k, v, sparse_keys)
+    for keys in (dense_keys, sparse_keys):
+        ref = key_routed_attention(q, k, v, keys, causal=True, backend="reference")
+        out = key_routed_attention(q, k, v, keys, causal=True)
+        _close(out, ref)
+        for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+            _close(a, b)
+    calls = []
+    monkeypatch.setattr(routed, "key_routed_gather", lambda *a, **kw: calls.append(1) or a[0] * 0)
+    key_routed_attention(q, k, v, sparse_keys)
+    key_routed_attention(q, k, v, dense_keys)
+    assert calls == [1]  # only the sparse routing took the gather path
+    monkeypatch.setattr(routed, "KEY_DENSE_MAX_ELEMENTS", 2 * 3 * 32 * 32 - 1)  # the mask would be too big
+    assert "over KEY_DENSE_MAX_ELEMENTS" in routed.explain_key_routed(q, k, v, dense_keys)
+    key_routed_attention(q, k, v, dense_keys)
+    assert calls == [1, 1]
+
+
 def test_bad_block_lists_are_refused():
     q, k, v = _qkv(n=24, m=24)
     good = torch.zeros(2, 3, 24, 2, dtype=torch.int64)
