@@ -166,8 +166,9 @@ def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
 
 
 # A key routing runs as a masked dense call on CPU when it selects at least this fraction of the pairs and the mask
-# stays small (benchmarks/bench_routed_keys.py, RESULTS.md: at 6% the gather path and SDPA with the mask break even).
-KEY_DENSE_MIN_DENSITY = 0.06
+# stays small (benchmarks/bench_routed_keys.py, RESULTS.md: the gather path costs ~30x the mask path per selected
+# pair from N = 2048 on, so they break even near 3% of the pairs; below N = 2048 the mask path wins even sooner).
+KEY_DENSE_MIN_DENSITY = 0.03
 KEY_DENSE_MAX_ELEMENTS = 1 << 25
 
 
