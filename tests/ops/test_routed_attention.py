@@ -244,7 +244,8 @@ def test_key_routing_auto_runs_dense_routings_of_small_calls_densely(monkeypatch
     q, k, v = _qkv(n=32, m=32)
     g = torch.Generator().manual_seed(24)
     dense_keys = torch.stack([torch.randperm(32, generator=g)[:12] for _ in range(2 * 3 * 32)]).view(2, 3, 32, 12)
-    sparse_keys = dense_keys[..., :1].clone()  # 1 of 32 keys: below the density threshold
+    sparse_keys = dense_keys[..., :1].clone()
+    sparse_keys[:, :, ::2] = -1  # 1 key for half the queries: 1/64 of the pairs, below the density threshold
     assert routed.explain_key_routed(q, k, v, dense_keys).startswith("backend: dense mask")
     assert "< KEY_DENSE_MIN_DENSITY" in routed.explain_key_routed(q, k, v, sparse_keys)
     for keys in (dense_keys, sparse_keys):
