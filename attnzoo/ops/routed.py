@@ -80,13 +80,17 @@ def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ROUTED_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of the key-routed path
 
 
-def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
-    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, N, K]`` with entries in ``[-1, n_kv)``."""
+def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int = 1) -> None:
+    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, ceil(N / block_q), K]`` (the keys of every
+    query, or of every block of ``block_q`` queries) with entries in ``[-1, n_kv)`` and no key twice in a list."""
+    if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1:
+        raise ValueError(f"block_q: expected an int >= 1, got {block_q!r}")
     b, h, n, _ = q.shape
+    rows = -(-n // block_q)
     if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.dim() != 4 \
-            or tuple(keys.shape[:3]) != (b, h, n):
+            or tuple(keys.shape[:3]) != (b, h, rows):
         got = f"{keys.dtype} {list(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
-        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {n}, K], got {got}")
+        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {rows}, K], got {got}")
     if keys.numel() and (int(keys.min()) < -1 or int(keys.max()) >= n_kv):
         raise ValueError(f"keys: entries must lie in [-1, {n_kv}) (-1: empty slot), got range "
                          f"[{int(keys.min())}, {int(keys.max())}]")
@@ -149,8 +153,12 @@ def causal_allow(n_q: int, n_kv: int, device: torch.device | str = "cpu") -> tor
     return torch.arange(n_kv, device=device).view(1, -1) <= torch.arange(n_q, device=device).view(-1, 1) + n_kv - n_q
 
 
-def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> torch.Tensor:
-    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it)."""
+def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False, block_q: int = 1,
+                     n_q: int | None = None) -> torch.Tensor:
+    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it); with ``block_q > 1`` the lists
+    are per block of ``block_q`` queries (``n_q`` queries in all)."""
+    if block_q > 1:
+        keys = keys.repeat_interleave(block_q, 2)[:, :, :n_q]
     out = torch.zeros(*keys.shape[:3], n_kv + 1, dtype=torch.bool, device=keys.device)
     out.scatter_(-1, torch.where(keys < 0, n_kv, keys), True)
     out = out[..., :n_kv]

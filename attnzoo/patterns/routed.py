@@ -22,6 +22,7 @@ from attnzoo.ops.routed import (
     key_routing_mask,
     routed_reference,
 )
+from attnzoo.ops.routed_key_blocks import key_block_flash, key_block_flash_ok
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
@@ -139,25 +140,34 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
-                         causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                         causal: bool = False, scale: float | None = None, backend: str = "auto",
+                         block_q: int = 1) -> torch.Tensor:
     """Softmax attention of every query over exactly its routed keys.
 
-    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D(_v)]``, ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot).
-    ``causal``: query ``i`` also drops keys after position ``i + M - N``. ``backend``: ``"reference"``
-    (float64, dense mask from the routing), ``"gather"`` (chunked gather, memory linear in ``N x K``, forward
-    and backward), or any :func:`attnzoo.attention` backend given the dense mask (``"sdpa"``, ``"flex"``);
-    ``"auto"``: ``"gather"``, except on CPU for a dense routing (at least ``KEY_DENSE_MIN_DENSITY`` of the
-    ``N x M`` pairs) of a small call (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``), where the masked dense kernel is
-    faster (:func:`explain_key_routed` says which). A query whose routing selects nothing returns zeros.
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D(_v)]``, ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot),
+    or with ``block_q > 1`` ``[B, H, ceil(N / block_q), K]``: one list shared by each block of ``block_q``
+    consecutive queries. ``causal``: query ``i`` also drops keys after position ``i + M - N``. ``backend``:
+    ``"reference"`` (float64, dense mask from the routing), ``"gather"`` (memory linear in ``N x K``, forward and
+    backward: per-query lists gather each query's keys; shared lists gather each block's keys once and run fused
+    CPU flash tiles, :func:`attnzoo.ops.routed_key_blocks.key_block_flash`), or any :func:`attnzoo.attention`
+    backend given the dense mask (``"sdpa"``, ``"flex"``); ``"auto"``: ``"gather"``, except on CPU for a dense
+    per-query routing (at least ``KEY_DENSE_MIN_DENSITY`` of the ``N x M`` pairs) of a small call
+    (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``), where the masked dense kernel is faster (:func:`explain_key_routed`
+    says which). A query whose routing selects nothing returns zeros.
     """
     _check_qkv(q, k, v)
     _check_backend(backend, ROUTED_BACKENDS)
-    check_key_routing(keys, q, k.shape[2])
+    check_key_routing(keys, q, k.shape[2], block_q)
     if backend == "auto":
-        backend = _key_backend(q, k, keys)[0]
+        backend = _key_backend(q, k, v, keys, block_q)[0]
     if backend == "gather":
-        return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
-    allow = key_routing_mask(keys, k.shape[2], causal)
+        if block_q == 1:
+            return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
+        if key_block_flash_ok(q, k, v):
+            return key_block_flash(q, k, v, keys, block_q=block_q, causal=causal, scale=scale)
+        per_query = keys.repeat_interleave(block_q, 2)[:, :, :q.shape[2]]
+        return key_routed_gather(q, k, v, per_query, causal=causal, scale=scale)
+    allow = key_routing_mask(keys, k.shape[2], causal, block_q, q.shape[2])
     if backend == "reference":
         return routed_reference(q, k, v, allow, scale).to(q.dtype)
     if backend == "dense":
@@ -172,9 +182,13 @@ KEY_DENSE_MIN_DENSITY = 0.03
 KEY_DENSE_MAX_ELEMENTS = 1 << 25
 
 
-def _key_backend(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> tuple[str, str]:
+def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block_q: int = 1
+                 ) -> tuple[str, str]:
     """(``"gather"`` or ``"dense"``, why) for ``backend="auto"`` of :func:`key_routed_attention`."""
     pairs = keys.shape[0] * keys.shape[1] * keys.shape[2] * k.shape[2]
+    if block_q > 1:
+        how = "fused CPU flash tiles" if key_block_flash_ok(q, k, v) else "per-query gathers"
+        return "gather", f"lists shared by blocks of {block_q} queries: each block's keys gathered once ({how})"
     if q.device.type != "cpu":
         return "gather", "off CPU the gather path is the default (memory linear in N x K)"
     if pairs > KEY_DENSE_MAX_ELEMENTS:
@@ -188,11 +202,12 @@ def _key_backend(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor) -> tuple[
                      f"{KEY_DENSE_MIN_DENSITY}) in a small call: the masked dense kernel is faster on CPU")
 
 
-def explain_key_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor) -> str:
+def explain_key_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
+                       block_q: int = 1) -> str:
     """Which backend :func:`key_routed_attention` runs with ``backend="auto"``, and why (text)."""
     _check_qkv(q, k, v)
-    check_key_routing(keys, q, k.shape[2])
-    backend, why = _key_backend(q, k, keys)
+    check_key_routing(keys, q, k.shape[2], block_q)
+    backend, why = _key_backend(q, k, v, keys, block_q)
     if backend == "gather":
         return f"backend: gather ({why})"
     return f"backend: dense mask through attnzoo.attention ({why})"

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from attnzoo.ops.routed import blocks_from_index, key_routing_mask
-from attnzoo.patterns.routed import BlockRouted, block_routed_attention, explain_routed, key_routed_attention
+from attnzoo.patterns.routed import (
+    BlockRouted,
+    block_routed_attention,
+    explain_key_routed,
+    explain_routed,
+    key_routed_attention,
+)
 
 
 def _qkv(seed=0, b=2, h=3, n=29, m=29, d=16, dtype=torch.float64):
@@ -263,6 +269,54 @@ def test_key_routing_auto_runs_dense_routings_of_small_calls_densely(monkeypatch
     assert "over KEY_DENSE_MAX_ELEMENTS" in routed.explain_key_routed(q, k, v, dense_keys)
     key_routed_attention(q, k, v, dense_keys)
     assert calls == [1, 1]
+
+
+def _shared_keys(b, h, n_blocks, width, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.stack([torch.randperm(m, generator=g)[:width] for _ in range(b * h * n_blocks)])
+    keys = keys.view(b, h, n_blocks, width)
+    keys[..., -1] = -1
+    keys[1, 2, 1] = -1  # a block of queries with no key
+    return keys
+
+
+@pytest.mark.parametrize("n,m,block_q,causal", [(29, 29, 4, True), (29, 29, 4, False), (5, 29, 2, True),
+                                                (32, 32, 8, True), (30, 37, 7, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_key_lists_shared_by_query_blocks_equal_the_reference(n, m, block_q, causal, dtype):
+    q, k, v = _qkv(seed=25, n=n, m=m, dtype=dtype)
+    keys = _shared_keys(2, 3, -(-n // block_q), 9, m, seed=26)
+    per_query = keys.repeat_interleave(block_q, 2)[:, :, :n]
+    ref = key_routed_attention(q, k, v, per_query, causal=causal, backend="reference")
+    want = _grads(ref, (q, k, v))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for backend in ("gather", "auto", "sdpa", "reference"):
+        out = key_routed_attention(q, k, v, keys, causal=causal, backend=backend, block_q=block_q)
+        assert (out - ref).abs().max().item() < tol
+        for a, b in zip(_grads(out, (q, k, v)), want):
+            assert (a - b).abs().max().item() < tol * 10
+        assert out[1, 2, block_q:2 * block_q].abs().max() == 0  # the block with no key: zeros
+
+
+def test_key_lists_shared_by_query_blocks_off_the_flash_path():
+    q, k, v = _qkv(seed=27, n=20, m=20)
+    v = torch.randn(2, 3, 20, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(28)).requires_grad_()
+    keys = _shared_keys(2, 3, 5, 6, 20, seed=29)
+    ref = key_routed_attention(q, k, v, keys, causal=True, backend="reference", block_q=4)
+    out = key_routed_attention(q, k, v, keys, causal=True, backend="gather", block_q=4)  # value width 10 != 16
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    assert "blocks of 4 queries" in explain_key_routed(q, k, v, keys, block_q=4)
+
+
+def test_bad_shared_key_lists_are_refused():
+    q, k, v = _qkv(n=20, m=20)
+    keys = _shared_keys(2, 3, 5, 6, 20, seed=30)
+    with pytest.raises(ValueError, match=r"keys: expected an int64 tensor \[2, 3, 7, K\]"):
+        key_routed_attention(q, k, v, keys, block_q=3)
+    with pytest.raises(ValueError, match="block_q: expected an int >= 1, got 0"):
+        key_routed_attention(q, k, v, keys, block_q=0)
 
 
 def test_bad_block_lists_are_refused():
