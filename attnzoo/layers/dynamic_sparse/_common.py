@@ -24,7 +24,7 @@ rand_x = partial(random_tokens, n=12)  # the family's reduction inputs [2, 12, 3
 class Routing:
     """A routing of one call: ``kind="blocks"`` (bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``, or int64 block
     lists ``[B, H, ceil(N/block_q), K]`` of key-block indices, -1 empty) or ``kind="keys"`` (int64
-    ``[B, H, N, K]``, -1 empty)."""
+    ``[B, H, ceil(N/block_q), K]``, -1 empty: the keys of every query, or of every block of ``block_q`` queries)."""
 
     def __init__(self, kind: str, index: torch.Tensor, block_q: int = 1, block_k: int = 1) -> None:
         self.kind, self.index, self.block_q, self.block_k = kind, index, block_q, block_k
@@ -36,7 +36,7 @@ class Routing:
     def dense(self, n_q: int, n_kv: int, causal: bool) -> torch.Tensor:
         """Bool ``[B, H, N, M]``: the pairs this routing (and causality) allows."""
         if self.kind == "keys":
-            return key_routing_mask(self.index, n_kv, causal)
+            return key_routing_mask(self.index, n_kv, causal, self.block_q, n_q)
         return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
 
 
@@ -96,7 +96,8 @@ class RoutedMixer(MultiHeadAttention):
             return (res[0], res[1]) if want_weights else (res, None)
         backend = self.backend if self.backend in ("reference", "gather", "blocksparse", "flex", "sdpa") else "auto"
         if routing.kind == "keys":
-            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend), None
+            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend,
+                                        block_q=routing.block_q), None
         return block_routed_attention(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
                                       causal=causal, scale=scale, backend=backend), None
 
