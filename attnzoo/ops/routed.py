@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.ops.rows import row_index, row_view
+
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "gather_pays", "gather_routes",
     "as_block_mask", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
@@ -199,11 +201,14 @@ def _flat_rows(idx: torch.Tensor, m: int) -> torch.Tensor:
     return (idx + base).reshape(-1)
 
 
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]`` (whole rows: ``index_select``)."""
+def _gather_rows(t: tuple[torch.Tensor, tuple[int, int, int]], idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``t`` (:func:`~attnzoo.ops.rows.row_view` of ``[B, H, M, D]``) at ``idx`` ``[B, H, c, K]`` ->
+    ``[B, H, c, K, D]`` (whole rows: ``index_select``, whatever the memory order, no copy of the keys)."""
+    rows, coef = t
     b, h, c, kk = idx.shape
-    rows = t.reshape(b * h * t.shape[2], t.shape[-1])
-    return rows.index_select(0, _flat_rows(idx, t.shape[2])).view(b, h, c, kk, -1)
+    bi = torch.arange(b, device=idx.device).view(b, 1, 1, 1)
+    hi = torch.arange(h, device=idx.device).view(1, h, 1, 1)
+    return rows.index_select(0, row_index(coef, bi, hi, idx).reshape(-1)).view(b, h, c, kk, -1)
 
 
 def _key_probs(q, kg, ok, scale):
@@ -222,11 +227,12 @@ class _KeyRouted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keys, causal, scale, chunk):
         out = q.new_empty(*q.shape[:3], v.shape[-1])
+        k_rows, v_rows = row_view(k), row_view(v)
         for start in range(0, q.shape[2], chunk):
             stop = min(start + chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], causal)
-            p = _key_probs(q[:, :, start:stop], _gather_rows(k, idx), ok, scale)
-            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v, idx))
+            p = _key_probs(q[:, :, start:stop], _gather_rows(k_rows, idx), ok, scale)
+            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v_rows, idx))
         ctx.save_for_backward(q, k, v, keys, out)
         ctx.causal, ctx.scale, ctx.chunk = causal, scale, chunk
         return out
@@ -237,10 +243,11 @@ class _KeyRouted(torch.autograd.Function):
         dq = torch.zeros_like(q)
         dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: rows of [B*H*M, D] for index_add_
         dk_rows, dv_rows = dk.view(-1, k.shape[-1]), dv.view(-1, v.shape[-1])
+        k_src, v_src = row_view(k), row_view(v)
         for start in range(0, q.shape[2], ctx.chunk):
             stop = min(start + ctx.chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
-            kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+            kg, vg = _gather_rows(k_src, idx), _gather_rows(v_src, idx)
             qc, do = q[:, :, start:stop], dout[:, :, start:stop]
             p = _key_probs(qc, kg, ok, ctx.scale)
             dp = torch.einsum("bhcd,bhckd->bhck", do, vg)

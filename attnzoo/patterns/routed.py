@@ -26,8 +26,9 @@ from attnzoo.ops.routed_key_blocks import key_block_flash, key_block_flash_ok
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
-__all__ = ["BlockRouted", "GatheredCausal", "KEY_DENSE_MAX_ELEMENTS", "KEY_DENSE_MIN_DENSITY", "ROUTED_BACKENDS",
-           "block_routed_attention", "explain_key_routed", "explain_routed", "key_routed_attention", "routed_attention"]
+__all__ = ["BlockRouted", "GatheredCausal", "KEY_DENSE_MAX_ELEMENTS", "KEY_DENSE_MIN_DENSITY",
+           "KEY_DENSE_MIN_QUERIES", "ROUTED_BACKENDS", "block_routed_attention", "explain_key_routed",
+           "explain_routed", "key_routed_attention", "routed_attention"]
 
 ROUTED_BACKENDS = ("auto", "reference", "gather", "blocksparse", "flex", "sdpa")
 
@@ -152,8 +153,8 @@ def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
     CPU flash tiles, :func:`attnzoo.ops.routed_key_blocks.key_block_flash`), or any :func:`attnzoo.attention`
     backend given the dense mask (``"sdpa"``, ``"flex"``); ``"auto"``: ``"gather"``, except on CPU for a dense
     per-query routing (at least ``KEY_DENSE_MIN_DENSITY`` of the ``N x M`` pairs) of a small call
-    (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``), where the masked dense kernel is faster (:func:`explain_key_routed`
-    says which). A query whose routing selects nothing returns zeros.
+    (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``, ``N >= KEY_DENSE_MIN_QUERIES``), where the masked dense kernel is
+    faster (:func:`explain_key_routed` says which). A query whose routing selects nothing returns zeros.
     """
     _check_qkv(q, k, v)
     _check_backend(backend, ROUTED_BACKENDS)
@@ -180,6 +181,9 @@ def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
 # pair from N = 2048 on, so they break even near 3% of the pairs; below N = 2048 the mask path wins even sooner).
 KEY_DENSE_MIN_DENSITY = 0.03
 KEY_DENSE_MAX_ELEMENTS = 1 << 25
+# ... and has at least this many queries: below, the dense call's fixed costs dominate (a decoding step's query
+# gathers its few keys far faster; benchmarks/bench_dyn_decode.py).
+KEY_DENSE_MIN_QUERIES = 256
 
 
 def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block_q: int = 1
@@ -191,6 +195,9 @@ def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.
         return "gather", f"lists shared by blocks of {block_q} queries: each block's keys gathered once ({how})"
     if q.device.type != "cpu":
         return "gather", "off CPU the gather path is the default (memory linear in N x K)"
+    if keys.shape[2] < KEY_DENSE_MIN_QUERIES:
+        return "gather", (f"{keys.shape[2]} queries (< KEY_DENSE_MIN_QUERIES={KEY_DENSE_MIN_QUERIES}): gathering "
+                          "their keys costs less than a dense call")
     if pairs > KEY_DENSE_MAX_ELEMENTS:
         return "gather", (f"a dense mask would hold {pairs} pairs (over KEY_DENSE_MAX_ELEMENTS="
                           f"{KEY_DENSE_MAX_ELEMENTS}); the gather path's memory is linear in N x K")

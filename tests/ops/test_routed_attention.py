@@ -194,6 +194,7 @@ def _as_lists(blocks):
 
 @pytest.mark.parametrize("n,m,block_k,causal,own", [
     (5, 29, 8, True, False),
+    (12, 29, 8, True, True),    # chunked decoding: the queries straddle two key blocks
     (32, 32, 8, True, True),
     (32, 32, 8, True, False),
     (29, 31, 8, False, False),
@@ -252,6 +253,8 @@ def test_key_routing_auto_runs_dense_routings_of_small_calls_densely(monkeypatch
     dense_keys = torch.stack([torch.randperm(32, generator=g)[:12] for _ in range(2 * 3 * 32)]).view(2, 3, 32, 12)
     sparse_keys = dense_keys[..., :1].clone()
     sparse_keys[:, :, ::2] = -1  # 1 key for half the queries: 1/64 of the pairs, below the density threshold
+    assert "< KEY_DENSE_MIN_QUERIES" in routed.explain_key_routed(q, k, v, dense_keys)  # 32 queries: gather
+    monkeypatch.setattr(routed, "KEY_DENSE_MIN_QUERIES", 32)
     assert routed.explain_key_routed(q, k, v, dense_keys).startswith("backend: dense mask")
     assert "< KEY_DENSE_MIN_DENSITY" in routed.explain_key_routed(q, k, v, sparse_keys)
     for keys in (dense_keys, sparse_keys):
