@@ -16,7 +16,7 @@ from attnzoo.ops.rows import row_index, row_view
 
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "gather_pays", "gather_routes",
-    "as_block_mask", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
+    "as_block_mask", "block_keys", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
     "check_block_lists", "check_block_routing",
     "check_key_routing", "key_routed_gather", "key_routing_mask", "routed_attention_reference", "routed_reference",
 ]
@@ -293,6 +293,22 @@ def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor
     return route, qidx
 
 
+def block_keys(blocks: torch.Tensor, block_k: int, n_kv: int) -> torch.Tensor:
+    """A per-query block routing (``block_q = 1``, bool or block lists) as key lists ``[B, H, N, K * block_k]``
+    (-1: a slot past the last key or of an empty block slot)."""
+    lists = blocks if blocks.dtype == torch.int64 else _bool_to_lists(blocks)
+    keys = lists.unsqueeze(-1) * block_k + torch.arange(block_k, device=lists.device)
+    keys = torch.where((lists.unsqueeze(-1) >= 0) & (keys < n_kv), keys, -1)
+    return keys.flatten(-2)
+
+
+def _bool_to_lists(blocks: torch.Tensor) -> torch.Tensor:
+    width = max(int(blocks.sum(-1).max()), 1) if blocks.numel() else 1
+    ar = torch.arange(blocks.shape[-1], device=blocks.device)
+    lists = torch.where(blocks, ar, blocks.shape[-1]).sort(-1).values[..., :width]
+    return torch.where(lists < blocks.shape[-1], lists, -1)
+
+
 def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
                         block_k: int, causal: bool = False, scale: float | None = None,
                         cap: int | None = None) -> torch.Tensor:
@@ -301,11 +317,15 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``). On CPU in
     float32/float64 the tiles run on the fused flash kernel with its fused backward
     (:func:`attnzoo.ops.routed_blocks.block_routed_flash`); otherwise autograd gives the backward. ``cap``:
-    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). Shapes as in
+    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). A per-query
+    routing of fewer queries than ``block_k`` (a decoding step, a short chunk) gathers each query's keys instead
+    (:func:`block_keys`, :func:`key_routed_gather`): tiles would be mostly empty slots. Shapes as in
     :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
     from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
 
+    if q.shape[2] < block_k and block_q == 1:  # a decoding step or a short chunk: gather each query's keys
+        return key_routed_gather(q, k, v, block_keys(blocks, block_k, k.shape[2]), causal=causal, scale=scale)
     if flash_routing_ok(q, k, v, causal):
         return block_routed_flash(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale,
                                   cap=cap)
