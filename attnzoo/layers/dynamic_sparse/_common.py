@@ -11,28 +11,14 @@ import torch
 from attnzoo.layers.base import Call, MultiHeadAttention
 from attnzoo.layers.testing import random_tokens
 from attnzoo.ops import attention
-from attnzoo.ops.routed import block_routing_mask, causal_allow, key_routing_mask
-from attnzoo.patterns.routed import DenseRouted, block_routed_attention, key_routed_attention
+from attnzoo.ops.routed import Routing, causal_allow
+from attnzoo.patterns.routed import DenseRouted, routed_attention
 
 FAMILY = "dynamic-sparse"
 SMALL = {"dim": 32, "n_heads": 4}
 SUPPORT = {"self", "causal", "padding", "decoding"}
 
 rand_x = partial(random_tokens, n=12)  # the family's reduction inputs [2, 12, 32]
-
-
-class Routing:
-    """A routing of one call: ``kind="blocks"`` (bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``) or
-    ``kind="keys"`` (int64 ``[B, H, N, K]``, -1 empty)."""
-
-    def __init__(self, kind: str, index: torch.Tensor, block_q: int = 1, block_k: int = 1) -> None:
-        self.kind, self.index, self.block_q, self.block_k = kind, index, block_q, block_k
-
-    def dense(self, n_q: int, n_kv: int, causal: bool) -> torch.Tensor:
-        """Bool ``[B, H, N, M]``: the pairs this routing (and causality) allows."""
-        if self.kind == "keys":
-            return key_routing_mask(self.index, n_kv, causal)
-        return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
 
 
 class RoutedMixer(MultiHeadAttention):
@@ -90,10 +76,7 @@ class RoutedMixer(MultiHeadAttention):
                             return_weights=want_weights)
             return (res[0], res[1]) if want_weights else (res, None)
         backend = self.backend if self.backend in ("reference", "gather", "blocksparse", "flex", "sdpa") else "auto"
-        if routing.kind == "keys":
-            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend), None
-        return block_routed_attention(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
-                                      causal=causal, scale=scale, backend=backend), None
+        return routed_attention(q, k, v, routing, causal=causal, scale=scale, backend=backend), None
 
 
 def check_top_k(top_k: Any, name: str = "top_k") -> int:
