@@ -10,8 +10,8 @@ A :class:`Routing` comes in three kinds, one set for every user (the dynamic-spa
 
 Under ``causal`` query ``i`` sees only keys ``j <= i + M - N`` (the queries are the last ``N`` positions, as in
 KV-cache decoding). This module holds the checks, the dense masks (:meth:`Routing.dense`), the float64 oracle
-:func:`routed_reference`, and the CPU fast paths of key and block routings (:func:`key_routed_gather`,
-:func:`block_routed_gather`); the single public entry with its backends is
+:func:`routed_reference`, and the fast paths of the three kinds (:func:`key_routed_gather`,
+:func:`block_routed_gather`, :func:`query_routed_prefix`); the single public entry with its backends is
 :func:`attnzoo.patterns.routed.routed_attention`. :func:`gather_routes` turns a per-token selection into a
 query routing (mixture-of-heads' gather dispatch); :func:`gather_pays` says when that pays on CPU.
 """
@@ -26,7 +26,7 @@ __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "ROUTING_KINDS", "Routing", "block_routed_gather",
     "block_routing_mask", "blocks_from_index", "causal_allow", "check_block_routing", "check_key_routing",
     "check_query_routing", "gather_pays", "gather_routes", "key_routed_gather", "key_routing_mask",
-    "query_routing_mask", "routed_reference",
+    "query_routed_prefix", "query_routing_mask", "routed_reference",
 ]
 
 # Gather dispatch pays when each routed head is picked by at most this fraction of the tokens
@@ -210,6 +210,50 @@ def routed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: t
     seen = allow.any(-1, keepdim=True)
     p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
     return p @ v
+
+
+def query_routed_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor, n_queries: int, *,
+                        causal: bool = False, keep: torch.Tensor | None = None, scale: float | None = None,
+                        chunk: int = GATHER_CHUNK) -> torch.Tensor:
+    """Query-routed attention, the fast path: the routed queries ``q`` ``[B, H, C, D]`` (slot ``c`` holds query
+    ``queries[b, h, c]`` of ``n_queries``, -1: empty) attend ``k``/``v`` ``[B, H, M, D(_v)]`` through torch's SDPA.
+
+    Without ``causal`` one call over all (kept) keys. With it, chunks of ``chunk`` slots, each reading only the
+    keys up to its last query's position ``i + M - N`` under a bool mask ``[B, H, chunk, prefix]``: when the slots
+    are in query order (as :func:`gather_routes` lists them) the routes do about half of a full pass's work, as a
+    causal kernel would. ``keep`` bool ``[B, M]`` pads keys. Arguments are checked by the caller. Empty slots and
+    slots that see no key return zeros and zero gradients (SDPA sees a stand-in key, the output is replaced).
+    """
+    b, h, c, _ = q.shape
+    m = k.shape[2]
+    if c == 0 or m == 0:
+        return q.new_zeros(b, h, c, v.shape[-1])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    filled = queries >= 0
+    if keep is not None and bool(keep.all()):
+        keep = None
+    if not causal:
+        if keep is None:
+            out = sdpa(q, k, v, scale=scale)
+            return torch.where(filled.unsqueeze(-1), out, torch.zeros_like(out))
+        seen = keep.any(-1).view(b, 1, 1, 1)
+        out = sdpa(q, k, v, attn_mask=(keep.view(b, 1, 1, m) | ~seen), scale=scale)
+        return torch.where(filled.unsqueeze(-1) & seen, out, torch.zeros_like(out))
+    pos = torch.where(filled, queries + (m - n_queries), torch.full_like(queries, -1))
+    outs = []
+    for start in range(0, c, chunk):
+        p = pos[:, :, start:start + chunk]
+        mc = min(max(int(p.max()) + 1, 1), m)
+        if keep is None:  # a slot sees a key iff its position is >= 0; the others get every key as a stand-in
+            seen = (p >= 0).unsqueeze(-1)
+            allow = torch.arange(mc, device=q.device) <= torch.where(seen, p.unsqueeze(-1), mc)
+        else:
+            allow = (torch.arange(mc, device=q.device) <= p.unsqueeze(-1)) & keep[:, :mc].view(b, 1, 1, mc)
+            seen = allow.any(-1, keepdim=True)
+            allow = allow | ~seen
+        out = sdpa(q[:, :, start:start + chunk], k[:, :, :mc], v[:, :, :mc], attn_mask=allow, scale=scale)
+        outs.append(torch.where(seen, out, torch.zeros_like(out)))
+    return torch.cat(outs, 2)
 
 
 def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: bool) -> tuple[torch.Tensor, ...]:

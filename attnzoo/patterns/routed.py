@@ -3,14 +3,14 @@ block routings, query routings) on one set of backends, and :func:`explain_route
 
 Backends (``backend``): ``"reference"`` (float64, the dense mask of the routing, :meth:`Routing.dense`);
 ``"gather"``, the CPU fast path of each kind (key lists: :func:`~attnzoo.ops.routed.key_routed_gather`; block
-routings: :func:`~attnzoo.ops.routed.block_routed_gather`; query routings: the routed queries attend in chunks that
-read only their causal key prefix); or any :func:`attnzoo.attention` backend (``"sdpa"``, ``"flex"``,
-``"blocksparse"``, ...) given the routing as a pattern (:class:`DenseRouted`, :class:`BlockRouted`,
-:class:`QueryRouted`: a dense mask, or a block mask / block layout built from the routing). ``"auto"``: ``"gather"``
-for key and query routings and for block routings with ``block_q`` below the tile size (64) on CPU, else
-:func:`attnzoo.attention`'s choice. :func:`key_routed_attention` and :func:`block_routed_attention` are the
-routing-kind shorthands the dynamic-sparse entries call; mixture-of-heads (``moh``, ``dispatch="gather"``) runs its
-routed heads as a query routing.
+routings: :func:`~attnzoo.ops.routed.block_routed_gather`; query routings:
+:func:`~attnzoo.ops.routed.query_routed_prefix`, chunks that read only their causal key prefix); or any
+:func:`attnzoo.attention` backend (``"sdpa"``, ``"flex"``, ``"blocksparse"``, ...) given the routing as a pattern
+(:class:`DenseRouted`, :class:`BlockRouted`, :class:`QueryRouted`: a dense mask, or a block mask / block layout
+built from the routing). ``"auto"``: ``"gather"`` for key and query routings and for block routings with
+``block_q`` below the tile size (64) on CPU, else :func:`attnzoo.attention`'s choice. :func:`key_routed_attention`
+and :func:`block_routed_attention` are the routing-kind shorthands the dynamic-sparse entries call;
+mixture-of-heads (``moh``, ``dispatch="gather"``) runs its routed heads as a query routing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from attnzoo.ops.routed import (
     Routing,
     block_routed_gather,
     key_routed_gather,
+    query_routed_prefix,
     routed_reference,
 )
 from attnzoo.patterns.base import Pattern
@@ -171,8 +172,9 @@ def _plan(q: torch.Tensor, routing: Routing, keep: torch.Tensor | None, backend:
         return "gather", ("per-query key lists: each query gathers its K keys (padded keys dropped from the lists), "
                           "chunked over queries; memory linear in N x K, forward and backward")
     if routing.kind == "queries":
-        return "gather", ("query routing: the C routed queries attend all keys through attnzoo.attention; under "
-                          "causal in chunks of slots, each reading only the keys up to its last query's position")
+        return "gather", ("query routing: the C routed queries attend all keys through torch's SDPA; under causal in "
+                          "chunks of slots under a bool mask, each reading only the keys up to its last query's "
+                          "position")
     if padded:
         return "auto", "key padding: the block routing and the padding run as one pattern through attnzoo.attention"
     if q.device.type == "cpu" and routing.block_q < TILE:
@@ -226,33 +228,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
     if routing.kind == "blocks":
         return block_routed_gather(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
                                    causal=causal, scale=scale)
-    return _query_routed_prefix(q, k, v, routing, causal, keep, scale, GATHER_CHUNK if chunk is None else chunk)
-
-
-def _query_routed_prefix(q, k, v, routing, causal, keep, scale, chunk):
-    """A query routing's fast path: without ``causal`` one :func:`attnzoo.attention` call over all keys (empty slots
-    zeroed); with it, chunks of ``chunk`` slots (sorted by position when the router lists them in order), each
-    attending only the keys up to its last position, so the routes do about half of a full pass's work."""
-    n_slots, m = q.shape[2], k.shape[2]
-    if n_slots == 0 or m == 0:
-        return q.new_zeros(*q.shape[:3], v.shape[-1])
-    pad = KeyPadding(keep) if keep is not None and not bool(keep.all()) else None
-    filled = (routing.index >= 0).unsqueeze(-1)
-    if not causal:
-        out = attention(q, k, v, pattern=pad, scale=scale)
-        return torch.where(filled, out, torch.zeros_like(out))
-    offset = m - routing.n_queries
-    outs = []
-    for start in range(0, n_slots, chunk):
-        idx = routing.index[:, :, start:start + chunk]
-        top = int(torch.where(idx >= 0, idx + offset, -1).max()) + 1
-        mc = min(max(top, 1), m)
-        pattern = QueryRouted(idx, offset, causal=True)
-        if pad is not None:
-            pattern = pattern & KeyPadding(keep[:, :mc])
-        outs.append(attention(q[:, :, start:start + chunk], k[:, :, :mc], v[:, :, :mc], pattern=pattern,
-                              scale=scale))
-    return torch.cat(outs, 2)
+    return query_routed_prefix(q, k, v, routing.index, routing.n_queries, causal=causal, keep=keep, scale=scale,
+                               chunk=GATHER_CHUNK if chunk is None else chunk)
 
 
 def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
