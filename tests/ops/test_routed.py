@@ -138,3 +138,26 @@ def test_explain_says_how_a_query_routing_runs():
 
 def test_gather_pays_only_for_sparse_routes_on_long_calls():
     assert gather_pays(0.25, 512) and not gather_pays(0.5, 512) and not gather_pays(0.25, 64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_pattern_block_bounds_are_sound(causal):
+    """QueryRouted's block layout (what blocksparse skips, what flex's block mask marks full) never drops an
+    allowed pair and calls a tile full only when every pair in it is allowed."""
+    from attnzoo.ops.layout import FULL
+    from attnzoo.patterns.base import Shape
+    from attnzoo.patterns.routed import QueryRouted
+
+    _, _, _, routing, *_ = _case(seed=5, n=60, r=2)
+    c = routing.index.shape[-1]
+    shape = Shape(2, 2, c, 70)
+    pat = QueryRouted(routing.index, 70 - 60, causal)
+    layout = pat.block_layout(shape, 8, 16)
+    dense = pat.dense_mask(shape)
+    assert torch.equal(dense, query_routing_mask(routing.index, 60, 70, causal))
+    pq, pk = -c % 8, -70 % 16
+    tiles = torch.nn.functional.pad(dense, (0, pk, 0, pq)).view(2, 2, (c + pq) // 8, 8, (70 + pk) // 16, 16)
+    assert not (tiles.any(-1).any(-2) & (layout.state == 0)).any()
+    full = torch.nn.functional.pad(dense, (0, pk, 0, pq), value=True).view(tiles.shape).all(-1).all(-2)
+    assert not ((layout.state == FULL) & ~full).any()
+    assert (layout.state != 0).sum() < layout.state.numel()  # something is skipped
