@@ -272,6 +272,10 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: to
     if _block_backend(q, block_q) == "gather":
         from attnzoo.ops.routed_blocks import flash_routing_ok
 
+        if block_q == 1 and q.shape[2] < block_k:
+            return (f"backend: gather ({q.shape[2]} queries < block_k={block_k}, a decoding step or a short chunk: "
+                    "each query gathers the keys of its blocks (block_keys, key_routed_gather); tiles would be "
+                    "mostly empty slots)\n  not flex: CUDA path (a block mask built from the routing)")
         how = ("fused CPU flash tiles: own block causal, routed blocks batched by query count, fused backward"
                if flash_routing_ok(q, k, v, causal) else "autograd over sub-routes")
         return (f"backend: gather (block_q={block_q} < 64: each key block gathers its routed queries and the "
