@@ -2,8 +2,10 @@
 
 A :class:`Routing` comes in three kinds, one set for every user (the dynamic-sparse entries, mixture-of-heads):
 
-- ``"keys"``: int64 ``[B, H, N, K]``, the keys of every query (``-1``: an empty slot, no repeats);
-- ``"blocks"``: bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``, the key blocks of every query block;
+- ``"keys"``: int64 ``[B, H, N, K]``, the keys of every query (``-1``: an empty slot, no repeats), or with
+  ``block_q > 1`` ``[B, H, ceil(N / block_q), K]``, one list per block of ``block_q`` queries;
+- ``"blocks"``: bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``, the key blocks of every query block (or the
+  same as int64 block lists ``[B, H, ceil(N / block_q), K]``);
 - ``"queries"``: int64 ``[B, H, C]``, the queries routed to each head (or expert) out of the call's ``N``
   (``n_queries``; ``-1``: an empty slot, no repeats). ``q`` then holds those routed queries themselves
   (``[B, H, C, D]``, the caller projects only them) and every routed query attends all keys.
@@ -22,11 +24,14 @@ from typing import Any
 
 import torch
 
+from attnzoo.ops.rows import row_index, row_view
+
 __all__ = [
-    "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "ROUTING_KINDS", "Routing", "block_routed_gather",
-    "block_routing_mask", "blocks_from_index", "causal_allow", "check_block_routing", "check_key_routing",
-    "check_query_routing", "gather_pays", "gather_routes", "key_routed_gather", "key_routing_mask",
-    "query_routed_prefix", "query_routing_mask", "routed_reference",
+    "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "ROUTING_KINDS", "Routing", "as_block_mask",
+    "block_keys", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
+    "check_block_lists", "check_block_routing", "check_key_routing", "check_query_routing", "gather_pays",
+    "gather_routes", "key_routed_gather", "key_routing_mask", "query_routed_prefix", "query_routing_mask",
+    "routed_reference",
 ]
 
 # Gather dispatch pays when each routed head is picked by at most this fraction of the tokens
@@ -64,13 +69,17 @@ def gather_routes(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 ROUTED_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of the key-routed path
 
 
-def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
-    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, N, K]`` with entries in ``[-1, n_kv)``."""
+def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int = 1) -> None:
+    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, ceil(N / block_q), K]`` (the keys of every
+    query, or of every block of ``block_q`` queries) with entries in ``[-1, n_kv)`` and no key twice in a list."""
+    if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1:
+        raise ValueError(f"block_q: expected an int >= 1, got {block_q!r}")
     b, h, n, _ = q.shape
+    rows = -(-n // block_q)
     if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.dim() != 4 \
-            or tuple(keys.shape[:3]) != (b, h, n):
+            or tuple(keys.shape[:3]) != (b, h, rows):
         got = f"{keys.dtype} {list(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
-        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {n}, K], got {got}")
+        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {rows}, K], got {got}")
     if keys.numel() and (int(keys.min()) < -1 or int(keys.max()) >= n_kv):
         raise ValueError(f"keys: entries must lie in [-1, {n_kv}) (-1: empty slot), got range "
                          f"[{int(keys.min())}, {int(keys.max())}]")
@@ -81,16 +90,40 @@ def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
 
 
 def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int, block_k: int) -> None:
-    """Raise ``ValueError`` naming the argument unless ``blocks`` is bool ``[B, H, N / block_q, M / block_k]``
-    (rounded up)."""
+    """Raise ``ValueError`` naming the argument unless ``blocks`` is a block routing of this call: bool
+    ``[B, H, N / block_q, M / block_k]`` (rounded up), or the same routing as block lists, int64
+    ``[B, H, N / block_q, K]`` of key-block indices in ``[-1, M / block_k)`` (-1: an empty slot, no repeats)."""
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
     b, h, n, _ = q.shape
     want = (b, h, -(-n // block_q), -(-n_kv // block_k))
-    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool or tuple(blocks.shape) != want:
+    is_lists = isinstance(blocks, torch.Tensor) and blocks.dtype == torch.int64 and blocks.dim() == 4 \
+        and tuple(blocks.shape[:3]) == want[:3]
+    if not is_lists and (not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool
+                         or tuple(blocks.shape) != want):
         got = f"{blocks.dtype} {list(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
-        raise ValueError(f"blocks: expected a bool tensor {list(want)}, got {got}")
+        raise ValueError(f"blocks: expected a bool tensor {list(want)} or int64 block lists {list(want[:3])} + [K], "
+                         f"got {got}")
+    if is_lists:
+        check_block_lists(blocks, want[3])
+
+
+def check_block_lists(lists: torch.Tensor, n_blocks: int) -> None:
+    """Raise ``ValueError`` naming ``blocks`` unless the int64 lists ``[..., K]`` hold indices in ``[-1, n_blocks)``
+    with no index twice in a list."""
+    if lists.numel() and (int(lists.min()) < -1 or int(lists.max()) >= n_blocks):
+        raise ValueError(f"blocks: block indices must lie in [-1, {n_blocks}) (-1: empty slot), got range "
+                         f"[{int(lists.min())}, {int(lists.max())}]")
+    if lists.shape[-1] > 1:
+        s = lists.sort(-1).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError("blocks: a query block lists the same key block twice")
+
+
+def as_block_mask(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The bool form ``[..., n_blocks]`` of a block routing given as bool or as int64 block lists."""
+    return blocks if blocks.dtype == torch.bool else blocks_from_index(blocks, n_blocks)
 
 
 def blocks_from_index(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -109,8 +142,12 @@ def causal_allow(n_q: int, n_kv: int, device: torch.device | str = "cpu") -> tor
     return torch.arange(n_kv, device=device).view(1, -1) <= torch.arange(n_q, device=device).view(-1, 1) + n_kv - n_q
 
 
-def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> torch.Tensor:
-    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it)."""
+def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False, block_q: int = 1,
+                     n_q: int | None = None) -> torch.Tensor:
+    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it); with ``block_q > 1`` the lists
+    are per block of ``block_q`` queries (``n_q`` queries in all)."""
+    if block_q > 1:
+        keys = keys.repeat_interleave(block_q, 2)[:, :, :n_q]
     out = torch.zeros(*keys.shape[:3], n_kv + 1, dtype=torch.bool, device=keys.device)
     out.scatter_(-1, torch.where(keys < 0, n_kv, keys), True)
     out = out[..., :n_kv]
@@ -119,8 +156,9 @@ def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> tor
 
 def block_routing_mask(blocks: torch.Tensor, n_q: int, n_kv: int, block_q: int, block_k: int,
                        causal: bool = False) -> torch.Tensor:
-    """Dense bool ``[B, H, N, M]`` of a block routing."""
-    out = blocks.repeat_interleave(block_q, 2)[:, :, :n_q].repeat_interleave(block_k, 3)[..., :n_kv]
+    """Dense bool ``[B, H, N, M]`` of a block routing (bool or block lists)."""
+    out = as_block_mask(blocks, -(-n_kv // block_k)).repeat_interleave(block_q, 2)[:, :, :n_q]
+    out = out.repeat_interleave(block_k, 3)[..., :n_kv]
     return out & causal_allow(n_q, n_kv, blocks.device) if causal else out
 
 
@@ -155,9 +193,11 @@ def query_routing_mask(queries: torch.Tensor, n_queries: int, n_kv: int, causal:
 class Routing:
     """Which (query, key) pairs one call attends: ``kind`` ``"keys"``, ``"blocks"`` or ``"queries"`` (see the module).
 
-    ``index``: the keys (int64 ``[B, H, N, K]``), the block routing (bool ``[B, H, ceil(N / block_q),
-    ceil(M / block_k)]``) or the routed queries (int64 ``[B, H, C]`` out of ``n_queries``), -1 marking empty
-    slots. ``block_q``/``block_k`` belong to block routings, ``n_queries`` (the call's ``N``) to query routings.
+    ``index``: the keys (int64 ``[B, H, ceil(N / block_q), K]``: of every query, or with ``block_q > 1`` one list
+    shared by each block of ``block_q`` queries), the block routing (bool ``[B, H, ceil(N / block_q),
+    ceil(M / block_k)]``, or the same as int64 block lists ``[B, H, ceil(N / block_q), K]``) or the routed queries
+    (int64 ``[B, H, C]`` out of ``n_queries``), -1 marking empty slots. ``block_q`` belongs to key and block
+    routings, ``block_k`` to block routings, ``n_queries`` (the call's ``N``) to query routings.
     Constructing checks the kind only; :meth:`check` checks the routing against a call before any work.
     """
 
@@ -179,7 +219,7 @@ class Routing:
             raise ValueError("q, k, v: expected [B, H, N, D], [B, H, M, D], [B, H, M, D_v] (same B and H), got "
                              + ", ".join(map(str, shapes)))
         if self.kind == "keys":
-            check_key_routing(self.index, q, k.shape[2])
+            check_key_routing(self.index, q, k.shape[2], self.block_q)
         elif self.kind == "blocks":
             check_block_routing(self.index, q, k.shape[2], self.block_q, self.block_k)
         else:
@@ -189,14 +229,19 @@ class Routing:
         """Bool ``[B, H, N, M]`` (``[B, H, C, M]`` for a query routing, whose rows are its slots; ``n_q`` is then
         unused): the pairs this routing (and causality) allows. The reference's view of the routing."""
         if self.kind == "keys":
-            return key_routing_mask(self.index, n_kv, causal)
+            return key_routing_mask(self.index, n_kv, causal, self.block_q, n_q)
         if self.kind == "blocks":
             return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
         return query_routing_mask(self.index, self.n_queries, n_kv, causal)
 
+    def block_mask(self, n_kv: int) -> torch.Tensor:
+        """A block routing as bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]`` (whichever form it was made in)."""
+        return as_block_mask(self.index, -(-n_kv // self.block_k))
+
     def __repr__(self) -> str:
         extra: dict[str, Any] = ({"block_q": self.block_q, "block_k": self.block_k} if self.kind == "blocks" else
-                                 {"n_queries": self.n_queries} if self.kind == "queries" else {})
+                                 {"n_queries": self.n_queries} if self.kind == "queries" else
+                                 {"block_q": self.block_q})
         shape = list(self.index.shape) if isinstance(self.index, torch.Tensor) else type(self.index).__name__
         return f"Routing({self.kind!r}, {shape}" + "".join(f", {k}={v}" for k, v in extra.items()) + ")"
 
@@ -264,10 +309,21 @@ def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: boo
     return idx.clamp(min=0), ok
 
 
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]``."""
+def _flat_rows(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Key indices ``idx`` ``[B, H, c, K]`` (in ``[0, M)``) as rows of ``[B*H*M, D]``, flattened."""
+    b, h = idx.shape[:2]
+    base = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * m
+    return (idx + base).reshape(-1)
+
+
+def _gather_rows(t: tuple[torch.Tensor, tuple[int, int, int]], idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``t`` (:func:`~attnzoo.ops.rows.row_view` of ``[B, H, M, D]``) at ``idx`` ``[B, H, c, K]`` ->
+    ``[B, H, c, K, D]`` (whole rows: ``index_select``, whatever the memory order, no copy of the keys)."""
+    rows, coef = t
     b, h, c, kk = idx.shape
-    return t.gather(2, idx.reshape(b, h, c * kk, 1).expand(-1, -1, -1, t.shape[-1])).view(b, h, c, kk, -1)
+    bi = torch.arange(b, device=idx.device).view(b, 1, 1, 1)
+    hi = torch.arange(h, device=idx.device).view(1, h, 1, 1)
+    return rows.index_select(0, row_index(coef, bi, hi, idx).reshape(-1)).view(b, h, c, kk, -1)
 
 
 def _key_probs(q, kg, ok, scale):
@@ -286,11 +342,12 @@ class _KeyRouted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keys, causal, scale, chunk):
         out = q.new_empty(*q.shape[:3], v.shape[-1])
+        k_rows, v_rows = row_view(k), row_view(v)
         for start in range(0, q.shape[2], chunk):
             stop = min(start + chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], causal)
-            p = _key_probs(q[:, :, start:stop], _gather_rows(k, idx), ok, scale)
-            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v, idx))
+            p = _key_probs(q[:, :, start:stop], _gather_rows(k_rows, idx), ok, scale)
+            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v_rows, idx))
         ctx.save_for_backward(q, k, v, keys, out)
         ctx.causal, ctx.scale, ctx.chunk = causal, scale, chunk
         return out
@@ -298,22 +355,22 @@ class _KeyRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, keys, out = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        b, h = q.shape[:2]
+        dq = torch.zeros_like(q)
+        dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: rows of [B*H*M, D] for index_add_
+        dk_rows, dv_rows = dk.view(-1, k.shape[-1]), dv.view(-1, v.shape[-1])
+        k_src, v_src = row_view(k), row_view(v)
         for start in range(0, q.shape[2], ctx.chunk):
             stop = min(start + ctx.chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
-            kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+            kg, vg = _gather_rows(k_src, idx), _gather_rows(v_src, idx)
             qc, do = q[:, :, start:stop], dout[:, :, start:stop]
             p = _key_probs(qc, kg, ok, ctx.scale)
             dp = torch.einsum("bhcd,bhckd->bhck", do, vg)
             ds = p * (dp - (do * out[:, :, start:stop]).sum(-1, keepdim=True)) * ctx.scale
             dq[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", ds, kg)
-            flat = idx.reshape(b, h, -1, 1)
-            dk.scatter_add_(2, flat.expand(-1, -1, -1, k.shape[-1]),
-                            torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(b, h, -1, k.shape[-1]))
-            dv.scatter_add_(2, flat.expand(-1, -1, -1, v.shape[-1]),
-                            torch.einsum("bhck,bhcd->bhckd", p, do).reshape(b, h, -1, v.shape[-1]))
+            rows = _flat_rows(idx, k.shape[2])
+            dk_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(-1, k.shape[-1]))
+            dv_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", p, do).reshape(-1, v.shape[-1]))
         return dq, dk, dv, None, None, None, None
 
 
@@ -351,6 +408,22 @@ def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor
     return route, qidx
 
 
+def block_keys(blocks: torch.Tensor, block_k: int, n_kv: int) -> torch.Tensor:
+    """A per-query block routing (``block_q = 1``, bool or block lists) as key lists ``[B, H, N, K * block_k]``
+    (-1: a slot past the last key or of an empty block slot)."""
+    lists = blocks if blocks.dtype == torch.int64 else _bool_to_lists(blocks)
+    keys = lists.unsqueeze(-1) * block_k + torch.arange(block_k, device=lists.device)
+    keys = torch.where((lists.unsqueeze(-1) >= 0) & (keys < n_kv), keys, -1)
+    return keys.flatten(-2)
+
+
+def _bool_to_lists(blocks: torch.Tensor) -> torch.Tensor:
+    width = max(int(blocks.sum(-1).max()), 1) if blocks.numel() else 1
+    ar = torch.arange(blocks.shape[-1], device=blocks.device)
+    lists = torch.where(blocks, ar, blocks.shape[-1]).sort(-1).values[..., :width]
+    return torch.where(lists < blocks.shape[-1], lists, -1)
+
+
 def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
                         block_k: int, causal: bool = False, scale: float | None = None,
                         cap: int | None = None) -> torch.Tensor:
@@ -359,11 +432,15 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``). On CPU in
     float32/float64 the tiles run on the fused flash kernel with its fused backward
     (:func:`attnzoo.ops.routed_blocks.block_routed_flash`); otherwise autograd gives the backward. ``cap``:
-    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). Shapes as in
+    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). A per-query
+    routing of fewer queries than ``block_k`` (a decoding step, a short chunk) gathers each query's keys instead
+    (:func:`block_keys`, :func:`key_routed_gather`): tiles would be mostly empty slots. Shapes as in
     :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
     from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
 
+    if q.shape[2] < block_k and block_q == 1:  # a decoding step or a short chunk: gather each query's keys
+        return key_routed_gather(q, k, v, block_keys(blocks, block_k, k.shape[2]), causal=causal, scale=scale)
     if flash_routing_ok(q, k, v, causal):
         return block_routed_flash(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale,
                                   cap=cap)
@@ -375,7 +452,7 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     pad = nkb * block_k - m
     kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, d)
     vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, dv)
-    sel = blocks.repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
+    sel = as_block_mask(blocks, nkb).repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
     route, qidx = _sub_routes(sel, cap)
     valid = qidx >= 0
     target = (route // nkb).view(-1, 1) * n + qidx.clamp(min=0)  # [S, cap] rows of q.view(B*H*N, D)

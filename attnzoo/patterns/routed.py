@@ -27,10 +27,12 @@ from attnzoo.ops.routed import (
     query_routed_prefix,
     routed_reference,
 )
+from attnzoo.ops.routed_key_blocks import key_block_flash, key_block_flash_ok
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
-__all__ = ["BlockRouted", "DenseRouted", "QueryRouted", "ROUTED_BACKENDS", "Routing", "block_routed_attention",
+__all__ = ["BlockRouted", "DenseRouted", "KEY_DENSE_MAX_ELEMENTS", "KEY_DENSE_MIN_DENSITY", "KEY_DENSE_MIN_QUERIES",
+           "QueryRouted", "ROUTED_BACKENDS", "Routing", "block_routed_attention", "explain_key_routed",
            "explain_routed", "key_routed_attention", "routed_attention"]
 
 ROUTED_BACKENDS = ("auto", "reference", "gather", *(name for name in BACKENDS if name not in ("reference", "gather")))
@@ -135,6 +137,39 @@ class DenseRouted(Pattern):
         return self.mask[b, h, q, kv]
 
 
+# A key routing runs as a masked dense call on CPU when it selects at least this fraction of the pairs and the mask
+# stays small (benchmarks/bench_routed_keys.py, RESULTS.md: the gather path costs ~30x the mask path per selected
+# pair from N = 2048 on, so they break even near 3% of the pairs; below N = 2048 the mask path wins even sooner).
+KEY_DENSE_MIN_DENSITY = 0.03
+KEY_DENSE_MAX_ELEMENTS = 1 << 25
+# ... and has at least this many queries: below, the dense call's fixed costs dominate (a decoding step's query
+# gathers its few keys far faster; benchmarks/bench_dyn_decode.py).
+KEY_DENSE_MIN_QUERIES = 256
+
+
+def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block_q: int = 1
+                 ) -> tuple[str, str]:
+    """(``"gather"`` or ``"dense"``, why) for ``backend="auto"`` of :func:`key_routed_attention`."""
+    pairs = keys.shape[0] * keys.shape[1] * keys.shape[2] * k.shape[2]
+    if block_q > 1:
+        how = "fused CPU flash tiles" if key_block_flash_ok(q, k, v) else "per-query gathers"
+        return "gather", f"lists shared by blocks of {block_q} queries: each block's keys gathered once ({how})"
+    if q.device.type != "cpu":
+        return "gather", "off CPU the gather path is the default (memory linear in N x K)"
+    if keys.shape[2] < KEY_DENSE_MIN_QUERIES:
+        return "gather", (f"{keys.shape[2]} queries (< KEY_DENSE_MIN_QUERIES={KEY_DENSE_MIN_QUERIES}): gathering "
+                          "their keys costs less than a dense call")
+    if pairs > KEY_DENSE_MAX_ELEMENTS:
+        return "gather", (f"a dense mask would hold {pairs} pairs (over KEY_DENSE_MAX_ELEMENTS="
+                          f"{KEY_DENSE_MAX_ELEMENTS}); the gather path's memory is linear in N x K")
+    density = int((keys >= 0).sum()) / max(pairs, 1)
+    if density < KEY_DENSE_MIN_DENSITY:
+        return "gather", (f"the routing selects {density:.3f} of the pairs (< KEY_DENSE_MIN_DENSITY="
+                          f"{KEY_DENSE_MIN_DENSITY})")
+    return "dense", (f"the routing selects {density:.3f} of the pairs (>= KEY_DENSE_MIN_DENSITY="
+                     f"{KEY_DENSE_MIN_DENSITY}) in a small call: the masked dense kernel is faster on CPU")
+
+
 def _check_backend(backend: str) -> None:
     if backend not in ROUTED_BACKENDS:
         raise ValueError(f"backend: expected one of {list(ROUTED_BACKENDS)}, got {backend!r}")
@@ -162,15 +197,16 @@ def _check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Rout
                          "the routing and the padding as one pattern) or another backend")
 
 
-def _plan(q: torch.Tensor, routing: Routing, keep: torch.Tensor | None, backend: str) -> tuple[str, str]:
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing, keep: torch.Tensor | None,
+          backend: str) -> tuple[str, str]:
     """``(what runs, why)``: ``"reference"``, ``"gather"``, an :func:`attnzoo.attention` backend, or
     ``"auto"`` (:func:`attnzoo.attention`'s choice)."""
     if backend != "auto":
         return backend, "asked for"
     padded = keep is not None and not bool(keep.all())
     if routing.kind == "keys":
-        return "gather", ("per-query key lists: each query gathers its K keys (padded keys dropped from the lists), "
-                          "chunked over queries; memory linear in N x K, forward and backward")
+        name, why = _key_backend(q, k, v, routing.index, routing.block_q)
+        return ("gather", why) if name == "gather" else ("auto", why)
     if routing.kind == "queries":
         return "gather", ("query routing: the C routed queries attend all keys through torch's SDPA; under causal in "
                           "chunks of slots under a bool mask, each reading only the keys up to its last query's "
@@ -187,7 +223,7 @@ def _pattern(routing: Routing, n_q: int, n_kv: int, causal: bool, keep: torch.Te
     if routing.kind == "keys":
         pattern: Pattern = DenseRouted(routing.dense(n_q, n_kv, causal))
     elif routing.kind == "blocks":
-        pattern = BlockRouted(routing.index, routing.block_q, routing.block_k, causal)
+        pattern = BlockRouted(routing.block_mask(n_kv), routing.block_q, routing.block_k, causal)
     else:
         pattern = QueryRouted(routing.index, n_kv - routing.n_queries, causal)
     return pattern if keep is None or bool(keep.all()) else pattern & KeyPadding(keep)
@@ -210,7 +246,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
     returns zeros and zero gradients on every backend. Routings are indices: they have no gradient.
     """
     _check_call(q, k, v, routing, keep, backend, chunk)
-    name, _ = _plan(q, routing, keep, backend)
+    name, _ = _plan(q, k, v, routing, keep, backend)
     n, m = q.shape[2], k.shape[2]
     if name == "reference":
         allow = routing.dense(n, m, causal)
@@ -224,7 +260,12 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
         if keep is not None and not bool(keep.all()):
             kept = keep[torch.arange(keep.shape[0], device=keys.device).view(-1, 1, 1, 1), keys.clamp(min=0)]
             keys = torch.where(kept, keys, torch.full_like(keys, -1))
-        return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
+        if routing.block_q == 1:
+            return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
+        if key_block_flash_ok(q, k, v):
+            return key_block_flash(q, k, v, keys, block_q=routing.block_q, causal=causal, scale=scale)
+        per_query = keys.repeat_interleave(routing.block_q, 2)[:, :, :n]
+        return key_routed_gather(q, k, v, per_query, causal=causal, scale=scale)
     if routing.kind == "blocks":
         return block_routed_gather(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
                                    causal=causal, scale=scale)
@@ -233,25 +274,55 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
 
 
 def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
-                         causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """:func:`routed_attention` of the key routing ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot)."""
-    return routed_attention(q, k, v, Routing("keys", keys), causal=causal, scale=scale, backend=backend)
+                         causal: bool = False, scale: float | None = None, backend: str = "auto",
+                         block_q: int = 1) -> torch.Tensor:
+    """:func:`routed_attention` of the key routing ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot), or with
+    ``block_q > 1`` ``[B, H, ceil(N / block_q), K]``: one list shared by each block of ``block_q`` queries (the
+    fast path gathers each block's keys once and runs fused CPU flash tiles,
+    :func:`attnzoo.ops.routed_key_blocks.key_block_flash`). ``"auto"``: ``"gather"``, except on CPU for a dense
+    per-query routing (at least ``KEY_DENSE_MIN_DENSITY`` of the ``N x M`` pairs) of a small call
+    (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``, ``N >= KEY_DENSE_MIN_QUERIES``), where the masked dense kernel through
+    :func:`attnzoo.attention` is faster (:func:`explain_key_routed` says which)."""
+    return routed_attention(q, k, v, Routing("keys", keys, block_q), causal=causal, scale=scale, backend=backend)
+
+
+def explain_key_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
+                       block_q: int = 1) -> str:
+    """Which backend :func:`key_routed_attention` runs with ``backend="auto"``, and why (text)."""
+    routing = Routing("keys", keys, block_q)
+    _check_call(q, k, v, routing, None, "auto", None)
+    backend, why = _key_backend(q, k, v, keys, block_q)
+    if backend == "gather":
+        return f"backend: gather ({why})"
+    return f"backend: dense mask through attnzoo.attention ({why})"
 
 
 def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *,
                            block_q: int, block_k: int, causal: bool = False, scale: float | None = None,
                            backend: str = "auto") -> torch.Tensor:
-    """:func:`routed_attention` of the block routing ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``
-    (``block_q = 1`` routes each query on its own, as MoBA)."""
+    """:func:`routed_attention` of the block routing ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``,
+    or the same routing as int64 block lists ``[B, H, ceil(N / block_q), K]`` (key-block indices, -1: empty; the
+    CPU fast path reads them without a bool mask); ``block_q = 1`` routes each query on its own, as MoBA."""
     return routed_attention(q, k, v, Routing("blocks", blocks, block_q, block_k), causal=causal, scale=scale,
                             backend=backend)
 
 
-def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing, *, causal: bool = False,
-                   keep: torch.Tensor | None = None, backend: str = "auto", chunk: int | None = None) -> str:
-    """Which backend :func:`routed_attention` runs for this call, and why (text; same checks, no attention work)."""
+def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing | torch.Tensor, *,
+                   causal: bool = False, keep: torch.Tensor | None = None, backend: str = "auto",
+                   chunk: int | None = None, block_q: int | None = None, block_k: int | None = None) -> str:
+    """Which backend :func:`routed_attention` runs for this call, and why (text; same checks, no attention work).
+
+    ``routing`` may also be a block routing's tensor with ``block_q``/``block_k`` (the form of
+    :func:`block_routed_attention`)."""
+    if isinstance(routing, torch.Tensor):
+        if block_q is None or block_k is None:
+            raise ValueError("block_q, block_k: a block routing given as a tensor needs both, got "
+                             f"{block_q!r}, {block_k!r}")
+        routing = Routing("blocks", routing, block_q, block_k)
+    elif block_q is not None or block_k is not None:
+        raise ValueError("block_q, block_k: they come with the Routing, got them as arguments too")
     _check_call(q, k, v, routing, keep, backend, chunk)
-    name, why = _plan(q, routing, keep, backend)
+    name, why = _plan(q, k, v, routing, keep, backend)
     if name == "auto":
         from attnzoo.ops import explain
 
@@ -262,6 +333,9 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
         how = "float64 softmax under the dense mask built from the routing"
     elif name != "gather":
         how = f"attnzoo.attention's {name} backend given the routing as a pattern ({why})"
+    elif routing.kind == "blocks" and routing.block_q == 1 and q.shape[2] < routing.block_k:
+        how = (f"{q.shape[2]} queries < block_k={routing.block_k}, a decoding step or a short chunk: each query "
+               "gathers the keys of its blocks (block_keys, key_routed_gather); tiles would be mostly empty slots")
     elif routing.kind == "blocks":
         from attnzoo.ops.routed_blocks import flash_routing_ok
 

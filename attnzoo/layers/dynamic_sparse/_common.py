@@ -12,7 +12,13 @@ from attnzoo.layers.base import Call, MultiHeadAttention
 from attnzoo.layers.testing import random_tokens
 from attnzoo.ops import attention
 from attnzoo.ops.routed import Routing, causal_allow
-from attnzoo.patterns.routed import DenseRouted, routed_attention
+from attnzoo.patterns.routed import (
+    DenseRouted,
+    block_routed_attention,
+    explain_key_routed,
+    explain_routed,
+    key_routed_attention,
+)
 
 FAMILY = "dynamic-sparse"
 SMALL = {"dim": 32, "n_heads": 4}
@@ -47,6 +53,21 @@ class RoutedMixer(MultiHeadAttention):
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         raise NotImplementedError
 
+    def explain(self, x: torch.Tensor, *, causal: bool = False) -> str:
+        """Which routed-attention backend a call ``self(x, causal=causal)`` runs, and why (text): the call's
+        routing is computed (``x`` ``[B, N, C]``, no padding) and handed to :func:`explain_routed` or
+        :func:`explain_key_routed`. ``backend`` other than ``"auto"`` is reported as forced."""
+        with torch.no_grad():
+            q, k, v = self.project(x, x)
+            routing = self.route(q, k, None, Call(x=x, src=x, causal=causal))
+        head = f"{type(self).__name__}: {routing.kind} routing"
+        if self.backend not in (None, "auto"):
+            return f"{head}; backend forced to {self.backend!r} by the module"
+        if routing.kind == "keys":
+            return f"{head}; " + explain_key_routed(q, k, v, routing.index, block_q=routing.block_q)
+        return f"{head}; " + explain_routed(q, k, v, routing.index, block_q=routing.block_q,
+                                            block_k=routing.block_k, causal=causal)
+
     def top_k_limit(self, n_keys: int) -> tuple[int, int, str] | None:
         """``(top_k, available, what)`` for a call with ``n_keys`` keys, checked by :func:`check_top_k_fits`
         before any work (None: the entry has no such bound)."""
@@ -76,7 +97,11 @@ class RoutedMixer(MultiHeadAttention):
                             return_weights=want_weights)
             return (res[0], res[1]) if want_weights else (res, None)
         backend = self.backend if self.backend in ("reference", "gather", "blocksparse", "flex", "sdpa") else "auto"
-        return routed_attention(q, k, v, routing, causal=causal, scale=scale, backend=backend), None
+        if routing.kind == "keys":
+            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend,
+                                        block_q=routing.block_q), None
+        return block_routed_attention(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
+                                      causal=causal, scale=scale, backend=backend), None
 
 
 def check_top_k(top_k: Any, name: str = "top_k") -> int:
@@ -104,6 +129,8 @@ def block_means(k: torch.Tensor, block: int, keep: torch.Tensor | None) -> tuple
     """
     b, h, m, d = k.shape
     nb = -(-m // block)
+    if keep is None and m % block == 0:
+        return k.unflatten(2, (nb, block)).mean(3), torch.ones(b, nb, dtype=torch.bool, device=k.device)
     w = torch.ones(b, m, dtype=k.dtype, device=k.device) if keep is None else keep.to(k.dtype)
     w = torch.nn.functional.pad(w, (0, nb * block - m)).view(b, 1, nb, block, 1)
     kp = torch.nn.functional.pad(k, (0, 0, 0, nb * block - m)).view(b, h, nb, block, d)
@@ -117,6 +144,13 @@ def top_k_allowed(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     val, idx = scores.topk(kk, dim=-1)
     out = torch.zeros_like(scores, dtype=torch.bool)
     return out.scatter_(-1, idx, val > float("-inf"))
+
+
+def top_k_lists(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Int64 ``[..., min(top_k, n)]``: the indices of the highest ``scores`` per row, ``-1`` for a ``-inf`` one (the
+    block-list form of :func:`top_k_allowed`)."""
+    val, idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+    return idx.masked_fill_(val == float("-inf"), -1)
 
 
 def query_positions(n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:
