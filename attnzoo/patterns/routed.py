@@ -7,8 +7,9 @@ routings: :func:`~attnzoo.ops.routed.block_routed_gather`; query routings:
 :func:`~attnzoo.ops.routed.query_routed_prefix`, chunks that read only their causal key prefix); or any
 :func:`attnzoo.attention` backend (``"sdpa"``, ``"flex"``, ``"blocksparse"``, ...) given the routing as a pattern
 (:class:`DenseRouted`, :class:`BlockRouted`, :class:`QueryRouted`: a dense mask, or a block mask / block layout
-built from the routing). ``"auto"``: ``"gather"`` for key and query routings and for block routings with
-``block_q`` below the tile size (64) on CPU, else :func:`attnzoo.attention`'s choice. :func:`key_routed_attention`
+built from the routing). ``"auto"``: ``"gather"`` for query routings, for key routings (except a dense routing of
+a small call on CPU, ``KEY_DENSE_*``: the masked dense kernel) and for block routings with ``block_q`` below the
+tile size (64) on CPU; else :func:`attnzoo.attention`'s choice. :func:`key_routed_attention`
 and :func:`block_routed_attention` are the routing-kind shorthands the dynamic-sparse entries call;
 mixture-of-heads (``moh``, ``dispatch="gather"``) runs its routed heads as a query routing.
 """
