@@ -31,3 +31,13 @@ def test_decoding_with_kept_block_means_equals_the_full_forward():
         with torch.no_grad():
             again = m(x[:, :9], causal=True, cache=cache)
         assert (again - want[:, :9]).abs().max() < 1e-12
+
+
+def test_explain_says_which_backend_a_call_runs():
+    m = create("moba", dim=32, n_heads=4, block_size=4, top_k=2)
+    assert "fused CPU flash tiles" in m.explain(torch.randn(1, 16, 32), causal=True)
+    assert "3 queries < block_k=4" in m.explain(torch.randn(1, 3, 32), causal=True)
+    hip = create("hip", dim=32, n_heads=4, top_k=3, query_block=4)
+    assert "blocks of 4 queries" in hip.explain(torch.randn(1, 16, 32), causal=True)
+    forced = create("moba", dim=32, n_heads=4, block_size=4, top_k=2, backend="reference")
+    assert "forced to 'reference'" in forced.explain(torch.randn(1, 16, 32))
