@@ -128,14 +128,15 @@ def check(slug: str, *, dim: int = 32, n: int = 12, m: int = 7, batch: int = 2, 
     ``n``, segment sizes) when the default refuses CAB's inputs. A causal pattern fails when an output reads
     a later token; it is not applicable when no output does but the output depends on the length (grid
     windows placed by the extent) and the mixer does not declare decoding. A mixer class lists the patterns
-    whose CAB inputs do not fit its contract, with the reason, in ``cab_not_applicable``."""
+    whose CAB inputs do not fit its contract, with the reason, in ``cab_not_applicable`` (a class attribute, or a
+    property when it depends on the module's configuration)."""
     spec = check_mixer(slug)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, dim, generator=g, dtype=torch.float64)
     ctx = torch.randn(batch, m, dim, generator=g, dtype=torch.float64)
     module, note = _build_for(spec, dim, x, mixer_kwargs)
     declared = set(declared_patterns(slug))
-    exempt: dict[str, str] = getattr(type(module), "cab_not_applicable", {})
+    exempt: dict[str, str] = getattr(module, "cab_not_applicable", {})
     out: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for pat, (name, _) in CAB_PATTERNS.items():

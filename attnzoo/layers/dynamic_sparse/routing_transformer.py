@@ -145,9 +145,10 @@ class RoutingTransformerAttention(RoutedMixer):
     Differences: lucidrains averages a query's per-cluster outputs, here one softmax runs over the union;
     its data-dependent centroid initialisation (k-means iterations on the first batch, a per-call state
     change) and the commitment loss are not implemented (centroids start as random unit vectors).
-    ``balanced`` membership is decided over the whole call, so with ``causal`` a token's routing depends on
-    later tokens (as in the paper's balanced clustering) and KV-cache decoding is refused; ``argmax`` routes
-    every token on its own and decodes token by token.
+    ``balanced`` membership is decided over the whole call: with ``causal`` the keys a token attends would
+    depend on later tokens (whether a past key makes its cluster's top-``window`` depends on every token), so
+    causal calls and KV-cache decoding are refused for it; ``argmax`` routes every token on its own, is causal
+    and decodes token by token.
 
     Args:
         dim, n_heads: as ``mha``.
@@ -308,6 +309,10 @@ class RoutingTransformerAttention(RoutedMixer):
         ``mask`` bool ``[B, N]``, True = keep; ``causal``; ``cache`` a KVCache with ``assignment="argmax"``); a
         balanced call checks ``window <= N`` and refuses ``cache`` before any work."""
         if self.assignment == "balanced":
+            if causal:
+                raise ValueError("causal: assignment='balanced' picks each cluster's tokens over the whole call, so "
+                                 "the keys a token attends would depend on later tokens; use assignment='argmax' "
+                                 "for causal calls (it also decodes with a KV cache)")
             if cache is not None:
                 raise ValueError("cache: assignment='balanced' picks each cluster's tokens over the whole call; "
                                  "decode with assignment='argmax'")
@@ -316,6 +321,15 @@ class RoutingTransformerAttention(RoutedMixer):
                                  f"got {self.window}")
         return super().forward(x, mask=mask, causal=causal, context=context, context_mask=context_mask,
                                cache=cache, head_mask=head_mask, return_weights=return_weights)
+
+    @property
+    def cab_not_applicable(self) -> dict[str, str]:
+        """CAB's causal patterns for ``assignment="balanced"``, which refuses causal calls (see the class)."""
+        if self.assignment != "balanced":
+            return {}
+        why = ("assignment='balanced' refuses causal calls (a cluster's tokens are chosen over the whole call); "
+               "assignment='argmax' is causal")
+        return {"CS": why, "CC": why}
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, n_clusters={self.n_clusters}, assignment={self.assignment!r}, "
@@ -327,11 +341,10 @@ class RoutingTransformerAttention(RoutedMixer):
 def _one_cluster_is_mha():
     got, want = [], []
     x = rand_x(n=13)
-    for assignment in ("argmax", "balanced"):
-        for causal in (False, True):
-            m = seeded(RoutingTransformerAttention, dim=32, n_heads=4, n_clusters=1, assignment=assignment)
-            got.append(m(x, causal=causal))
-            want.append(mha_from(m)(x, causal=causal))
+    for assignment, causal in (("argmax", False), ("argmax", True), ("balanced", False)):
+        m = seeded(RoutingTransformerAttention, dim=32, n_heads=4, n_clusters=1, assignment=assignment)
+        got.append(m(x, causal=causal))
+        want.append(mha_from(m)(x, causal=causal))
     return torch.stack(got), torch.stack(want)
 
 
@@ -380,7 +393,7 @@ register(
     test_kwargs={**SMALL, "n_clusters": 3, "assignment": "argmax", "local_heads": 1, "local_window": 3,
                  "update_centroids": False},
     reductions=(
-        Reduction("one_cluster_is_mha", "one cluster equals mha, causal and not (argmax and balanced)",
+        Reduction("one_cluster_is_mha", "one cluster equals mha (argmax causal and not; balanced, non-causal)",
                   _one_cluster_is_mha),
         Reduction("cross_cluster_zero_block_diagonal", "weights across clusters are 0; sorted by cluster the "
                   "mask is block-diagonal", _cross_cluster_weights_zero_block_diagonal),

@@ -25,6 +25,8 @@ def _double(**kw):
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_every_backend_equals_the_reference_forward_and_gradients(kw, causal):
+    if causal and kw["assignment"] == "balanced":
+        pytest.skip("balanced refuses causal calls (test_balanced_refuses_causal_calls)")
     m = _double(update_centroids=False, **kw)
     ref = _double(update_centroids=False, backend="reference", **kw)
     x = random_tokens(n=19).requires_grad_()
@@ -151,3 +153,18 @@ def test_clustered_form_counts_a_key_shared_by_two_clusters_once():
     qlists, klists, qclusters = m.clusters(q, k, None, Call(x=x, src=x))
     assert shared_earlier(qlists, klists, qclusters, 10, 2).any()
     assert (m(x) - ref(x)).abs().max() < 1e-12
+
+
+def test_balanced_refuses_causal_calls_and_cab_says_so():
+    from attnzoo.bench import cab
+
+    x = random_tokens(n=12)
+    with pytest.raises(ValueError, match="causal: assignment='balanced' picks each cluster's tokens over the whole "
+                                         "call"):
+        _double(n_clusters=2)(x, causal=True)
+    assert _double(n_clusters=2).cab_not_applicable["CS"].startswith("assignment='balanced' refuses causal")
+    assert _double(n_clusters=2, assignment="argmax").cab_not_applicable == {}
+    res = cab.check("routing_transformer")  # the default refuses causal calls: CAB runs the test configuration
+    assert res["CS"]["ok"] is True and "assignment='balanced' picks" in res["CS"]["detail"]
+    res = cab.check("routing_transformer", mixer_kwargs={"assignment": "argmax"})
+    assert res["CS"]["ok"] is True  # argmax reads no later token
