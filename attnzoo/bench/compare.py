@@ -49,7 +49,7 @@ import torch
 
 from attnzoo.bench.models import build_mixer, check_entry, mixer_kwargs_for, mixer_slugs, pooler_slugs
 from attnzoo.bench.pooling_tasks import MILBags, SetMaximum
-from attnzoo.bench.report import build_report, leaderboard
+from attnzoo.bench.report import build_report, leaderboard, recall_table
 from attnzoo.bench.speed import SpeedConfig, config_dict, run_speed
 from attnzoo.bench.store import DEFAULT_STORE, environment, open_store
 from attnzoo.bench.tasks import MQAR, ICLLinearRegression, Induction, ListOps, SelectiveCopy, Task
@@ -343,6 +343,8 @@ class CompareResult:
     leaderboard: tuple[list[str], list[list[str]]]
     wall_s: float
     notes: list[str]
+    # recall lost against mha at the same task and width (report.recall_table); empty without mha or others
+    recall: tuple[list[str], list[list[str]]] = ([], [])
 
 
 LONG_RUN_S = 3600.0  # a CPU run estimated longer than this needs ``yes=True`` (``--yes``)
@@ -531,10 +533,12 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
                            metrics={"points": len(points)}, speed=points, env=environment(scfg.device))
         report_path = None
         board: tuple[list[str], list[list[str]]] = ([], [])
+        recall: tuple[list[str], list[list[str]]] = ([], [])
         if db is not None:
             runs = db.runs(kind="train", session=session)
             points = db.speed_points(session=session)
             board = leaderboard(runs, points)
+            recall = recall_table(runs)
             cut = [r for r in runs if r["metrics"].get("stopped_by_time")]
             if cut:
                 notes.append(f"{len(cut)} of {len(runs)} training runs hit their time budget before their step "
@@ -548,7 +552,7 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
         if db is not None:
             db.close()
     return CompareResult(session=session, store=store_path, report=report_path, leaderboard=board,
-                         wall_s=time.perf_counter() - started, notes=notes)
+                         wall_s=time.perf_counter() - started, notes=notes, recall=recall)
 
 
 def resolve_preset(preset: str | None, task: Task | None) -> Preset:
