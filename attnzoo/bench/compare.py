@@ -282,9 +282,9 @@ def resolve_mixers(preset: Preset, mixers: list[str] | None) -> tuple[list[str],
 def _mixer_kwargs(mixer: str, n_heads: int, extra: dict[str, dict[str, Any]] | None,
                   preset_defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every argument ``mixer`` (a slug or variant label) is built with: :data:`MIXER_DEFAULTS` of its entry,
-    the preset's ``mixer_defaults`` for it, ``extra`` given for its slug, its label's arguments, ``extra`` given
-    for its label (a clash with the label's arguments is a ``ValueError``), and ``n_heads`` unless one of those
-    sets it."""
+    the preset's ``mixer_defaults`` for it, its label's arguments, ``extra`` given for its slug or its label (a
+    value that differs from the label's is a ``ValueError``: the label would not say what ran), and ``n_heads``
+    unless one of those sets it."""
     import attnzoo
 
     variant = parse_mixer(mixer)
@@ -292,10 +292,11 @@ def _mixer_kwargs(mixer: str, n_heads: int, extra: dict[str, dict[str, Any]] | N
     accepted = spec.accepted_arguments()
     defaults = {k: v for k, v in {**MIXER_DEFAULTS.get(spec.slug, {}), **(preset_defaults or {}).get(spec.slug, {})
                                   }.items() if accepted is None or k in accepted}
-    extra = extra or {}
-    base = {**defaults, **(extra.get(variant.slug) or {}), **variant.kwargs}
-    own = merge_kwargs(variant, extra.get(variant.label) or {}) if variant.is_variant else {}
-    return mixer_kwargs_for(variant.slug, n_heads=n_heads, extra={**base, **own})
+    given: dict[str, Any] = {}
+    for name, kw in (extra or {}).items():  # a label may be spelled differently where its arguments are given
+        if name == variant.slug or ("[" in name and parse_mixer(name).label == variant.label):
+            given.update(kw or {})
+    return mixer_kwargs_for(variant.slug, n_heads=n_heads, extra={**defaults, **merge_kwargs(variant, given)})
 
 
 def _preflight(mixers: list[str], kwargs_of: dict[str, dict[str, Any]], p: Preset) -> None:

@@ -141,3 +141,14 @@ def test_report_escapes_the_recall_table(tmp_path):
         html = build_report(db, tmp_path / "out", session="s").read_text()
     assert "Recall lost against mha" in html
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_arguments_given_elsewhere_add_to_a_variant_and_may_not_contradict_it():
+    from attnzoo.bench.compare import _mixer_kwargs
+
+    assert _mixer_kwargs("moba[top_k=1]", 1, {"moba": {"block_size": 8}}) == {"block_size": 8, "top_k": 1,
+                                                                               "n_heads": 1}
+    assert _mixer_kwargs("moba[top_k=1]", 1, {"moba[ top_k=1 ]": {"block_size": 2}})["block_size"] == 2
+    assert _mixer_kwargs("moba[top_k=1]", 1, None, {"moba": {"block_size": 4}})["block_size"] == 4
+    with pytest.raises(ValueError, match=r"'top_k' is 1 in the label and 3 elsewhere"):
+        _mixer_kwargs("moba[top_k=1]", 1, {"moba": {"top_k": 3}})
