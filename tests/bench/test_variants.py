@@ -152,3 +152,16 @@ def test_arguments_given_elsewhere_add_to_a_variant_and_may_not_contradict_it():
     assert _mixer_kwargs("moba[top_k=1]", 1, None, {"moba": {"block_size": 4}})["block_size"] == 4
     with pytest.raises(ValueError, match=r"'top_k' is 1 in the label and 3 elsewhere"):
         _mixer_kwargs("moba[top_k=1]", 1, {"moba": {"top_k": 3}})
+
+
+def test_speed_sweep_and_cab_take_variant_labels():
+    from attnzoo.bench.cab import check
+    from attnzoo.bench.speed import SpeedConfig, run_speed
+
+    points = run_speed(SpeedConfig(mixers=["moba[top_k=1,block_size=4]"], lengths=[16], modes=["fwd"], dim=16,
+                                   n_heads=1, repeats=1, warmup=0), progress=False, log=lambda s: None)
+    assert {(p["mixer"], p["status"]) for p in points} == {("sdpa_dense", "ok"), ("moba[top_k=1,block_size=4]", "ok")}
+    res = check("moba[top_k=2,block_size=4]")
+    assert res["NS"]["ok"] and res["CS"]["ok"]
+    with pytest.raises(ValueError, match=r"'moba' does not accept argument 'window'"):
+        check("moba[window=2]")
