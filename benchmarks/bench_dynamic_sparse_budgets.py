@@ -80,6 +80,7 @@ def timings(n: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, n, 256, generator=g), torch.randn(1, n, 256, generator=g)
     cases = [("hip top_k=64", "hip", {"top_k": 64}, {"causal": True}),
+             ("hip top_k=64 query_block=32", "hip", {"top_k": 64, "query_block": 32}, {"causal": True}),
              ("superlinear_span top_k=3", "superlinear_span", {"top_k": 3}, {"causal": True}),
              ("pyramid_sparse 64 (2,2,4)", "pyramid_sparse", {"block_size": 64, "level_blocks": (2, 2, 4)}, {}),
              ("tree_cross_attention beam=1", "tree_cross_attention", {"beam": 1}, {"context": ctx})]

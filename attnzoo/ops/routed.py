@@ -14,7 +14,8 @@ import torch
 
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "gather_pays", "gather_routes",
-    "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow", "check_block_routing",
+    "as_block_mask", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
+    "check_block_lists", "check_block_routing",
     "check_key_routing", "key_routed_gather", "key_routing_mask", "routed_attention_reference", "routed_reference",
 ]
 
@@ -79,13 +80,17 @@ def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ROUTED_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of the key-routed path
 
 
-def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
-    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, N, K]`` with entries in ``[-1, n_kv)``."""
+def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int = 1) -> None:
+    """Raise ``ValueError`` naming ``keys`` unless it is int64 ``[B, H, ceil(N / block_q), K]`` (the keys of every
+    query, or of every block of ``block_q`` queries) with entries in ``[-1, n_kv)`` and no key twice in a list."""
+    if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1:
+        raise ValueError(f"block_q: expected an int >= 1, got {block_q!r}")
     b, h, n, _ = q.shape
+    rows = -(-n // block_q)
     if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.dim() != 4 \
-            or tuple(keys.shape[:3]) != (b, h, n):
+            or tuple(keys.shape[:3]) != (b, h, rows):
         got = f"{keys.dtype} {list(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
-        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {n}, K], got {got}")
+        raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {rows}, K], got {got}")
     if keys.numel() and (int(keys.min()) < -1 or int(keys.max()) >= n_kv):
         raise ValueError(f"keys: entries must lie in [-1, {n_kv}) (-1: empty slot), got range "
                          f"[{int(keys.min())}, {int(keys.max())}]")
@@ -96,16 +101,40 @@ def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int) -> None:
 
 
 def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int, block_k: int) -> None:
-    """Raise ``ValueError`` naming the argument unless ``blocks`` is bool ``[B, H, N / block_q, M / block_k]``
-    (rounded up)."""
+    """Raise ``ValueError`` naming the argument unless ``blocks`` is a block routing of this call: bool
+    ``[B, H, N / block_q, M / block_k]`` (rounded up), or the same routing as block lists, int64
+    ``[B, H, N / block_q, K]`` of key-block indices in ``[-1, M / block_k)`` (-1: an empty slot, no repeats)."""
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
     b, h, n, _ = q.shape
     want = (b, h, -(-n // block_q), -(-n_kv // block_k))
-    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool or tuple(blocks.shape) != want:
+    is_lists = isinstance(blocks, torch.Tensor) and blocks.dtype == torch.int64 and blocks.dim() == 4 \
+        and tuple(blocks.shape[:3]) == want[:3]
+    if not is_lists and (not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool
+                         or tuple(blocks.shape) != want):
         got = f"{blocks.dtype} {list(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
-        raise ValueError(f"blocks: expected a bool tensor {list(want)}, got {got}")
+        raise ValueError(f"blocks: expected a bool tensor {list(want)} or int64 block lists {list(want[:3])} + [K], "
+                         f"got {got}")
+    if is_lists:
+        check_block_lists(blocks, want[3])
+
+
+def check_block_lists(lists: torch.Tensor, n_blocks: int) -> None:
+    """Raise ``ValueError`` naming ``blocks`` unless the int64 lists ``[..., K]`` hold indices in ``[-1, n_blocks)``
+    with no index twice in a list."""
+    if lists.numel() and (int(lists.min()) < -1 or int(lists.max()) >= n_blocks):
+        raise ValueError(f"blocks: block indices must lie in [-1, {n_blocks}) (-1: empty slot), got range "
+                         f"[{int(lists.min())}, {int(lists.max())}]")
+    if lists.shape[-1] > 1:
+        s = lists.sort(-1).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError("blocks: a query block lists the same key block twice")
+
+
+def as_block_mask(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The bool form ``[..., n_blocks]`` of a block routing given as bool or as int64 block lists."""
+    return blocks if blocks.dtype == torch.bool else blocks_from_index(blocks, n_blocks)
 
 
 def blocks_from_index(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -124,8 +153,12 @@ def causal_allow(n_q: int, n_kv: int, device: torch.device | str = "cpu") -> tor
     return torch.arange(n_kv, device=device).view(1, -1) <= torch.arange(n_q, device=device).view(-1, 1) + n_kv - n_q
 
 
-def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> torch.Tensor:
-    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it)."""
+def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False, block_q: int = 1,
+                     n_q: int | None = None) -> torch.Tensor:
+    """Dense bool ``[B, H, N, M]`` of a key routing (the reference's view of it); with ``block_q > 1`` the lists
+    are per block of ``block_q`` queries (``n_q`` queries in all)."""
+    if block_q > 1:
+        keys = keys.repeat_interleave(block_q, 2)[:, :, :n_q]
     out = torch.zeros(*keys.shape[:3], n_kv + 1, dtype=torch.bool, device=keys.device)
     out.scatter_(-1, torch.where(keys < 0, n_kv, keys), True)
     out = out[..., :n_kv]
@@ -134,8 +167,9 @@ def key_routing_mask(keys: torch.Tensor, n_kv: int, causal: bool = False) -> tor
 
 def block_routing_mask(blocks: torch.Tensor, n_q: int, n_kv: int, block_q: int, block_k: int,
                        causal: bool = False) -> torch.Tensor:
-    """Dense bool ``[B, H, N, M]`` of a block routing."""
-    out = blocks.repeat_interleave(block_q, 2)[:, :, :n_q].repeat_interleave(block_k, 3)[..., :n_kv]
+    """Dense bool ``[B, H, N, M]`` of a block routing (bool or block lists)."""
+    out = as_block_mask(blocks, -(-n_kv // block_k)).repeat_interleave(block_q, 2)[:, :, :n_q]
+    out = out.repeat_interleave(block_k, 3)[..., :n_kv]
     return out & causal_allow(n_q, n_kv, blocks.device) if causal else out
 
 
@@ -158,10 +192,18 @@ def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: boo
     return idx.clamp(min=0), ok
 
 
+def _flat_rows(idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Key indices ``idx`` ``[B, H, c, K]`` (in ``[0, M)``) as rows of ``[B*H*M, D]``, flattened."""
+    b, h = idx.shape[:2]
+    base = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * m
+    return (idx + base).reshape(-1)
+
+
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]``."""
+    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]`` (whole rows: ``index_select``)."""
     b, h, c, kk = idx.shape
-    return t.gather(2, idx.reshape(b, h, c * kk, 1).expand(-1, -1, -1, t.shape[-1])).view(b, h, c, kk, -1)
+    rows = t.reshape(b * h * t.shape[2], t.shape[-1])
+    return rows.index_select(0, _flat_rows(idx, t.shape[2])).view(b, h, c, kk, -1)
 
 
 def _key_probs(q, kg, ok, scale):
@@ -192,8 +234,9 @@ class _KeyRouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, keys, out = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        b, h = q.shape[:2]
+        dq = torch.zeros_like(q)
+        dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: rows of [B*H*M, D] for index_add_
+        dk_rows, dv_rows = dk.view(-1, k.shape[-1]), dv.view(-1, v.shape[-1])
         for start in range(0, q.shape[2], ctx.chunk):
             stop = min(start + ctx.chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
@@ -203,11 +246,9 @@ class _KeyRouted(torch.autograd.Function):
             dp = torch.einsum("bhcd,bhckd->bhck", do, vg)
             ds = p * (dp - (do * out[:, :, start:stop]).sum(-1, keepdim=True)) * ctx.scale
             dq[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", ds, kg)
-            flat = idx.reshape(b, h, -1, 1)
-            dk.scatter_add_(2, flat.expand(-1, -1, -1, k.shape[-1]),
-                            torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(b, h, -1, k.shape[-1]))
-            dv.scatter_add_(2, flat.expand(-1, -1, -1, v.shape[-1]),
-                            torch.einsum("bhck,bhcd->bhckd", p, do).reshape(b, h, -1, v.shape[-1]))
+            rows = _flat_rows(idx, k.shape[2])
+            dk_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(-1, k.shape[-1]))
+            dv_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", p, do).reshape(-1, v.shape[-1]))
         return dq, dk, dv, None, None, None, None
 
 
@@ -269,7 +310,7 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     pad = nkb * block_k - m
     kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, d)
     vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(b * h * nkb, block_k, dv)
-    sel = blocks.repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
+    sel = as_block_mask(blocks, nkb).repeat_interleave(block_q, 2)[:, :, :n].reshape(b * h, n, nkb)
     route, qidx = _sub_routes(sel, cap)
     valid = qidx >= 0
     target = (route // nkb).view(-1, 1) * n + qidx.clamp(min=0)  # [S, cap] rows of q.view(B*H*N, D)

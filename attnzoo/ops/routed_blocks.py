@@ -5,8 +5,8 @@ into two kinds of dense tiles, each run by ``aten._scaled_dot_product_flash_atte
 
 - *diagonal* (``causal`` only): the query's own key block ``p // block_k``, causal inside. Slot ``s`` of the
   tile of block ``b`` is the query at position ``b * block_k + s``, so the tile is top-left causal for every
-  block at once (``[B*H, n_blocks, block_k, D]``, one call); a query that did not select its own block
-  occupies an empty slot.
+  block at once (``[H, n_blocks, block_k, D]`` per batch row, one call each); a query that did not select its
+  own block occupies an empty slot.
 - *full*: a routed key block the query sees entirely (every block under non-causal calls; blocks before the
   own block under ``causal``). The queries routed to each key block are gathered (one ``index_select`` over
   all pairs, key-block-major) into units of at most ``cap`` queries (``UNIT_QUERIES`` by default), padded to
@@ -17,6 +17,11 @@ Under ``causal`` a routed block after the query's own block is invisible and is 
 per query by log-sum-exp. The backward runs the fused flash backward on the same tiles with the merged
 output and log-sum-exp (each tile's probabilities are then the global ones), and scatters the tile
 gradients back. Empty slots carry a zero query and a zero output gradient, so they contribute nothing.
+
+Layout: ``q``, the output and the gradients are read and written in the memory order they arrive in. The
+heads of a mixer are views of its projections (``[B, N, H, D]`` memory, *token-major*); rows are then
+addressed in that order, so neither the head split nor the head merge (nor their backward) copies.
+The routing is read as a bool block mask or, without building one, as int64 block lists.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ __all__ = ["block_routed_flash", "flash_routing_ok"]
 
 PAD_QUERIES = 64  # a unit's query slots are padded to a multiple of this, so units batch into few fused calls
 # Queries per unit by default: a busy key block splits into units of this size, which batch with others (the
-# fused backward runs one thread per unit, so one big unit alone would leave the other cores idle).
-UNIT_QUERIES = 512
+# fused kernel takes 256-query steps from 768 queries on; the backward runs one thread per unit, so one big unit
+# alone would leave the other cores idle).
+UNIT_QUERIES = 1024
+
 
 def flash_routing_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
     """Whether :func:`block_routed_flash` applies: CPU, float32/float64, equal head dims, ``N <= M`` if causal."""
@@ -37,30 +44,48 @@ def flash_routing_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
 
 class _Plan:
-    """Which pairs go to which tile, for ``blocks`` bool ``[B, H, nbq, nkb]`` (built once, reused by backward).
+    """Which pairs go to which tile, for ``blocks`` bool ``[B, H, nbq, nkb]`` or int64 block lists
+    ``[B, H, nbq, K]`` (built once, reused by backward).
 
     The *full* pairs form units (a key block and up to ``cap`` of the queries routed to it), each padded to a
     multiple of ``PAD_QUERIES`` query slots; units of equal padded length and key count are batched into one
-    fused call. ``slots`` ``[T]`` lists the row of ``q.view(B*H*N, D)`` of every slot (``B*H*N``: an empty
-    slot); ``calls`` holds ``(first slot, last slot, units, padded length, key count, key block rows)``.
+    fused call. ``slots`` ``[T]`` lists the token-major row ``(b * N + i) * H + h`` of every slot (an empty slot
+    repeats a real row and is flagged in ``empty``); ``calls`` holds ``(first slot, last slot, units, padded
+    length, key count, key block rows)``.
     """
 
     def __init__(self, blocks: torch.Tensor, n: int, m: int, block_q: int, block_k: int, causal: bool,
                  cap: int | None) -> None:
-        b, h, _, nkb = blocks.shape
+        b, h, nbq, width = blocks.shape
         bh = b * h
         dev = blocks.device
+        nkb = -(-m // block_k)
+        self.b, self.h = b, h
         self.n, self.m, self.block_k, self.nkb, self.bh, self.causal = n, m, block_k, nkb, bh, causal
-        sel = blocks.repeat_interleave(block_q, 2)[:, :, :n].reshape(bh, n, nkb)
-        if causal:
-            own = (torch.arange(n, device=dev) + (m - n)) // block_k
-            full = sel & (torch.arange(nkb, device=dev).view(1, 1, -1) < own.view(1, -1, 1))
-            self.diag = sel.gather(2, own.view(1, -1, 1).expand(bh, -1, 1)).squeeze(-1)  # [BH, N]
+        own = (torch.arange(n, device=dev) + (m - n)) // block_k if causal else None
+        per_query = blocks if block_q == 1 else blocks.repeat_interleave(block_q, 2)[:, :, :n]
+        per_query = per_query.reshape(bh, n, width)
+        if blocks.dtype == torch.bool:
+            if causal:
+                full = per_query & (torch.arange(nkb, device=dev).view(1, 1, -1) < own.view(1, -1, 1))
+                self.diag = per_query.gather(2, own.view(1, -1, 1).expand(bh, -1, 1)).squeeze(-1)  # [BH, N]
+            else:
+                full, self.diag = per_query, None
+            g, blk, i = full.transpose(1, 2).nonzero(as_tuple=True)  # key-block-major: (head, key block, query)
+            bucket = g * nkb + blk
         else:
-            full, self.diag = sel, None
-        g, _, i = full.transpose(1, 2).nonzero(as_tuple=True)  # key-block-major: (head, key block, query)
-        rows = g * n + i
-        counts = full.sum(1).reshape(-1)  # [BH * nkb] queries per key block
+            ok = per_query >= 0
+            if causal:
+                self.diag = (per_query == own.view(1, -1, 1)).any(-1)
+                ok &= per_query < own.view(1, -1, 1)
+            else:
+                self.diag = None
+            g, i, s = ok.nonzero(as_tuple=True)
+            bucket = g * nkb + per_query[g, i, s]
+            bucket, order = bucket.sort(stable=True)  # key-block-major, queries ascending within a block
+            g, i = g[order], i[order]
+        rows = ((g // h) * n + i) * h + g % h  # token-major: row of (b, i, h) in [B*N*H, D]
+        counts = torch.bincount(bucket, minlength=bh * nkb)  # [BH * nkb] queries per key block
         cap = cap or UNIT_QUERIES
         pad_to = min(PAD_QUERIES, cap)
         nseg = (counts + cap - 1) // cap
@@ -75,10 +100,10 @@ class _Plan:
         unit_block, start, count, klen, length = (t[order] for t in (unit_block, start, count, klen, length))
         unit_of_slot = torch.repeat_interleave(torch.arange(length.numel(), device=dev), length)
         local = torch.arange(unit_of_slot.numel(), device=dev) - (length.cumsum(0) - length)[unit_of_slot]
-        ok = local < count[unit_of_slot]
+        ok_slot = local < count[unit_of_slot]
         src = (start[unit_of_slot] + local).clamp(max=max(rows.numel() - 1, 0))
         self.slots = rows[src] if rows.numel() else src  # empty slots repeat a real row (masked by ``empty``)
-        self.empty = ~ok
+        self.empty = ~ok_slot
         self.diag_all = self.diag is None or bool(self.diag.all())
         self.calls = []
         keys, n_units = torch.unique_consecutive(length * (block_k + 1) + klen, return_counts=True)
@@ -88,63 +113,105 @@ class _Plan:
             self.calls.append((first_slot, first_slot + c * ln, c, ln, kl, unit_block[first_unit:first_unit + c]))
             first_unit, first_slot = first_unit + c, first_slot + c * ln
 
-
-def _diag_layout(t: torch.Tensor, plan: _Plan, fill: float = 0.0) -> torch.Tensor:
-    """Per-query rows ``t`` ``[BH, N, ...]`` in the diagonal tiles' slot layout ``[BH, nkb * block_k, ...]``."""
-    if plan.n == plan.m == plan.nkb * plan.block_k:
-        return t
-    out = t.new_full((plan.bh, plan.nkb * plan.block_k, *t.shape[2:]), fill)
-    out[:, plan.m - plan.n:plan.m] = t
-    return out
+    @property
+    def diag_identity(self) -> bool:
+        """Whether the diagonal tiles' slots are exactly the queries and keys (``N == M``, whole key blocks)."""
+        return self.n == self.m == self.nkb * self.block_k
 
 
-def _key_blocks(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """``t`` ``[BH, M, D]`` padded to ``[BH * nkb, block_k, D]``."""
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[B, H, N, D]`` as token-major rows ``[B*N*H, D]``: a view when ``t`` is a head split of
+    ``[B, N, H*D]`` memory (a mixer's projections), else one copy."""
+    return t.transpose(1, 2).reshape(-1, t.shape[-1])
+
+
+def _heads_view(rows: torch.Tensor, b: int, h: int, n: int) -> torch.Tensor:
+    """Token-major rows ``[B*N*H, D]`` as ``[B, H, N, D]`` (a view)."""
+    return rows.view(b, n, h, rows.shape[-1]).transpose(1, 2)
+
+
+def _tiles(rows: torch.Tensor, length: int, plan: _Plan) -> torch.Tensor:
+    """Token-major rows of ``length`` positions (``[B*L*H, ...]``, the last ``L`` of ``M``) as the diagonal tiles
+    ``[B*nkb, H, block_k, ...]`` (slot ``s`` of tile ``j``: position ``j * block_k + s``): a view of the rows when
+    they fill the tiles exactly, else a zero-padded copy. The flash kernel returns its results and gradients in
+    ``[B*nkb, block_k, H, ...]`` memory, i.e. token-major rows again."""
+    b, h, nkb, bk = plan.b, plan.h, plan.nkb, plan.block_k
+    extra = rows.shape[1:]
+    if length == nkb * bk:
+        return rows.view(b * nkb, bk, h, *extra).transpose(1, 2)
+    full = rows.new_zeros(b, nkb * bk, h, *extra)
+    full[:, plan.m - length:plan.m] = rows.view(b, length, h, *extra)
+    return full.view(b * nkb, bk, h, *extra).transpose(1, 2)
+
+
+def _untile(tiles: torch.Tensor, length: int, plan: _Plan) -> torch.Tensor:
+    """The token-major rows ``[B*L*H, ...]`` of the last ``length`` positions in diagonal tiles ``[B*nkb, H,
+    block_k, ...]`` (a view when the tiles are in the kernel's ``[B*nkb, block_k, H, ...]`` memory order and
+    hold exactly those positions)."""
+    rows = tiles.transpose(1, 2)
+    if length == plan.nkb * plan.block_k:
+        return rows.reshape(-1, *tiles.shape[3:])
+    full = rows.reshape(plan.b, plan.nkb * plan.block_k, plan.h, *tiles.shape[3:])
+    return full[:, plan.m - length:plan.m].reshape(-1, *tiles.shape[3:])
+
+
+def _key_blocks(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Token-major key rows ``[B*M*H, D]`` as contiguous key blocks ``[B*H*nkb, block_k, D]`` (zero-padded), the
+    units' gather source."""
+    d = rows.shape[-1]
+    t = rows.view(plan.b, plan.m, plan.h, d).transpose(1, 2)
     pad = plan.nkb * plan.block_k - plan.m
-    return torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(plan.bh * plan.nkb, plan.block_k, t.shape[-1])
-
-
-def _diag_is_identity(plan: _Plan) -> bool:
-    return plan.n == plan.m == plan.nkb * plan.block_k
-
-
-def _scaled_rows(o_own: torch.Tensor, w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """The own-block output (the op's ``[BH, nkb, block_k, D]``, or ``[BH, N, D]`` already in query order) times
-    the per-query weights ``w`` ``[BH * N]``, as contiguous rows ``[BH * N, D]`` (one pass over the op's layout)."""
-    d = o_own.shape[-1]
-    out = o_own.new_empty(plan.bh * plan.n, d)
-    torch.mul(o_own, w.view(*o_own.shape[:-1], 1), out=out.view(o_own.shape))
-    return out
+    if pad:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+    return t.reshape(plan.bh * plan.nkb, plan.block_k, d)
 
 
 def _add_rows(dst: torch.Tensor, slots: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None, units: int,
               ln: int) -> None:
     """``dst[slots] += t (* w)`` for one fused call's ``t`` ``[1, units, ln, D]`` in whatever layout the op returned
-    it (its ``[1, ln, units, D]`` memory order is read in place, with the slots permuted to match)."""
+    it (its ``[1, ln, units, D]`` memory order is read in place, with the slots permuted to match); a weighted ``t``
+    is scaled in place (it is the kernel's fresh output, used once)."""
     d = t.shape[-1]
     if units > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
         t = t.transpose(1, 2)
         slots = slots.view(units, ln).t().reshape(-1)
         w = None if w is None else w.view(units, ln).t().reshape(-1)
     rows = t.reshape(-1, d)
-    dst.index_add_(0, slots, rows if w is None else rows * w.unsqueeze(-1))
+    dst.index_add_(0, slots, rows if w is None else rows.mul_(w.unsqueeze(-1)))  # ``t``: the kernel's own output
+
+
+def _key_rows(blk: torch.Tensor, klen: int, plan: _Plan) -> torch.Tensor:
+    """Token-major rows of ``[B*M*H, D]`` of the first ``klen`` keys of the key blocks ``blk`` (indices
+    ``(b * H + h) * nkb + key block``), key position first: ``[klen, units]``."""
+    g, kb = blk // plan.nkb, blk % plan.nkb
+    pos = kb.view(1, -1) * plan.block_k + torch.arange(klen, device=blk.device).view(-1, 1)
+    return (((g // plan.h) * plan.m).view(1, -1) + pos) * plan.h + (g % plan.h).view(1, -1)
+
+
+def _keep_rows(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """``[B*N*H, 1]`` token-major: 1 for a query whose routing includes its own block."""
+    return plan.diag.view(plan.b, plan.h, plan.n).transpose(1, 2).reshape(-1, 1).to(dtype)
 
 
 class _BlockRoutedFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, scale: float):
-        b, h, n, d = q.shape
+        d = q.shape[-1]
+        n, m = plan.n, plan.m
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        qf, kf, vf = q.reshape(plan.bh, n, d), k.reshape(plan.bh, plan.m, d), v.reshape(plan.bh, plan.m, d)
-        kb, vb = _key_blocks(kf, plan), _key_blocks(vf, plan)
         neg = float("-inf")
+        q_rows, k_rows, v_rows = _token_rows(q), _token_rows(k), _token_rows(v)
+        kb, vb = _key_blocks(k_rows, plan), _key_blocks(v_rows, plan)
+        slots = plan.slots
         if plan.causal:
-            shape4 = (plan.bh, plan.nkb, plan.block_k, d)
-            qd = _diag_layout(qf if plan.diag_all else qf * plan.diag.unsqueeze(-1).to(q.dtype), plan)
-            od, ld = op(qd.view(shape4), kb.view(shape4), vb.view(shape4), 0.0, True, scale=scale)
-            o_own = od if _diag_is_identity(plan) else od.reshape(plan.bh, -1, d)[:, plan.m - n:plan.m]
-            l_own = ld.reshape(plan.bh, -1)[:, plan.m - n:plan.m].masked_fill(~plan.diag, neg).reshape(-1)
-        qg = qf.reshape(-1, d).index_select(0, plan.slots)
+            qd = q_rows if plan.diag_all else q_rows * _keep_rows(plan, q.dtype)
+            od, ld = op(_tiles(qd, n, plan), _tiles(k_rows, m, plan), _tiles(v_rows, m, plan), 0.0, True,
+                        scale=scale)
+            l_own = _untile(ld.unsqueeze(-1), n, plan).view(-1)
+            if not plan.diag_all:
+                l_own = l_own.masked_fill(~_keep_rows(plan, torch.bool).view(-1), neg)
+            o_own = _untile(od, n, plan)
+        qg = q_rows.index_select(0, slots)
         outs, lses = [], []
         for a, z, units, ln, klen, blk in plan.calls:
             o, lse = op(qg[a:z].view(1, units, ln, d), kb.index_select(0, blk)[:, :klen].unsqueeze(0),
@@ -153,66 +220,60 @@ class _BlockRoutedFlash(torch.autograd.Function):
             lses.append(lse.reshape(-1))
         lg = (torch.cat(lses) if lses else q.new_zeros(0)).masked_fill(plan.empty, neg)
         top = l_own.clone() if plan.causal else q.new_full((plan.bh * n,), neg)
-        top.scatter_reduce_(0, plan.slots, lg, "amax")
+        top.scatter_reduce_(0, slots, lg, "amax")
         top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         tot = torch.exp(l_own - top_safe) if plan.causal else torch.zeros_like(top)
-        tot.index_add_(0, plan.slots, torch.exp(lg - top_safe[plan.slots]))
+        tot.index_add_(0, slots, torch.exp(lg - top_safe[slots]))
         lse_safe = torch.where(tot > 0, top_safe + torch.log(tot), torch.zeros_like(tot))
         if plan.causal:
-            out = _scaled_rows(o_own, torch.exp(l_own - lse_safe), plan)
+            out_rows = o_own.contiguous()  # the kernel's own output (a fresh tensor): scaled in place
+            out_rows.mul_(torch.exp(l_own - lse_safe).unsqueeze(-1))
         else:
-            out = q.new_zeros(plan.bh * n, d)
-        w = torch.exp(lg - lse_safe[plan.slots])
+            out_rows = q.new_zeros(q_rows.shape)
+        w = torch.exp(lg - lse_safe[slots])
         for (a, z, units, ln, _, _), o in zip(plan.calls, outs):
-            _add_rows(out, plan.slots[a:z], o, w[a:z], units, ln)
-        out = out.view(b, h, n, d)
-        ctx.save_for_backward(q, k, v, out, lse_safe, qg)
+            _add_rows(out_rows, slots[a:z], o, w[a:z], units, ln)
+        ctx.save_for_backward(q, k, v, kb, vb, out_rows, lse_safe, qg)
         ctx.plan, ctx.scale = plan, scale
-        return out
+        return _heads_view(out_rows, plan.b, plan.h, n)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, qg = ctx.saved_tensors
+        q, k, v, kb, vb, out_rows, lse, qg = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        b, h, n, d = q.shape
+        d = q.shape[-1]
+        n, m = plan.n, plan.m
         opb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        qf, kf, vf = q.reshape(plan.bh, n, d), k.reshape(plan.bh, plan.m, d), v.reshape(plan.bh, plan.m, d)
-        kb, vb = _key_blocks(kf, plan), _key_blocks(vf, plan)
-        do = dout.reshape(plan.bh, n, d)
-        of = out.reshape(plan.bh, n, d)
-        lf = lse.view(plan.bh, n)
+        q_rows, k_rows, v_rows, do_rows = _token_rows(q), _token_rows(k), _token_rows(v), _token_rows(dout)
         if plan.causal:
-            shape4 = (plan.bh, plan.nkb, plan.block_k, d)
-            keep = None if plan.diag_all else plan.diag.unsqueeze(-1).to(q.dtype)
-            dq_d, dk_d, dv_d = opb(_diag_layout(do if keep is None else do * keep, plan).view(shape4),
-                                   _diag_layout(qf if keep is None else qf * keep, plan).view(shape4),
-                                   kb.view(shape4), vb.view(shape4),
-                                   _diag_layout(of, plan).view(shape4), _diag_layout(lf, plan).view(shape4[:3]),
-                                   0.0, True, scale=ctx.scale)
-            dq = dq_d.reshape(plan.bh, -1, d)[:, plan.m - n:plan.m].reshape(-1, d).contiguous()
-            dkb, dvb = dk_d.reshape(-1, plan.block_k, d), dv_d.reshape(-1, plan.block_k, d)  # the op's own tensors
+            keep = None if plan.diag_all else _keep_rows(plan, q.dtype)
+            gq, gk, gv = opb(_tiles(do_rows if keep is None else do_rows * keep, n, plan),
+                             _tiles(q_rows if keep is None else q_rows * keep, n, plan),
+                             _tiles(k_rows, m, plan), _tiles(v_rows, m, plan), _tiles(out_rows, n, plan),
+                             _tiles(lse.view(-1, 1), n, plan).squeeze(-1), 0.0, True, scale=ctx.scale)
+            dq_rows, dk_rows, dv_rows = _untile(gq, n, plan), _untile(gk, m, plan), _untile(gv, m, plan)
+            if not (dq_rows.is_contiguous() and dk_rows.is_contiguous() and dv_rows.is_contiguous()):
+                dq_rows, dk_rows, dv_rows = dq_rows.contiguous(), dk_rows.contiguous(), dv_rows.contiguous()
         else:
-            dq = q.new_zeros(plan.bh * n, d)
-            dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+            dq_rows, dk_rows, dv_rows = (torch.zeros_like(t) for t in (q_rows, k_rows, v_rows))
         slots = plan.slots
-        dog, og = (t.reshape(-1, d).index_select(0, slots) for t in (do, of))
-        lg = lf.reshape(-1).index_select(0, slots).masked_fill(plan.empty, float("inf"))
+        dog, og = do_rows.index_select(0, slots), out_rows.index_select(0, slots)
+        lg = lse.index_select(0, slots).masked_fill(plan.empty, float("inf"))
         for a, z, units, ln, klen, blk in plan.calls:
             shape4 = (1, units, ln, d)
             gq, gk, gv = opb(dog[a:z].view(shape4), qg[a:z].view(shape4),
                              kb.index_select(0, blk)[:, :klen].unsqueeze(0),
                              vb.index_select(0, blk)[:, :klen].unsqueeze(0), og[a:z].view(shape4),
                              lg[a:z].view(1, units, ln), 0.0, False, scale=ctx.scale)
-            _add_rows(dq, slots[a:z], gq, None, units, ln)
-            if klen == plan.block_k:
-                dkb.index_add_(0, blk, gk[0])
-                dvb.index_add_(0, blk, gv[0])
-            else:
-                dkb[:, :klen].index_add_(0, blk, gk[0])
-                dvb[:, :klen].index_add_(0, blk, gv[0])
-        dk = dkb.reshape(plan.bh, -1, d)[:, :plan.m].reshape(k.shape)
-        dv = dvb.reshape(plan.bh, -1, d)[:, :plan.m].reshape(v.shape)
-        return dq.view(q.shape), dk, dv, None, None
+            _add_rows(dq_rows, slots[a:z], gq, None, units, ln)
+            key_rows = _key_rows(blk, klen, plan)  # [klen, units]
+            for grad, dst in ((gk[0], dk_rows), (gv[0], dv_rows)):
+                if grad.transpose(0, 1).is_contiguous():
+                    dst.index_add_(0, key_rows.reshape(-1), grad.transpose(0, 1).reshape(-1, d))
+                else:
+                    dst.index_add_(0, key_rows.t().reshape(-1), grad.reshape(-1, d))
+        return (_heads_view(dq_rows, plan.b, plan.h, n), _heads_view(dk_rows, plan.b, plan.h, m),
+                _heads_view(dv_rows, plan.b, plan.h, m), None, None)
 
 
 def block_routed_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
@@ -221,8 +282,10 @@ def block_routed_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks
     """Block-routed attention on fused CPU flash tiles (see the module docstring); forward and backward.
 
     ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D]``, ``blocks`` bool ``[B, H, ceil(N / block_q),
-    ceil(M / block_k)]`` (checked by the caller; :func:`flash_routing_ok` must hold). Work and memory are linear
-    in ``N x`` selected keys. Queries that see no key return zeros and zero gradients.
+    ceil(M / block_k)]`` or int64 block lists ``[B, H, ceil(N / block_q), K]`` (-1: empty; checked by the
+    caller; :func:`flash_routing_ok` must hold). Work and memory are linear in ``N x`` selected keys. Queries
+    that see no key return zeros and zero gradients. The output (and ``q``'s gradient) has ``q``'s memory order
+    when ``q`` is token-major (a head split of ``[B, N, H*D]``), else is contiguous.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.no_grad():

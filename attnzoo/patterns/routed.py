@@ -13,6 +13,7 @@ import torch
 from attnzoo.ops import attention
 from attnzoo.ops.routed import (
     GATHER_CHUNK,
+    as_block_mask,
     block_routed_gather,
     block_routing_mask,
     check_block_routing,
@@ -21,11 +22,12 @@ from attnzoo.ops.routed import (
     key_routing_mask,
     routed_reference,
 )
+from attnzoo.ops.routed_key_blocks import key_block_flash, key_block_flash_ok
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
-__all__ = ["BlockRouted", "GatheredCausal", "ROUTED_BACKENDS", "block_routed_attention", "explain_routed",
-           "key_routed_attention", "routed_attention"]
+__all__ = ["BlockRouted", "GatheredCausal", "KEY_DENSE_MAX_ELEMENTS", "KEY_DENSE_MIN_DENSITY", "ROUTED_BACKENDS",
+           "block_routed_attention", "explain_key_routed", "explain_routed", "key_routed_attention", "routed_attention"]
 
 ROUTED_BACKENDS = ("auto", "reference", "gather", "blocksparse", "flex", "sdpa")
 
@@ -138,24 +140,77 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
-                         causal: bool = False, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                         causal: bool = False, scale: float | None = None, backend: str = "auto",
+                         block_q: int = 1) -> torch.Tensor:
     """Softmax attention of every query over exactly its routed keys.
 
-    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D(_v)]``, ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot).
-    ``causal``: query ``i`` also drops keys after position ``i + M - N``. ``backend``: ``"reference"``
-    (float64, dense mask from the routing), ``"gather"`` (chunked gather, memory linear in ``N x K``, forward
-    and backward), or any :func:`attnzoo.attention` backend given the dense mask (``"sdpa"``, ``"flex"``);
-    ``"auto"`` is ``"gather"``. A query whose routing selects nothing returns zeros.
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D(_v)]``, ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot),
+    or with ``block_q > 1`` ``[B, H, ceil(N / block_q), K]``: one list shared by each block of ``block_q``
+    consecutive queries. ``causal``: query ``i`` also drops keys after position ``i + M - N``. ``backend``:
+    ``"reference"`` (float64, dense mask from the routing), ``"gather"`` (memory linear in ``N x K``, forward and
+    backward: per-query lists gather each query's keys; shared lists gather each block's keys once and run fused
+    CPU flash tiles, :func:`attnzoo.ops.routed_key_blocks.key_block_flash`), or any :func:`attnzoo.attention`
+    backend given the dense mask (``"sdpa"``, ``"flex"``); ``"auto"``: ``"gather"``, except on CPU for a dense
+    per-query routing (at least ``KEY_DENSE_MIN_DENSITY`` of the ``N x M`` pairs) of a small call
+    (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``), where the masked dense kernel is faster (:func:`explain_key_routed`
+    says which). A query whose routing selects nothing returns zeros.
     """
     _check_qkv(q, k, v)
     _check_backend(backend, ROUTED_BACKENDS)
-    check_key_routing(keys, q, k.shape[2])
-    if backend in ("auto", "gather"):
-        return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
-    allow = key_routing_mask(keys, k.shape[2], causal)
+    check_key_routing(keys, q, k.shape[2], block_q)
+    if backend == "auto":
+        backend = _key_backend(q, k, v, keys, block_q)[0]
+    if backend == "gather":
+        if block_q == 1:
+            return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
+        if key_block_flash_ok(q, k, v):
+            return key_block_flash(q, k, v, keys, block_q=block_q, causal=causal, scale=scale)
+        per_query = keys.repeat_interleave(block_q, 2)[:, :, :q.shape[2]]
+        return key_routed_gather(q, k, v, per_query, causal=causal, scale=scale)
+    allow = key_routing_mask(keys, k.shape[2], causal, block_q, q.shape[2])
     if backend == "reference":
         return routed_reference(q, k, v, allow, scale).to(q.dtype)
+    if backend == "dense":
+        backend = "auto"
     return attention(q, k, v, pattern=DenseRouted(allow), scale=scale, backend=backend)
+
+
+# A key routing runs as a masked dense call on CPU when it selects at least this fraction of the pairs and the mask
+# stays small (benchmarks/bench_routed_keys.py, RESULTS.md: the gather path costs ~30x the mask path per selected
+# pair from N = 2048 on, so they break even near 3% of the pairs; below N = 2048 the mask path wins even sooner).
+KEY_DENSE_MIN_DENSITY = 0.03
+KEY_DENSE_MAX_ELEMENTS = 1 << 25
+
+
+def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block_q: int = 1
+                 ) -> tuple[str, str]:
+    """(``"gather"`` or ``"dense"``, why) for ``backend="auto"`` of :func:`key_routed_attention`."""
+    pairs = keys.shape[0] * keys.shape[1] * keys.shape[2] * k.shape[2]
+    if block_q > 1:
+        how = "fused CPU flash tiles" if key_block_flash_ok(q, k, v) else "per-query gathers"
+        return "gather", f"lists shared by blocks of {block_q} queries: each block's keys gathered once ({how})"
+    if q.device.type != "cpu":
+        return "gather", "off CPU the gather path is the default (memory linear in N x K)"
+    if pairs > KEY_DENSE_MAX_ELEMENTS:
+        return "gather", (f"a dense mask would hold {pairs} pairs (over KEY_DENSE_MAX_ELEMENTS="
+                          f"{KEY_DENSE_MAX_ELEMENTS}); the gather path's memory is linear in N x K")
+    density = int((keys >= 0).sum()) / max(pairs, 1)
+    if density < KEY_DENSE_MIN_DENSITY:
+        return "gather", (f"the routing selects {density:.3f} of the pairs (< KEY_DENSE_MIN_DENSITY="
+                          f"{KEY_DENSE_MIN_DENSITY})")
+    return "dense", (f"the routing selects {density:.3f} of the pairs (>= KEY_DENSE_MIN_DENSITY="
+                     f"{KEY_DENSE_MIN_DENSITY}) in a small call: the masked dense kernel is faster on CPU")
+
+
+def explain_key_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
+                       block_q: int = 1) -> str:
+    """Which backend :func:`key_routed_attention` runs with ``backend="auto"``, and why (text)."""
+    _check_qkv(q, k, v)
+    check_key_routing(keys, q, k.shape[2], block_q)
+    backend, why = _key_backend(q, k, v, keys, block_q)
+    if backend == "gather":
+        return f"backend: gather ({why})"
+    return f"backend: dense mask through attnzoo.attention ({why})"
 
 
 class DenseRouted(Pattern):
@@ -176,13 +231,15 @@ def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            backend: str = "auto") -> torch.Tensor:
     """Softmax attention of every query block over exactly its routed key blocks.
 
-    ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``; ``block_q = 1`` routes each query on its
-    own (MoBA). ``causal``: query ``i`` also drops keys after ``i + M - N``. ``backend``: ``"reference"``
-    (float64, dense mask from the routing); ``"gather"`` (each key block gathers its queries, lse merge: CPU
-    fast path for per-query routings); ``"blocksparse"`` / ``"flex"`` / ``"sdpa"`` run :class:`BlockRouted`
-    through :func:`attnzoo.attention` (flex: a block mask built from the routing, the CUDA path); ``"auto"``:
-    ``"gather"`` on CPU when ``block_q`` is below the tile size (64), else :func:`attnzoo.attention`'s choice
-    (:func:`explain_routed` says which). A query whose routing selects nothing returns zeros.
+    ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``, or the same routing as int64 block lists
+    ``[B, H, ceil(N / block_q), K]`` (key-block indices, -1: empty; the CPU fast path reads them without a bool
+    mask); ``block_q = 1`` routes each query on its own (MoBA). ``causal``: query ``i`` also drops keys after
+    ``i + M - N``. ``backend``: ``"reference"`` (float64, dense mask from the routing); ``"gather"`` (each key
+    block gathers its queries, lse merge: CPU fast path for per-query routings); ``"blocksparse"`` / ``"flex"``
+    / ``"sdpa"`` run :class:`BlockRouted` through :func:`attnzoo.attention` (flex: a block mask built from the
+    routing, the CUDA path); ``"auto"``: ``"gather"`` on CPU when ``block_q`` is below the tile size (64), else
+    :func:`attnzoo.attention`'s choice (:func:`explain_routed` says which). A query whose routing selects nothing
+    returns zeros.
     """
     _check_qkv(q, k, v)
     _check_backend(backend, ROUTED_BACKENDS)
@@ -193,7 +250,7 @@ def block_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if backend == "reference":
         allow = block_routing_mask(blocks, q.shape[2], k.shape[2], block_q, block_k, causal)
         return routed_reference(q, k, v, allow, scale).to(q.dtype)
-    pattern = BlockRouted(blocks, block_q, block_k, causal)
+    pattern = BlockRouted(as_block_mask(blocks, -(-k.shape[2] // block_k)), block_q, block_k, causal)
     return attention(q, k, v, pattern=pattern, scale=scale, backend=backend)
 
 
@@ -215,4 +272,5 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: to
                 "  not flex: CUDA path (a block mask built from the routing)")
     from attnzoo.ops import explain
 
-    return str(explain(q, k, v, pattern=BlockRouted(blocks, block_q, block_k, causal)))
+    return str(explain(q, k, v, pattern=BlockRouted(as_block_mask(blocks, -(-k.shape[2] // block_k)), block_q,
+                                                    block_k, causal)))

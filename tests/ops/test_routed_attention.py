@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from attnzoo.ops.routed import blocks_from_index, key_routing_mask
-from attnzoo.patterns.routed import BlockRouted, block_routed_attention, explain_routed, key_routed_attention
+from attnzoo.patterns.routed import (
+    BlockRouted,
+    block_routed_attention,
+    explain_key_routed,
+    explain_routed,
+    key_routed_attention,
+)
 
 
 def _qkv(seed=0, b=2, h=3, n=29, m=29, d=16, dtype=torch.float64):
@@ -171,6 +177,164 @@ def test_block_flash_path_equals_reference(n, m, block_k, causal, own):
     for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
         _close(a, b)
     assert out[1, 0, 3].abs().max() == 0
+
+
+def _token_major(t):
+    """The same values as a head split of ``[B, N, H*D]`` memory (how a mixer's projections arrive)."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+
+def _as_lists(blocks):
+    """The block-list form (int64 ``[..., K]``, -1 empty, shuffled order) of a bool block routing."""
+    k = int(blocks.sum(-1).max())
+    val, idx = blocks.to(torch.int64).sort(dim=-1, descending=True, stable=True)
+    lists = idx[..., :k].masked_fill(val[..., :k] == 0, -1)
+    return lists.flip(-1)
+
+
+@pytest.mark.parametrize("n,m,block_k,causal,own", [
+    (5, 29, 8, True, False),
+    (32, 32, 8, True, True),
+    (32, 32, 8, True, False),
+    (29, 31, 8, False, False),
+])
+@pytest.mark.parametrize("q_layout,kv_layout,grad_layout", [
+    ("token", "token", "token"), ("token", "heads", "heads"), ("heads", "token", "token")])
+def test_block_flash_path_reads_both_layouts_and_block_lists(n, m, block_k, causal, own, q_layout, kv_layout,
+                                                             grad_layout):
+    q, k, v, blocks = _block_case(n, m, block_k, causal, seed=21, own=own)
+    if q_layout == "token":
+        q = _token_major(q)
+    if kv_layout == "token":
+        k, v = _token_major(k), _token_major(v)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="reference")
+    for routing in (blocks, _as_lists(blocks)):
+        out = block_routed_attention(q, k, v, routing, block_q=1, block_k=block_k, causal=causal, backend="gather")
+        _close(out, ref)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        if grad_layout == "token":
+            w = w.transpose(1, 2).contiguous().transpose(1, 2)
+        got = torch.autograd.grad(out, (q, k, v), w)
+        want = torch.autograd.grad(ref, (q, k, v), w, retain_graph=True)
+        for a, b in zip(got, want):
+            _close(a, b)
+        assert out[1, 0, 3].abs().max() == 0
+
+
+def test_block_flash_path_units_split_busy_key_blocks():
+    from attnzoo.ops.routed_blocks import block_routed_flash
+
+    q, k, v, blocks = _block_case(40, 40, 8, True, seed=22, own=True)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    want = _grads(ref, (q, k, v))
+    for cap in (3, 8):
+        out = block_routed_flash(q, k, v, _as_lists(blocks), block_q=1, block_k=8, causal=True, cap=cap)
+        _close(out, ref)
+        for a, b in zip(_grads(out, (q, k, v)), want):
+            _close(a, b)
+
+
+def test_block_lists_equal_the_bool_routing_on_every_backend():
+    q, k, v = _qkv(n=24, m=24)
+    blocks = torch.rand(2, 3, 6, 3, generator=torch.Generator().manual_seed(23)) < 0.5
+    lists = _as_lists(blocks)
+    for backend in ("reference", "gather", "blocksparse", "sdpa"):
+        a = block_routed_attention(q, k, v, blocks, block_q=4, block_k=8, causal=True, backend=backend)
+        b = block_routed_attention(q, k, v, lists, block_q=4, block_k=8, causal=True, backend=backend)
+        _close(a, b)
+
+
+def test_key_routing_auto_runs_dense_routings_of_small_calls_densely(monkeypatch):
+    import attnzoo.patterns.routed as routed
+
+    q, k, v = _qkv(n=32, m=32)
+    g = torch.Generator().manual_seed(24)
+    dense_keys = torch.stack([torch.randperm(32, generator=g)[:12] for _ in range(2 * 3 * 32)]).view(2, 3, 32, 12)
+    sparse_keys = dense_keys[..., :1].clone()
+    sparse_keys[:, :, ::2] = -1  # 1 key for half the queries: 1/64 of the pairs, below the density threshold
+    assert routed.explain_key_routed(q, k, v, dense_keys).startswith("backend: dense mask")
+    assert "< KEY_DENSE_MIN_DENSITY" in routed.explain_key_routed(q, k, v, sparse_keys)
+    for keys in (dense_keys, sparse_keys):
+        ref = key_routed_attention(q, k, v, keys, causal=True, backend="reference")
+        out = key_routed_attention(q, k, v, keys, causal=True)
+        _close(out, ref)
+        for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+            _close(a, b)
+    calls = []
+    monkeypatch.setattr(routed, "key_routed_gather", lambda *a, **kw: calls.append(1) or a[0] * 0)
+    key_routed_attention(q, k, v, sparse_keys)
+    key_routed_attention(q, k, v, dense_keys)
+    assert calls == [1]  # only the sparse routing took the gather path
+    monkeypatch.setattr(routed, "KEY_DENSE_MAX_ELEMENTS", 2 * 3 * 32 * 32 - 1)  # the mask would be too big
+    assert "over KEY_DENSE_MAX_ELEMENTS" in routed.explain_key_routed(q, k, v, dense_keys)
+    key_routed_attention(q, k, v, dense_keys)
+    assert calls == [1, 1]
+
+
+def _shared_keys(b, h, n_blocks, width, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.stack([torch.randperm(m, generator=g)[:width] for _ in range(b * h * n_blocks)])
+    keys = keys.view(b, h, n_blocks, width)
+    keys[..., -1] = -1
+    keys[1, 2, 1] = -1  # a block of queries with no key
+    return keys
+
+
+@pytest.mark.parametrize("n,m,block_q,causal", [(29, 29, 4, True), (29, 29, 4, False), (5, 29, 2, True),
+                                                (32, 32, 8, True), (30, 37, 7, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_key_lists_shared_by_query_blocks_equal_the_reference(n, m, block_q, causal, dtype):
+    q, k, v = _qkv(seed=25, n=n, m=m, dtype=dtype)
+    keys = _shared_keys(2, 3, -(-n // block_q), 9, m, seed=26)
+    per_query = keys.repeat_interleave(block_q, 2)[:, :, :n]
+    ref = key_routed_attention(q, k, v, per_query, causal=causal, backend="reference")
+    want = _grads(ref, (q, k, v))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for backend in ("gather", "auto", "sdpa", "reference"):
+        out = key_routed_attention(q, k, v, keys, causal=causal, backend=backend, block_q=block_q)
+        assert (out - ref).abs().max().item() < tol
+        for a, b in zip(_grads(out, (q, k, v)), want):
+            assert (a - b).abs().max().item() < tol * 10
+        assert out[1, 2, block_q:2 * block_q].abs().max() == 0  # the block with no key: zeros
+
+
+def test_key_lists_shared_by_query_blocks_off_the_flash_path():
+    q, k, v = _qkv(seed=27, n=20, m=20)
+    v = torch.randn(2, 3, 20, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(28)).requires_grad_()
+    keys = _shared_keys(2, 3, 5, 6, 20, seed=29)
+    ref = key_routed_attention(q, k, v, keys, causal=True, backend="reference", block_q=4)
+    out = key_routed_attention(q, k, v, keys, causal=True, backend="gather", block_q=4)  # value width 10 != 16
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    assert "blocks of 4 queries" in explain_key_routed(q, k, v, keys, block_q=4)
+
+
+def test_bad_shared_key_lists_are_refused():
+    q, k, v = _qkv(n=20, m=20)
+    keys = _shared_keys(2, 3, 5, 6, 20, seed=30)
+    with pytest.raises(ValueError, match=r"keys: expected an int64 tensor \[2, 3, 7, K\]"):
+        key_routed_attention(q, k, v, keys, block_q=3)
+    with pytest.raises(ValueError, match="block_q: expected an int >= 1, got 0"):
+        key_routed_attention(q, k, v, keys, block_q=0)
+
+
+def test_bad_block_lists_are_refused():
+    q, k, v = _qkv(n=24, m=24)
+    good = torch.zeros(2, 3, 24, 2, dtype=torch.int64)
+    good[..., 1] = -1
+    block_routed_attention(q, k, v, good, block_q=1, block_k=8)
+    bad = good.clone()
+    bad[0, 0, 0, 1] = 3  # 3 key blocks: indices 0..2
+    with pytest.raises(ValueError, match=r"blocks: block indices must lie in \[-1, 3\)"):
+        block_routed_attention(q, k, v, bad, block_q=1, block_k=8)
+    bad[0, 0, 0, 1] = 0  # the same block twice
+    with pytest.raises(ValueError, match="blocks: a query block lists the same key block twice"):
+        block_routed_attention(q, k, v, bad, block_q=1, block_k=8)
+    with pytest.raises(ValueError, match=r"blocks: expected a bool tensor \[2, 3, 24, 3\] or int64 block lists"):
+        block_routed_attention(q, k, v, good[:, :, :5], block_q=1, block_k=8)
+    with pytest.raises(ValueError, match="blocks: expected a bool tensor"):
+        block_routed_attention(q, k, v, good.to(torch.int32), block_q=1, block_k=8)
 
 
 def test_block_flash_path_in_float32_and_the_autograd_fallback():

@@ -11,7 +11,7 @@ import torch
 from attnzoo.layers.base import Call, MultiHeadAttention
 from attnzoo.layers.testing import random_tokens
 from attnzoo.ops import attention
-from attnzoo.ops.routed import block_routing_mask, causal_allow, key_routing_mask
+from attnzoo.ops.routed import as_block_mask, block_routing_mask, causal_allow, key_routing_mask
 from attnzoo.patterns.routed import DenseRouted, block_routed_attention, key_routed_attention
 
 FAMILY = "dynamic-sparse"
@@ -22,16 +22,21 @@ rand_x = partial(random_tokens, n=12)  # the family's reduction inputs [2, 12, 3
 
 
 class Routing:
-    """A routing of one call: ``kind="blocks"`` (bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``) or
-    ``kind="keys"`` (int64 ``[B, H, N, K]``, -1 empty)."""
+    """A routing of one call: ``kind="blocks"`` (bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``, or int64 block
+    lists ``[B, H, ceil(N/block_q), K]`` of key-block indices, -1 empty) or ``kind="keys"`` (int64
+    ``[B, H, ceil(N/block_q), K]``, -1 empty: the keys of every query, or of every block of ``block_q`` queries)."""
 
     def __init__(self, kind: str, index: torch.Tensor, block_q: int = 1, block_k: int = 1) -> None:
         self.kind, self.index, self.block_q, self.block_k = kind, index, block_q, block_k
 
+    def block_mask(self, n_kv: int) -> torch.Tensor:
+        """A block routing as bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]`` (whichever form it was made in)."""
+        return as_block_mask(self.index, -(-n_kv // self.block_k))
+
     def dense(self, n_q: int, n_kv: int, causal: bool) -> torch.Tensor:
         """Bool ``[B, H, N, M]``: the pairs this routing (and causality) allows."""
         if self.kind == "keys":
-            return key_routing_mask(self.index, n_kv, causal)
+            return key_routing_mask(self.index, n_kv, causal, self.block_q, n_q)
         return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
 
 
@@ -91,7 +96,8 @@ class RoutedMixer(MultiHeadAttention):
             return (res[0], res[1]) if want_weights else (res, None)
         backend = self.backend if self.backend in ("reference", "gather", "blocksparse", "flex", "sdpa") else "auto"
         if routing.kind == "keys":
-            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend), None
+            return key_routed_attention(q, k, v, routing.index, causal=causal, scale=scale, backend=backend,
+                                        block_q=routing.block_q), None
         return block_routed_attention(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
                                       causal=causal, scale=scale, backend=backend), None
 
@@ -121,6 +127,8 @@ def block_means(k: torch.Tensor, block: int, keep: torch.Tensor | None) -> tuple
     """
     b, h, m, d = k.shape
     nb = -(-m // block)
+    if keep is None and m % block == 0:
+        return k.unflatten(2, (nb, block)).mean(3), torch.ones(b, nb, dtype=torch.bool, device=k.device)
     w = torch.ones(b, m, dtype=k.dtype, device=k.device) if keep is None else keep.to(k.dtype)
     w = torch.nn.functional.pad(w, (0, nb * block - m)).view(b, 1, nb, block, 1)
     kp = torch.nn.functional.pad(k, (0, 0, 0, nb * block - m)).view(b, h, nb, block, d)
@@ -134,6 +142,13 @@ def top_k_allowed(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     val, idx = scores.topk(kk, dim=-1)
     out = torch.zeros_like(scores, dtype=torch.bool)
     return out.scatter_(-1, idx, val > float("-inf"))
+
+
+def top_k_lists(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Int64 ``[..., min(top_k, n)]``: the indices of the highest ``scores`` per row, ``-1`` for a ``-inf`` one (the
+    block-list form of :func:`top_k_allowed`)."""
+    val, idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
+    return idx.masked_fill_(val == float("-inf"), -1)
 
 
 def query_positions(n_q: int, n_kv: int, device: torch.device) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.layers.base import Call, check_choice, seeded
+from attnzoo.layers.base import Call, check_choice, check_int, seeded
 from attnzoo.layers.dynamic_sparse._common import (
     FAMILY,
     SMALL,
@@ -46,7 +46,7 @@ def visible_keys(n_q: int, keep: torch.Tensor | None, n_kv: int, causal: bool,
 
 
 def hierarchical_top_k(q: torch.Tensor, k: torch.Tensor, kept_pos: torch.Tensor, count: torch.Tensor, top_k: int,
-                       representative: str = "first") -> torch.Tensor:
+                       representative: str = "first", query_block: int = 1) -> torch.Tensor:
     """HiP's mask search: the keys of every query, int64 ``[B, H, N, min(top_k, max count)]`` (-1: empty slot).
 
     ``q`` ``[B, H, N, D]``, ``k`` ``[B, H, M, D]``; ``kept_pos``/``count`` as :func:`visible_keys`. Query ``i``
@@ -55,15 +55,28 @@ def hierarchical_top_k(q: torch.Tensor, k: torch.Tensor, kept_pos: torch.Tensor,
     (its first key, or its middle one) and keeps the ``top_k`` best halves, until every chunk is one key. A
     query seeing ``T <= top_k`` keys gets all of them; otherwise exactly ``top_k`` distinct keys, after
     ``ceil(log2(ceil(T / top_k)))`` rounds.
+
+    ``query_block > 1``: blocks of ``query_block`` consecutive queries search together and share the result
+    (``[B, H, ceil(N / query_block), K]``): a block searches the keys its last query sees, and a half scores the
+    highest ``q·k_rep`` over the block's queries.
     """
     b, h, n, d = q.shape
+    if query_block > 1:
+        rows = -(-n // query_block)
+        last = (torch.arange(rows, device=q.device) * query_block + query_block - 1).clamp(max=n - 1)
+        count = count[:, last]
+        member = torch.arange(rows * query_block, device=q.device).clamp(max=n - 1)  # the last block repeats
+        qb = q[:, :, member].view(b, h, rows, query_block, d)                       # its last query
+        n = rows
+    else:
+        qb = q.unsqueeze(-2)  # [B, H, N, 1, D]
     kk = min(top_k, max(int(count.max()), 1)) if count.numel() else 1
     t = count.view(count.shape[0], 1, n, 1).expand(b, h, n, 1)
     j = torch.arange(kk + 1, device=q.device).view(1, 1, 1, -1)
     bounds = j * t // kk  # [B, H, N, kk + 1]: chunk j is [bounds[j], bounds[j + 1])
     lo, hi = bounds[..., :-1].contiguous(), bounds[..., 1:].contiguous()
     pos = kept_pos.view(kept_pos.shape[0], 1, 1, -1).expand(b, h, n, -1)
-    per_query = b * h * 2 * kk * max(d, 1)
+    per_query = b * h * 2 * kk * max(d, qb.shape[-2])
     chunk = max(1, min(n, SEARCH_CHUNK_ELEMENTS // per_query))
     kflat = k.reshape(-1, d)
     base = (torch.arange(b * h, device=q.device) * k.shape[2]).view(b, h, 1, 1)
@@ -78,7 +91,7 @@ def hierarchical_top_k(q: torch.Tensor, k: torch.Tensor, kept_pos: torch.Tensor,
         for start in range(0, n, chunk):
             sl = slice(start, min(n, start + chunk))
             kg = kflat.index_select(0, rows[:, :, sl].reshape(-1)).view(*rows[:, :, sl].shape, d)
-            scores[:, :, sl] = (kg @ q[:, :, sl].unsqueeze(-1)).squeeze(-1)
+            scores[:, :, sl] = (kg @ qb[:, :, sl].transpose(-1, -2)).amax(-1)
         scores = scores.masked_fill(c_hi <= c_lo, float("-inf"))
         best = scores.topk(kk, dim=-1).indices
         lo, hi = c_lo.gather(-1, best), c_hi.gather(-1, best)
@@ -100,7 +113,12 @@ class HiPAttention(RoutedMixer):
     not checked against the authors' code (DeepAuto-AI/hip-attention, whose kernels work on query and key
     blocks): the initial ``top_k`` equal chunks, halving, and the representative being the chunk's first key
     (``representative="first"``; ``"middle"`` takes its centre key, as InfiniteHiP does). Queries are searched
-    one by one (HiP groups them in query blocks sharing a mask; not implemented). The search is
+    one by one by default; ``query_block = b`` searches blocks of ``b`` consecutive queries together, as HiP does
+    (a block searches the keys its last query sees, scores a half by the highest ``q·k_rep`` over its queries,
+    and shares the ``top_k`` keys found): the search costs ``b`` times less and the attention gathers each
+    block's keys once (fused flash tiles on CPU). Under ``causal`` a block's earlier queries then see only the
+    shared keys at or before them (fewer than ``top_k``), and a call's blocks start at its first query, so
+    decoding token by token (blocks of one) equals the full forward only for ``query_block = 1``. The search is
     non-differentiable (hard top-k); gradients flow through the attention over the chosen keys. A query that sees
     ``T <= top_k`` keys attends all of them (early causal queries), so ``top_k == T`` is dense attention. A call
     without a KV cache whose ``T`` is below ``top_k`` is refused before any work (``ValueError`` naming
@@ -110,14 +128,16 @@ class HiPAttention(RoutedMixer):
         dim, n_heads: as ``mha``.
         top_k: keys per query (``k``).
         representative: ``"first"`` or ``"middle"`` key of a chunk scores it.
+        query_block: queries that search together and share their keys (1: every query on its own).
         **kw: ``mha`` arguments (``head_dim``, ``bias``, ``rope``, ``scale``, ``backend``).
     """
 
     def __init__(self, dim: int, n_heads: int = 8, *, top_k: int = 64, representative: str = "first",
-                 **kw: Any) -> None:
+                 query_block: int = 1, **kw: Any) -> None:
         super().__init__(dim, n_heads, **kw)
         self.top_k = check_top_k(top_k)
         self.representative = check_choice("representative", representative, ("first", "middle"))
+        self.query_block = check_int("query_block", query_block)
 
 
     def top_k_limit(self, n_keys):
@@ -125,10 +145,12 @@ class HiPAttention(RoutedMixer):
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         causal = bool(call is not None and call.causal)
         kept_pos, count = visible_keys(q.shape[2], keep, k.shape[2], causal, q.device)
-        return Routing("keys", hierarchical_top_k(q, k, kept_pos, count, self.top_k, self.representative))
+        keys = hierarchical_top_k(q, k, kept_pos, count, self.top_k, self.representative, self.query_block)
+        return Routing("keys", keys, block_q=self.query_block)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, top_k={self.top_k}, representative={self.representative!r}"
+        return (f"{super().extra_repr()}, top_k={self.top_k}, representative={self.representative!r}, "
+                f"query_block={self.query_block}")
 
 
 def _k_at_least_t_is_mha():

@@ -17,7 +17,7 @@ from attnzoo.layers.dynamic_sparse._common import (
     check_top_k,
     query_positions,
     rand_x,
-    top_k_allowed,
+    top_k_lists,
 )
 from attnzoo.layers.testing import mha_from
 from attnzoo.registry import Reduction, register
@@ -58,12 +58,13 @@ class MoBA(RoutedMixer):
         means, valid = block_means(k, self.block_size, keep)
         scores = q @ means.transpose(-1, -2)  # [B, H, N, nb]
         nb = means.shape[2]
-        scores = scores.masked_fill(~valid.view(valid.shape[0], 1, 1, nb), float("-inf"))
+        if not bool(valid.all()):
+            scores.masked_fill_(~valid.view(valid.shape[0], 1, 1, nb), float("-inf"))
         if causal:
             blk = torch.arange(nb, device=q.device).view(1, -1)
             own = (query_positions(n, m, q.device) // self.block_size).view(-1, 1)
-            scores = scores.masked_fill(blk > own, float("-inf")).masked_fill(blk == own, float("inf"))
-        return Routing("blocks", top_k_allowed(scores, self.top_k), 1, self.block_size)
+            scores.masked_fill_(blk > own, float("-inf")).masked_fill_(blk == own, float("inf"))
+        return Routing("blocks", top_k_lists(scores, self.top_k), 1, self.block_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}, top_k={self.top_k}"
@@ -85,7 +86,7 @@ def _own_block_and_no_future():
     q, k, _ = m.project(x, x)
     from attnzoo.layers.base import Call
 
-    r = m.route(q, k, None, Call(x=x, src=x, causal=True)).index  # [B, H, N, nb]
+    r = m.route(q, k, None, Call(x=x, src=x, causal=True)).block_mask(12)  # [B, H, N, nb]
     own = torch.arange(12) // 3
     blk = torch.arange(4).view(1, -1)
     got = torch.stack([r[..., torch.arange(12), own].all().double(), (r & (blk > own.view(-1, 1))).any().double(),

@@ -19,8 +19,8 @@ from attnzoo.layers.dynamic_sparse._common import (
 )
 from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
-from attnzoo.ops.routed import key_routed_gather, routed_reference
-from attnzoo.patterns.routed import DenseRouted
+from attnzoo.ops.routed import routed_reference
+from attnzoo.patterns.routed import DenseRouted, key_routed_attention
 from attnzoo.registry import Reduction, register
 
 PYRAMID_BACKENDS = ("auto", "reference", "gather", "sdpa", "flex")
@@ -86,7 +86,10 @@ def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels:
     ar = torch.arange(block_allow.shape[-1], device=q.device)
     lists = torch.where(block_allow, ar, block_allow.shape[-1]).sort(-1).values[..., :width]
     lists = torch.where(lists < block_allow.shape[-1], lists, -1)
-    return key_routed_gather(qq, kk, vv, lists[:, :, qblock].contiguous(), scale=scale)
+    # One list per query block: each block's keys are gathered once (fused flash tiles on CPU, which need the value
+    # width of the query: a zero column pads the values and is dropped).
+    vv = torch.cat([vv, vv.new_zeros(*vv.shape[:-1], 1)], -1)
+    return key_routed_attention(qq, kk, vv, lists, scale=scale, backend="gather", block_q=block_size)[..., :-1]
 
 
 def check_level_blocks(level_blocks: Any, block_size: int) -> tuple[int, ...]:

@@ -106,3 +106,60 @@ def test_top_k_above_the_keys_of_a_call_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"top_k: expected at most 7 \(the keys of this call\), got 8"):
         m(torch.randn(2, 7, 32))
     assert m(torch.randn(2, 8, 32)).shape == (2, 8, 32)
+
+
+def _naive_block_search(q, k, n_seen, top_k, members):
+    """HiP's halving search for one head and one block of queries, written out with Python lists: chunks of the
+    first ``n_seen`` keys, each half scored by the best ``q·k_first`` over the block's queries ``members``."""
+    kk = min(top_k, n_seen)
+    chunks = [(j * n_seen // kk, (j + 1) * n_seen // kk) for j in range(kk)]
+    while any(hi - lo > 1 for lo, hi in chunks):
+        halves = []
+        for lo, hi in chunks:
+            mid = lo + (hi - lo + 1) // 2
+            halves += [(lo, mid), (mid, hi)]
+        scored = [(max(float(q[i] @ k[lo]) for i in members) if hi > lo else float("-inf"), j)
+                  for j, (lo, hi) in enumerate(halves)]
+        best = sorted(scored, key=lambda t: -t[0])[:kk]
+        chunks = [halves[j] for _, j in sorted(best, key=lambda t: -t[0])]
+    return sorted(lo for lo, hi in chunks if hi > lo)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_blocks_search_together_and_share_their_keys(causal):
+    n, block, top_k = 22, 4, 3
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64), torch.randn(1, 2, n, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    kept, count = visible_keys(n, None, n, causal, q.device)
+    got = hierarchical_top_k(q, k, kept, count, top_k, query_block=block)
+    assert got.shape == (1, 2, -(-n // block), top_k)
+    for h in range(2):
+        for j in range(got.shape[2]):
+            members = list(range(j * block, min(n, (j + 1) * block)))
+            n_seen = members[-1] + 1 if causal else n
+            want = _naive_block_search(q[0, h], k[0, h], n_seen, top_k, members)
+            assert sorted(got[0, h, j].tolist()) == want
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_blocks_attend_their_shared_keys_on_every_backend(causal):
+    m = _double(top_k=4, query_block=4)
+    ref = _double(top_k=4, query_block=4, backend="reference")
+    x = random_tokens(n=23).requires_grad_()
+    want = ref(x, causal=causal)
+    gx = torch.autograd.grad(want.square().sum(), x)[0]
+    for backend in ("gather", "sdpa"):
+        m.backend = backend
+        got = m(x, causal=causal)
+        assert (got - want).abs().max() < 1e-12, backend
+        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx).abs().max() < 1e-12, backend
+    everything = _double(top_k=23, query_block=4)  # top_k >= T: every block keeps all its keys, i.e. mha
+    from attnzoo.layers.testing import mha_from
+
+    assert (everything(x, causal=causal) - mha_from(everything)(x, causal=causal)).abs().max() < 1e-12
+
+
+def test_query_block_is_checked():
+    with pytest.raises(ValueError, match="query_block: expected an integer >= 1, got 0"):
+        create("hip", dim=32, n_heads=4, query_block=0)
