@@ -211,9 +211,10 @@ def recall_loss(runs: list[dict[str, Any]], baseline: str = RECALL_BASELINE) -> 
     recall), and every other mechanism with runs there: both at their best learning rate by the mean over seeds
     (:func:`seed_stats_by_width`); ``lost = baseline mean - mean`` (positive: the mechanism recalls less),
     ``se`` its standard error ``sqrt(sd^2/n + sd_base^2/n_base)`` (0 with one seed each), ``kept = mean /
-    baseline mean``, the per-seed ``values`` and ``built`` (the entry and arguments the runs were built with).
+    baseline mean``, the per-seed ``values`` (by seed) and ``built`` (the entry and arguments the runs were built with).
     Rows ordered by task, width, then mechanism."""
     stats = seed_stats_by_width(runs)
+    by_seed = sorted(runs, key=lambda r: r["config"].get("seed", 0))
     out = []
     for (task, mixer, dim), st in stats.items():
         base = stats.get((task, baseline, dim))
@@ -229,7 +230,7 @@ def recall_loss(runs: list[dict[str, Any]], baseline: str = RECALL_BASELINE) -> 
                     "lost": base["mean"] - st["mean"],
                     "se": math.sqrt(st["std"] ** 2 / st["n"] + base["std"] ** 2 / base["n"]),
                     "kept": st["mean"] / base["mean"] if base["mean"] else None,
-                    "values": sorted(_of_best(runs, st, task, mixer, _metric_name(runs, task))), "built": built})
+                    "values": _of_best(by_seed, st, task, mixer, _metric_name(runs, task)), "built": built})
     out.sort(key=lambda r: (_natural(r["task"]), r["dim"], _natural(r["mixer"])))
     return out
 
@@ -242,7 +243,7 @@ def recall_table(runs: list[dict[str, Any]], baseline: str = RECALL_BASELINE) ->
     """:func:`recall_loss` as table columns and rows (strings); no rows when nothing shares a task and width
     with ``baseline``."""
     columns = ["task", "width", "mechanism", "built with", f"{baseline} (mean ± sd)", "mechanism (mean ± sd)",
-               "per seed", f"lost ({baseline} − mechanism) ± se", f"kept (/ {baseline})"]
+               "per seed (seed order)", f"lost ({baseline} − mechanism) ± se", f"kept (/ {baseline})"]
     rows = [[r["task"], str(r["dim"]), r["mixer"], r["built"],
              _pm({"mean": r["base_mean"], "std": r["base_std"], "n": r["base_n"]}), _pm(r),
              " / ".join(f"{v:.3f}" for v in r["values"]), f"{r['lost']:+.3f} ± {r['se']:.3f}",
