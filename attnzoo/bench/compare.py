@@ -20,7 +20,7 @@ Presets:
 - ``routing``: how much recall content routing loses: the quick preset's MQAR (64, 4) run with ``mha`` next
   to the variants ``moba[top_k=1]`` .. ``moba[top_k=3]`` (blocks of 4, so the pairs span two blocks none of
   the queries' own) and ``topk_attention[top_k=1]`` .. ``topk_attention[top_k=8]``, seeds 0 and 1 (about
-  20 minutes on 2 idle cores). The report's "Recall lost against mha" table has the difference per variant.
+  25 minutes on an idle 2-core CPU). The report's "Recall lost against mha" table has the difference per variant.
 
 Mixers are slugs or *variants*: one entry at fixed arguments, ``SLUG[KEY=VALUE,...]`` such as
 ``moba[top_k=1]`` (:mod:`attnzoo.bench.variants`); the label is what the store, leaderboard and report show,
