@@ -5,9 +5,9 @@ Run: ``python benchmarks/bench_dyn_decode.py [--n 4096] [--context 4096] [--repe
 - ``seer_attention`` (block 128, top_k 4, dim 512, 8 heads, 2 kv heads, float32): forward + backward, causal
   (per-query gate, gather path) and non-causal (pooled gate, block tiles), against ``mha`` (SDPA); and one
   ``gate_loss`` step (the distillation: dense attention map + block max-pool), against the causal mha forward.
-- ``tidal_decode``: one decoding step (KV cache of ``--context`` tokens) of a 4-layer stack (selection at layer 0,
-  top_k 256) against the same stack with every layer dense.
-- ``landmark``: one decoding step (``--context`` tokens of cache, block 64) in retrieval mode (top_k 4, window 1)
+- ``tidal_decode``: a decoding step (mean of 8 consecutive steps; KV cache of ``--context`` tokens) of a 4-layer
+  stack (selection at layer 0, top_k 256) against the same stack with every layer dense.
+- ``landmark``: a decoding step (``--context`` tokens of cache, block 64) in retrieval mode (top_k 4, window 1)
   against training mode (every block): both compute every score densely, so the step times are about equal;
   the attended tokens per query are printed too.
 
@@ -35,12 +35,14 @@ from attnzoo.registry import create  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) CPU seconds of ``fn`` after one warm-up call, divided by ``fn.steps`` when it has them."""
     fn()
+    per = getattr(fn, "steps", 1)
     times = []
     for _ in range(repeats):
         t = time.process_time()
         fn()
-        times.append(time.process_time() - t)
+        times.append((time.process_time() - t) / per)
     return statistics.median(times), min(times), max(times)
 
 
@@ -57,22 +59,28 @@ def fwd_bwd(m, x, **kw):
 
 
 def clone(cache: KVCache) -> KVCache:
-    """A copy that a decoding step can extend without touching ``cache`` (appending concatenates)."""
+    """A copy that a decoding step can extend without touching ``cache`` (its views hold no spare room, so appending
+    to the copy grows a buffer of its own)."""
     out = KVCache()
     out.k, out.v, out.keep, out.position = cache.k, cache.v, cache.keep, cache.position
     out.state = {key: [clone(c) for c in val] if key == "layers" else val for key, val in cache.state.items()}
     return out
 
 
-def decode_step(m, x, step):
-    """One decoding step of ``step`` after a prefill of ``x`` (each repeat from the same prefilled cache)."""
+def decode_step(m, x, step, steps: int = 8):
+    """``steps`` decoding steps of ``step`` after a prefill of ``x``, each repeat from a copy of the same prefilled
+    cache; the timed value is the time per step (the copy's first step grows the cache's buffers, the others write
+    one entry each, as in a long generation)."""
     cache = KVCache()
     with torch.no_grad():
         m(x, causal=True, cache=cache)
 
     def run():
+        c = clone(cache)
         with torch.no_grad():
-            m(step, causal=True, cache=clone(cache))
+            for _ in range(steps):
+                m(step, causal=True, cache=c)
+    run.steps = steps
     return run
 
 
@@ -105,7 +113,8 @@ def main() -> None:
     show("mha causal forward", fwd)
     show("seer gate_loss forward + backward (causal)", timed(gate_step, args.repeats), fwd)
 
-    print(f"tidal_decode, one decoding step with {args.context} cached tokens (4 layers, top_k 256)")
+    print(f"tidal_decode, a decoding step with {args.context} cached tokens (4 layers, top_k 256; mean of 8 "
+          "consecutive steps)")
     tidal = create("tidal_decode", dim=dim, n_heads=heads, top_k=256, n_layers=4, first_sparse=1)
     dense = create("tidal_decode", dim=dim, n_heads=heads, top_k=256, n_layers=4, first_sparse=3)
     for layer in dense.layers:
@@ -117,7 +126,7 @@ def main() -> None:
     show("4 dense layers", base)
     show("tidal_decode (1 selection + 3 sparse layers)", timed(decode_step(tidal, ctx, step), args.repeats), base)
 
-    print(f"landmark, one decoding step with {args.context} cached tokens (block 64)")
+    print(f"landmark, a decoding step with {args.context} cached tokens (block 64; mean of 8 consecutive steps)")
     train = create("landmark", dim=dim, n_heads=heads, block_size=64)
     retr = create("landmark", dim=dim, n_heads=heads, block_size=64, top_k=4, window=1)
     retr.load_state_dict(train.state_dict())

@@ -45,17 +45,46 @@ class KVCache:
 
     ``k``: ``[B, H_kv, M, D]``, ``v``: ``[B, H_kv, M, D_v]``, ``keep``: bool ``[B, M]`` or None.
     ``state`` is a free dict for layers that need other per-step state.
+
+    Without autograd, appending writes into buffers that grow by doubling (a decoding step copies only its new
+    entries); ``k``, ``v`` and ``keep`` are views of the stored entries, never of spare room, so a view taken
+    earlier keeps its values. With autograd recording (a tensor requires grad), appending concatenates.
     """
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.keep: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None  # buffers: the first ``_len`` entries along the sequence are stored
+        self._v: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
+        self._len = 0
         self.position = 0
         self.state: dict[str, Any] = {}
 
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self._len]
+
+    @k.setter
+    def k(self, t: torch.Tensor | None) -> None:
+        self._k, self._len = t, 0 if t is None else t.shape[2]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self._len]
+
+    @v.setter
+    def v(self, t: torch.Tensor | None) -> None:
+        self._v = t
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        return None if self._keep is None else self._keep[:, :self._len]
+
+    @keep.setter
+    def keep(self, t: torch.Tensor | None) -> None:
+        self._keep = t
+
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if self._k is None else self._len
 
     def reset(self) -> None:
         """Forget everything."""
@@ -78,14 +107,30 @@ class KVCache:
                 f"cache: holds batch {self.k.shape[0]} x {self.k.shape[1]} kv heads, got {k.shape[0]} x {k.shape[1]}"
             )
         old_len = len(self)
-        if keep is None and self.keep is not None:
+        if keep is None and self._keep is not None:
             keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-        if keep is not None and self.keep is None and old_len:
-            self.keep = torch.ones(k.shape[0], old_len, dtype=torch.bool, device=k.device)
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        if keep is not None:
-            self.keep = keep if self.keep is None else torch.cat([self.keep, keep], dim=1)
+        if keep is not None and self._keep is None and old_len:  # as long as the key buffer (stored + spare room)
+            self._keep = torch.ones(k.shape[0], self._k.shape[2], dtype=torch.bool, device=k.device)
+        if self._k is None:
+            self._k, self._v, self._keep, self._len = k, v, keep, k.shape[2]
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, self._k, self._v)):
+            self._k, self._v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+            if keep is not None:
+                self._keep = torch.cat([self.keep, keep], dim=1)
+            self._len = old_len + k.shape[2]
+        else:
+            new_len = old_len + k.shape[2]
+            if new_len > self._k.shape[2]:
+                room = max(new_len, 2 * old_len)
+                self._k = _grown(self._k, old_len, room, 2)
+                self._v = _grown(self._v, old_len, room, 2)
+                if self._keep is not None:
+                    self._keep = _grown(self._keep, old_len, room, 1)
+            self._k[:, :, old_len:new_len] = k
+            self._v[:, :, old_len:new_len] = v
+            if keep is not None:
+                self._keep[:, old_len:new_len] = keep
+            self._len = new_len
         return self.k, self.v, self.keep
 
     def advance(self, n: int) -> None:
@@ -97,11 +142,20 @@ class KVCache:
         m = len(self)
         if m <= window + n_sink:
             return
-        idx = torch.cat([torch.arange(n_sink), torch.arange(m - window, m)]).to(self.k.device)
+        idx = torch.cat([torch.arange(n_sink), torch.arange(m - window, m)]).to(self._k.device)
+        keep = None if self._keep is None else self.keep.index_select(1, idx)
         self.k, self.v = self.k.index_select(2, idx), self.v.index_select(2, idx)
-        if self.keep is not None:
-            self.keep = self.keep.index_select(1, idx)
+        self.keep = keep
 
     def nbytes(self) -> int:
-        """Bytes held by the stored keys and values."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+        """Bytes held for the keys and values (stored entries and the buffers' spare room)."""
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v) if t is not None)
+
+
+def _grown(t: torch.Tensor, length: int, room: int, dim: int) -> torch.Tensor:
+    """A new buffer with ``room`` entries along ``dim`` holding the first ``length`` entries of ``t``."""
+    shape = list(t.shape)
+    shape[dim] = room
+    out = t.new_empty(shape)
+    out.narrow(dim, 0, length).copy_(t.narrow(dim, 0, length))
+    return out

@@ -1,29 +1,45 @@
-"""Routed attention: each route (a head, an expert) attends only the queries routed to it.
+"""Routed attention: softmax attention over exactly the (query, key) pairs a *routing* selects.
 
-:func:`gather_routes` turns a selection ``sel`` ``[B, N, R]`` (token n goes to route r) into
-per-route token lists; :func:`routed_attention_reference` is the float64 oracle of attending
-the gathered queries ``[B, R, C, D]`` to all keys, causality following each query's true key
-position ``qpos`` (``-1``: an empty slot). The fast form, which needs a pattern
-(:class:`~attnzoo.patterns.routed.GatheredCausal`), is :func:`attnzoo.patterns.routed.routed_attention`.
-Mixture-of-heads (``moh``'s ``dispatch="gather"``) is the first user.
+A :class:`Routing` comes in three kinds, one set for every user (the dynamic-sparse entries, mixture-of-heads):
+
+- ``"keys"``: int64 ``[B, H, N, K]``, the keys of every query (``-1``: an empty slot, no repeats), or with
+  ``block_q > 1`` ``[B, H, ceil(N / block_q), K]``, one list per block of ``block_q`` queries;
+- ``"blocks"``: bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]``, the key blocks of every query block (or the
+  same as int64 block lists ``[B, H, ceil(N / block_q), K]``);
+- ``"queries"``: int64 ``[B, H, C]``, the queries routed to each head (or expert) out of the call's ``N``
+  (``n_queries``; ``-1``: an empty slot, no repeats). ``q`` then holds those routed queries themselves
+  (``[B, H, C, D]``, the caller projects only them) and every routed query attends all keys.
+
+Under ``causal`` query ``i`` sees only keys ``j <= i + M - N`` (the queries are the last ``N`` positions, as in
+KV-cache decoding). This module holds the checks, the dense masks (:meth:`Routing.dense`), the float64 oracle
+:func:`routed_reference`, and the fast paths of the three kinds (:func:`key_routed_gather`,
+:func:`block_routed_gather`, :func:`query_routed_prefix`); the single public entry with its backends is
+:func:`attnzoo.patterns.routed.routed_attention`. :func:`gather_routes` turns a per-token selection into a
+query routing (mixture-of-heads' gather dispatch); :func:`gather_pays` says when that pays on CPU.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from attnzoo.ops.rows import row_index, row_view
+
 __all__ = [
-    "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "gather_pays", "gather_routes",
-    "as_block_mask", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
-    "check_block_lists", "check_block_routing",
-    "check_key_routing", "key_routed_gather", "key_routing_mask", "routed_attention_reference", "routed_reference",
+    "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "ROUTING_KINDS", "Routing", "as_block_mask",
+    "block_keys", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
+    "check_block_lists", "check_block_routing", "check_key_routing", "check_query_routing", "gather_pays",
+    "gather_routes", "key_routed_gather", "key_routing_mask", "query_routed_prefix", "query_routing_mask",
+    "routed_reference",
 ]
 
 # Gather dispatch pays when each routed head is picked by at most this fraction of the tokens
 # and the call has at least this many query tokens (benchmarks/bench_moh.py, RESULTS.md).
 GATHER_MAX_FRACTION = 0.4
 GATHER_MIN_TOKENS = 256
-GATHER_CHUNK = 128
+GATHER_CHUNK = 128  # routed query slots per causal chunk of a query routing's fast path
+ROUTING_KINDS = ("keys", "blocks", "queries")
 
 
 def gather_pays(fraction: float, n_tokens: int) -> bool:
@@ -36,7 +52,8 @@ def gather_routes(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
     Returns ``idx`` ``[B, R, C]`` (the tokens of each route in increasing order, then filler),
     ``valid`` bool ``[B, R, C]`` (which slots hold a token) and ``counts`` ``[B, R]``, with
-    ``C`` the largest count (0 when nothing is selected).
+    ``C`` the largest count (0 when nothing is selected). ``torch.where(valid, idx, -1)`` is the
+    index of a ``"queries"`` :class:`Routing`.
     """
     b, n, _ = sel.shape
     counts = sel.sum(1)
@@ -47,35 +64,7 @@ def gather_routes(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return idx, valid, counts
 
 
-def routed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, *,
-                               causal: bool, keep: torch.Tensor | None = None,
-                               scale: float | None = None) -> torch.Tensor:
-    """Float64 oracle of :func:`attnzoo.patterns.routed.routed_attention`: one dense masked softmax per slot.
-
-    A slot sees key ``j`` when ``keep[b, j]`` and, if ``causal``, ``j <= qpos``; a slot with
-    ``qpos = -1`` under ``causal`` (or that sees no key) returns zeros.
-    """
-    q, k, v = (t.double() for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.einsum("brcd,brmd->brcm", q, k) * scale
-    m = k.shape[2]
-    allow = torch.ones_like(s, dtype=torch.bool)
-    if keep is not None:
-        allow = allow & keep.view(keep.shape[0], 1, 1, m)
-    if causal:
-        allow = allow & (torch.arange(m, device=q.device).view(1, 1, 1, m) <= qpos.unsqueeze(-1))
-    s = s.masked_fill(~allow, float("-inf"))
-    seen = allow.any(-1, keepdim=True)
-    p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
-    return torch.einsum("brcm,brmd->brcd", p, v)
-
-
-# Routings: which keys each query attends ------------------------------------------------------------------
-#
-# A *key routing* ``keys`` int64 ``[B, H, N, K]`` lists the keys of every query (``-1``: an empty slot, no
-# repeats). A *block routing* ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]`` says which key
-# blocks each query block attends. Under ``causal`` query ``i`` also sees only keys ``j <= i + M - N`` (the
-# queries are the last ``N`` positions, as in KV-cache decoding).
+# Routings: checks and dense masks -------------------------------------------------------------------------
 
 ROUTED_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of the key-routed path
 
@@ -173,6 +162,90 @@ def block_routing_mask(blocks: torch.Tensor, n_q: int, n_kv: int, block_q: int, 
     return out & causal_allow(n_q, n_kv, blocks.device) if causal else out
 
 
+def check_query_routing(queries: torch.Tensor, q: torch.Tensor, n_queries: int) -> None:
+    """Raise ``ValueError`` naming the argument unless ``n_queries`` is an int >= 0 and ``queries`` is int64
+    ``[B, H, C]`` (``q``'s first three sizes) with entries in ``[-1, n_queries)``, no query twice in a route."""
+    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 0:
+        raise ValueError(f"n_queries: expected an int >= 0, got {n_queries!r}")
+    b, h, c, _ = q.shape
+    if not isinstance(queries, torch.Tensor) or queries.dtype != torch.int64 or tuple(queries.shape) != (b, h, c):
+        got = f"{queries.dtype} {list(queries.shape)}" if isinstance(queries, torch.Tensor) else type(queries).__name__
+        raise ValueError(f"queries: expected an int64 tensor [{b}, {h}, {c}] (the slots of the routed queries q), "
+                         f"got {got}")
+    if queries.numel() and (int(queries.min()) < -1 or int(queries.max()) >= n_queries):
+        raise ValueError(f"queries: entries must lie in [-1, {n_queries}) (-1: empty slot), got range "
+                         f"[{int(queries.min())}, {int(queries.max())}]")
+    if c > 1:
+        s = queries.sort(-1).values
+        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
+            raise ValueError("queries: a route lists the same query twice")
+
+
+def query_routing_mask(queries: torch.Tensor, n_queries: int, n_kv: int, causal: bool = False) -> torch.Tensor:
+    """Dense bool ``[B, H, C, M]`` of a query routing: a filled slot sees every key (under ``causal`` the keys up
+    to its query's position ``i + M - N``, ``N = n_queries``); an empty slot sees nothing."""
+    allow = (queries >= 0).unsqueeze(-1)
+    if causal:
+        return allow & (torch.arange(n_kv, device=queries.device) <= (queries + (n_kv - n_queries)).unsqueeze(-1))
+    return allow.expand(*queries.shape, n_kv)
+
+
+class Routing:
+    """Which (query, key) pairs one call attends: ``kind`` ``"keys"``, ``"blocks"`` or ``"queries"`` (see the module).
+
+    ``index``: the keys (int64 ``[B, H, ceil(N / block_q), K]``: of every query, or with ``block_q > 1`` one list
+    shared by each block of ``block_q`` queries), the block routing (bool ``[B, H, ceil(N / block_q),
+    ceil(M / block_k)]``, or the same as int64 block lists ``[B, H, ceil(N / block_q), K]``) or the routed queries
+    (int64 ``[B, H, C]`` out of ``n_queries``), -1 marking empty slots. ``block_q`` belongs to key and block
+    routings, ``block_k`` to block routings, ``n_queries`` (the call's ``N``) to query routings.
+    Constructing checks the kind only; :meth:`check` checks the routing against a call before any work.
+    """
+
+    def __init__(self, kind: str, index: torch.Tensor, block_q: int = 1, block_k: int = 1, *,
+                 n_queries: int | None = None) -> None:
+        if kind not in ROUTING_KINDS:
+            raise ValueError(f"kind: expected one of {list(ROUTING_KINDS)}, got {kind!r}")
+        if (kind == "queries") != (n_queries is not None):
+            raise ValueError(f"n_queries: a {kind!r} routing {'needs' if kind == 'queries' else 'takes no'} it, "
+                             f"got {n_queries!r}")
+        self.kind, self.index, self.block_q, self.block_k, self.n_queries = kind, index, block_q, block_k, n_queries
+
+    def check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise ``ValueError`` naming the argument unless ``q`` ``[B, H, N, D]`` (the ``C`` routed queries of a query
+        routing), ``k`` ``[B, H, M, D]``, ``v`` ``[B, H, M, D_v]`` and the routing fit together."""
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 \
+                or k.shape[:3] != v.shape[:3] or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+            shapes = [list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (q, k, v)]
+            raise ValueError("q, k, v: expected [B, H, N, D], [B, H, M, D], [B, H, M, D_v] (same B and H), got "
+                             + ", ".join(map(str, shapes)))
+        if self.kind == "keys":
+            check_key_routing(self.index, q, k.shape[2], self.block_q)
+        elif self.kind == "blocks":
+            check_block_routing(self.index, q, k.shape[2], self.block_q, self.block_k)
+        else:
+            check_query_routing(self.index, q, self.n_queries)
+
+    def dense(self, n_q: int, n_kv: int, causal: bool) -> torch.Tensor:
+        """Bool ``[B, H, N, M]`` (``[B, H, C, M]`` for a query routing, whose rows are its slots; ``n_q`` is then
+        unused): the pairs this routing (and causality) allows. The reference's view of the routing."""
+        if self.kind == "keys":
+            return key_routing_mask(self.index, n_kv, causal, self.block_q, n_q)
+        if self.kind == "blocks":
+            return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
+        return query_routing_mask(self.index, self.n_queries, n_kv, causal)
+
+    def block_mask(self, n_kv: int) -> torch.Tensor:
+        """A block routing as bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]`` (whichever form it was made in)."""
+        return as_block_mask(self.index, -(-n_kv // self.block_k))
+
+    def __repr__(self) -> str:
+        extra: dict[str, Any] = ({"block_q": self.block_q, "block_k": self.block_k} if self.kind == "blocks" else
+                                 {"n_queries": self.n_queries} if self.kind == "queries" else
+                                 {"block_q": self.block_q})
+        shape = list(self.index.shape) if isinstance(self.index, torch.Tensor) else type(self.index).__name__
+        return f"Routing({self.kind!r}, {shape}" + "".join(f", {k}={v}" for k, v in extra.items()) + ")"
+
+
 def routed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """Float64 oracle of routed attention: one dense softmax under ``allow`` ``[B, H, N, M]``; empty rows give zeros."""
@@ -182,6 +255,50 @@ def routed_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: t
     seen = allow.any(-1, keepdim=True)
     p = torch.softmax(torch.where(seen, s, torch.zeros_like(s)), -1) * allow
     return p @ v
+
+
+def query_routed_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: torch.Tensor, n_queries: int, *,
+                        causal: bool = False, keep: torch.Tensor | None = None, scale: float | None = None,
+                        chunk: int = GATHER_CHUNK) -> torch.Tensor:
+    """Query-routed attention, the fast path: the routed queries ``q`` ``[B, H, C, D]`` (slot ``c`` holds query
+    ``queries[b, h, c]`` of ``n_queries``, -1: empty) attend ``k``/``v`` ``[B, H, M, D(_v)]`` through torch's SDPA.
+
+    Without ``causal`` one call over all (kept) keys. With it, chunks of ``chunk`` slots, each reading only the
+    keys up to its last query's position ``i + M - N`` under a bool mask ``[B, H, chunk, prefix]``: when the slots
+    are in query order (as :func:`gather_routes` lists them) the routes do about half of a full pass's work, as a
+    causal kernel would. ``keep`` bool ``[B, M]`` pads keys. Arguments are checked by the caller. Empty slots and
+    slots that see no key return zeros and zero gradients (SDPA sees a stand-in key, the output is replaced).
+    """
+    b, h, c, _ = q.shape
+    m = k.shape[2]
+    if c == 0 or m == 0:
+        return q.new_zeros(b, h, c, v.shape[-1])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    filled = queries >= 0
+    if keep is not None and bool(keep.all()):
+        keep = None
+    if not causal:
+        if keep is None:
+            out = sdpa(q, k, v, scale=scale)
+            return torch.where(filled.unsqueeze(-1), out, torch.zeros_like(out))
+        seen = keep.any(-1).view(b, 1, 1, 1)
+        out = sdpa(q, k, v, attn_mask=(keep.view(b, 1, 1, m) | ~seen), scale=scale)
+        return torch.where(filled.unsqueeze(-1) & seen, out, torch.zeros_like(out))
+    pos = torch.where(filled, queries + (m - n_queries), torch.full_like(queries, -1))
+    outs = []
+    for start in range(0, c, chunk):
+        p = pos[:, :, start:start + chunk]
+        mc = min(max(int(p.max()) + 1, 1), m)
+        if keep is None:  # a slot sees a key iff its position is >= 0; the others get every key as a stand-in
+            seen = (p >= 0).unsqueeze(-1)
+            allow = torch.arange(mc, device=q.device) <= torch.where(seen, p.unsqueeze(-1), mc)
+        else:
+            allow = (torch.arange(mc, device=q.device) <= p.unsqueeze(-1)) & keep[:, :mc].view(b, 1, 1, mc)
+            seen = allow.any(-1, keepdim=True)
+            allow = allow | ~seen
+        out = sdpa(q[:, :, start:start + chunk], k[:, :, :mc], v[:, :, :mc], attn_mask=allow, scale=scale)
+        outs.append(torch.where(seen, out, torch.zeros_like(out)))
+    return torch.cat(outs, 2)
 
 
 def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: bool) -> tuple[torch.Tensor, ...]:
@@ -199,11 +316,14 @@ def _flat_rows(idx: torch.Tensor, m: int) -> torch.Tensor:
     return (idx + base).reshape(-1)
 
 
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B, H, M, D]`` at ``idx`` ``[B, H, c, K]`` -> ``[B, H, c, K, D]`` (whole rows: ``index_select``)."""
+def _gather_rows(t: tuple[torch.Tensor, tuple[int, int, int]], idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``t`` (:func:`~attnzoo.ops.rows.row_view` of ``[B, H, M, D]``) at ``idx`` ``[B, H, c, K]`` ->
+    ``[B, H, c, K, D]`` (whole rows: ``index_select``, whatever the memory order, no copy of the keys)."""
+    rows, coef = t
     b, h, c, kk = idx.shape
-    rows = t.reshape(b * h * t.shape[2], t.shape[-1])
-    return rows.index_select(0, _flat_rows(idx, t.shape[2])).view(b, h, c, kk, -1)
+    bi = torch.arange(b, device=idx.device).view(b, 1, 1, 1)
+    hi = torch.arange(h, device=idx.device).view(1, h, 1, 1)
+    return rows.index_select(0, row_index(coef, bi, hi, idx).reshape(-1)).view(b, h, c, kk, -1)
 
 
 def _key_probs(q, kg, ok, scale):
@@ -222,11 +342,12 @@ class _KeyRouted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keys, causal, scale, chunk):
         out = q.new_empty(*q.shape[:3], v.shape[-1])
+        k_rows, v_rows = row_view(k), row_view(v)
         for start in range(0, q.shape[2], chunk):
             stop = min(start + chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], causal)
-            p = _key_probs(q[:, :, start:stop], _gather_rows(k, idx), ok, scale)
-            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v, idx))
+            p = _key_probs(q[:, :, start:stop], _gather_rows(k_rows, idx), ok, scale)
+            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v_rows, idx))
         ctx.save_for_backward(q, k, v, keys, out)
         ctx.causal, ctx.scale, ctx.chunk = causal, scale, chunk
         return out
@@ -237,10 +358,11 @@ class _KeyRouted(torch.autograd.Function):
         dq = torch.zeros_like(q)
         dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: rows of [B*H*M, D] for index_add_
         dk_rows, dv_rows = dk.view(-1, k.shape[-1]), dv.view(-1, v.shape[-1])
+        k_src, v_src = row_view(k), row_view(v)
         for start in range(0, q.shape[2], ctx.chunk):
             stop = min(start + ctx.chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
-            kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+            kg, vg = _gather_rows(k_src, idx), _gather_rows(v_src, idx)
             qc, do = q[:, :, start:stop], dout[:, :, start:stop]
             p = _key_probs(qc, kg, ok, ctx.scale)
             dp = torch.einsum("bhcd,bhckd->bhck", do, vg)
@@ -286,6 +408,22 @@ def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor
     return route, qidx
 
 
+def block_keys(blocks: torch.Tensor, block_k: int, n_kv: int) -> torch.Tensor:
+    """A per-query block routing (``block_q = 1``, bool or block lists) as key lists ``[B, H, N, K * block_k]``
+    (-1: a slot past the last key or of an empty block slot)."""
+    lists = blocks if blocks.dtype == torch.int64 else _bool_to_lists(blocks)
+    keys = lists.unsqueeze(-1) * block_k + torch.arange(block_k, device=lists.device)
+    keys = torch.where((lists.unsqueeze(-1) >= 0) & (keys < n_kv), keys, -1)
+    return keys.flatten(-2)
+
+
+def _bool_to_lists(blocks: torch.Tensor) -> torch.Tensor:
+    width = max(int(blocks.sum(-1).max()), 1) if blocks.numel() else 1
+    ar = torch.arange(blocks.shape[-1], device=blocks.device)
+    lists = torch.where(blocks, ar, blocks.shape[-1]).sort(-1).values[..., :width]
+    return torch.where(lists < blocks.shape[-1], lists, -1)
+
+
 def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
                         block_k: int, causal: bool = False, scale: float | None = None,
                         cap: int | None = None) -> torch.Tensor:
@@ -294,11 +432,15 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``). On CPU in
     float32/float64 the tiles run on the fused flash kernel with its fused backward
     (:func:`attnzoo.ops.routed_blocks.block_routed_flash`); otherwise autograd gives the backward. ``cap``:
-    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). Shapes as in
+    queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). A per-query
+    routing of fewer queries than ``block_k`` (a decoding step, a short chunk) gathers each query's keys instead
+    (:func:`block_keys`, :func:`key_routed_gather`): tiles would be mostly empty slots. Shapes as in
     :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
     from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
 
+    if q.shape[2] < block_k and block_q == 1:  # a decoding step or a short chunk: gather each query's keys
+        return key_routed_gather(q, k, v, block_keys(blocks, block_k, k.shape[2]), causal=causal, scale=scale)
     if flash_routing_ok(q, k, v, causal):
         return block_routed_flash(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale,
                                   cap=cap)

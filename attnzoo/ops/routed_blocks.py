@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.ops.rows import row_index, row_view
+
 __all__ = ["block_routed_flash", "flash_routing_ok"]
 
 PAD_QUERIES = 64  # a unit's query slots are padded to a multiple of this, so units batch into few fused calls
@@ -114,9 +116,14 @@ class _Plan:
             first_unit, first_slot = first_unit + c, first_slot + c * ln
 
     @property
-    def diag_identity(self) -> bool:
-        """Whether the diagonal tiles' slots are exactly the queries and keys (``N == M``, whole key blocks)."""
-        return self.n == self.m == self.nkb * self.block_k
+    def first_diag(self) -> int:
+        """The first key block holding a query: the diagonal tiles are blocks ``first_diag .. nkb - 1`` (all of
+        them in training, the last one or two when decoding)."""
+        return (self.m - self.n) // self.block_k
+
+    @property
+    def n_diag(self) -> int:
+        return self.nkb - self.first_diag
 
 
 def _token_rows(t: torch.Tensor) -> torch.Tensor:
@@ -130,40 +137,50 @@ def _heads_view(rows: torch.Tensor, b: int, h: int, n: int) -> torch.Tensor:
     return rows.view(b, n, h, rows.shape[-1]).transpose(1, 2)
 
 
-def _tiles(rows: torch.Tensor, length: int, plan: _Plan) -> torch.Tensor:
-    """Token-major rows of ``length`` positions (``[B*L*H, ...]``, the last ``L`` of ``M``) as the diagonal tiles
-    ``[B*nkb, H, block_k, ...]`` (slot ``s`` of tile ``j``: position ``j * block_k + s``): a view of the rows when
-    they fill the tiles exactly, else a zero-padded copy. The flash kernel returns its results and gradients in
-    ``[B*nkb, block_k, H, ...]`` memory, i.e. token-major rows again."""
-    b, h, nkb, bk = plan.b, plan.h, plan.nkb, plan.block_k
-    extra = rows.shape[1:]
-    if length == nkb * bk:
-        return rows.view(b * nkb, bk, h, *extra).transpose(1, 2)
-    full = rows.new_zeros(b, nkb * bk, h, *extra)
-    full[:, plan.m - length:plan.m] = rows.view(b, length, h, *extra)
-    return full.view(b * nkb, bk, h, *extra).transpose(1, 2)
+def _tiles(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The last ``L`` positions of the sequence, ``t`` ``[B, H, L, ...]`` (any layout), as the diagonal tiles
+    ``[B*n_diag, H, block_k, ...]`` (slot ``s`` of tile ``j``: position ``(first_diag + j) * block_k + s``): a view
+    of token-major memory that fills the tiles exactly, else a zero-padded copy of the positions the tiles hold.
+    The flash kernel returns its results and gradients in ``[B*n_diag, block_k, H, ...]`` memory (token-major)."""
+    b, h, length = t.shape[:3]
+    extra = t.shape[3:]
+    bk, nd, start = plan.block_k, plan.n_diag, plan.first_diag * plan.block_k
+    if start == plan.m - length and length == nd * bk and t.transpose(1, 2).is_contiguous():
+        return t.transpose(1, 2).reshape(b * nd, bk, h, *extra).transpose(1, 2)
+    full = t.new_zeros(b, nd * bk, h, *extra)
+    lo = max(start, plan.m - length)  # the first position both hold
+    full[:, lo - start:plan.m - start] = t[:, :, lo - (plan.m - length):].transpose(1, 2)
+    return full.view(b * nd, bk, h, *extra).transpose(1, 2)
 
 
 def _untile(tiles: torch.Tensor, length: int, plan: _Plan) -> torch.Tensor:
-    """The token-major rows ``[B*L*H, ...]`` of the last ``length`` positions in diagonal tiles ``[B*nkb, H,
-    block_k, ...]`` (a view when the tiles are in the kernel's ``[B*nkb, block_k, H, ...]`` memory order and
-    hold exactly those positions)."""
+    """Token-major rows ``[B*L*H, ...]`` of the last ``length`` positions from diagonal tiles ``[B*n_diag, H,
+    block_k, ...]`` (a view when the tiles are in the kernel's memory order and hold exactly those positions;
+    positions before the tiles get zeros)."""
     rows = tiles.transpose(1, 2)
-    if length == plan.nkb * plan.block_k:
-        return rows.reshape(-1, *tiles.shape[3:])
-    full = rows.reshape(plan.b, plan.nkb * plan.block_k, plan.h, *tiles.shape[3:])
-    return full[:, plan.m - length:plan.m].reshape(-1, *tiles.shape[3:])
+    extra = tiles.shape[3:]
+    bk, start = plan.block_k, plan.first_diag * plan.block_k
+    if start == plan.m - length and length == plan.n_diag * bk:
+        return rows.reshape(-1, *extra)
+    full = rows.reshape(plan.b, plan.n_diag * bk, plan.h, *extra)
+    lo = max(start, plan.m - length)
+    part = full[:, lo - start:plan.m - start]
+    if lo == plan.m - length:
+        return part.reshape(-1, *extra)
+    out = tiles.new_zeros(plan.b, length, plan.h, *extra)
+    out[:, lo - (plan.m - length):] = part
+    return out.view(-1, *extra)
 
 
-def _key_blocks(rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Token-major key rows ``[B*M*H, D]`` as contiguous key blocks ``[B*H*nkb, block_k, D]`` (zero-padded), the
-    units' gather source."""
-    d = rows.shape[-1]
-    t = rows.view(plan.b, plan.m, plan.h, d).transpose(1, 2)
-    pad = plan.nkb * plan.block_k - plan.m
-    if pad:
-        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
-    return t.reshape(plan.bh * plan.nkb, plan.block_k, d)
+def _unit_keys(src: tuple[torch.Tensor, tuple[int, int, int]], blk: torch.Tensor, klen: int,
+               plan: _Plan) -> torch.Tensor:
+    """The first ``klen`` keys of the key blocks ``blk`` (indices ``(b * H + h) * nkb + key block``) from the rows
+    ``src`` (:func:`~attnzoo.ops.rows.row_view` of ``[B, H, M, D]``): ``[units, klen, D]``."""
+    rows, coef = src
+    g, kb = blk // plan.nkb, blk % plan.nkb
+    pos = kb.view(-1, 1) * plan.block_k + torch.arange(klen, device=blk.device).view(1, -1)
+    idx = row_index(coef, (g // plan.h).view(-1, 1), (g % plan.h).view(-1, 1), pos)
+    return rows.index_select(0, idx.reshape(-1)).view(blk.numel(), klen, rows.shape[-1])
 
 
 def _add_rows(dst: torch.Tensor, slots: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None, units: int,
@@ -197,16 +214,15 @@ class _BlockRoutedFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, scale: float):
         d = q.shape[-1]
-        n, m = plan.n, plan.m
+        n = plan.n
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         neg = float("-inf")
-        q_rows, k_rows, v_rows = _token_rows(q), _token_rows(k), _token_rows(v)
-        kb, vb = _key_blocks(k_rows, plan), _key_blocks(v_rows, plan)
+        q_rows = _token_rows(q)
+        k_src, v_src = row_view(k), row_view(v)
         slots = plan.slots
         if plan.causal:
-            qd = q_rows if plan.diag_all else q_rows * _keep_rows(plan, q.dtype)
-            od, ld = op(_tiles(qd, n, plan), _tiles(k_rows, m, plan), _tiles(v_rows, m, plan), 0.0, True,
-                        scale=scale)
+            qd = q if plan.diag_all else _heads_view(q_rows * _keep_rows(plan, q.dtype), plan.b, plan.h, n)
+            od, ld = op(_tiles(qd, plan), _tiles(k, plan), _tiles(v, plan), 0.0, True, scale=scale)
             l_own = _untile(ld.unsqueeze(-1), n, plan).view(-1)
             if not plan.diag_all:
                 l_own = l_own.masked_fill(~_keep_rows(plan, torch.bool).view(-1), neg)
@@ -214,8 +230,8 @@ class _BlockRoutedFlash(torch.autograd.Function):
         qg = q_rows.index_select(0, slots)
         outs, lses = [], []
         for a, z, units, ln, klen, blk in plan.calls:
-            o, lse = op(qg[a:z].view(1, units, ln, d), kb.index_select(0, blk)[:, :klen].unsqueeze(0),
-                        vb.index_select(0, blk)[:, :klen].unsqueeze(0), 0.0, False, scale=scale)
+            o, lse = op(qg[a:z].view(1, units, ln, d), _unit_keys(k_src, blk, klen, plan).unsqueeze(0),
+                        _unit_keys(v_src, blk, klen, plan).unsqueeze(0), 0.0, False, scale=scale)
             outs.append(o)
             lses.append(lse.reshape(-1))
         lg = (torch.cat(lses) if lses else q.new_zeros(0)).masked_fill(plan.empty, neg)
@@ -233,37 +249,40 @@ class _BlockRoutedFlash(torch.autograd.Function):
         w = torch.exp(lg - lse_safe[slots])
         for (a, z, units, ln, _, _), o in zip(plan.calls, outs):
             _add_rows(out_rows, slots[a:z], o, w[a:z], units, ln)
-        ctx.save_for_backward(q, k, v, kb, vb, out_rows, lse_safe, qg)
+        ctx.save_for_backward(q, k, v, out_rows, lse_safe, qg)
         ctx.plan, ctx.scale = plan, scale
         return _heads_view(out_rows, plan.b, plan.h, n)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, kb, vb, out_rows, lse, qg = ctx.saved_tensors
+        q, k, v, out_rows, lse, qg = ctx.saved_tensors
         plan: _Plan = ctx.plan
         d = q.shape[-1]
-        n, m = plan.n, plan.m
+        b, h, n, m = plan.b, plan.h, plan.n, plan.m
         opb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        q_rows, k_rows, v_rows, do_rows = _token_rows(q), _token_rows(k), _token_rows(v), _token_rows(dout)
+        q_rows, do_rows = _token_rows(q), _token_rows(dout)
+        k_src, v_src = row_view(k), row_view(v)
         if plan.causal:
             keep = None if plan.diag_all else _keep_rows(plan, q.dtype)
-            gq, gk, gv = opb(_tiles(do_rows if keep is None else do_rows * keep, n, plan),
-                             _tiles(q_rows if keep is None else q_rows * keep, n, plan),
-                             _tiles(k_rows, m, plan), _tiles(v_rows, m, plan), _tiles(out_rows, n, plan),
-                             _tiles(lse.view(-1, 1), n, plan).squeeze(-1), 0.0, True, scale=ctx.scale)
-            dq_rows, dk_rows, dv_rows = _untile(gq, n, plan), _untile(gk, m, plan), _untile(gv, m, plan)
-            if not (dq_rows.is_contiguous() and dk_rows.is_contiguous() and dv_rows.is_contiguous()):
-                dq_rows, dk_rows, dv_rows = dq_rows.contiguous(), dk_rows.contiguous(), dv_rows.contiguous()
+            do4 = dout if keep is None else _heads_view(do_rows * keep, b, h, n)
+            q4 = q if keep is None else _heads_view(q_rows * keep, b, h, n)
+            lse4 = _heads_view(lse.view(-1, 1), b, h, n)
+            gq, gk, gv = opb(_tiles(do4, plan), _tiles(q4, plan), _tiles(k, plan), _tiles(v, plan),
+                             _tiles(_heads_view(out_rows, b, h, n), plan), _tiles(lse4, plan).squeeze(-1),
+                             0.0, True, scale=ctx.scale)
+            dq_rows, dk_rows, dv_rows = (_untile(g, length, plan).contiguous()
+                                         for g, length in ((gq, n), (gk, m), (gv, m)))
         else:
-            dq_rows, dk_rows, dv_rows = (torch.zeros_like(t) for t in (q_rows, k_rows, v_rows))
+            dq_rows = q.new_zeros(q_rows.shape)
+            dk_rows, dv_rows = q.new_zeros(b * m * h, d), q.new_zeros(b * m * h, d)
         slots = plan.slots
         dog, og = do_rows.index_select(0, slots), out_rows.index_select(0, slots)
         lg = lse.index_select(0, slots).masked_fill(plan.empty, float("inf"))
         for a, z, units, ln, klen, blk in plan.calls:
             shape4 = (1, units, ln, d)
             gq, gk, gv = opb(dog[a:z].view(shape4), qg[a:z].view(shape4),
-                             kb.index_select(0, blk)[:, :klen].unsqueeze(0),
-                             vb.index_select(0, blk)[:, :klen].unsqueeze(0), og[a:z].view(shape4),
+                             _unit_keys(k_src, blk, klen, plan).unsqueeze(0),
+                             _unit_keys(v_src, blk, klen, plan).unsqueeze(0), og[a:z].view(shape4),
                              lg[a:z].view(1, units, ln), 0.0, False, scale=ctx.scale)
             _add_rows(dq_rows, slots[a:z], gq, None, units, ln)
             key_rows = _key_rows(blk, klen, plan)  # [klen, units]
@@ -272,8 +291,8 @@ class _BlockRoutedFlash(torch.autograd.Function):
                     dst.index_add_(0, key_rows.reshape(-1), grad.transpose(0, 1).reshape(-1, d))
                 else:
                     dst.index_add_(0, key_rows.t().reshape(-1), grad.reshape(-1, d))
-        return (_heads_view(dq_rows, plan.b, plan.h, n), _heads_view(dk_rows, plan.b, plan.h, m),
-                _heads_view(dv_rows, plan.b, plan.h, m), None, None)
+        return (_heads_view(dq_rows, b, h, n), _heads_view(dk_rows, b, h, m), _heads_view(dv_rows, b, h, m),
+                None, None)
 
 
 def block_routed_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,

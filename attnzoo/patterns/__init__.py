@@ -13,7 +13,7 @@ from attnzoo.patterns.grid import Neighborhood
 from attnzoo.patterns.grid_bias import GridRelativeBias
 from attnzoo.patterns.local import ElasticWindow, HeadSharded, SegmentMask, ShiftedGroups
 from attnzoo.patterns.masks import Causal, DilatedWindow, Full, GlobalTokens, PrefixLM, SlidingWindow
-from attnzoo.patterns.routed import GatheredCausal
+from attnzoo.patterns.routed import QueryRouted
 from attnzoo.patterns.score_mods import (
     ALiBi,
     Bias,
@@ -31,8 +31,8 @@ from attnzoo.patterns.windows import GridPartition, QuerySubset, WindowPartition
 
 __all__ = [
     "ALiBi", "Adjacency", "And", "Bias", "Causal", "Chain", "Custom", "CustomScore", "DilatedWindow", "Document",
-    "ElasticWindow", "Full", "GatheredCausal", "GlobalTokens", "GridPartition", "GridRelativeBias", "HeadSharded",
-    "KeyPadding", "Neighborhood", "Not", "Or", "Pattern", "PerHead", "PrefixLM", "QuerySubset",
+    "ElasticWindow", "Full", "GlobalTokens", "GridPartition", "GridRelativeBias", "HeadSharded",
+    "KeyPadding", "Neighborhood", "Not", "Or", "Pattern", "PerHead", "PrefixLM", "QueryRouted", "QuerySubset",
     "RelativePositionBias", "ScoreMod", "SegmentMask", "Shape", "ShiftedGroups", "SlidingWindow", "SoftCap",
     "TilePlan", "WindowPartition", "alibi_slopes", "as_score_mod",
 ]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnzoo.ops.routed import blocks_from_index, key_routing_mask
+from attnzoo.ops.routed import Routing, blocks_from_index, key_routing_mask
 from attnzoo.patterns.routed import (
     BlockRouted,
     block_routed_attention,
     explain_key_routed,
     explain_routed,
     key_routed_attention,
+    routed_attention,
 )
 
 
@@ -118,10 +119,16 @@ def test_blocks_from_index():
 def test_explain_covers_routed_attention():
     q, k, v = (t.detach().float() for t in _qkv(n=256, m=256, d=32))
     per_query = torch.rand(2, 3, 256, 4) < 0.3
-    assert explain_routed(q, k, v, per_query, block_q=1, block_k=64).startswith("backend: gather")
+    assert explain_routed(q, k, v, Routing("blocks", per_query, 1, 64)).startswith("backend: gather")
+    keys = torch.arange(4).expand(2, 3, 256, 4).contiguous()
+    assert explain_routed(q, k, v, Routing("keys", keys), causal=True).startswith("backend: gather (the routing")
+    padded = torch.ones(2, 256, dtype=torch.bool)
+    padded[0, -5:] = False
+    text = explain_routed(q, k, v, Routing("blocks", per_query, 1, 64), keep=padded)
+    assert "attnzoo.attention's choice; key padding" in text
     q, k, v = (torch.zeros(2, 3, 1024, 32) for _ in range(3))
     tiles = torch.eye(16, dtype=torch.bool).expand(2, 3, 16, 16)
-    text = explain_routed(q, k, v, tiles, block_q=64, block_k=64, causal=True)
+    text = explain_routed(q, k, v, Routing("blocks", tiles, 64, 64), causal=True)
     assert "backend: blocksparse" in text and "flex" in text
 
 
@@ -194,6 +201,7 @@ def _as_lists(blocks):
 
 @pytest.mark.parametrize("n,m,block_k,causal,own", [
     (5, 29, 8, True, False),
+    (12, 29, 8, True, True),    # chunked decoding: the queries straddle two key blocks
     (32, 32, 8, True, True),
     (32, 32, 8, True, False),
     (29, 31, 8, False, False),
@@ -252,6 +260,8 @@ def test_key_routing_auto_runs_dense_routings_of_small_calls_densely(monkeypatch
     dense_keys = torch.stack([torch.randperm(32, generator=g)[:12] for _ in range(2 * 3 * 32)]).view(2, 3, 32, 12)
     sparse_keys = dense_keys[..., :1].clone()
     sparse_keys[:, :, ::2] = -1  # 1 key for half the queries: 1/64 of the pairs, below the density threshold
+    assert "< KEY_DENSE_MIN_QUERIES" in routed.explain_key_routed(q, k, v, dense_keys)  # 32 queries: gather
+    monkeypatch.setattr(routed, "KEY_DENSE_MIN_QUERIES", 32)
     assert routed.explain_key_routed(q, k, v, dense_keys).startswith("backend: dense mask")
     assert "< KEY_DENSE_MIN_DENSITY" in routed.explain_key_routed(q, k, v, sparse_keys)
     for keys in (dense_keys, sparse_keys):
@@ -382,3 +392,33 @@ def test_flex_block_mask_of_a_routing_comes_from_its_layout(causal):
     ref = block_routed_attention(q, k, v, blocks, block_q=32, block_k=64, causal=causal, backend="reference")
     out = block_routed_attention(q, k, v, blocks, block_q=32, block_k=64, causal=causal, backend="flex")
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind,backend", [("keys", "gather"), ("keys", "sdpa"), ("blocks", "auto"),
+                                          ("blocks", "blocksparse")])
+def test_key_padding_on_every_routing_kind(kind, backend):
+    """``keep`` pads keys for key and block routings too (the one op's argument), equal to the reference."""
+    q, k, v = _qkv(n=21, m=21)
+    g = torch.Generator().manual_seed(7)
+    if kind == "keys":
+        routing = Routing("keys", torch.stack([torch.randperm(21, generator=g)[:5] for _ in range(2 * 3 * 21)])
+                          .view(2, 3, 21, 5))
+    else:
+        routing = Routing("blocks", torch.rand(2, 3, 21, 3, generator=g) < 0.5, 1, 8)
+    keep = torch.rand(2, 21, generator=g) < 0.7
+    ref = routed_attention(q, k, v, routing, causal=True, keep=keep, backend="reference")
+    out = routed_attention(q, k, v, routing, causal=True, keep=keep, backend=backend)
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+
+
+def test_arguments_a_routing_cannot_take_are_refused():
+    q, k, v = _qkv(n=8, m=8)
+    blocks = Routing("blocks", torch.ones(2, 3, 8, 2, dtype=torch.bool), 1, 4)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, 0] = False
+    with pytest.raises(ValueError, match="keep: the gather path of a block routing"):
+        routed_attention(q, k, v, blocks, keep=keep, backend="gather")
+    with pytest.raises(ValueError, match="chunk: only a 'queries' routing"):
+        routed_attention(q, k, v, blocks, chunk=4)

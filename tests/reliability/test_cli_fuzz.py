@@ -74,7 +74,8 @@ def _base(places) -> dict[str, list[str]]:
     s = places["store"]
     return {
         "list": ["list"], "info": ["info", "mha"], "explain": ["explain"], "tour": ["tour"],
-        "compare": ["compare", "--no-report", "--no-speed", "--store", s, "--no-progress"],
+        # --no-estimate: the estimate times real training steps, and on a loaded machine refuses a long run
+        "compare": ["compare", "--no-report", "--no-speed", "--no-estimate", "--store", s, "--no-progress"],
         "train": ["train", "--store", s, "--no-progress"],
         "bench speed": ["bench", "speed", "--store", s, "--lengths", "32", "--no-progress"],
         "bench cab": ["bench", "cab", "--mixers", "mha"],

@@ -18,7 +18,7 @@ from attnzoo.layers.base import (
 )
 from attnzoo.layers.dense_multihead._common import FAMILY, MIXER_SUPPORT, rand_x
 from attnzoo.ops import attention
-from attnzoo.ops.routed import GATHER_CHUNK, gather_pays, gather_routes
+from attnzoo.ops.routed import GATHER_CHUNK, Routing, gather_pays, gather_routes
 from attnzoo.patterns.routed import routed_attention
 from attnzoo.registry import Reduction, register
 
@@ -44,13 +44,15 @@ class MixtureOfHeads(MultiHeadAttention):
     ``dispatch``: ``"dense"`` computes every head and multiplies the unselected ones by 0
     (what the reference code does). ``"gather"`` skips them: each routed head gathers the
     tokens that picked it (``C ≈ N·top_k/(n_heads − n_shared)`` of them), projects only
-    their queries, attends them to all keys (causality through their true positions) and
-    scatters ``g·O_h W_O^h`` back; shared heads stay dense. ``"auto"`` (default) gathers
-    when ``top_k/(n_heads − n_shared) <= 0.4`` and the call has at least 256 query tokens,
-    which is where ``benchmarks/bench_moh.py`` measured it paying off on CPU (1.0-2.2x less
-    CPU time at fraction <= 1/3; mixed at 1/2, slower at 2/3; see benchmarks/RESULTS.md). The gather
-    path needs ``router="moh"``, no ``pattern``/``score_mod``, ``rope`` or no q/k transform,
-    and no weights capture; otherwise the dense path runs. Both give the same output.
+    their queries, attends them to all keys as a ``"queries"`` routing of the routed-attention op
+    (:func:`attnzoo.patterns.routed.routed_attention`: causality through their true positions, the
+    op's backends and float64 reference) and scatters ``g·O_h W_O^h`` back; shared heads stay
+    dense. ``"auto"`` (default) gathers when ``top_k/(n_heads − n_shared) <= 0.4`` and the
+    call has at least 256 query tokens, which is where ``benchmarks/bench_moh.py`` measured it
+    paying off on CPU (1.0-2.2x less CPU time at fraction <= 1/3; mixed at 1/2, slower at 2/3;
+    see benchmarks/RESULTS.md). The gather path needs ``router="moh"``, no
+    ``pattern``/``score_mod``, ``rope`` or no q/k transform, and no weights capture; otherwise
+    the dense path runs. Both give the same output.
     """
 
     last_call_outputs = ("captured", "aux_loss")  # the router's load-balancing loss of the last call
@@ -151,7 +153,6 @@ class MixtureOfHeads(MultiHeadAttention):
         if cache is not None:
             k, v, keep = cache.append(k, v, keep)
             cache.advance(n)
-        off = k.shape[2] - n  # key index of query 0
         gates = self.route(x)  # [B, N, H]
         if head_mask is not None:
             xi = head_mask.to(gates.dtype)
@@ -177,9 +178,10 @@ class MixtureOfHeads(MultiHeadAttention):
                 q_g = q_g + bq[s:].view(1, r, 1, d)
             if rope is not None:
                 q_g = rope.rotate(q_g, idx + pos)
-            z_g = routed_attention(q_g, self._kv_for(k, range(s, h)), self._kv_for(v, range(s, h)),
-                                   torch.where(valid, idx + off, torch.full_like(idx, -1)), causal=causal, keep=keep,
-                                   scale=self.scale, backend=self.backend, chunk=self.gather_chunk)
+            routing = Routing("queries", torch.where(valid, idx, torch.full_like(idx, -1)), n_queries=n)
+            z_g = routed_attention(q_g, self._kv_for(k, range(s, h)), self._kv_for(v, range(s, h)), routing,
+                                   causal=causal, keep=keep, scale=self.scale, backend=self.backend,
+                                   chunk=self.gather_chunk)
             w_g = gates[..., s:].gather(1, idx.transpose(1, 2)).transpose(1, 2) * valid  # [B, R, C]
             wo_r = wo[:, s * d:].reshape(-1, r, d).permute(1, 2, 0)  # [R, D, C_out]
             contrib = torch.einsum("brcd,rde->brce", z_g * w_g.unsqueeze(-1).to(z_g.dtype), wo_r)

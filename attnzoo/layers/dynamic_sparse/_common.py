@@ -11,33 +11,20 @@ import torch
 from attnzoo.layers.base import Call, MultiHeadAttention
 from attnzoo.layers.testing import random_tokens
 from attnzoo.ops import attention
-from attnzoo.ops.routed import as_block_mask, block_routing_mask, causal_allow, key_routing_mask
-from attnzoo.patterns.routed import DenseRouted, block_routed_attention, key_routed_attention
+from attnzoo.ops.routed import Routing, causal_allow
+from attnzoo.patterns.routed import (
+    DenseRouted,
+    block_routed_attention,
+    explain_key_routed,
+    explain_routed,
+    key_routed_attention,
+)
 
 FAMILY = "dynamic-sparse"
 SMALL = {"dim": 32, "n_heads": 4}
 SUPPORT = {"self", "causal", "padding", "decoding"}
 
 rand_x = partial(random_tokens, n=12)  # the family's reduction inputs [2, 12, 32]
-
-
-class Routing:
-    """A routing of one call: ``kind="blocks"`` (bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]``, or int64 block
-    lists ``[B, H, ceil(N/block_q), K]`` of key-block indices, -1 empty) or ``kind="keys"`` (int64
-    ``[B, H, ceil(N/block_q), K]``, -1 empty: the keys of every query, or of every block of ``block_q`` queries)."""
-
-    def __init__(self, kind: str, index: torch.Tensor, block_q: int = 1, block_k: int = 1) -> None:
-        self.kind, self.index, self.block_q, self.block_k = kind, index, block_q, block_k
-
-    def block_mask(self, n_kv: int) -> torch.Tensor:
-        """A block routing as bool ``[B, H, ceil(N/block_q), ceil(M/block_k)]`` (whichever form it was made in)."""
-        return as_block_mask(self.index, -(-n_kv // self.block_k))
-
-    def dense(self, n_q: int, n_kv: int, causal: bool) -> torch.Tensor:
-        """Bool ``[B, H, N, M]``: the pairs this routing (and causality) allows."""
-        if self.kind == "keys":
-            return key_routing_mask(self.index, n_kv, causal, self.block_q, n_q)
-        return block_routing_mask(self.index, n_q, n_kv, self.block_q, self.block_k, causal)
 
 
 class RoutedMixer(MultiHeadAttention):
@@ -65,6 +52,21 @@ class RoutedMixer(MultiHeadAttention):
 
     def route(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, call: Call | None) -> Routing:
         raise NotImplementedError
+
+    def explain(self, x: torch.Tensor, *, causal: bool = False) -> str:
+        """Which routed-attention backend a call ``self(x, causal=causal)`` runs, and why (text): the call's
+        routing is computed (``x`` ``[B, N, C]``, no padding) and handed to :func:`explain_routed` or
+        :func:`explain_key_routed`. ``backend`` other than ``"auto"`` is reported as forced."""
+        with torch.no_grad():
+            q, k, v = self.project(x, x)
+            routing = self.route(q, k, None, Call(x=x, src=x, causal=causal))
+        head = f"{type(self).__name__}: {routing.kind} routing"
+        if self.backend not in (None, "auto"):
+            return f"{head}; backend forced to {self.backend!r} by the module"
+        if routing.kind == "keys":
+            return f"{head}; " + explain_key_routed(q, k, v, routing.index, block_q=routing.block_q)
+        return f"{head}; " + explain_routed(q, k, v, routing.index, block_q=routing.block_q,
+                                            block_k=routing.block_k, causal=causal)
 
     def top_k_limit(self, n_keys: int) -> tuple[int, int, str] | None:
         """``(top_k, available, what)`` for a call with ``n_keys`` keys, checked by :func:`check_top_k_fits`

@@ -55,7 +55,7 @@ class MoBA(RoutedMixer):
     def route(self, q, k, keep, call):
         n, m = q.shape[2], k.shape[2]
         causal = bool(call is not None and call.causal)
-        means, valid = block_means(k, self.block_size, keep)
+        means, valid = self._block_means(k, keep, call)
         scores = q @ means.transpose(-1, -2)  # [B, H, N, nb]
         nb = means.shape[2]
         if not bool(valid.all()):
@@ -65,6 +65,23 @@ class MoBA(RoutedMixer):
             own = (query_positions(n, m, q.device) // self.block_size).view(-1, 1)
             scores.masked_fill_(blk > own, float("-inf")).masked_fill_(blk == own, float("inf"))
         return Routing("blocks", top_k_lists(scores, self.top_k), 1, self.block_size)
+
+    def _block_means(self, k: torch.Tensor, keep: torch.Tensor | None, call) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`block_means`; while decoding with a KV cache (no padding), the means of the completed blocks are
+        kept in the cache's state and only the blocks after them are averaged (a step reads ``O(block_size)``
+        keys, not the whole cache)."""
+        cache = call.cache if call is not None else None
+        if cache is None or keep is not None:
+            return block_means(k, self.block_size, keep)
+        m, bs = k.shape[2], self.block_size
+        done, kept = cache.state.get("moba_block_means", (0, None))
+        if kept is None or done * bs > m or kept.shape[:2] != k.shape[:2]:
+            done, kept = 0, k.new_zeros(*k.shape[:2], 0, k.shape[-1])
+        tail, _ = block_means(k[:, :, done * bs:], bs, None)
+        means = torch.cat([kept, tail], 2)
+        complete = m // bs
+        cache.state["moba_block_means"] = (complete, means[:, :, :complete])
+        return means, torch.ones(k.shape[0], means.shape[2], dtype=torch.bool, device=k.device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}, top_k={self.top_k}"
