@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from attnzoo.bench.models import build_mixer, check_mixer, mixer_kwargs_for
+from attnzoo.bench.variants import merge_kwargs, parse_mixer
 from attnzoo.registry import Reduction, register
 
 __all__ = ["CAB_PATTERNS", "CABContract", "declared_patterns", "check"]
@@ -131,6 +132,8 @@ def check(slug: str, *, dim: int = 32, n: int = 12, m: int = 7, batch: int = 2, 
     whose CAB inputs do not fit its contract, with the reason, in ``cab_not_applicable`` (a class attribute, or a
     property when it depends on the module's configuration)."""
     spec = check_mixer(slug)
+    if "[" in slug:  # a variant label (moba[top_k=1]): its entry with its arguments
+        mixer_kwargs = merge_kwargs(parse_mixer(slug), mixer_kwargs or {})
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, dim, generator=g, dtype=torch.float64)
     ctx = torch.randn(batch, m, dim, generator=g, dtype=torch.float64)

@@ -126,6 +126,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cols, rows = res.leaderboard
     if cols:
         _table(f"leaderboard ({preset or task.label()}, session {res.session})", cols, rows)
+    rcols, rrows = res.recall
+    if rrows:
+        _table("recall lost against mha (same task and width)", rcols, rrows)
     for note in res.notes:
         print(f"note: {note}")
     print(f"results: {res.store}" + (f"; report: {res.report}" if res.report else ""))
@@ -149,7 +152,8 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--task-arg", action="append", type=_kv, metavar="KEY=VALUE",
                    help="an option of --task, e.g. max_bag=64 (repeatable; default: the task's defaults)")
     p.add_argument("--mixers", "--poolers", dest="mixers", nargs="+", metavar="SLUG",
-                   help="mixers to compare, poolers on a bag task (default: the preset's)")
+                   help="mixers to compare, poolers on a bag task (default: the preset's); a slug or a variant "
+                        "SLUG[KEY=VALUE,...] (e.g. 'moba[top_k=1]'), stored and reported under its label")
     p.add_argument("--mixer-arg", "--pooler-arg", dest="mixer_arg", action="append", metavar="MIXER:KEY=VALUE",
                    help="an argument for one mixer or pooler, e.g. sliding_window:window=32 (repeatable; default: "
                         "none)")

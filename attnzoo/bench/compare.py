@@ -17,6 +17,14 @@ Presets:
   two learning rates, and the speed sweep. Long; meant for a GPU.
 - ``pooling``: the P1/P2 poolers in a bag classifier on the MIL bags and the set maximum
   (:mod:`attnzoo.bench.pooling_tasks`): accuracy, bag AUC and localisation AUC (minutes on 2 cores).
+- ``routing``: how much recall content routing loses: the quick preset's MQAR (64, 4) run with ``mha`` next
+  to the variants ``moba[top_k=1]`` .. ``moba[top_k=3]`` (blocks of 4, so the pairs span two blocks none of
+  the queries' own) and ``topk_attention[top_k=1]`` .. ``topk_attention[top_k=8]``, seeds 0 and 1 (about
+  25 minutes on an idle 2-core CPU). The report's "Recall lost against mha" table has the difference per variant.
+
+Mixers are slugs or *variants*: one entry at fixed arguments, ``SLUG[KEY=VALUE,...]`` such as
+``moba[top_k=1]`` (:mod:`attnzoo.bench.variants`); the label is what the store, leaderboard and report show,
+the run's configuration records the entry and every argument it was built with.
 
 Instead of a preset, ``task=`` (``attnzoo compare --task NAME --task-arg KEY=VALUE``) runs one task
 of :data:`~attnzoo.bench.tasks.TASKS` with its own recipe (:func:`task_preset`): the given mixers, or
@@ -41,11 +49,12 @@ import torch
 
 from attnzoo.bench.models import build_mixer, check_entry, mixer_kwargs_for, mixer_slugs, pooler_slugs
 from attnzoo.bench.pooling_tasks import MILBags, SetMaximum
-from attnzoo.bench.report import build_report, leaderboard
+from attnzoo.bench.report import build_report, leaderboard, recall_table
 from attnzoo.bench.speed import SpeedConfig, config_dict, run_speed
 from attnzoo.bench.store import DEFAULT_STORE, environment, open_store
 from attnzoo.bench.tasks import MQAR, ICLLinearRegression, Induction, ListOps, SelectiveCopy, Task
 from attnzoo.bench.train import TrainConfig, dist_info, pick_device, secondary_text, train
+from attnzoo.bench.variants import merge_kwargs, parse_mixer
 
 __all__ = ["POOLING_POOLERS", "PRESETS", "QUICK_MIXERS", "Preset", "Setting", "get_preset", "resolve_mixers",
            "run_compare", "task_preset"]
@@ -94,6 +103,8 @@ class Preset:
     early_stop: float | None = 0.99
     warmup_steps: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
+    # per-entry arguments of this preset, over MIXER_DEFAULTS (a variant's own arguments still win)
+    mixer_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _quick() -> Preset:
@@ -156,6 +167,32 @@ def _full() -> Preset:
                   n_heads=2)
 
 
+# MQAR puts its key-value pairs first: (64, 4) is ``k1 v1 .. k4 v4`` at positions 0-7, then the queries and
+# filler at 8-63. With moba's preset block of 16 every pair sits in block 0, next to several queries; a query's
+# routing then has only one block worth picking, and the comparison says little. Blocks of 4 put the pairs in
+# blocks 0 and 1 and the queries in blocks 2-15: under causality a query's own block (always attended, top_k
+# counts it) never holds a pair, so top_k=1 cannot recall (the floor), top_k=2 must route to the one block of
+# the two that holds its key (among up to 15 earlier ones), top_k=3 can hold both pair blocks but must still
+# prefer them to the filler and query blocks. topk_attention keeps k of up to 64 keys per query: a query needs
+# one value (and the first layer the key before it); at top_k=1 its q and k get no gradient (a softmax over one
+# key is constant), so its selection is never trained.
+ROUTING_MIXERS = ("mha", "moba[top_k=1]", "moba[top_k=2]", "moba[top_k=3]", "topk_attention[top_k=1]",
+                  "topk_attention[top_k=2]", "topk_attention[top_k=4]", "topk_attention[top_k=8]")
+ROUTING_BLOCK_SIZE = 4
+
+
+def _routing() -> Preset:
+    # The quick preset's MQAR (64, 4) run (width 64, 1000 steps, early stop at 0.99), where mha reaches 0.99,
+    # with routed variants next to it; two seeds; no speed sweep (bench_dynamic_sparse.py measures speed).
+    settings = [
+        Setting(MQAR.paper(64), batch_size=64, n_train=16_000, n_test=500, max_steps=1000, eval_every=100),
+    ]
+    return Preset("routing", f"MQAR (64, 4) at width 64: how much recall routing loses against mha: moba (blocks "
+                  f"of {ROUTING_BLOCK_SIZE}, top_k 1-3) and topk_attention (top_k 1-8), 1000 steps, 2 seeds",
+                  settings, dims=[64], lrs=[3e-3], seeds=[0, 1], candidates=ROUTING_MIXERS,
+                  mixer_defaults={"moba": {"block_size": ROUTING_BLOCK_SIZE}})
+
+
 def _bag_setting(task: Task) -> Setting:
     return Setting(task, batch_size=64, n_train=4000, n_test=500, max_steps=300, eval_every=100)
 
@@ -175,7 +212,7 @@ def _pooling() -> Preset:
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"quick": _quick, "zoology": _zoology, "zoology-cpu": _zoology_cpu,
-                                             "full": _full, "pooling": _pooling}
+                                             "full": _full, "pooling": _pooling, "routing": _routing}
 
 
 def task_preset(task: Task) -> Preset:
@@ -204,24 +241,27 @@ def get_preset(name: str) -> Preset:
 
 
 def resolve_mixers(preset: Preset, mixers: list[str] | None) -> tuple[list[str], list[str]]:
-    """(mixers to run, notes). Explicit ``mixers`` must all be valid for every task (else ``ValueError``):
-    token mixers for sequence tasks, poolers for bag tasks (:func:`~attnzoo.bench.models.check_entry`);
-    by default the preset's candidates that are registered and can run its tasks."""
+    """(mixers to run, notes). Explicit ``mixers`` (slugs or variant labels such as ``moba[top_k=1]``,
+    :mod:`attnzoo.bench.variants`, returned in their canonical spelling, duplicates dropped) must all be valid
+    for every task (else ``ValueError``): token mixers for sequence tasks, poolers for bag tasks
+    (:func:`~attnzoo.bench.models.check_entry`); by default the preset's candidates that are registered and can
+    run its tasks (a candidate variant whose entry is not registered is left out with a note)."""
     tasks = [s.task for s in preset.settings]
     notes: list[str] = []
     if mixers:
         seen = []
         for m in mixers:
+            label = parse_mixer(m).label
             for task in tasks:
-                check_entry(m, task)
-            if m not in seen:
-                seen.append(m)
+                check_entry(label, task)
+            if label not in seen:
+                seen.append(label)
         return seen, notes
     pool = mixer_slugs() if preset.all_mixers else list(preset.candidates)
     registered = set(mixer_slugs()) | set(pooler_slugs())
     chosen = []
     for m in pool:
-        if m not in registered:
+        if m.partition("[")[0] not in registered:
             notes.append(f"{m}: not registered in this build, left out")
             continue
         try:
@@ -239,31 +279,56 @@ def resolve_mixers(preset: Preset, mixers: list[str] | None) -> tuple[list[str],
     return chosen, notes
 
 
-def _mixer_kwargs(mixer: str, n_heads: int, extra: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+def _mixer_kwargs(mixer: str, n_heads: int, extra: dict[str, dict[str, Any]] | None,
+                  preset_defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every argument ``mixer`` (a slug or variant label) is built with: :data:`MIXER_DEFAULTS` of its entry,
+    the preset's ``mixer_defaults`` for it, its label's arguments, ``extra`` given for its slug or its label (a
+    value that differs from the label's is a ``ValueError``: the label would not say what ran), and ``n_heads``
+    unless one of those sets it."""
     import attnzoo
 
-    spec = attnzoo.spec(mixer)
+    variant = parse_mixer(mixer)
+    spec = attnzoo.spec(variant.slug)
     accepted = spec.accepted_arguments()
-    defaults = {k: v for k, v in MIXER_DEFAULTS.get(mixer, {}).items() if accepted is None or k in accepted}
-    return mixer_kwargs_for(mixer, n_heads=n_heads, extra={**defaults, **((extra or {}).get(mixer) or {})})
+    defaults = {k: v for k, v in {**MIXER_DEFAULTS.get(spec.slug, {}), **(preset_defaults or {}).get(spec.slug, {})
+                                  }.items() if accepted is None or k in accepted}
+    given: dict[str, Any] = {}
+    for name, kw in (extra or {}).items():  # a label may be spelled differently where its arguments are given
+        if name == variant.slug or ("[" in name and parse_mixer(name).label == variant.label):
+            given.update(kw or {})
+    return mixer_kwargs_for(variant.slug, n_heads=n_heads, extra={**defaults, **merge_kwargs(variant, given)})
 
 
 def _preflight(mixers: list[str], kwargs_of: dict[str, dict[str, Any]], p: Preset) -> None:
     """Build every mixer (or pooler) at every width (and as the speed sweep will) so a bad argument fails
-    before training."""
+    before training, and run each token mixer once on a zero sequence of every task's length (as its model
+    will: causal in a language model) so an argument the task's length cannot honour (a ``top_k`` above the
+    keys or blocks of the sequence) fails before training too."""
     import attnzoo
 
     for m in mixers:
+        slug = parse_mixer(m).slug
         builds = [(dim, dict(kwargs_of[m])) for dim in p.dims]
         if p.speed is not None:
             rest = {k: v for k, v in kwargs_of[m].items() if k != "n_heads"}
-            builds.append((p.speed.dim, mixer_kwargs_for(m, n_heads=p.speed.n_heads, extra=rest)))
-        pooler = attnzoo.spec(m).type == "pooler"
-        for dim, kw in builds:
+            builds.append((p.speed.dim, mixer_kwargs_for(slug, n_heads=p.speed.n_heads, extra=rest)))
+        pooler = attnzoo.spec(slug).type == "pooler"
+        for i, (dim, kw) in enumerate(builds):
             try:
-                attnzoo.create(m, dim=dim, **kw) if pooler else build_mixer(m, dim, **kw)
+                module = attnzoo.create(slug, dim=dim, **kw) if pooler else build_mixer(slug, dim, **kw)
             except Exception as e:
                 raise ValueError(f"mixer {m!r} cannot be built at width {dim} with {kw}: {e}") from None
+            if pooler or i >= len(p.dims):
+                continue
+            for s in p.settings:
+                if s.task.kind == "bag":
+                    continue
+                try:
+                    with torch.no_grad():
+                        module(torch.zeros(1, s.task.seq_len, dim), causal=s.task.kind in ("lm", "regress"))
+                except ValueError as e:
+                    raise ValueError(f"mixer {m!r} with {kw} cannot run {s.task.label()} (length "
+                                     f"{s.task.seq_len}): {e}") from None
 
 
 def _session_id(preset: str) -> str:
@@ -279,6 +344,8 @@ class CompareResult:
     leaderboard: tuple[list[str], list[list[str]]]
     wall_s: float
     notes: list[str]
+    # recall lost against mha at the same task and width (report.recall_table); empty without mha or others
+    recall: tuple[list[str], list[list[str]]] = ([], [])
 
 
 LONG_RUN_S = 3600.0  # a CPU run estimated longer than this needs ``yes=True`` (``--yes``)
@@ -375,7 +442,7 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
     p = _apply_overrides(resolve_preset(preset, task), overrides or {})
     command = f"attnzoo compare --task {task.name}" if task is not None else f"attnzoo compare --preset {p.name}"
     chosen, notes = resolve_mixers(p, mixers)          # every check before any work
-    kwargs_of = {m: _mixer_kwargs(m, p.n_heads, mixer_kwargs) for m in chosen}
+    kwargs_of = {m: _mixer_kwargs(m, p.n_heads, mixer_kwargs, p.mixer_defaults) for m in chosen}
     _preflight(chosen, kwargs_of, p)
     check_time_budgets(p)
     for s_ in p.settings:
@@ -412,11 +479,15 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
             say(f"{task.label()}: generated {setting.n_train} + {setting.n_test} examples in "
                 f"{time.perf_counter() - t0:.1f} s")
             for mixer in chosen:
+                slug = parse_mixer(mixer).slug
+                # the store, the leaderboard and the report name the run by its label; its configuration
+                # records the entry and every argument it was built with
+                label_cfg = {"label": mixer, "variant_kwargs": parse_mixer(mixer).kwargs}
                 for dim in p.dims:
                     for lr in p.lrs:
                         for seed in p.seeds:
                             k += 1
-                            cfg = TrainConfig(mixer=mixer, mixer_kwargs=kwargs_of[mixer], dim=dim, n_layers=p.n_layers,
+                            cfg = TrainConfig(mixer=slug, mixer_kwargs=kwargs_of[mixer], dim=dim, n_layers=p.n_layers,
                                               lr=lr, batch_size=setting.batch_size, epochs=setting.epochs,
                                               max_steps=setting.max_steps, n_train=setting.n_train,
                                               n_test=setting.n_test, eval_every=setting.eval_every,
@@ -431,7 +502,8 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
                                 notes.append(f"{task.label()} {mixer} d={dim} lr={lr:g} failed: {msg}")
                                 if db is not None:
                                     db.add_run(kind="train", task=task.label(), mixer=mixer, session=session,
-                                               config={**asdict(cfg), "task": task.config(), "preset": p.name},
+                                               config={**asdict(cfg), **label_cfg, "task": task.config(),
+                                                       "preset": p.name},
                                                metrics={"metric": task.metric, "higher_is_better":
                                                         task.higher_is_better, task.metric: None, "error": msg},
                                                env=environment(device))
@@ -444,7 +516,7 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
                                 + (", time budget" if m.get("stopped_by_time") else "") + ")")
                             if db is not None:
                                 db.add_run(kind="train", task=task.label(), mixer=mixer, session=session,
-                                           config={**res.config, "task": res.task, "preset": p.name,
+                                           config={**res.config, **label_cfg, "task": res.task, "preset": p.name,
                                                    "world_size": res.world_size},
                                            metrics=m, curves=res.curves, env=environment(res.device))
         if rank == 0 and speed and p.speed is not None:
@@ -462,10 +534,12 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
                            metrics={"points": len(points)}, speed=points, env=environment(scfg.device))
         report_path = None
         board: tuple[list[str], list[list[str]]] = ([], [])
+        recall: tuple[list[str], list[list[str]]] = ([], [])
         if db is not None:
             runs = db.runs(kind="train", session=session)
             points = db.speed_points(session=session)
             board = leaderboard(runs, points)
+            recall = recall_table(runs)
             cut = [r for r in runs if r["metrics"].get("stopped_by_time")]
             if cut:
                 notes.append(f"{len(cut)} of {len(runs)} training runs hit their time budget before their step "
@@ -479,7 +553,7 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
         if db is not None:
             db.close()
     return CompareResult(session=session, store=store_path, report=report_path, leaderboard=board,
-                         wall_s=time.perf_counter() - started, notes=notes)
+                         wall_s=time.perf_counter() - started, notes=notes, recall=recall)
 
 
 def resolve_preset(preset: str | None, task: Task | None) -> Preset:

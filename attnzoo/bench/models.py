@@ -27,6 +27,7 @@ from torch import nn
 
 import attnzoo
 from attnzoo.bench.tasks import Task
+from attnzoo.bench.variants import merge_kwargs, parse_mixer
 from attnzoo.contracts import TOKEN_MIXER, hosted
 
 __all__ = ["BagClassifier", "Block", "EncoderClassifier", "SmallCNN", "TinyDiT", "TinyLM", "build_mixer",
@@ -51,7 +52,10 @@ def mixer_slugs() -> list[str]:
 
 def check_mixer(slug: str, needs: frozenset[str] | set[str] = frozenset(), *, what: str = "this task") -> Any:
     """The entry's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown, cannot act as a token
-    mixer, or does not declare every capability in ``needs`` (e.g. ``{"causal"}``)."""
+    mixer, or does not declare every capability in ``needs`` (e.g. ``{"causal"}``). ``slug`` may be a variant
+    label (``moba[top_k=1]``, :mod:`attnzoo.bench.variants`): its entry is checked, its arguments parsed."""
+    if isinstance(slug, str) and "[" in slug:
+        return check_mixer(parse_mixer(slug).slug, needs, what=what)
     valid = mixer_slugs()
     try:
         spec = attnzoo.spec(slug)
@@ -87,7 +91,10 @@ def _bag_tasks() -> list[str]:
 
 
 def check_pooler(slug: str, *, what: str = "a bag task") -> Any:
-    """The entry's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown or not a pooler."""
+    """The entry's :class:`~attnzoo.registry.Spec`; ``ValueError`` if it is unknown or not a pooler (a variant
+    label, ``abmil[attn_dim=16]``, is checked as its entry)."""
+    if isinstance(slug, str) and "[" in slug:
+        return check_pooler(parse_mixer(slug).slug, what=what)
     valid = pooler_slugs()
     try:
         spec = attnzoo.spec(slug)
@@ -114,8 +121,12 @@ def build_mixer(slug: str, dim: int, **kwargs: Any) -> nn.Module:
     factory builds its mixer); for a score modifier, the entry built from ``kwargs`` inside a host
     :class:`~attnzoo.layers.MultiHeadAttention` of width
     ``dim`` (``n_heads`` and ``backend`` go to the host; ``head_dim``/``n_heads`` are passed on to the
-    entry when it takes them). Unknown arguments raise ``ValueError`` naming the accepted ones."""
+    entry when it takes them). Unknown arguments raise ``ValueError`` naming the accepted ones. A variant label
+    (``moba[top_k=1]``) builds its entry with its arguments and ``kwargs`` (a clash is a ``ValueError``)."""
     spec = check_mixer(slug)
+    if "[" in slug:
+        variant = parse_mixer(slug)
+        slug, kwargs = variant.slug, merge_kwargs(variant, kwargs)
     try:
         if not hosted(spec):
             return attnzoo.create(slug, dim=dim, **kwargs)
@@ -136,8 +147,12 @@ def build_mixer(slug: str, dim: int, **kwargs: Any) -> nn.Module:
 
 
 def mixer_kwargs_for(slug: str, *, n_heads: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``extra``, plus ``n_heads`` when the mixer (or the host of a pattern) takes it and ``extra`` does not set it."""
+    """``extra``, plus ``n_heads`` when the mixer (or the host of a pattern) takes it and ``extra`` does not set it.
+    For a variant label (``mha[n_heads=2]``) its own arguments count as set (and are included)."""
     kwargs = dict(extra or {})
+    if "[" in slug:
+        variant = parse_mixer(slug)
+        slug, kwargs = variant.slug, merge_kwargs(variant, kwargs)
     spec = attnzoo.spec(slug)
     accepted = spec.accepted_arguments()
     takes = hosted(spec) or accepted is None or "n_heads" in accepted
@@ -386,8 +401,9 @@ class BagClassifier(nn.Module):
             layers += [nn.ReLU(), *([nn.Dropout(dropout)] if dropout else []), nn.Linear(dim, dim)]
         self.encoder = nn.Sequential(*layers)
         self.embed_drop = nn.Dropout(embed_dropout)
+        variant = parse_mixer(pooler)
         try:
-            self.pooler = attnzoo.create(pooler, dim=dim, **(pooler_kwargs or {}))
+            self.pooler = attnzoo.create(variant.slug, dim=dim, **merge_kwargs(variant, pooler_kwargs or {}))
         except TypeError as e:
             raise ValueError(f"pooler {pooler!r}: {e}") from None
         with torch.no_grad():

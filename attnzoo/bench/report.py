@@ -25,8 +25,8 @@ from typing import Any
 from attnzoo.bench.speed import BASELINE
 from attnzoo.bench.store import ResultsStore
 
-__all__ = ["build_report", "efficiency_length", "leaderboard", "measured_crossover", "best_by_setting",
-           "seed_stats", "seed_stats_by_width", "select_runs"]
+__all__ = ["RECALL_BASELINE", "build_report", "efficiency_length", "leaderboard", "measured_crossover",
+           "best_by_setting", "recall_loss", "recall_table", "seed_stats", "seed_stats_by_width", "select_runs"]
 
 
 # Data ------------------------------------------------------------------------------------------
@@ -199,6 +199,56 @@ def leaderboard(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> tup
             rank += 1
         out.append([str(rank) if mean is not None else "-", *cells])
     return columns, out
+
+
+RECALL_BASELINE = "mha"
+
+
+def recall_loss(runs: list[dict[str, Any]], baseline: str = RECALL_BASELINE) -> list[dict[str, Any]]:
+    """What each mechanism loses against ``baseline`` (a mixer name as stored: ``mha``) at the same task and width.
+
+    For every (task, width) where ``baseline`` has runs of a higher-is-better metric (MQAR's accuracy is its
+    recall), and every other mechanism with runs there: both at their best learning rate by the mean over seeds
+    (:func:`seed_stats_by_width`); ``lost = baseline mean - mean`` (positive: the mechanism recalls less),
+    ``se`` its standard error ``sqrt(sd^2/n + sd_base^2/n_base)`` (0 with one seed each), ``kept = mean /
+    baseline mean``, the per-seed ``values`` (by seed) and ``built`` (the entry and arguments the runs were built with).
+    Rows ordered by task, width, then mechanism."""
+    stats = seed_stats_by_width(runs)
+    by_seed = sorted(runs, key=lambda r: r["config"].get("seed", 0))
+    out = []
+    for (task, mixer, dim), st in stats.items():
+        base = stats.get((task, baseline, dim))
+        if mixer == baseline or base is None or not st["higher"]:
+            continue
+        cfgs = [r["config"] for r in runs if r["task"] == task and r["mixer"] == mixer
+                and int(r["config"].get("dim", 0)) == dim and float(r["config"].get("lr", 0.0)) == st["lr"]]
+        kw = (cfgs[0].get("mixer_kwargs") or {}) if cfgs else {}
+        built = f"{cfgs[0].get('mixer', mixer)}(" + ", ".join(f"{k}={v}" for k, v in sorted(kw.items())) + ")" \
+            if cfgs else ""
+        out.append({"task": task, "mixer": mixer, "dim": dim, "mean": st["mean"], "std": st["std"], "n": st["n"],
+                    "base_mean": base["mean"], "base_std": base["std"], "base_n": base["n"],
+                    "lost": base["mean"] - st["mean"],
+                    "se": math.sqrt(st["std"] ** 2 / st["n"] + base["std"] ** 2 / base["n"]),
+                    "kept": st["mean"] / base["mean"] if base["mean"] else None,
+                    "values": _of_best(by_seed, st, task, mixer, _metric_name(runs, task)), "built": built})
+    out.sort(key=lambda r: (_natural(r["task"]), r["dim"], _natural(r["mixer"])))
+    return out
+
+
+def _metric_name(runs: list[dict[str, Any]], task: str) -> str:
+    return next((_metric(r)[0] for r in runs if r["task"] == task), "accuracy")
+
+
+def recall_table(runs: list[dict[str, Any]], baseline: str = RECALL_BASELINE) -> tuple[list[str], list[list[str]]]:
+    """:func:`recall_loss` as table columns and rows (strings); no rows when nothing shares a task and width
+    with ``baseline``."""
+    columns = ["task", "width", "mechanism", "built with", f"{baseline} (mean ± sd)", "mechanism (mean ± sd)",
+               "per seed (seed order)", f"lost ({baseline} − mechanism) ± se", f"kept (/ {baseline})"]
+    rows = [[r["task"], str(r["dim"]), r["mixer"], r["built"],
+             _pm({"mean": r["base_mean"], "std": r["base_std"], "n": r["base_n"]}), _pm(r),
+             " / ".join(f"{v:.3f}" for v in r["values"]), f"{r['lost']:+.3f} ± {r['se']:.3f}",
+             "" if r["kept"] is None else f"{r['kept']:.2f}"] for r in recall_loss(runs, baseline)]
+    return columns, rows
 
 
 def _speed_summary(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -478,6 +528,15 @@ def build_report(store: ResultsStore, out_dir: str | Path, *, session: str | Non
                  "without weights). Train time: the mean wall time of a training run of those configurations (a "
                  "loaded machine is slower). Speed: forward+backward time and peak memory divided by SDPA (causal "
                  "when the sweep is) at the same N, at the longest N both ran (below 1 is faster / smaller).</p>")
+    rcols, rrows = recall_table(runs)
+    if rrows:
+        parts.append(f"<h2>Recall lost against {_e(RECALL_BASELINE)}</h2>" + _table(rcols, rrows))
+        parts.append(f"<p class='note'>Each mechanism against {_e(RECALL_BASELINE)} at the same task and width, "
+                     "both at their best learning rate by the mean over seeds: the test accuracy (on MQAR, the "
+                     f"fraction of queries recalled), the difference {_e(RECALL_BASELINE)} − mechanism (positive: "
+                     "recall lost, e.g. to a routing that did not select the key's block) with its standard error "
+                     "over seeds, and the ratio. A variant (<code>moba[top_k=1]</code>) is one entry at fixed "
+                     "arguments; <em>built with</em> lists every argument of its runs.</p>")
     if plt is None:
         parts.append("<p class='note'>Plots need matplotlib: <code>pip install 'attnzoo[report]'</code>.</p>")
     for fname, caption, data in images:
