@@ -69,6 +69,8 @@ MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
     # Small routings at MQAR's lengths (64 tokens: 4 blocks of 16, the own block and one routed block).
     "moba": {"block_size": 16, "top_k": 2},
     "topk_attention": {"top_k": 4},
+    # The tasks train causal language models: balanced clusters are chosen over the whole call (not causal).
+    "routing_transformer": {"assignment": "argmax"},
     "abmil": {"attn_dim": 32}, "attentive_stats_pool": {"attn_dim": 32},
     "query_pool": {"n_heads": 4}, "set_transformer_pma": {"n_heads": 4},
 }
@@ -299,36 +301,51 @@ def _mixer_kwargs(mixer: str, n_heads: int, extra: dict[str, dict[str, Any]] | N
     return mixer_kwargs_for(variant.slug, n_heads=n_heads, extra={**defaults, **merge_kwargs(variant, given)})
 
 
-def _preflight(mixers: list[str], kwargs_of: dict[str, dict[str, Any]], p: Preset) -> None:
+def _preflight(mixers: list[str], kwargs_of: dict[str, dict[str, Any]], p: Preset) -> tuple[list[str], list[str]]:
     """Build every mixer (or pooler) at every width (and as the speed sweep will) so a bad argument fails
     before training, and run each token mixer once on a zero sequence of every task's length (as its model
     will: causal in a language model) so an argument the task's length cannot honour (a ``top_k`` above the
-    keys or blocks of the sequence) fails before training too."""
+    keys or blocks of the sequence) fails before training too. Returns (mixers to run, notes): a preset of
+    every registered mixer leaves out, with a note, one whose default arguments cannot run one of its tasks
+    (as it leaves out one that cannot take the task at all); otherwise that is a ``ValueError``."""
+    kept, notes = [], []
+    for m in mixers:
+        try:
+            _preflight_one(m, kwargs_of[m], p)
+        except ValueError as e:
+            if not p.all_mixers:
+                raise
+            notes.append(f"{m}: left out ({e})")
+            continue
+        kept.append(m)
+    return kept, notes
+
+
+def _preflight_one(m: str, kwargs: dict[str, Any], p: Preset) -> None:
     import attnzoo
 
-    for m in mixers:
-        slug = parse_mixer(m).slug
-        builds = [(dim, dict(kwargs_of[m])) for dim in p.dims]
-        if p.speed is not None:
-            rest = {k: v for k, v in kwargs_of[m].items() if k != "n_heads"}
-            builds.append((p.speed.dim, mixer_kwargs_for(slug, n_heads=p.speed.n_heads, extra=rest)))
-        pooler = attnzoo.spec(slug).type == "pooler"
-        for i, (dim, kw) in enumerate(builds):
-            try:
-                module = attnzoo.create(slug, dim=dim, **kw) if pooler else build_mixer(slug, dim, **kw)
-            except Exception as e:
-                raise ValueError(f"mixer {m!r} cannot be built at width {dim} with {kw}: {e}") from None
-            if pooler or i >= len(p.dims):
+    slug = parse_mixer(m).slug
+    builds = [(dim, dict(kwargs)) for dim in p.dims]
+    if p.speed is not None:
+        rest = {k: v for k, v in kwargs.items() if k != "n_heads"}
+        builds.append((p.speed.dim, mixer_kwargs_for(slug, n_heads=p.speed.n_heads, extra=rest)))
+    pooler = attnzoo.spec(slug).type == "pooler"
+    for i, (dim, kw) in enumerate(builds):
+        try:
+            module = attnzoo.create(slug, dim=dim, **kw) if pooler else build_mixer(slug, dim, **kw)
+        except Exception as e:
+            raise ValueError(f"mixer {m!r} cannot be built at width {dim} with {kw}: {e}") from None
+        if pooler or i >= len(p.dims):
+            continue
+        for s in p.settings:
+            if s.task.kind == "bag":
                 continue
-            for s in p.settings:
-                if s.task.kind == "bag":
-                    continue
-                try:
-                    with torch.no_grad():
-                        module(torch.zeros(1, s.task.seq_len, dim), causal=s.task.kind in ("lm", "regress"))
-                except ValueError as e:
-                    raise ValueError(f"mixer {m!r} with {kw} cannot run {s.task.label()} (length "
-                                     f"{s.task.seq_len}): {e}") from None
+            try:
+                with torch.no_grad():
+                    module(torch.zeros(1, s.task.seq_len, dim), causal=s.task.kind in ("lm", "regress"))
+            except ValueError as e:
+                raise ValueError(f"mixer {m!r} with {kw} cannot run {s.task.label()} (length "
+                                 f"{s.task.seq_len}): {e}") from None
 
 
 def _session_id(preset: str) -> str:
@@ -443,7 +460,10 @@ def run_compare(preset: str | None = "quick", *, task: Task | None = None, mixer
     command = f"attnzoo compare --task {task.name}" if task is not None else f"attnzoo compare --preset {p.name}"
     chosen, notes = resolve_mixers(p, mixers)          # every check before any work
     kwargs_of = {m: _mixer_kwargs(m, p.n_heads, mixer_kwargs, p.mixer_defaults) for m in chosen}
-    _preflight(chosen, kwargs_of, p)
+    chosen, left_out = _preflight(chosen, kwargs_of, p)
+    notes += left_out
+    if not chosen:
+        raise ValueError(f"no mixer of preset {p.name!r} can run its tasks: {'; '.join(left_out)}")
     check_time_budgets(p)
     for s_ in p.settings:
         if s_.batch_size > s_.n_train:

@@ -165,3 +165,20 @@ def test_speed_sweep_and_cab_take_variant_labels():
     assert res["NS"]["ok"] and res["CS"]["ok"]
     with pytest.raises(ValueError, match=r"'moba' does not accept argument 'window'"):
         check("moba[window=2]")
+
+
+def test_a_preset_of_every_mixer_leaves_out_one_whose_defaults_cannot_run_a_task():
+    from attnzoo.bench.compare import Preset, Setting, _mixer_kwargs, _preflight
+    from attnzoo.bench.tasks import MQAR
+
+    short = MQAR(seq_len=32, num_kv_pairs=4)
+    for all_mixers in (True, False):
+        p = Preset("t", "t", [Setting(short)], dims=[32], lrs=[1e-3], all_mixers=all_mixers)
+        kw = {m: _mixer_kwargs(m, p.n_heads, None) for m in ("mha", "hip")}  # hip: top_k 64 > 32 keys
+        if all_mixers:
+            kept, notes = _preflight(["mha", "hip"], kw, p)
+            assert kept == ["mha"] and len(notes) == 1 and notes[0].startswith("hip: left out (")
+            assert "top_k: expected at most 32" in notes[0]
+        else:
+            with pytest.raises(ValueError, match="mixer 'hip' with .* cannot run mqar"):
+                _preflight(["mha", "hip"], kw, p)
