@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.ops.rows import row_index, row_view
+from attnzoo.ops.rows import gather_rows, row_index, row_view
 
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "ROUTING_KINDS", "Routing", "as_block_mask",
@@ -309,23 +309,6 @@ def _key_chunk(keys: torch.Tensor, start: int, stop: int, n_kv: int, causal: boo
     return idx.clamp(min=0), ok
 
 
-def _flat_rows(idx: torch.Tensor, m: int) -> torch.Tensor:
-    """Key indices ``idx`` ``[B, H, c, K]`` (in ``[0, M)``) as rows of ``[B*H*M, D]``, flattened."""
-    b, h = idx.shape[:2]
-    base = torch.arange(b * h, device=idx.device).view(b, h, 1, 1) * m
-    return (idx + base).reshape(-1)
-
-
-def _gather_rows(t: tuple[torch.Tensor, tuple[int, int, int]], idx: torch.Tensor) -> torch.Tensor:
-    """The rows ``t`` (:func:`~attnzoo.ops.rows.row_view` of ``[B, H, M, D]``) at ``idx`` ``[B, H, c, K]`` ->
-    ``[B, H, c, K, D]`` (whole rows: ``index_select``, whatever the memory order, no copy of the keys)."""
-    rows, coef = t
-    b, h, c, kk = idx.shape
-    bi = torch.arange(b, device=idx.device).view(b, 1, 1, 1)
-    hi = torch.arange(h, device=idx.device).view(1, h, 1, 1)
-    return rows.index_select(0, row_index(coef, bi, hi, idx).reshape(-1)).view(b, h, c, kk, -1)
-
-
 def _key_probs(q, kg, ok, scale):
     s = torch.einsum("bhcd,bhckd->bhck", q, kg) * scale
     s = s.masked_fill(~ok, float("-inf"))
@@ -346,8 +329,8 @@ class _KeyRouted(torch.autograd.Function):
         for start in range(0, q.shape[2], chunk):
             stop = min(start + chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], causal)
-            p = _key_probs(q[:, :, start:stop], _gather_rows(k_rows, idx), ok, scale)
-            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, _gather_rows(v_rows, idx))
+            p = _key_probs(q[:, :, start:stop], gather_rows(k_rows, idx), ok, scale)
+            out[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", p, gather_rows(v_rows, idx))
         ctx.save_for_backward(q, k, v, keys, out)
         ctx.causal, ctx.scale, ctx.chunk = causal, scale, chunk
         return out
@@ -359,16 +342,19 @@ class _KeyRouted(torch.autograd.Function):
         dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: rows of [B*H*M, D] for index_add_
         dk_rows, dv_rows = dk.view(-1, k.shape[-1]), dv.view(-1, v.shape[-1])
         k_src, v_src = row_view(k), row_view(v)
+        contiguous = (k.shape[1] * k.shape[2], k.shape[2], 1)  # row coefficients of dk, dv
+        bi = torch.arange(k.shape[0], device=k.device).view(-1, 1, 1, 1)
+        hi = torch.arange(k.shape[1], device=k.device).view(1, -1, 1, 1)
         for start in range(0, q.shape[2], ctx.chunk):
             stop = min(start + ctx.chunk, q.shape[2])
             idx, ok = _key_chunk(keys, start, stop, k.shape[2], ctx.causal)
-            kg, vg = _gather_rows(k_src, idx), _gather_rows(v_src, idx)
+            kg, vg = gather_rows(k_src, idx), gather_rows(v_src, idx)
             qc, do = q[:, :, start:stop], dout[:, :, start:stop]
             p = _key_probs(qc, kg, ok, ctx.scale)
             dp = torch.einsum("bhcd,bhckd->bhck", do, vg)
             ds = p * (dp - (do * out[:, :, start:stop]).sum(-1, keepdim=True)) * ctx.scale
             dq[:, :, start:stop] = torch.einsum("bhck,bhckd->bhcd", ds, kg)
-            rows = _flat_rows(idx, k.shape[2])
+            rows = row_index(contiguous, bi, hi, idx).reshape(-1)
             dk_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", ds, qc).reshape(-1, k.shape[-1]))
             dv_rows.index_add_(0, rows, torch.einsum("bhck,bhcd->bhckd", p, do).reshape(-1, v.shape[-1]))
         return dq, dk, dv, None, None, None, None
@@ -411,13 +397,15 @@ def _sub_routes(sel: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor
 def block_keys(blocks: torch.Tensor, block_k: int, n_kv: int) -> torch.Tensor:
     """A per-query block routing (``block_q = 1``, bool or block lists) as key lists ``[B, H, N, K * block_k]``
     (-1: a slot past the last key or of an empty block slot)."""
-    lists = blocks if blocks.dtype == torch.int64 else _bool_to_lists(blocks)
+    lists = blocks if blocks.dtype == torch.int64 else mask_lists(blocks)
     keys = lists.unsqueeze(-1) * block_k + torch.arange(block_k, device=lists.device)
     keys = torch.where((lists.unsqueeze(-1) >= 0) & (keys < n_kv), keys, -1)
     return keys.flatten(-2)
 
 
-def _bool_to_lists(blocks: torch.Tensor) -> torch.Tensor:
+def mask_lists(blocks: torch.Tensor) -> torch.Tensor:
+    """The selected indices of a bool mask ``[..., n]`` as increasing lists ``[..., K]`` (``K`` the most selected in
+    a row, at least 1; -1 fills)."""
     width = max(int(blocks.sum(-1).max()), 1) if blocks.numel() else 1
     ar = torch.arange(blocks.shape[-1], device=blocks.device)
     lists = torch.where(blocks, ar, blocks.shape[-1]).sort(-1).values[..., :width]

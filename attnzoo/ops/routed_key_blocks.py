@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from attnzoo.ops.rows import row_index, row_view
+from attnzoo.ops.rows import gather_rows
 
 __all__ = ["key_block_flash", "key_block_flash_ok"]
 
@@ -33,15 +33,6 @@ def _tiles(t: torch.Tensor, block_q: int, n_blocks: int) -> torch.Tensor:
     return flat.reshape(b * h, n_blocks, block_q, *t.shape[3:])
 
 
-def _gathered(t: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
-    """Rows ``[count, D]`` of ``t`` ``[B, H, M, D]`` at ``keys`` ``[B, H, nbq, K]`` (-1 read as key 0)."""
-    rows, coef = row_view(t)
-    b, h = keys.shape[:2]
-    bi = torch.arange(b, device=keys.device).view(b, 1, 1, 1)
-    hi = torch.arange(h, device=keys.device).view(1, h, 1, 1)
-    return rows.index_select(0, row_index(coef, bi, hi, keys.clamp(min=0)).reshape(count))
-
-
 class _KeyBlockFlash(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keys, block_q: int, causal: bool, scale: float):
@@ -50,8 +41,7 @@ class _KeyBlockFlash(torch.autograd.Function):
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         idx = keys.reshape(b * h, nbq, kk)
         rows = (idx.clamp(min=0) + (torch.arange(b * h, device=q.device) * m).view(-1, 1, 1)).reshape(-1)
-        kg, vg = (_gathered(t, keys, b * h * nbq * kk) for t in (k, v))  # read in place, whatever the layout
-        kg, vg = kg.view(b * h, nbq, kk, d), vg.view(b * h, nbq, kk, d)
+        kg, vg = (gather_rows(t, keys.clamp(min=0)).view(b * h, nbq, kk, d) for t in (k, v))  # in place, any layout
         allow = (idx >= 0).unsqueeze(2)  # [BH, nbq, 1, K]
         if causal:
             pos = torch.arange(nbq * block_q, device=q.device).view(1, nbq, block_q, 1) + (m - n)

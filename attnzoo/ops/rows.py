@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["row_index", "row_view"]
+__all__ = ["gather_rows", "row_index", "row_view"]
 
 
 def row_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -28,3 +28,14 @@ def row_index(coef: tuple[int, int, int], b: torch.Tensor | int, h: torch.Tensor
               m: torch.Tensor) -> torch.Tensor:
     """Row numbers of entries ``(b, h, m)`` (broadcast) under the coefficients of :func:`row_view`."""
     return b * coef[0] + h * coef[1] + m * coef[2]
+
+
+def gather_rows(t: torch.Tensor | tuple[torch.Tensor, tuple[int, int, int]], idx: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` ``[B, H, M, D]`` (or its :func:`row_view`, computed once by a caller that gathers often) at
+    ``idx`` ``[B, H, ...]`` (entries in ``[0, M)``): ``[B, H, ..., D]``, whole rows by ``index_select``."""
+    rows, coef = row_view(t) if isinstance(t, torch.Tensor) else t
+    b, h = idx.shape[:2]
+    ones = (1,) * (idx.dim() - 2)
+    bi = torch.arange(b, device=idx.device).view(b, 1, *ones)
+    hi = torch.arange(h, device=idx.device).view(1, h, *ones)
+    return rows.index_select(0, row_index(coef, bi, hi, idx).reshape(-1)).view(*idx.shape, rows.shape[-1])

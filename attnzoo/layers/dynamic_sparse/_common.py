@@ -138,17 +138,9 @@ def block_means(k: torch.Tensor, block: int, keep: torch.Tensor | None) -> tuple
     return (kp * w).sum(3) / cnt.clamp(min=1), cnt.view(b, nb) > 0
 
 
-def top_k_allowed(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Bool mask ``[..., n]`` of the ``min(top_k, n)`` highest ``scores`` per row, never a ``-inf`` one."""
-    kk = min(top_k, scores.shape[-1])
-    val, idx = scores.topk(kk, dim=-1)
-    out = torch.zeros_like(scores, dtype=torch.bool)
-    return out.scatter_(-1, idx, val > float("-inf"))
-
-
 def top_k_lists(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Int64 ``[..., min(top_k, n)]``: the indices of the highest ``scores`` per row, ``-1`` for a ``-inf`` one (the
-    block-list form of :func:`top_k_allowed`)."""
+    """Int64 ``[..., min(top_k, n)]``: the indices of the highest ``scores`` per row, ``-1`` for a ``-inf`` one (a
+    block-list routing; :func:`~attnzoo.ops.routed.as_block_mask` gives its bool form)."""
     val, idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1)
     return idx.masked_fill_(val == float("-inf"), -1)
 
@@ -194,4 +186,4 @@ def pooled_token_weights(w: torch.Tensor, counts: list[torch.Tensor], m: int) ->
 
 
 __all__ = ["FAMILY", "SMALL", "SUPPORT", "RoutedMixer", "Routing", "block_means", "causal_allow", "check_top_k",
-           "check_top_k_fits", "pool_levels", "pooled_token_weights", "query_positions", "rand_x", "top_k_allowed"]
+           "check_top_k_fits", "pool_levels", "pooled_token_weights", "query_positions", "rand_x", "top_k_lists"]

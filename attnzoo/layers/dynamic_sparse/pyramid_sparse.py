@@ -19,7 +19,7 @@ from attnzoo.layers.dynamic_sparse._common import (
 )
 from attnzoo.layers.testing import mha_from
 from attnzoo.ops import attention
-from attnzoo.ops.routed import routed_reference
+from attnzoo.ops.routed import mask_lists, routed_reference
 from attnzoo.patterns.routed import DenseRouted, key_routed_attention
 from attnzoo.registry import Reduction, register
 
@@ -82,10 +82,7 @@ def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels:
             return res.to(q.dtype)
         out, w = res
         return out, pooled_token_weights(w, counts, m)
-    width = max(int(block_allow.sum(-1).max()), 1)
-    ar = torch.arange(block_allow.shape[-1], device=q.device)
-    lists = torch.where(block_allow, ar, block_allow.shape[-1]).sort(-1).values[..., :width]
-    lists = torch.where(lists < block_allow.shape[-1], lists, -1)
+    lists = mask_lists(block_allow)
     # One list per query block: each block's keys are gathered once (fused flash tiles on CPU, which need the value
     # width of the query: a zero column pads the values and is dropped).
     vv = torch.cat([vv, vv.new_zeros(*vv.shape[:-1], 1)], -1)
