@@ -4,6 +4,8 @@ Run: ``python benchmarks/bench_dynamic_sparse.py [--n 16384] [--repeats 3] [--th
 
 - ``moba`` (block 256, top_k 4) and ``mha`` with the same weights (``mha_from``), dim 512, 8 heads, float32,
   causal, forward + backward, interleaved rounds; wall time, every round printed (the spread) and the median.
+  ``moba (flash tiles)``: the same moba with attnzoo's compiled kernels off (``ATTNZOO_NATIVE=0``), so its block
+  routing runs on PyTorch's fused flash tiles (``--skip-flash-tiles`` leaves it out).
 - Effective throughput: ``t_moba / (t_mha x density)``, ``density`` = attended pairs / causal pairs of the
   call (1 would be "sparse as fast as dense per attended pair").
 - ``topk_attention`` (top_k 64) memory: bytes autograd saves for the backward, and the peak resident memory a
@@ -34,6 +36,7 @@ from _harness import machine, run_isolated  # noqa: E402
 
 from attnzoo.layers.base import Call  # noqa: E402
 from attnzoo.layers.testing import mha_from  # noqa: E402
+from attnzoo.ops import native  # noqa: E402
 from attnzoo.registry import create  # noqa: E402
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -56,6 +59,20 @@ def moba_density(m: torch.nn.Module, x: torch.Tensor) -> float:
         pos = torch.arange(n, dtype=torch.float64)
         attended = rows - (m.block_size - 1 - pos % m.block_size)  # own block cut at the query
         return (attended.mean() / ((pos + 1).mean())).item()
+
+
+def without_native(fn):
+    """``fn()`` with attnzoo's compiled kernels switched off (``ATTNZOO_NATIVE=0``): block routings then run on the
+    fused flash tiles."""
+    before = os.environ.get(native.ENV_DISABLE)
+    os.environ[native.ENV_DISABLE] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[native.ENV_DISABLE]
+        else:
+            os.environ[native.ENV_DISABLE] = before
 
 
 def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -118,6 +135,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, nargs="+", default=[32], help="predictor ranks (with --scorer predictor)")
     ap.add_argument("--clock", choices=list(CLOCK), default="wall",
                     help="wall time, or process CPU time (with --threads 1: stable on a shared machine)")
+    ap.add_argument("--skip-flash-tiles", action="store_true",
+                    help="do not also time moba with the compiled kernels off (its fused flash tile path)")
     ap.add_argument("--one", choices=["topk_attention", "mha"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     global clock
@@ -135,12 +154,16 @@ def main() -> None:
         mha = mha_from(moba).float()
         x = torch.randn(1, args.n, 512)
         rounds = {"moba": [], "mha": []}
+        if not args.skip_flash_tiles:
+            rounds["moba (flash tiles)"] = []
         for module in (moba, mha):  # first calls (allocator, thread pools) are not timed
             fwd_bwd(module, x[:, :1024])
         for _ in range(args.repeats):
             rounds["moba"].append(fwd_bwd(moba, x))
             rounds["mha"].append(fwd_bwd(mha, x))
-            print(f"round: moba {rounds['moba'][-1]:.2f}s, mha {rounds['mha'][-1]:.2f}s", flush=True)
+            if not args.skip_flash_tiles:
+                rounds["moba (flash tiles)"].append(without_native(lambda: fwd_bwd(moba, x)))
+            print("round: " + ", ".join(f"{name} {t[-1]:.2f}s" for name, t in rounds.items()), flush=True)
         tm, td = statistics.median(rounds["moba"]), statistics.median(rounds["mha"])
         dens = moba_density(moba, x)
         print(f"\nN={args.n} causal fwd+bwd, float32, dim 512, 8 heads")
@@ -149,6 +172,11 @@ def main() -> None:
             print(f"| {name} | {', '.join(f'{t:.2f}' for t in rounds[name])} | {statistics.median(rounds[name]):.2f} |")
         print(f"\nspeed-up mha/moba: {td / tm:.2f}x (rounds: "
               f"{', '.join(f'{d / s:.2f}' for s, d in zip(rounds['moba'], rounds['mha']))})")
+        if not args.skip_flash_tiles:
+            tf = statistics.median(rounds["moba (flash tiles)"])
+            print(f"speed-up mha/moba on the flash tiles: {td / tf:.2f}x; flash tiles / compiled kernels: "
+                  f"{tf / tm:.2f}x (rounds: "
+                  f"{', '.join(f'{f / s:.2f}' for s, f in zip(rounds['moba'], rounds['moba (flash tiles)']))})")
         print(f"moba density (attended / causal pairs): {dens:.4f}; t_moba / (t_mha x density): "
               f"{tm / (td * dens):.2f}")
     if not args.skip_topk:

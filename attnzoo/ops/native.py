@@ -33,9 +33,10 @@ ENV_CACHE = "ATTNZOO_CACHE"
 _SOURCES = {
     "gather": Path(__file__).parent / "backends" / "gather_kernels.cpp",
     "tiles": Path(__file__).parent / "backends" / "tile_kernels.cpp",
+    "routed": Path(__file__).parent / "backends" / "routed_kernels.cpp",
 }
 # Headers the sources include (next to them): part of every library's hash.
-_HEADERS = (Path(__file__).parent / "backends" / "kernels_exp.h",)
+_HEADERS = tuple(Path(__file__).parent / "backends" / name for name in ("kernels_exp.h", "kernels_gemm.h"))
 _FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],

@@ -418,7 +418,10 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     """Block-routed attention in the MoBA manner: every key block gathers the queries routed to it (in sub-routes
     of at most ``cap`` queries), attends them to its ``block_k`` keys, and the partial results are merged per
     query by log-sum-exp. Work and memory are linear in ``N x`` (selected blocks ``x block_k``). On CPU in
-    float32/float64 the tiles run on the fused flash kernel with its fused backward
+    float32/float64 attnzoo's compiled routed kernels run it in place, forward and backward
+    (:func:`attnzoo.ops.routed_blocks_native.block_routed_native`; head dims a multiple of 16 floats / 8 doubles);
+    where they cannot (:func:`~attnzoo.ops.routed_blocks_native.native_routing_reason`), or with an explicit
+    ``cap``, the tiles run on PyTorch's fused flash kernel with its fused backward
     (:func:`attnzoo.ops.routed_blocks.block_routed_flash`); otherwise autograd gives the backward. ``cap``:
     queries per sub-route (default 128 on the autograd path, ``UNIT_QUERIES`` on the flash path). A per-query
     routing of fewer queries than ``block_k`` (a decoding step, a short chunk) gathers each query's keys instead
@@ -426,9 +429,12 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
     from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
+    from attnzoo.ops.routed_blocks_native import block_routed_native, native_routing_reason
 
     if q.shape[2] < block_k and block_q == 1:  # a decoding step or a short chunk: gather each query's keys
         return key_routed_gather(q, k, v, block_keys(blocks, block_k, k.shape[2]), causal=causal, scale=scale)
+    if cap is None and native_routing_reason(q, k, v, causal) is None:
+        return block_routed_native(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale)
     if flash_routing_ok(q, k, v, causal):
         return block_routed_flash(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale,
                                   cap=cap)

@@ -1,4 +1,6 @@
-"""Block-routed attention on PyTorch's fused CPU flash kernel (the CPU fast path of per-query block routings).
+"""Block-routed attention on PyTorch's fused CPU flash kernel (the CPU path of block routings where attnzoo's
+compiled routed kernels, :mod:`attnzoo.ops.routed_blocks_native`, cannot run: no C++ compiler, head dims that are
+not a multiple of 16 floats, ``ATTNZOO_NATIVE=0``).
 
 Every query ``i`` (at position ``p = i + M - N``) attends the union of its routed key blocks. The pairs split
 into two kinds of dense tiles, each run by ``aten._scaled_dot_product_flash_attention_for_cpu``:

@@ -339,9 +339,17 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
                "gathers the keys of its blocks (block_keys, key_routed_gather); tiles would be mostly empty slots")
     elif routing.kind == "blocks":
         from attnzoo.ops.routed_blocks import flash_routing_ok
+        from attnzoo.ops.routed_blocks_native import native_routing_reason
 
-        how = why + ("; fused CPU flash tiles: own block causal, routed blocks batched by query count, fused "
-                     "backward" if flash_routing_ok(q, k, v, causal) else "; autograd over sub-routes")
+        reason = native_routing_reason(q, k, v, causal)
+        if reason is None:
+            how = why + ("; attnzoo's compiled routed kernels: each key block's queries read in place, online "
+                         "softmax per query, own block causal with its upper half skipped, fused backward")
+        elif flash_routing_ok(q, k, v, causal):
+            how = why + (f"; fused CPU flash tiles (not the compiled routed kernels: {reason}): own block causal, "
+                         "routed blocks batched by query count, fused backward")
+        else:
+            how = why + f"; autograd over sub-routes (not the compiled routed kernels: {reason})"
     elif routing.kind == "queries":
         how = why + f" ({GATHER_CHUNK if chunk is None else chunk} slots per chunk)"
     else:

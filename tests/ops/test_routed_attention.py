@@ -167,19 +167,32 @@ def _block_case(n, m, block_k, causal, seed, own=False, dtype=torch.float64, dv=
     return q, k, v, blocks
 
 
+def _block_path(path):
+    """The CPU fast paths of block routings, called directly: the compiled routed kernels or the fused flash
+    tiles (what the ``gather`` backend runs when the kernels cannot)."""
+    from attnzoo.ops.routed_blocks import block_routed_flash
+    from attnzoo.ops.routed_blocks_native import block_routed_native
+
+    return {"native": block_routed_native, "flash": block_routed_flash}[path]
+
+
+@pytest.mark.parametrize("path", ["native", "flash"])
 @pytest.mark.parametrize("n,m,block_k,causal,own", [
     (5, 29, 8, True, False),    # decoding shape: the queries are the last 5 of 29 keys, ragged last block
     (32, 32, 8, True, True),    # every query keeps its own block, N a multiple of block_k: no copies
     (32, 32, 8, False, False),
     (29, 31, 8, False, False),  # ragged last key block seen whole
+    (200, 200, 96, True, True),   # units of more queries than a kernel strip; causal own blocks over several strips
+    (150, 181, 40, False, False),  # ragged last block of 21 keys
 ])
-def test_block_flash_path_equals_reference(n, m, block_k, causal, own):
+def test_block_fast_paths_equal_reference(path, n, m, block_k, causal, own):
     from attnzoo.ops.routed_blocks import flash_routing_ok
+    from attnzoo.ops.routed_blocks_native import native_routing_reason
 
     q, k, v, blocks = _block_case(n, m, block_k, causal, seed=11, own=own)
-    assert flash_routing_ok(q, k, v, causal)
+    assert flash_routing_ok(q, k, v, causal) and native_routing_reason(q, k, v, causal) is None
     ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="reference")
-    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="gather")
+    out = _block_path(path)(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal)
     _close(out, ref)
     for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
         _close(a, b)
@@ -207,17 +220,22 @@ def _as_lists(blocks):
     (29, 31, 8, False, False),
 ])
 @pytest.mark.parametrize("q_layout,kv_layout,grad_layout", [
-    ("token", "token", "token"), ("token", "heads", "heads"), ("heads", "token", "token")])
-def test_block_flash_path_reads_both_layouts_and_block_lists(n, m, block_k, causal, own, q_layout, kv_layout,
-                                                             grad_layout):
+    ("token", "token", "token"), ("token", "heads", "heads"), ("heads", "token", "token"),
+    ("heads", "cache", "heads")])
+@pytest.mark.parametrize("path", ["native", "flash"])
+def test_block_fast_paths_read_every_layout_and_block_lists(n, m, block_k, causal, own, q_layout, kv_layout,
+                                                            grad_layout, path):
     q, k, v, blocks = _block_case(n, m, block_k, causal, seed=21, own=own)
     if q_layout == "token":
         q = _token_major(q)
     if kv_layout == "token":
         k, v = _token_major(k), _token_major(v)
+    if kv_layout == "cache":  # the first M positions of a longer (token-major) cache buffer
+        k, v = (torch.cat([t.detach(), torch.randn_like(t)], 2).transpose(1, 2).contiguous().transpose(1, 2)[:, :, :m]
+                .requires_grad_() for t in (k, v))
     ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=block_k, causal=causal, backend="reference")
     for routing in (blocks, _as_lists(blocks)):
-        out = block_routed_attention(q, k, v, routing, block_q=1, block_k=block_k, causal=causal, backend="gather")
+        out = _block_path(path)(q, k, v, routing, block_q=1, block_k=block_k, causal=causal)
         _close(out, ref)
         w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
         if grad_layout == "token":
@@ -347,15 +365,59 @@ def test_bad_block_lists_are_refused():
         block_routed_attention(q, k, v, good.to(torch.int32), block_q=1, block_k=8)
 
 
-def test_block_flash_path_in_float32_and_the_autograd_fallback():
-    from attnzoo.ops.routed_blocks import flash_routing_ok
-
-    q, k, v, blocks = _block_case(40, 40, 8, True, seed=12, dtype=torch.float32)
-    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
-    out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="gather")
+@pytest.mark.parametrize("path", ["native", "flash"])
+def test_block_fast_paths_in_float32(path):
+    q, k, v, blocks = _block_case(100, 100, 24, True, seed=12, dtype=torch.float32, own=True)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=24, causal=True, backend="reference")
+    out = _block_path(path)(q, k, v, blocks, block_q=1, block_k=24, causal=True)
     assert (out - ref).abs().max() < 1e-5
     for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
         assert (a - b).abs().max() < 1e-4
+
+
+def test_block_native_path_is_the_same_on_any_number_of_threads():
+    from attnzoo.ops.routed_blocks_native import block_routed_native
+
+    q, k, v, blocks = _block_case(120, 120, 32, True, seed=14, own=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = block_routed_native(q, k, v, blocks, block_q=1, block_k=32, causal=True)
+            results.append((out, *_grads(out, (q, k, v))))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_gather_runs_the_native_kernels_and_falls_back_to_flash_tiles(monkeypatch):
+    from attnzoo.ops import native
+
+    q, k, v, blocks = _block_case(40, 40, 8, True, seed=15, own=True)
+    ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")
+    want = _grads(ref, (q, k, v))
+    routing = Routing("blocks", blocks, 1, 8)
+    assert "compiled routed kernels:" in explain_routed(q, k, v, routing, causal=True)
+    try:
+        monkeypatch.setenv(native.ENV_DISABLE, "0")
+        native.reset()
+        text = explain_routed(q, k, v, routing, causal=True)
+        assert "fused CPU flash tiles (not the compiled routed kernels: " in text and "ATTNZOO_NATIVE=0" in text
+        out = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="gather")
+        _close(out, ref)
+        for a, b in zip(_grads(out, (q, k, v)), want):
+            _close(a, b)
+    finally:
+        monkeypatch.delenv(native.ENV_DISABLE)
+        native.reset()
+    q16 = q[..., :12].detach()  # a head dim the kernels cannot take (12 is not a multiple of 8 doubles)
+    assert "multiples of 8" in explain_routed(q16, k[..., :12], v[..., :12], routing, causal=True)
+
+
+def test_block_autograd_fallback():
+    from attnzoo.ops.routed_blocks import flash_routing_ok
     q, k, v, blocks = _block_case(20, 20, 8, True, seed=13, dv=10)  # value width != key width: autograd path
     assert not flash_routing_ok(q, k, v, True)
     ref = block_routed_attention(q, k, v, blocks, block_q=1, block_k=8, causal=True, backend="reference")

@@ -1,0 +1,148 @@
+"""Block-routed attention on attnzoo's compiled CPU kernels (``backends/routed_kernels.cpp``): the CPU fast path of
+block routings when the kernels can be built.
+
+Every query ``i`` (at position ``p = i + M - N``) attends the union of its routed key blocks. The pairs are grouped
+into *units*: per (batch, head), each key block with the queries routed to it, and under ``causal`` each query's
+own block as a unit of its own, causal inside (a routed block after the own block is invisible and dropped). The
+kernel reads the rows of ``q``, ``k``, ``v`` where they are (head splits of a projection's memory, views of a cache
+buffer), runs the units of a head with an online softmax per query and writes the output and its log-sum-exp in
+place: no gathered copies of queries or keys, no partial outputs to merge. A causal strip of queries computes only
+the keys up to its last query, so the own block costs about half a tile. The backward recomputes the probabilities
+from the saved log-sum-exp and adds into ``dq``, ``dk``, ``dv``. Threads split the (batch, head) pairs.
+
+:func:`native_routing_reason` says when the kernels do not apply (then the fused flash tiles of
+:mod:`attnzoo.ops.routed_blocks` run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import torch
+
+from attnzoo.ops import native
+from attnzoo.ops.rows import row_view
+
+__all__ = ["Units", "block_routed_native", "native_routing_reason", "routing_units"]
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_FORWARD_ARGS = [_P] * 11 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+_BACKWARD_ARGS = [_P] * 15 + [_I] * 7 + [ctypes.c_double, ctypes.c_int]
+
+
+def native_routing_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """Why :func:`block_routed_native` cannot run these tensors (None when it can; builds the kernels if needed)."""
+    if q.device.type != "cpu":
+        return f"the compiled routed kernels run on CPU tensors, got device {q.device}"
+    if q.dtype not in (torch.float32, torch.float64) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the compiled routed kernels run float32 and float64, got {q.dtype}, {k.dtype}, {v.dtype}"
+    width = 8 if q.dtype == torch.float64 else 16
+    if q.shape[-1] % width or v.shape[-1] % width:
+        return (f"the compiled routed kernels need head dims that are multiples of {width} for {q.dtype}, got "
+                f"D={q.shape[-1]}, D_v={v.shape[-1]}")
+    if causal and q.shape[2] > k.shape[2]:
+        return f"causal calls need N <= M (the queries are the last N positions), got N={q.shape[2]}, M={k.shape[2]}"
+    return native.unavailable("routed")
+
+
+class Units(NamedTuple):
+    """The pairs of a block routing as the kernels read them: the units of batch x head ``g`` are
+    ``g_start[g] .. g_start[g + 1]``; unit ``u`` is key block ``unit_kb[u]``, causal inside when ``unit_causal[u]``
+    (a query's own block), with the queries ``q_pos[unit_start[u] .. unit_start[u + 1]]`` (ascending)."""
+
+    g_start: torch.Tensor
+    unit_kb: torch.Tensor
+    unit_causal: torch.Tensor
+    unit_start: torch.Tensor
+    q_pos: torch.Tensor
+
+
+def routing_units(blocks: torch.Tensor, n: int, m: int, block_q: int, block_k: int, causal: bool) -> Units:
+    """The units of ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]`` or int64 block lists
+    ``[B, H, ceil(N / block_q), K]`` (-1: empty slot)."""
+    b, h, _, width = blocks.shape
+    nkb = -(-m // block_k)
+    per_query = blocks if block_q == 1 else blocks.repeat_interleave(block_q, 2)[:, :, :n]
+    per_query = per_query.reshape(b * h, n, width)
+    if blocks.dtype == torch.bool:
+        g, i, kb = per_query.nonzero(as_tuple=True)
+    else:
+        g, i, slot = (per_query >= 0).nonzero(as_tuple=True)
+        kb = per_query[g, i, slot]
+    kind = torch.zeros_like(kb)
+    if causal:
+        own = (i + (m - n)) // block_k
+        seen = kb <= own
+        g, i, kb, own = g[seen], i[seen], kb[seen], own[seen]
+        kind = (kb == own).to(kb.dtype)
+    key, order = ((g * nkb + kb) * 2 + kind).sort(stable=True)  # (head, key block, kind), queries ascending
+    keys, counts = torch.unique_consecutive(key, return_counts=True)
+    unit_start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    g_start = torch.searchsorted(keys // (2 * nkb), torch.arange(b * h + 1, device=keys.device))
+    return Units(g_start.contiguous(), ((keys // 2) % nkb).contiguous(), (keys % 2).to(torch.uint8).contiguous(),
+                 unit_start.contiguous(), i[order].contiguous())
+
+
+def _functions(dtype: torch.dtype):
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    return native.kernel_pair("routed", "attnzoo_routed", suffix, _FORWARD_ARGS, _BACKWARD_ARGS)
+
+
+def _unit_args(units: Units) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in units)
+
+
+def _token_major(t: torch.Tensor, b: int, length: int, h: int, width: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A fresh ``[B, L, H, width]`` buffer (filled by the kernel) and its row coefficients."""
+    return t.new_empty(b, length, h, width), (length * h, 1, h)
+
+
+class _BlockRoutedNative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, units: Units, block_k: int, scale: float):
+        b, h, n, d = q.shape
+        m, dv = k.shape[2], v.shape[-1]
+        (q_rows, qc), (k_rows, kc), (v_rows, vc) = row_view(q), row_view(k), row_view(v)
+        out, oc = _token_major(q, b, n, h, dv)
+        lse = q.new_empty(b, n, h)
+        coef = torch.tensor([*qc, *kc, *vc, *oc], dtype=torch.int64)
+        fwd, _ = _functions(q.dtype)
+        fwd(q_rows.data_ptr(), k_rows.data_ptr(), v_rows.data_ptr(), out.data_ptr(), lse.data_ptr(), coef.data_ptr(),
+            *_unit_args(units), b, h, n, m, d, dv, block_k, scale, torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.units, ctx.block_k, ctx.scale = units, block_k, scale
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, h, n, d = q.shape
+        m, dv = k.shape[2], v.shape[-1]
+        (q_rows, qc), (k_rows, kc), (v_rows, vc) = row_view(q), row_view(k), row_view(v)
+        do_rows, doc = row_view(dout)
+        dq, dqc = _token_major(q, b, n, h, d)
+        dk, dkc = _token_major(k, b, m, h, d)
+        dvv, dvc = _token_major(v, b, m, h, dv)
+        coef = torch.tensor([*qc, *kc, *vc, n * h, 1, h, *doc, *dqc, *dkc, *dvc], dtype=torch.int64)
+        _, bwd = _functions(q.dtype)
+        bwd(q_rows.data_ptr(), k_rows.data_ptr(), v_rows.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            do_rows.data_ptr(), dq.data_ptr(), dk.data_ptr(), dvv.data_ptr(), coef.data_ptr(), *_unit_args(ctx.units),
+            b, h, n, m, d, dv, ctx.block_k, ctx.scale, torch.get_num_threads())
+        return dq.transpose(1, 2), dk.transpose(1, 2), dvv.transpose(1, 2), None, None, None
+
+
+def block_routed_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
+                        block_k: int, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Block-routed attention on the compiled kernels (see the module docstring); forward and backward.
+
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, M, D]`` / ``[B, H, M, D_v]``, ``blocks`` bool ``[B, H, ceil(N /
+    block_q), ceil(M / block_k)]`` or int64 block lists ``[B, H, ceil(N / block_q), K]`` (-1: empty; checked by the
+    caller; :func:`native_routing_reason` must be None). Work is linear in ``N x`` selected keys, memory in ``N``.
+    Queries that see no key return zeros and zero gradients. The output and the gradients are token-major
+    (``[B, N, H, D]`` memory seen as ``[B, H, N, D]``), as a mixer's head merge reads them without a copy.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        units = routing_units(blocks, q.shape[2], k.shape[2], block_q, block_k, causal)
+    return _BlockRoutedNative.apply(q, k, v, units, block_k, float(scale))
