@@ -16,14 +16,16 @@
 // The forward runs the units of g in order with an online softmax per query (running max and sum, the output
 // rows rescaled when the max grows) and writes out and lse (log-sum-exp of the scaled scores; -inf and a zero row
 // for a query that sees no key). The backward recomputes the probabilities from lse and adds into dq, dk and dv.
-// Per unit, K^T (and for the backward V^T) are packed once; queries go in strips of STRIP rows, and a causal
-// strip computes only the keys up to its last query (the upper half of the own block is skipped). OpenMP over
-// batch x heads: every row a thread writes belongs to its own g. D and Dv must be multiples of 16 floats
-// (8 doubles).
+// Per unit, scale * K^T (and for the backward V^T) are packed once and the key (value) rows copied together;
+// queries go in strips of STRIP rows, copied together (the products then read cached rows) while the rows of the
+// next strip are prefetched, and a causal strip computes only the keys up to its last query (the upper half of the
+// own block is skipped). OpenMP over batch x heads: every row a thread writes belongs to its own g. D and Dv must
+// be multiples of 16 floats (8 doubles).
 #include "kernels_gemm.h"
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -82,16 +84,22 @@ struct Work {
     }
   }
 
-  // dst[i * rp + j] = mul * rows[j][i] for j < klen; zero columns up to the panel.
+  // dst[i * rp + j] = mul * rows[j][i] for j < klen; zero columns up to the panel. Blocks of 16 keys: each write
+  // fills a run of one output row while the 16 source rows stay cached.
   void pack_t(const std::vector<const T*>& rows, int64_t klen, int64_t width, T mul, std::vector<T>& dst) {
+    constexpr int64_t JB = 16;
     T* out = dst.data();
-    for (int64_t j = 0; j < klen; ++j) {
-      const T* src = rows[j];
-      for (int64_t i = 0; i < width; ++i) out[i * rp + j] = mul * src[i];
-    }
     const int64_t end = round_up(klen, 2 * Vec<T>::L);
-    for (int64_t i = 0; i < width; ++i)
-      for (int64_t j = klen; j < end; ++j) out[i * rp + j] = T(0);
+    for (int64_t j0 = 0; j0 < end; j0 += JB) {
+      const T* src[JB];
+      const int64_t nj = klen - j0 < JB ? (klen > j0 ? klen - j0 : 0) : JB;
+      for (int64_t j = 0; j < nj; ++j) src[j] = rows[j0 + j];
+      for (int64_t i = 0; i < width; ++i) {
+        T* o = out + i * rp + j0;
+        for (int64_t j = 0; j < nj; ++j) o[j] = mul * src[j][i];
+        for (int64_t j = nj; j < JB && j0 + j < end; ++j) o[j] = T(0);
+      }
+    }
   }
 
   // dst row j = rows[j] (width values) for j < count.
@@ -119,6 +127,20 @@ struct Work {
 };
 
 inline bool is_causal(const Plan& p, int64_t u) { return p.unit_causal && p.unit_causal[u]; }
+
+// Start loading the rows of the strip after the one at s0 (queries of the same batch x head, up to q_end): they are
+// a whole token apart in memory, so the hardware would fetch them only when first read.
+template <typename T>
+inline void prefetch_next(const Plan& p, int64_t s0, int64_t q_end, int64_t b, int64_t h,
+                          std::initializer_list<const Rows<const T>*> tensors) {
+  constexpr int64_t LINE = 64 / sizeof(T);
+  const int64_t a = s0 + STRIP, z = a + STRIP < q_end ? a + STRIP : q_end;
+  for (int64_t s = a; s < z; ++s)
+    for (const Rows<const T>* t : tensors) {
+      const T* row = t->row(b, h, p.q_pos[s]);
+      for (int64_t c = 0; c < t->width; c += LINE) __builtin_prefetch(row + c);
+    }
+}
 
 // Key rows of unit u (into kp, vp) and the number of keys of its block.
 template <typename T>
@@ -149,6 +171,8 @@ void forward_group(const Plan& p, Work<T>& w, std::vector<T>& mrow, std::vector<
   const int64_t b = g / p.heads, h = g % p.heads;
   const Rows<const T> qr(q, p.coef, p.d), kr(k, p.coef + 3, p.d), vr(v, p.coef + 6, p.dv);
   const Rows<T> orow(out, p.coef + 9, p.dv);
+  const Rows<const T> ocrow(out, p.coef + 9, p.dv);
+  const int64_t q_end = p.unit_start[p.g_start[g + 1]];
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < p.n; ++i) {
     T* o = orow.row(b, h, i);
@@ -164,8 +188,10 @@ void forward_group(const Plan& p, Work<T>& w, std::vector<T>& mrow, std::vector<
       const int64_t cnt = p.unit_start[u + 1] - s0 < STRIP ? p.unit_start[u + 1] - s0 : STRIP;
       const int64_t* qs = p.q_pos + s0;
       for (int64_t r = 0; r < cnt; ++r) w.qp[r] = qr.row(b, h, qs[r]), w.outp[r] = orow.row(b, h, qs[r]);
+      prefetch_next<T>(p, s0, q_end, b, h, {&qr, &ocrow});
       const int64_t kc = strip_keys(p, u, qs, cnt, klen, w.pos);
-      const int64_t kcp = w.scores(w.qp.data(), cnt, kc, is_causal(p, u));
+      Work<T>::copy_rows(w.qp, cnt, p.d, w.qc);  // one streaming pass: the product then reads cached rows
+      const int64_t kcp = w.scores(w.qcp.data(), cnt, kc, is_causal(p, u));
       for (int64_t r = 0; r < cnt; ++r) {
         T* row = w.scp[r];
         V vmax = Vec<T>::splat(ninf);
@@ -213,6 +239,8 @@ void backward_group(const Plan& p, Work<T>& w, int64_t g, const T* q, const T* k
   const Rows<const T> qr(q, p.coef, p.d), kr(k, p.coef + 3, p.d), vr(v, p.coef + 6, p.dv);
   const Rows<const T> orow(out, p.coef + 9, p.dv), dorow(dout, p.coef + 12, p.dv);
   const Rows<T> dqr(dq, p.coef + 15, p.d), dkr(dk, p.coef + 18, p.d), dvr(dv, p.coef + 21, p.dv);
+  const Rows<const T> dqcr(dq, p.coef + 15, p.d);
+  const int64_t q_end = p.unit_start[p.g_start[g + 1]];
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < p.n; ++i) {
     T* r = dqr.row(b, h, i);
@@ -249,6 +277,7 @@ void backward_group(const Plan& p, Work<T>& w, int64_t g, const T* q, const T* k
         for (int64_t c = 0; c < p.dv; ++c) dl += o[c] * d_o[c];
         delta[r] = dl;
       }
+      prefetch_next<T>(p, s0, q_end, b, h, {&qr, &dorow, &orow, &dqcr});
       Work<T>::copy_rows(w.qp, cnt, p.d, w.qc);
       Work<T>::copy_rows(w.dop, cnt, p.dv, w.dc);
       const int64_t kc = strip_keys(p, u, qs, cnt, klen, w.pos);
