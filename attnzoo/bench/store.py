@@ -6,7 +6,10 @@ an interrupted run leaves no half-written rows: an exception rolls the transacti
 killed process leaves a log SQLite ignores or rolls back on the next open. A new store is built
 in a temporary file and linked into place whole. The store runs in write-ahead-log mode, so
 readers and writers of several processes do not block each other; a writer waits for another
-writer's lock (``timeout``, then retries) instead of losing its run. A store opened for writing
+writer's lock (``timeout``, then retries) instead of losing its run. A run that still cannot be
+written (the lock held past the timeout, a full disk) is kept in a file beside the store
+(``<store>.pending/``, written through a temporary file) and goes into the store the next time
+it is opened for writing, once (the StoreError says where it is). A store opened for writing
 is checked to be writable when it is opened, before any work. The file carries an
 ``application_id``; a file that is not SQLite, is another application's database, or is
 corrupt gives a :class:`StoreError` and is never written to; every SQLite error reaches the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import io
 import json
 import os
@@ -198,6 +202,8 @@ class ResultsStore:
             if not readonly:
                 self._prepare_writes()
             self._conn.execute("PRAGMA foreign_keys = ON")
+            if not readonly:
+                self._store_kept_runs()
         except sqlite3.Error as e:
             with contextlib.suppress(AttributeError, sqlite3.Error):
                 self._conn.close()
@@ -400,20 +406,64 @@ class ResultsStore:
                json.dumps(env, default=str))
         curve_rows = [(int(step), str(name), None if value is None else float(value)) for step, name, value in curves]
         speed_rows = [(*[p.get(c) for c in SPEED_COLUMNS[:-1]], json.dumps(p.get("detail") or {})) for p in speed]
+        try:
+            return self._write(f"storing a {kind} run", lambda conn: _insert_run(conn, row, curve_rows, speed_rows))
+        except StoreError as e:
+            if self.readonly:
+                raise
+            kept = self._keep_run(row, curve_rows, speed_rows, e)
+            raise StoreError(f"{e}; the run is kept in {str(kept)!r} and goes into the store the next time it is "
+                             "opened for writing") from None
 
-        def insert(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "INSERT INTO runs (kind, session, created, task, mixer, config, metrics, env) VALUES (?,?,?,?,?,?,?,?)",
-                row)
-            run_id = int(cur.lastrowid)
-            conn.executemany("INSERT INTO curves (run_id, step, name, value) VALUES (?,?,?,?)",
-                             [(run_id, *c) for c in curve_rows])
-            columns = ", ".join(SPEED_COLUMNS)
-            conn.executemany(f"INSERT INTO speed (run_id, {columns}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                             [(run_id, *r) for r in speed_rows])
-            return run_id
+    # Runs that could not be written -----------------------------------------------------------
+    def kept_dir(self) -> Path:
+        """Where runs that could not be written wait for the next opening for writing."""
+        return Path(f"{self.path}.pending")
 
-        return self._write(f"storing a {kind} run", insert)
+    def _keep_run(self, row: tuple, curve_rows: list, speed_rows: list, error: StoreError) -> Path:
+        """Write the run to a file of its own in :meth:`kept_dir` (a temporary file renamed into place), marked
+        ``env.kept_as`` with that name so that it is stored once; a StoreError naming both failures otherwise."""
+        folder = self.kept_dir()
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        name = f"run-{stamp}-{os.getpid()}-{os.urandom(4).hex()}.json"
+        env = json.loads(row[7])
+        env["kept_as"] = name
+        data = {"row": [*row[:7], json.dumps(env, default=str)], "curves": curve_rows, "speed": speed_rows}
+        tmp = folder / f".{name}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / name)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"{error}; keeping the run in {str(folder)!r} failed too ({exc.strerror or exc}); it is "
+                             f"lost; its metrics: {row[6][:400]}") from None
+        return folder / name
+
+    def _store_kept_runs(self) -> None:
+        """Store the runs :meth:`_keep_run` left in :meth:`kept_dir` (each once: a run already in the store,
+        from an earlier opening killed before it removed the file, is not stored again), then remove them."""
+        folder = self.kept_dir()
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("run-*.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                row, curve_rows, speed_rows = tuple(data["row"]), data["curves"], data["speed"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: left where it is, for a person to look at
+            marker = f'%"kept_as": {json.dumps(path.name)}%'
+            self._write(f"storing the kept run {path.name}",
+                        functools.partial(_insert_once, marker=marker, row=row, curve_rows=curve_rows,
+                                          speed_rows=speed_rows))
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
     # Reading ----------------------------------------------------------------------------------
     @staticmethod
@@ -539,6 +589,25 @@ class ResultsStore:
     def export_csv_file(self, path: str | os.PathLike[str], *, kind: str | None = "train") -> int:
         """:meth:`export_csv` into ``path`` through :meth:`export_file`."""
         return self.export_file(path, lambda f: self.export_csv(f, kind=kind))
+
+
+def _insert_run(conn: sqlite3.Connection, row: tuple, curve_rows: list, speed_rows: list) -> int:
+    """Insert one run (its ``runs`` row, curve points and speed points) in the open transaction; returns its id."""
+    cur = conn.execute(
+        "INSERT INTO runs (kind, session, created, task, mixer, config, metrics, env) VALUES (?,?,?,?,?,?,?,?)", row)
+    run_id = int(cur.lastrowid)
+    conn.executemany("INSERT INTO curves (run_id, step, name, value) VALUES (?,?,?,?)",
+                     [(run_id, *c) for c in curve_rows])
+    columns = ", ".join(SPEED_COLUMNS)
+    conn.executemany(f"INSERT INTO speed (run_id, {columns}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                     [(run_id, *r) for r in speed_rows])
+    return run_id
+
+
+def _insert_once(conn: sqlite3.Connection, *, marker: str, row: tuple, curve_rows: list, speed_rows: list) -> None:
+    """:func:`_insert_run` unless a run whose ``env`` matches ``marker`` (a LIKE pattern) is already stored."""
+    if conn.execute("SELECT 1 FROM runs WHERE env LIKE ? LIMIT 1", (marker,)).fetchone() is None:
+        _insert_run(conn, row, curve_rows, speed_rows)
 
 
 def _cell(v: Any) -> Any:

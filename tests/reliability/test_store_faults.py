@@ -195,6 +195,56 @@ def test_a_held_write_lock_is_reported_as_a_lock(tmp_path):
     assert len(_check_complete(store)) == 2
 
 
+def test_a_run_the_locked_store_cannot_take_is_kept_and_stored_at_the_next_opening(tmp_path):
+    store = tmp_path / "S.sqlite"
+    with open_store(store) as db:
+        _add(db)
+    db = open_store(store, timeout=0.3)
+    other = sqlite3.connect(store, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked by another process") as err:
+            _add(db, 1, curves=7)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    message = str(err.value)
+    kept = list(db.kept_dir().glob("run-*.json"))
+    assert len(kept) == 1 and str(kept[0]) in message and "next time it is opened for writing" in message
+    assert "\n" not in message
+    db.close()
+    with open_store(store, readonly=True) as ro:  # reading does not take it in
+        assert len(ro.runs()) == 1 and kept[0].exists()
+    saved = kept[0].read_bytes()
+    with open_store(store) as db2:
+        assert [r["metrics"]["seq"] for r in db2.runs()] == [0, 1]
+        assert db2.runs()[1]["env"]["kept_as"] == kept[0].name
+    assert not db.kept_dir().exists()
+    # an opening killed after storing it but before removing the file: the next opening does not store it twice
+    db.kept_dir().mkdir()
+    kept[0].write_bytes(saved)
+    with open_store(store) as db3:
+        assert [r["metrics"]["seq"] for r in db3.runs()] == [0, 1]
+    assert not kept[0].exists()
+    assert len(_check_complete(store)) == 2
+
+
+def test_a_run_that_cannot_be_kept_either_says_so(tmp_path):
+    store = tmp_path / "S.sqlite"
+    db = open_store(store, timeout=0.2)
+    Path(f"{store}.pending").write_text("in the way")  # the folder cannot be made
+    other = sqlite3.connect(store, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="failed too") as err:
+            _add(db, 5)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        db.close()
+    assert '"seq": 5' in str(err.value) and "\n" not in str(err.value)
+
+
 def _legacy_store(path: Path) -> None:
     """A store in rollback-journal mode (as earlier versions made them)."""
     with open_store(path) as db:
