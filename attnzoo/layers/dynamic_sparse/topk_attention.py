@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnzoo.layers.base import check_choice, check_int, seeded
+from attnzoo.layers.base import Call, check_choice, check_int, seeded
 from attnzoo.layers.dynamic_sparse._common import (
     FAMILY,
     SMALL,
@@ -25,6 +25,7 @@ from attnzoo.registry import Reduction, register
 # Score elements per chunk of queries while selecting (and while building the predictor's target).
 SELECT_CHUNK_ELEMENTS = 1 << 22
 SCORERS = ("exact", "predictor")
+PREDICTOR_KEYS = "topk_predictor_keys"  # cache.state entry: (keys projected, their k̃, the key weight used)
 
 
 class ConnectivityPredictor(nn.Module):
@@ -45,8 +46,15 @@ class ConnectivityPredictor(nn.Module):
 
     def project(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` ``[B, H, N, D]``, ``k`` ``[B, H, M, D]`` -> ``(q̃ [B, H, N, rank], k̃ [B, H, M, rank])``."""
-        return (torch.einsum("bhnd,hdr->bhnr", q, self.q_weight.to(q.dtype)),
-                torch.einsum("bhmd,hdr->bhmr", k, self.k_weight.to(k.dtype)))
+        return self.project_queries(q), self.project_keys(k)
+
+    def project_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` ``[B, H, N, D]`` -> ``q̃`` ``[B, H, N, rank]``."""
+        return torch.einsum("bhnd,hdr->bhnr", q, self.q_weight.to(q.dtype))
+
+    def project_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """``k`` ``[B, H, M, D]`` -> ``k̃`` ``[B, H, M, rank]``."""
+        return torch.einsum("bhmd,hdr->bhmr", k, self.k_weight.to(k.dtype))
 
     @torch.no_grad()
     def set_identity_(self) -> ConnectivityPredictor:
@@ -127,15 +135,38 @@ class TopKAttention(RoutedMixer):
     def top_k_limit(self, n_keys):
         return self.top_k, n_keys, "keys"
 
-    def selection_scores(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two factors whose product ranks the keys: ``(q, k)`` (exact) or the predictor's ``(q̃, k̃)``."""
-        return (q, k) if self.predictor is None else self.predictor.project(q, k)
+    def selection_scores(self, q: torch.Tensor, k: torch.Tensor,
+                         call: Call | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two factors whose product ranks the keys: ``(q, k)`` (exact) or the predictor's ``(q̃, k̃)``. While
+        decoding with a KV cache (``call.cache``), the projected keys of earlier steps are kept in the cache's state
+        and a step projects only its new keys, as long as the predictor's key projection is unchanged (compared by
+        value: a weight changed in place starts the keys over)."""
+        if self.predictor is None:
+            return q, k
+        cache = call.cache if call is not None else None
+        if cache is None:
+            return self.predictor.project(q, k)
+        return self.predictor.project_queries(q), self._kept_keys(k, cache)
+
+    def _kept_keys(self, k: torch.Tensor, cache: Any) -> torch.Tensor:
+        """``k̃`` of every cached key ``[B, H, M, rank]``, the earlier ones read from ``cache.state`` (selection
+        only: no gradient flows through the choice of keys)."""
+        weight = self.predictor.k_weight.detach()
+        done, kept, seen = cache.state.get(PREDICTOR_KEYS, (0, None, None))
+        if (kept is None or done > k.shape[2] or kept.shape[:2] != k.shape[:2] or kept.dtype != k.dtype
+                or kept.device != k.device or seen.device != weight.device or not torch.equal(seen, weight)):
+            done, kept, seen = 0, None, weight.clone()
+        with torch.no_grad():
+            new = self.predictor.project_keys(k[:, :, done:])
+            keys = new if kept is None else torch.cat([kept, new], 2)
+        cache.state[PREDICTOR_KEYS] = (k.shape[2], keys, seen)
+        return keys
 
     def route(self, q, k, keep, call):
         b, h, n, _ = q.shape
         m = k.shape[2]
         causal = bool(call is not None and call.causal)
-        qs, ks = self.selection_scores(q, k)
+        qs, ks = self.selection_scores(q, k, call)
         kk = min(self.top_k, m)
         out = torch.full((b, h, n, kk), -1, dtype=torch.int64, device=q.device)
         chunk = max(1, SELECT_CHUNK_ELEMENTS // max(b * h * m, 1))

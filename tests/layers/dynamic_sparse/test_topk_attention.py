@@ -100,6 +100,25 @@ def test_decoding_with_the_kv_cache_equals_the_full_forward(rope):
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-12
 
 
+def test_decoding_projects_each_key_once_and_notices_a_changed_predictor(monkeypatch):
+    m = _topk(top_k=4, rank=3)
+    x = random_tokens(n=14).double()
+    projected = []
+    project_keys = m.predictor.project_keys
+    monkeypatch.setattr(m.predictor, "project_keys", lambda k: projected.append(k.shape[2]) or project_keys(k))
+    cache = KVCache()
+    with torch.no_grad():
+        steps = [m(x[:, i:i + 1], causal=True, cache=cache) for i in range(7)]
+        assert projected == [1] * 7 and cache.state[topk_module.PREDICTOR_KEYS][1].shape[2] == 7
+        m.predictor.k_weight.neg_()  # in place: the ranking of the keys turns around
+        steps += [m(x[:, i:i + 1], causal=True, cache=cache) for i in range(7, 14)]
+        assert projected[7:] == [8] + [1] * 6  # the change starts the projected keys over
+        changed = m(x, causal=True)
+    assert (torch.cat(steps[7:], 1) - changed[:, 7:]).abs().max() < 1e-12
+    m.predictor.k_weight.data.neg_()
+    assert (m(x, causal=True) - changed)[:, 7:].abs().max() > 1e-3  # the change mattered
+
+
 def test_the_output_gradient_never_reaches_the_predictor():
     m = _topk(rank=4)
     m(random_tokens(n=12).double(), causal=True).square().sum().backward()
