@@ -10,6 +10,10 @@ Run: ``python benchmarks/bench_dyn_decode.py [--n 4096] [--context 4096] [--repe
 - ``landmark``: a decoding step (``--context`` tokens of cache, block 64) in retrieval mode (top_k 4, window 1)
   against training mode (every block): both compute every score densely, so the step times are about equal;
   the attended tokens per query are printed too.
+- ``topk_attention`` (top_k 64): a decoding step (``--context`` tokens of cache) with Sparsifiner's predictor
+  (rank 32) against the exact scorer.
+
+``--sections`` runs some of them (default: all).
 
 Process CPU time (``clock="cpu"``), one thread by default (stable on a shared machine); median of ``--repeats``
 with the min-max spread.
@@ -90,12 +94,18 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
     torch.manual_seed(0)
     dim, heads = 512, 8
 
+    for name in args.sections:
+        SECTIONS[name](args, dim, heads)
+
+
+def seer_section(args: argparse.Namespace, dim: int, heads: int) -> None:
     print(f"seer_attention, N={args.n}, forward + backward")
     seer = create("seer_attention", dim=dim, n_heads=heads, n_kv_heads=2, block_size=128, top_k=4)
     mha = mha_from(seer).float()
@@ -113,6 +123,8 @@ def main() -> None:
     show("mha causal forward", fwd)
     show("seer gate_loss forward + backward (causal)", timed(gate_step, args.repeats), fwd)
 
+
+def tidal_section(args: argparse.Namespace, dim: int, heads: int) -> None:
     print(f"tidal_decode, a decoding step with {args.context} cached tokens (4 layers, top_k 256; mean of 8 "
           "consecutive steps)")
     tidal = create("tidal_decode", dim=dim, n_heads=heads, top_k=256, n_layers=4, first_sparse=1)
@@ -126,6 +138,10 @@ def main() -> None:
     show("4 dense layers", base)
     show("tidal_decode (1 selection + 3 sparse layers)", timed(decode_step(tidal, ctx, step), args.repeats), base)
 
+
+def landmark_section(args: argparse.Namespace, dim: int, heads: int) -> None:
+    ctx = torch.randn(1, args.context, dim)
+    step = torch.randn(1, 1, dim)
     print(f"landmark, a decoding step with {args.context} cached tokens (block 64; mean of 8 consecutive steps)")
     train = create("landmark", dim=dim, n_heads=heads, block_size=64)
     retr = create("landmark", dim=dim, n_heads=heads, block_size=64, top_k=4, window=1)
@@ -141,6 +157,21 @@ def main() -> None:
             print(f"  attended regular tokens, last query ({name}, 1024 tokens): "
                   f"{int(((w[0, :, -1] > 0) & regular).sum(-1).max())}")
 
+
+def topk_section(args: argparse.Namespace, dim: int, heads: int) -> None:
+    print(f"topk_attention (top_k 64), a decoding step with {args.context} cached tokens (mean of 8 consecutive "
+          "steps)")
+    exact = create("topk_attention", dim=dim, n_heads=heads, top_k=64)
+    predictor = create("topk_attention", dim=dim, n_heads=heads, top_k=64, scorer="predictor", rank=32)
+    predictor.load_state_dict(exact.state_dict(), strict=False)
+    ctx = torch.randn(1, args.context, dim)
+    step = torch.randn(1, 1, dim)
+    base = timed(decode_step(exact, ctx, step), args.repeats)
+    show("exact scorer", base)
+    show("predictor (rank 32)", timed(decode_step(predictor, ctx, step), args.repeats), base)
+
+
+SECTIONS = {"seer": seer_section, "tidal": tidal_section, "landmark": landmark_section, "topk": topk_section}
 
 if __name__ == "__main__":
     main()
