@@ -16,6 +16,9 @@ Run: ``python benchmarks/bench_dynamic_sparse.py [--n 16384] [--repeats 3] [--th
   predictor (``--rank``, default head_dim // 2) interleaved with the exact scorer and mha (same q/k/v/o weights),
   forward + backward, and the selection alone (``route``, forward, no grad) of each scorer next to mha's
   forward + backward.
+- ``--paths``: instead, moba at small shapes (the blocks of 4 and 16 that ``attnzoo compare`` trains with, up to
+  dim 512 at N 4096), causal forward + backward, on the compiled routed kernels against the fused flash tiles
+  (``ATTNZOO_NATIVE=0``), interleaved rounds, median of ``--repeats``.
 - The load average is printed before and after (the machine is shared).
 """
 
@@ -137,6 +140,8 @@ def main() -> None:
                     help="wall time, or process CPU time (with --threads 1: stable on a shared machine)")
     ap.add_argument("--skip-flash-tiles", action="store_true",
                     help="do not also time moba with the compiled kernels off (its fused flash tile path)")
+    ap.add_argument("--paths", action="store_true",
+                    help="only moba at small shapes: compiled routed kernels against the flash tiles")
     ap.add_argument("--one", choices=["topk_attention", "mha"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     global clock
@@ -149,6 +154,10 @@ def main() -> None:
     print(machine(), f"clock: {args.clock}")
     print(f"load average (1, 5, 15 min) before: {os.getloadavg()}")
     torch.manual_seed(0)
+    if args.paths:
+        paths_section(args)
+        print(f"\nload average (1, 5, 15 min) after: {os.getloadavg()}")
+        return
     if not args.skip_speed:
         moba = create("moba", dim=512, n_heads=8, block_size=256, top_k=4)
         mha = mha_from(moba).float()
@@ -182,6 +191,30 @@ def main() -> None:
     if not args.skip_topk:
         (topk_scorer_section if args.scorer == "predictor" else topk_section)(args)
     print(f"\nload average (1, 5, 15 min) after: {os.getloadavg()}")
+
+
+PATH_SHAPES = [  # (dim, heads, block_size, top_k, N, batch)
+    (64, 4, 4, 2, 256, 32), (64, 4, 16, 2, 256, 32), (64, 4, 16, 2, 1024, 8), (128, 2, 32, 3, 2048, 4),
+    (512, 8, 64, 4, 4096, 1), (512, 8, 256, 4, 4096, 1)]
+
+
+def paths_section(args: argparse.Namespace) -> None:
+    print("moba, causal forward + backward, float32: compiled routed kernels vs fused flash tiles (ATTNZOO_NATIVE=0),"
+          f" interleaved, median of {args.repeats}")
+    print("| dim | heads | block | top_k | N | batch | kernels (ms) | flash tiles (ms) | flash tiles / kernels |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dim, heads, block, top_k, n, batch in PATH_SHAPES:
+        m = create("moba", dim=dim, n_heads=heads, block_size=block, top_k=top_k)
+        x = torch.randn(batch, n, dim)
+        fwd_bwd(m, x)
+        without_native(lambda: fwd_bwd(m, x))  # noqa: B023 (called at once)
+        kern, tiles = [], []
+        for _ in range(args.repeats):
+            kern.append(fwd_bwd(m, x))
+            tiles.append(without_native(lambda: fwd_bwd(m, x)))  # noqa: B023
+        a, b = statistics.median(kern), statistics.median(tiles)
+        print(f"| {dim} | {heads} | {block} | {top_k} | {n} | {batch} | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f} |",
+              flush=True)
 
 
 def topk_section(args: argparse.Namespace) -> None:
