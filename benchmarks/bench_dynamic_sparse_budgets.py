@@ -11,12 +11,15 @@ Run: ``python benchmarks/bench_dynamic_sparse_budgets.py [--lengths 1024 4096 16
 - ``--time N``: forward + backward process CPU time (one thread, stable on a shared machine) at length N, dim 256,
   4 heads, float32, each entry next to ``mha`` with the same weights (causal for hip / superlinear_span, not for
   pyramid_sparse, cross-attention of N / 8 queries over N context tokens for tree_cross_attention), interleaved
-  rounds after one warm-up, every round printed.
+  rounds after one warm-up, every round printed. The entries whose key lists are shared by blocks of queries
+  (hip query_block, pyramid_sparse) are also timed with attnzoo's compiled kernels off (``ATTNZOO_NATIVE=0``:
+  the fused flash tiles), in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -79,26 +82,45 @@ def timings(n: int, repeats: int) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, n, 256, generator=g), torch.randn(1, n, 256, generator=g)
-    cases = [("hip top_k=64", "hip", {"top_k": 64}, {"causal": True}),
-             ("hip top_k=64 query_block=32", "hip", {"top_k": 64, "query_block": 32}, {"causal": True}),
-             ("superlinear_span top_k=3", "superlinear_span", {"top_k": 3}, {"causal": True}),
-             ("pyramid_sparse 64 (2,2,4)", "pyramid_sparse", {"block_size": 64, "level_blocks": (2, 2, 4)}, {}),
-             ("tree_cross_attention beam=1", "tree_cross_attention", {"beam": 1}, {"context": ctx})]
-    print(f"| entry (N={n}) | entry CPU s per round | mha CPU s per round | entry / mha (median) |")
-    print("|---|---|---|---|")
-    for name, slug, kw, call in cases:
+    cases = [("hip top_k=64", "hip", {"top_k": 64}, {"causal": True}, False),
+             ("hip top_k=64 query_block=32", "hip", {"top_k": 64, "query_block": 32}, {"causal": True}, True),
+             ("superlinear_span top_k=3", "superlinear_span", {"top_k": 3}, {"causal": True}, False),
+             ("pyramid_sparse 64 (2,2,4)", "pyramid_sparse", {"block_size": 64, "level_blocks": (2, 2, 4)}, {},
+              True),
+             ("tree_cross_attention beam=1", "tree_cross_attention", {"beam": 1}, {"context": ctx}, False)]
+    print(f"| entry (N={n}) | entry CPU s per round | mha CPU s per round | entry / mha (median) "
+          "| compiled kernels off: CPU s per round | off / on |")
+    print("|---|---|---|---|---|---|")
+    for name, slug, kw, call, paths in cases:
         torch.manual_seed(0)
         m = create(slug, dim=256, n_heads=4, **kw)
         d = mha_from(m).float()
         xq = x[:, : n // 8] if "context" in call else x
-        got, ref = [], []
+        got, ref, off = [], [], []
         cpu_fwd_bwd(m, xq, **call), cpu_fwd_bwd(d, xq, **call)  # warm-up
         for _ in range(repeats):
             got.append(cpu_fwd_bwd(m, xq, **call))
             ref.append(cpu_fwd_bwd(d, xq, **call))
+            if paths:
+                off.append(without_native(lambda: cpu_fwd_bwd(m, xq, **call)))  # noqa: B023 (called at once)
         ratio = statistics.median(got) / statistics.median(ref)
+        extra = (f"{', '.join(f'{t:.3f}' for t in off)} | {statistics.median(off) / statistics.median(got):.2f}"
+                 if off else "- | -")
         print(f"| {name} | {', '.join(f'{t:.3f}' for t in got)} | {', '.join(f'{t:.3f}' for t in ref)} "
-              f"| {ratio:.2f} |", flush=True)
+              f"| {ratio:.2f} | {extra} |", flush=True)
+
+
+def without_native(fn):
+    """``fn()`` with attnzoo's compiled kernels switched off (``ATTNZOO_NATIVE=0``)."""
+    before = os.environ.get("ATTNZOO_NATIVE")
+    os.environ["ATTNZOO_NATIVE"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["ATTNZOO_NATIVE"]
+        else:
+            os.environ["ATTNZOO_NATIVE"] = before
 
 
 def main() -> None:

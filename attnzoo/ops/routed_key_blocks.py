@@ -1,4 +1,5 @@
-"""Key routings shared by blocks of queries, on PyTorch's fused CPU flash kernel.
+"""Key routings shared by blocks of queries, on PyTorch's fused CPU flash kernel (where attnzoo's compiled routed
+kernels cannot run: :func:`attnzoo.ops.routed_blocks_native.key_block_native` is the default CPU path).
 
 A block of ``block_q`` consecutive queries shares one list of ``K`` keys (HiP's query blocks). Each block's keys
 are gathered once (``index_select`` of whole rows) into a tile ``[block_q, K]``, and every tile runs in one call of

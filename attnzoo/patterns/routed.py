@@ -153,8 +153,17 @@ def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.
     """(``"gather"`` or ``"dense"``, why) for ``backend="auto"`` of :func:`key_routed_attention`."""
     pairs = keys.shape[0] * keys.shape[1] * keys.shape[2] * k.shape[2]
     if block_q > 1:
-        how = "fused CPU flash tiles" if key_block_flash_ok(q, k, v) else "per-query gathers"
-        return "gather", f"lists shared by blocks of {block_q} queries: each block's keys gathered once ({how})"
+        from attnzoo.ops.routed_blocks_native import native_routing_reason
+
+        reason = native_routing_reason(q, k, v, False)
+        if reason is None:
+            how = "attnzoo's compiled routed kernels: each block's keys read in place, one unit per block"
+        elif key_block_flash_ok(q, k, v):
+            how = ("each block's keys gathered once into fused CPU flash tiles (not the compiled routed kernels: "
+                   f"{reason})")
+        else:
+            how = f"per-query gathers (not the compiled routed kernels: {reason})"
+        return "gather", f"lists shared by blocks of {block_q} queries: {how}"
     if q.device.type != "cpu":
         return "gather", "off CPU the gather path is the default (memory linear in N x K)"
     if keys.shape[2] < KEY_DENSE_MIN_QUERIES:
@@ -263,6 +272,10 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
             keys = torch.where(kept, keys, torch.full_like(keys, -1))
         if routing.block_q == 1:
             return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
+        from attnzoo.ops.routed_blocks_native import key_block_native, native_routing_reason
+
+        if native_routing_reason(q, k, v, causal) is None:
+            return key_block_native(q, k, v, keys, block_q=routing.block_q, causal=causal, scale=scale)
         if key_block_flash_ok(q, k, v):
             return key_block_flash(q, k, v, keys, block_q=routing.block_q, causal=causal, scale=scale)
         per_query = keys.repeat_interleave(routing.block_q, 2)[:, :, :n]
@@ -279,11 +292,12 @@ def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
                          block_q: int = 1) -> torch.Tensor:
     """:func:`routed_attention` of the key routing ``keys`` int64 ``[B, H, N, K]`` (``-1``: empty slot), or with
     ``block_q > 1`` ``[B, H, ceil(N / block_q), K]``: one list shared by each block of ``block_q`` queries (the
-    fast path gathers each block's keys once and runs fused CPU flash tiles,
-    :func:`attnzoo.ops.routed_key_blocks.key_block_flash`). ``"auto"``: ``"gather"``, except on CPU for a dense
-    per-query routing (at least ``KEY_DENSE_MIN_DENSITY`` of the ``N x M`` pairs) of a small call
-    (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``, ``N >= KEY_DENSE_MIN_QUERIES``), where the masked dense kernel through
-    :func:`attnzoo.attention` is faster (:func:`explain_key_routed` says which)."""
+    fast path runs each block on the compiled routed kernels,
+    :func:`attnzoo.ops.routed_blocks_native.key_block_native`, or where they cannot, gathers each block's keys
+    once into fused CPU flash tiles, :func:`attnzoo.ops.routed_key_blocks.key_block_flash`). ``"auto"``:
+    ``"gather"``, except on CPU for a dense per-query routing (at least ``KEY_DENSE_MIN_DENSITY`` of the ``N x M``
+    pairs) of a small call (``B*H*N*M <= KEY_DENSE_MAX_ELEMENTS``, ``N >= KEY_DENSE_MIN_QUERIES``), where the masked
+    dense kernel through :func:`attnzoo.attention` is faster (:func:`explain_key_routed` says which)."""
     return routed_attention(q, k, v, Routing("keys", keys, block_q), causal=causal, scale=scale, backend=backend)
 
 

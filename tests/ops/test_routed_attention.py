@@ -326,6 +326,27 @@ def test_key_lists_shared_by_query_blocks_equal_the_reference(n, m, block_q, cau
         assert out[1, 2, block_q:2 * block_q].abs().max() == 0  # the block with no key: zeros
 
 
+@pytest.mark.parametrize("path", ["native", "flash"])
+@pytest.mark.parametrize("n,m,block_q,width,causal", [
+    (29, 29, 4, 9, True), (7, 40, 3, 9, True),  # decoding shape: the queries are the last 7 of 40 keys
+    (150, 150, 100, 70, True),  # a block of more queries than a kernel strip, more keys than a key panel
+    (130, 151, 16, 40, False)])
+def test_shared_key_list_fast_paths_equal_the_reference(path, n, m, block_q, width, causal):
+    from attnzoo.ops.routed_blocks_native import key_block_native
+    from attnzoo.ops.routed_key_blocks import key_block_flash
+
+    q, k, v = _qkv(seed=31, n=n, m=m)
+    k, v = _token_major(k), _token_major(v)
+    keys = _shared_keys(2, 3, -(-n // block_q), width, m, seed=32)
+    ref = key_routed_attention(q, k, v, keys, causal=causal, backend="reference", block_q=block_q)
+    run = {"native": key_block_native, "flash": key_block_flash}[path]
+    out = run(q, k, v, keys, block_q=block_q, causal=causal)
+    _close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        _close(a, b)
+    assert out[1, 2, block_q:2 * block_q].abs().max() == 0
+
+
 def test_key_lists_shared_by_query_blocks_off_the_flash_path():
     q, k, v = _qkv(seed=27, n=20, m=20)
     v = torch.randn(2, 3, 20, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(28)).requires_grad_()

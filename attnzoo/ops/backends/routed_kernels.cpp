@@ -1,11 +1,13 @@
 // attnzoo: CPU kernels for block-routed attention (MoBA-style routings): every query attends the union of the
 // key blocks routed to it. Plain C ABI (loaded with ctypes; no Python or torch headers).
 //
-// The pairs come as *units*, one per (batch x head g, key block kb, kind): the queries (indices i in [0, N),
-// ascending) routed to key block kb, and whether the unit is the queries' own block under causality (kind 1:
-// query i at position p = i + M - N sees the keys of the block at positions <= p; kind 0: the whole block, the
-// last one ragged when M is not a multiple of block_k). The units of g are units[g_start[g] .. g_start[g + 1]),
-// unit u holds queries q_pos[unit_start[u] .. unit_start[u + 1]).
+// The pairs come as *units* of one batch x head g: queries (indices i in [0, N), ascending) and the keys they all
+// see. Block mode (key_pos null): unit u is key block unit_kb[u] (positions kb * block_k .., the last block ragged
+// when M is not a multiple of block_k) with the queries routed to it. List mode: unit u's keys are the positions
+// key_pos[key_start[u] .. key_start[u + 1]) (ascending; e.g. the list a block of queries shares) and block_k is
+// the most keys of a unit. A causal unit (unit_causal[u]) hides from query i, at position p = i + M - N, the keys
+// after p: in block mode a query's own block. The units of g are units[g_start[g] .. g_start[g + 1]), unit u
+// holds queries q_pos[unit_start[u] .. unit_start[u + 1]).
 //
 // Tensors are [B, H, L, D] addressed as rows: entry (b, h, i) is the D (or Dv) contiguous values at
 // base + (b * cb + h * ch + i * cm) * D, with the three row coefficients per tensor in coef[3 * t]
@@ -23,6 +25,7 @@
 // be multiples of 16 floats (8 doubles).
 #include "kernels_gemm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -39,6 +42,7 @@ struct Plan {
   int64_t batch, heads, n, m, d, dv, block_k;
   const int64_t *coef, *g_start, *unit_kb, *unit_start, *q_pos;
   const uint8_t* unit_causal;
+  const int64_t *key_start, *key_pos;  // list mode (null: block mode)
 };
 
 template <typename T>
@@ -62,7 +66,7 @@ struct Work {
   std::vector<T> kt, vt, sc, dp, kc, vc, qc, dc, dkc, dvc;
   std::vector<const T*> kp, vp, ktp, vtp, qp, dop, op, pcol, dscol, kcp, vcp, qcp, dcp;
   std::vector<T*> scp, dpp, outp, dqp, dkcp, dvcp;
-  std::vector<int64_t> pos;  // the strip's query positions relative to the unit's first key
+  std::vector<int64_t> lim;  // per strip row: how many of the unit's keys it sees (a prefix)
 
   explicit Work(const Plan& plan)
       : p(plan), rp(round_up(plan.block_k, 2 * Vec<T>::L)), kt(plan.d * rp), vt(plan.dv * rp), sc(STRIP * rp),
@@ -70,7 +74,7 @@ struct Work {
         dc(STRIP * plan.dv), dkc(plan.block_k * plan.d), dvc(plan.block_k * plan.dv), kp(plan.block_k),
         vp(plan.block_k), ktp(plan.d), vtp(plan.dv), qp(STRIP), dop(STRIP), op(STRIP), pcol(rp), dscol(rp),
         kcp(plan.block_k), vcp(plan.block_k), qcp(STRIP), dcp(STRIP), scp(STRIP), dpp(STRIP), outp(STRIP),
-        dqp(STRIP), dkcp(plan.block_k), dvcp(plan.block_k), pos(STRIP) {
+        dqp(STRIP), dkcp(plan.block_k), dvcp(plan.block_k), lim(STRIP) {
     for (int64_t i = 0; i < p.d; ++i) ktp[i] = kt.data() + i * rp;
     for (int64_t i = 0; i < p.dv; ++i) vtp[i] = vt.data() + i * rp;
     for (int64_t i = 0; i < STRIP; ++i) {
@@ -111,15 +115,15 @@ struct Work {
     }
   }
 
-  // Scaled scores (kt holds scale * K^T) of the cnt strip rows q[] over the first nk keys into sc (columns nk ..
-  // panel end and, in a causal unit, keys after a row's query: -inf). Returns the panel width computed.
-  int64_t scores(const T* const* q, int64_t cnt, int64_t nk, bool causal) {
+  // Scaled scores (kt holds scale * K^T) of the cnt strip rows q[] over the first nk keys into sc (columns from
+  // nk, or from a row's lim, to the panel end: -inf). Returns the panel width computed.
+  int64_t scores(const T* const* q, int64_t cnt, int64_t nk) {
     const int64_t nkp = round_up(nk, 2 * Vec<T>::L);
     gemm<T, false>(q, 1, ktp.data(), p.d, nkp, scp.data(), cnt);
     const T ninf = -std::numeric_limits<T>::infinity();
     for (int64_t r = 0; r < cnt; ++r) {
       T* row = scp[r];
-      const int64_t limit = causal && pos[r] + 1 < nk ? pos[r] + 1 : nk;
+      const int64_t limit = lim[r] < nk ? lim[r] : nk;
       for (int64_t j = limit; j < nkp; ++j) row[j] = ninf;
     }
     return nkp;
@@ -142,25 +146,50 @@ inline void prefetch_next(const Plan& p, int64_t s0, int64_t q_end, int64_t b, i
     }
 }
 
-// Key rows of unit u (into kp, vp) and the number of keys of its block.
+// The number of keys of unit u, and the position of its j-th key.
+inline int64_t unit_keys(const Plan& p, int64_t u) {
+  if (p.key_pos) return p.key_start[u + 1] - p.key_start[u];
+  const int64_t k0 = p.unit_kb[u] * p.block_k;
+  return p.m - k0 < p.block_k ? p.m - k0 : p.block_k;
+}
+
+inline int64_t key_position(const Plan& p, int64_t u, int64_t j) {
+  return p.key_pos ? p.key_pos[p.key_start[u] + j] : p.unit_kb[u] * p.block_k + j;
+}
+
+// Key rows of unit u (into kp, vp); returns their number.
 template <typename T>
 int64_t load_keys(const Plan& p, Work<T>& w, const Rows<const T>& k, const Rows<const T>& v, int64_t b, int64_t h,
                   int64_t u) {
-  const int64_t k0 = p.unit_kb[u] * p.block_k;
-  const int64_t klen = p.m - k0 < p.block_k ? p.m - k0 : p.block_k;
-  for (int64_t j = 0; j < klen; ++j) w.kp[j] = k.row(b, h, k0 + j), w.vp[j] = v.row(b, h, k0 + j);
+  const int64_t klen = unit_keys(p, u);
+  for (int64_t j = 0; j < klen; ++j) {
+    const int64_t at = key_position(p, u, j);
+    w.kp[j] = k.row(b, h, at), w.vp[j] = v.row(b, h, at);
+  }
   return klen;
 }
 
-// The strip's query positions relative to the unit's first key, and how many keys it needs (a causal strip: up to
-// its last query, the queries being ascending).
+// How many of the unit's klen keys each strip row sees (lim: all, or under causality those at or before its
+// position, a prefix of the ascending keys), and how many the strip needs: its last row's count, the queries being
+// ascending.
 inline int64_t strip_keys(const Plan& p, int64_t u, const int64_t* qs, int64_t cnt, int64_t klen,
-                          std::vector<int64_t>& pos) {
-  const int64_t shift = p.m - p.n - p.unit_kb[u] * p.block_k;
-  for (int64_t r = 0; r < cnt; ++r) pos[r] = qs[r] + shift;
-  if (!is_causal(p, u)) return klen;
-  const int64_t last = pos[cnt - 1] + 1;
-  return last < klen ? last : klen;
+                          std::vector<int64_t>& lim) {
+  if (!is_causal(p, u)) {
+    for (int64_t r = 0; r < cnt; ++r) lim[r] = klen;
+    return klen;
+  }
+  const int64_t shift = p.m - p.n;
+  if (p.key_pos) {
+    const int64_t* keys = p.key_pos + p.key_start[u];
+    for (int64_t r = 0; r < cnt; ++r) lim[r] = std::upper_bound(keys, keys + klen, qs[r] + shift) - keys;
+  } else {
+    const int64_t k0 = p.unit_kb[u] * p.block_k;
+    for (int64_t r = 0; r < cnt; ++r) {
+      const int64_t seen = qs[r] + shift - k0 + 1;
+      lim[r] = seen < 0 ? 0 : (seen < klen ? seen : klen);
+    }
+  }
+  return lim[cnt - 1];
 }
 
 template <typename T>
@@ -189,9 +218,10 @@ void forward_group(const Plan& p, Work<T>& w, std::vector<T>& mrow, std::vector<
       const int64_t* qs = p.q_pos + s0;
       for (int64_t r = 0; r < cnt; ++r) w.qp[r] = qr.row(b, h, qs[r]), w.outp[r] = orow.row(b, h, qs[r]);
       prefetch_next<T>(p, s0, q_end, b, h, {&qr, &ocrow});
-      const int64_t kc = strip_keys(p, u, qs, cnt, klen, w.pos);
+      const int64_t kc = strip_keys(p, u, qs, cnt, klen, w.lim);
+      if (kc == 0) continue;  // the strip sees none of the unit's keys
       Work<T>::copy_rows(w.qp, cnt, p.d, w.qc);  // one streaming pass: the product then reads cached rows
-      const int64_t kcp = w.scores(w.qcp.data(), cnt, kc, is_causal(p, u));
+      const int64_t kcp = w.scores(w.qcp.data(), cnt, kc);
       for (int64_t r = 0; r < cnt; ++r) {
         T* row = w.scp[r];
         V vmax = Vec<T>::splat(ninf);
@@ -280,8 +310,9 @@ void backward_group(const Plan& p, Work<T>& w, int64_t g, const T* q, const T* k
       prefetch_next<T>(p, s0, q_end, b, h, {&qr, &dorow, &orow, &dqcr});
       Work<T>::copy_rows(w.qp, cnt, p.d, w.qc);
       Work<T>::copy_rows(w.dop, cnt, p.dv, w.dc);
-      const int64_t kc = strip_keys(p, u, qs, cnt, klen, w.pos);
-      const int64_t kcp = w.scores(w.qcp.data(), cnt, kc, is_causal(p, u));
+      const int64_t kc = strip_keys(p, u, qs, cnt, klen, w.lim);
+      if (kc == 0) continue;
+      const int64_t kcp = w.scores(w.qcp.data(), cnt, kc);
       for (int64_t r = 0; r < cnt; ++r) {
         T* row = w.scp[r];
         if (lse_r[r] == ninf) {
@@ -303,10 +334,10 @@ void backward_group(const Plan& p, Work<T>& w, int64_t g, const T* q, const T* k
       gemm<T, true>(w.pcol.data(), w.rp, w.dcp.data(), cnt, p.dv, w.dvcp.data(), kc);
       gemm<T, true>(w.dscol.data(), w.rp, w.qcp.data(), cnt, p.d, w.dkcp.data(), kc);
     }
-    const int64_t k0 = p.unit_kb[u] * p.block_k;
     for (int64_t j = 0; j < klen; ++j) {
-      T* rk = dkr.row(b, h, k0 + j);
-      T* rv = dvr.row(b, h, k0 + j);
+      const int64_t at = key_position(p, u, j);
+      T* rk = dkr.row(b, h, at);
+      T* rv = dvr.row(b, h, at);
       const T* ak = w.dkcp[j];
       const T* av = w.dvcp[j];
       for (int64_t c = 0; c < p.d; ++c) rk[c] += ak[c];
@@ -345,17 +376,20 @@ void backward(const Plan& p, const T* q, const T* k, const T* v, const T* out, c
   extern "C" void attnzoo_routed_forward_##SUFFIX(                                                               \
       const T* q, const T* k, const T* v, T* out, T* lse, const int64_t* coef, const int64_t* g_start,           \
       const int64_t* unit_kb, const uint8_t* unit_causal, const int64_t* unit_start, const int64_t* q_pos,       \
-      int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dv, int64_t block_k, double scale,          \
-      int threads) {                                                                                             \
-    const Plan p{b, h, n, m, d, dv, block_k, coef, g_start, unit_kb, unit_start, q_pos, unit_causal};           \
+      const int64_t* key_start, const int64_t* key_pos, int64_t b, int64_t h, int64_t n, int64_t m, int64_t d,   \
+      int64_t dv, int64_t block_k, double scale, int threads) {                                                  \
+    const Plan p{b, h, n, m, d, dv, block_k, coef, g_start, unit_kb, unit_start, q_pos, unit_causal, key_start,  \
+                 key_pos};                                                                                       \
     forward<T>(p, q, k, v, out, lse, T(scale), threads);                                                         \
   }                                                                                                              \
   extern "C" void attnzoo_routed_backward_##SUFFIX(                                                              \
       const T* q, const T* k, const T* v, const T* out, const T* lse, const T* dout, T* dq, T* dk, T* dv,        \
       const int64_t* coef, const int64_t* g_start, const int64_t* unit_kb, const uint8_t* unit_causal,           \
-      const int64_t* unit_start, const int64_t* q_pos, int64_t b, int64_t h, int64_t n, int64_t m, int64_t d,    \
-      int64_t dvs, int64_t block_k, double scale, int threads) {                                                 \
-    const Plan p{b, h, n, m, d, dvs, block_k, coef, g_start, unit_kb, unit_start, q_pos, unit_causal};          \
+      const int64_t* unit_start, const int64_t* q_pos, const int64_t* key_start, const int64_t* key_pos,         \
+      int64_t b, int64_t h, int64_t n, int64_t m, int64_t d, int64_t dvs, int64_t block_k, double scale,         \
+      int threads) {                                                                                             \
+    const Plan p{b, h, n, m, d, dvs, block_k, coef, g_start, unit_kb, unit_start, q_pos, unit_causal, key_start, \
+                 key_pos};                                                                                       \
     backward<T>(p, q, k, v, out, lse, dout, dq, dk, dv, T(scale), threads);                                      \
   }
 
