@@ -10,7 +10,21 @@ import torch
 import attnzoo
 from attnzoo.layers import MultiHeadAttention
 
-__all__ = ["build_seeded", "node_tokens", "seeded_mha", "unimplemented_slug"]
+__all__ = ["assert_backends_equal_reference", "build_seeded", "node_tokens", "seeded_mha", "unimplemented_slug"]
+
+
+def assert_backends_equal_reference(module: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor, causal: bool,
+                                    backends: tuple[str, ...] = ("gather", "sdpa"), tol: float = 1e-12) -> None:
+    """``module`` on each of ``backends`` (set as ``module.backend``) equals ``reference`` (the same weights on the
+    float64 reference backend) on ``x`` (requires grad): the output, and the gradient of ``x`` through
+    ``out.square().sum()``."""
+    want = reference(x, causal=causal)
+    gx = torch.autograd.grad(want.square().sum(), x)[0]
+    for backend in backends:
+        module.backend = backend
+        got = module(x, causal=causal)
+        assert (got - want).abs().max() < tol, backend
+        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx).abs().max() < tol, backend
 
 
 def build_seeded(slug: str, seed: int = 0, **kw) -> torch.nn.Module:

@@ -28,10 +28,10 @@ from attnzoo.ops.rows import gather_rows, row_index, row_view
 
 __all__ = [
     "GATHER_CHUNK", "GATHER_MAX_FRACTION", "GATHER_MIN_TOKENS", "ROUTING_KINDS", "Routing", "as_block_mask",
-    "block_keys", "block_routed_gather", "block_routing_mask", "blocks_from_index", "causal_allow",
-    "check_block_lists", "check_block_routing", "check_key_routing", "check_query_routing", "gather_pays",
-    "gather_routes", "key_routed_gather", "key_routing_mask", "query_routed_prefix", "query_routing_mask",
-    "routed_reference",
+    "block_keys", "block_pairs", "block_path", "block_routed_gather", "block_routing_mask", "blocks_from_index",
+    "causal_allow", "check_block_lists", "check_block_routing", "check_key_routing", "check_query_routing",
+    "gather_pays", "gather_routes", "key_block_gather", "key_block_path", "key_routed_gather", "key_routing_mask",
+    "query_routed_prefix", "query_routing_mask", "routed_reference",
 ]
 
 # Gather dispatch pays when each routed head is picked by at most this fraction of the tokens
@@ -80,13 +80,19 @@ def check_key_routing(keys: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: i
             or tuple(keys.shape[:3]) != (b, h, rows):
         got = f"{keys.dtype} {list(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
         raise ValueError(f"keys: expected an int64 tensor [{b}, {h}, {rows}, K], got {got}")
-    if keys.numel() and (int(keys.min()) < -1 or int(keys.max()) >= n_kv):
-        raise ValueError(f"keys: entries must lie in [-1, {n_kv}) (-1: empty slot), got range "
-                         f"[{int(keys.min())}, {int(keys.max())}]")
-    if keys.shape[-1] > 1:
-        s = keys.sort(-1).values
+    _check_index_lists("keys", keys, n_kv, "entries", "a query lists the same key twice")
+
+
+def _check_index_lists(name: str, lists: torch.Tensor, bound: int, entries: str, twice: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless the int64 lists ``[..., K]`` hold indices in ``[-1, bound)``
+    (-1: an empty slot) with no index twice in a list (``twice``: what the message says of one that repeats)."""
+    if lists.numel() and (int(lists.min()) < -1 or int(lists.max()) >= bound):
+        raise ValueError(f"{name}: {entries} must lie in [-1, {bound}) (-1: empty slot), got range "
+                         f"[{int(lists.min())}, {int(lists.max())}]")
+    if lists.shape[-1] > 1:
+        s = lists.sort(-1).values
         if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
-            raise ValueError("keys: a query lists the same key twice")
+            raise ValueError(f"{name}: {twice}")
 
 
 def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_q: int, block_k: int) -> None:
@@ -112,13 +118,7 @@ def check_block_routing(blocks: torch.Tensor, q: torch.Tensor, n_kv: int, block_
 def check_block_lists(lists: torch.Tensor, n_blocks: int) -> None:
     """Raise ``ValueError`` naming ``blocks`` unless the int64 lists ``[..., K]`` hold indices in ``[-1, n_blocks)``
     with no index twice in a list."""
-    if lists.numel() and (int(lists.min()) < -1 or int(lists.max()) >= n_blocks):
-        raise ValueError(f"blocks: block indices must lie in [-1, {n_blocks}) (-1: empty slot), got range "
-                         f"[{int(lists.min())}, {int(lists.max())}]")
-    if lists.shape[-1] > 1:
-        s = lists.sort(-1).values
-        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
-            raise ValueError("blocks: a query block lists the same key block twice")
+    _check_index_lists("blocks", lists, n_blocks, "block indices", "a query block lists the same key block twice")
 
 
 def as_block_mask(blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -172,13 +172,7 @@ def check_query_routing(queries: torch.Tensor, q: torch.Tensor, n_queries: int) 
         got = f"{queries.dtype} {list(queries.shape)}" if isinstance(queries, torch.Tensor) else type(queries).__name__
         raise ValueError(f"queries: expected an int64 tensor [{b}, {h}, {c}] (the slots of the routed queries q), "
                          f"got {got}")
-    if queries.numel() and (int(queries.min()) < -1 or int(queries.max()) >= n_queries):
-        raise ValueError(f"queries: entries must lie in [-1, {n_queries}) (-1: empty slot), got range "
-                         f"[{int(queries.min())}, {int(queries.max())}]")
-    if c > 1:
-        s = queries.sort(-1).values
-        if bool(((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()):
-            raise ValueError("queries: a route lists the same query twice")
+    _check_index_lists("queries", queries, n_queries, "entries", "a route lists the same query twice")
 
 
 def query_routing_mask(queries: torch.Tensor, n_queries: int, n_kv: int, causal: bool = False) -> torch.Tensor:
@@ -403,6 +397,19 @@ def block_keys(blocks: torch.Tensor, block_k: int, n_kv: int) -> torch.Tensor:
     return keys.flatten(-2)
 
 
+def block_pairs(blocks: torch.Tensor, n: int, block_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (query, key block) pairs a block routing selects (bool ``[B, H, nbq, nkb]`` or int64 block lists
+    ``[B, H, nbq, K]``): ``(g, i, kb)`` int64 ``[P]`` with ``g = b * H + h``, ``i`` the query (every query of a
+    query block of ``block_q`` gets its block's pairs) and ``kb`` the key block, ordered by ``g`` then ``i``."""
+    b, h, _, width = blocks.shape
+    per_query = blocks if block_q == 1 else blocks.repeat_interleave(block_q, 2)[:, :, :n]
+    per_query = per_query.reshape(b * h, n, width)
+    if blocks.dtype == torch.bool:
+        return per_query.nonzero(as_tuple=True)
+    g, i, slot = (per_query >= 0).nonzero(as_tuple=True)
+    return g, i, per_query[g, i, slot]
+
+
 def mask_lists(blocks: torch.Tensor) -> torch.Tensor:
     """The selected indices of a bool mask ``[..., n]`` as increasing lists ``[..., K]`` (``K`` the most selected in
     a row, at least 1; -1 fills)."""
@@ -410,6 +417,60 @@ def mask_lists(blocks: torch.Tensor) -> torch.Tensor:
     ar = torch.arange(blocks.shape[-1], device=blocks.device)
     lists = torch.where(blocks, ar, blocks.shape[-1]).sort(-1).values[..., :width]
     return torch.where(lists < blocks.shape[-1], lists, -1)
+
+
+def block_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_q: int, block_k: int, causal: bool,
+               cap: int | None = None) -> tuple[str, str]:
+    """Which CPU path :func:`block_routed_gather` takes for this call, and why (text): ``"keys"`` (a per-query
+    routing of fewer queries than ``block_k``: each query gathers its blocks' keys), ``"native"`` (attnzoo's
+    compiled routed kernels), ``"flash"`` (PyTorch's fused flash tiles) or ``"autograd"`` (sub-routes)."""
+    from attnzoo.ops.routed_blocks import flash_routing_ok
+    from attnzoo.ops.routed_blocks_native import native_routing_reason
+
+    if q.shape[2] < block_k and block_q == 1:
+        return "keys", (f"{q.shape[2]} queries < block_k={block_k}, a decoding step or a short chunk: each query "
+                        "gathers the keys of its blocks (block_keys, key_routed_gather); tiles would be mostly "
+                        "empty slots")
+    reason = "cap (queries per sub-route) was given" if cap is not None else native_routing_reason(q, k, v, causal)
+    if reason is None:
+        return "native", ("attnzoo's compiled routed kernels: each key block's queries read in place, online "
+                          "softmax per query, own block causal with its upper half skipped, fused backward")
+    if flash_routing_ok(q, k, v, causal):
+        return "flash", (f"fused CPU flash tiles (not the compiled routed kernels: {reason}): own block causal, "
+                         "routed blocks batched by query count, fused backward")
+    return "autograd", f"autograd over sub-routes (not the compiled routed kernels: {reason})"
+
+
+def key_block_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[str, str]:
+    """Which CPU path :func:`key_block_gather` takes for this call, and why (text): ``"native"`` (attnzoo's
+    compiled routed kernels), ``"flash"`` (fused flash tiles) or ``"per-query"`` (each query's keys gathered)."""
+    from attnzoo.ops.routed_blocks_native import native_routing_reason
+    from attnzoo.ops.routed_key_blocks import key_block_flash_ok
+
+    reason = native_routing_reason(q, k, v, causal)
+    if reason is None:
+        return "native", "attnzoo's compiled routed kernels: each block's keys read in place, one unit per block"
+    if key_block_flash_ok(q, k, v):
+        return "flash", ("each block's keys gathered once into fused CPU flash tiles (not the compiled routed "
+                         f"kernels: {reason})")
+    return "per-query", f"per-query gathers (not the compiled routed kernels: {reason})"
+
+
+def key_block_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *, block_q: int,
+                     causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Key lists shared by blocks of ``block_q`` queries (``keys`` int64 ``[B, H, ceil(N / block_q), K]``, -1:
+    empty; checked by the caller), on the CPU path :func:`key_block_path` picks. Queries that see no key return
+    zeros."""
+    from attnzoo.ops.routed_blocks_native import key_block_native
+    from attnzoo.ops.routed_key_blocks import key_block_flash
+
+    path, _ = key_block_path(q, k, v, causal)
+    if path == "native":
+        return key_block_native(q, k, v, keys, block_q=block_q, causal=causal, scale=scale)
+    if path == "flash":
+        return key_block_flash(q, k, v, keys, block_q=block_q, causal=causal, scale=scale)
+    per_query = keys.repeat_interleave(block_q, 2)[:, :, :q.shape[2]]
+    return key_routed_gather(q, k, v, per_query, causal=causal, scale=scale)
 
 
 def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, *, block_q: int,
@@ -428,14 +489,15 @@ def block_routed_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     (:func:`block_keys`, :func:`key_routed_gather`): tiles would be mostly empty slots. Shapes as in
     :func:`check_block_routing` (checked by the caller); queries that see no key return zeros.
     """
-    from attnzoo.ops.routed_blocks import block_routed_flash, flash_routing_ok
-    from attnzoo.ops.routed_blocks_native import block_routed_native, native_routing_reason
+    from attnzoo.ops.routed_blocks import block_routed_flash
+    from attnzoo.ops.routed_blocks_native import block_routed_native
 
-    if q.shape[2] < block_k and block_q == 1:  # a decoding step or a short chunk: gather each query's keys
+    path, _ = block_path(q, k, v, block_q=block_q, block_k=block_k, causal=causal, cap=cap)
+    if path == "keys":
         return key_routed_gather(q, k, v, block_keys(blocks, block_k, k.shape[2]), causal=causal, scale=scale)
-    if cap is None and native_routing_reason(q, k, v, causal) is None:
+    if path == "native":
         return block_routed_native(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale)
-    if flash_routing_ok(q, k, v, causal):
+    if path == "flash":
         return block_routed_flash(q, k, v, blocks, block_q=block_q, block_k=block_k, causal=causal, scale=scale,
                                   cap=cap)
     cap = GATHER_CHUNK if cap is None else cap

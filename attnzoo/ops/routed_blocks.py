@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.ops.routed import block_pairs
 from attnzoo.ops.rows import row_index, row_view
 
 __all__ = ["block_routed_flash", "flash_routing_ok"]
@@ -60,34 +61,23 @@ class _Plan:
 
     def __init__(self, blocks: torch.Tensor, n: int, m: int, block_q: int, block_k: int, causal: bool,
                  cap: int | None) -> None:
-        b, h, nbq, width = blocks.shape
+        b, h = blocks.shape[:2]
         bh = b * h
         dev = blocks.device
         nkb = -(-m // block_k)
         self.b, self.h = b, h
         self.n, self.m, self.block_k, self.nkb, self.bh, self.causal = n, m, block_k, nkb, bh, causal
-        own = (torch.arange(n, device=dev) + (m - n)) // block_k if causal else None
-        per_query = blocks if block_q == 1 else blocks.repeat_interleave(block_q, 2)[:, :, :n]
-        per_query = per_query.reshape(bh, n, width)
-        if blocks.dtype == torch.bool:
-            if causal:
-                full = per_query & (torch.arange(nkb, device=dev).view(1, 1, -1) < own.view(1, -1, 1))
-                self.diag = per_query.gather(2, own.view(1, -1, 1).expand(bh, -1, 1)).squeeze(-1)  # [BH, N]
-            else:
-                full, self.diag = per_query, None
-            g, blk, i = full.transpose(1, 2).nonzero(as_tuple=True)  # key-block-major: (head, key block, query)
-            bucket = g * nkb + blk
-        else:
-            ok = per_query >= 0
-            if causal:
-                self.diag = (per_query == own.view(1, -1, 1)).any(-1)
-                ok &= per_query < own.view(1, -1, 1)
-            else:
-                self.diag = None
-            g, i, s = ok.nonzero(as_tuple=True)
-            bucket = g * nkb + per_query[g, i, s]
-            bucket, order = bucket.sort(stable=True)  # key-block-major, queries ascending within a block
-            g, i = g[order], i[order]
+        g, i, kb = block_pairs(blocks, n, block_q)
+        self.diag = None
+        if causal:
+            own = (i + (m - n)) // block_k
+            diag = torch.zeros(bh * n, dtype=torch.bool, device=dev)
+            diag[(g * n + i)[kb == own]] = True
+            self.diag = diag.view(bh, n)  # [BH, N]: the query selected its own block
+            before = kb < own
+            g, i, kb = g[before], i[before], kb[before]
+        bucket, order = (g * nkb + kb).sort(stable=True)  # key-block-major, queries ascending within a block
+        g, i = g[order], i[order]
         rows = ((g // h) * n + i) * h + g % h  # token-major: row of (b, i, h) in [B*N*H, D]
         counts = torch.bincount(bucket, minlength=bh * nkb)  # [BH * nkb] queries per key block
         cap = cap or UNIT_QUERIES

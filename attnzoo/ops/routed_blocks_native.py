@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from attnzoo.ops import native
+from attnzoo.ops.routed import block_pairs
 from attnzoo.ops.rows import row_view
 
 __all__ = ["Units", "block_routed_native", "key_block_native", "key_list_units", "native_routing_reason",
@@ -67,15 +68,9 @@ class Units(NamedTuple):
 def routing_units(blocks: torch.Tensor, n: int, m: int, block_q: int, block_k: int, causal: bool) -> Units:
     """The units of ``blocks`` bool ``[B, H, ceil(N / block_q), ceil(M / block_k)]`` or int64 block lists
     ``[B, H, ceil(N / block_q), K]`` (-1: empty slot)."""
-    b, h, _, width = blocks.shape
+    b, h = blocks.shape[:2]
     nkb = -(-m // block_k)
-    per_query = blocks if block_q == 1 else blocks.repeat_interleave(block_q, 2)[:, :, :n]
-    per_query = per_query.reshape(b * h, n, width)
-    if blocks.dtype == torch.bool:
-        g, i, kb = per_query.nonzero(as_tuple=True)
-    else:
-        g, i, slot = (per_query >= 0).nonzero(as_tuple=True)
-        kb = per_query[g, i, slot]
+    g, i, kb = block_pairs(blocks, n, block_q)
     kind = torch.zeros_like(kb)
     if causal:
         own = (i + (m - n)) // block_k

@@ -23,12 +23,14 @@ from attnzoo.ops.backends import BACKENDS
 from attnzoo.ops.routed import (
     GATHER_CHUNK,
     Routing,
+    block_path,
     block_routed_gather,
+    key_block_gather,
+    key_block_path,
     key_routed_gather,
     query_routed_prefix,
     routed_reference,
 )
-from attnzoo.ops.routed_key_blocks import key_block_flash, key_block_flash_ok
 from attnzoo.patterns.base import Pattern
 from attnzoo.patterns.segments import KeyPadding
 
@@ -148,22 +150,12 @@ KEY_DENSE_MAX_ELEMENTS = 1 << 25
 KEY_DENSE_MIN_QUERIES = 256
 
 
-def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block_q: int = 1
-                 ) -> tuple[str, str]:
+def _key_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block_q: int,
+                 causal: bool) -> tuple[str, str]:
     """(``"gather"`` or ``"dense"``, why) for ``backend="auto"`` of :func:`key_routed_attention`."""
     pairs = keys.shape[0] * keys.shape[1] * keys.shape[2] * k.shape[2]
     if block_q > 1:
-        from attnzoo.ops.routed_blocks_native import native_routing_reason
-
-        reason = native_routing_reason(q, k, v, False)
-        if reason is None:
-            how = "attnzoo's compiled routed kernels: each block's keys read in place, one unit per block"
-        elif key_block_flash_ok(q, k, v):
-            how = ("each block's keys gathered once into fused CPU flash tiles (not the compiled routed kernels: "
-                   f"{reason})")
-        else:
-            how = f"per-query gathers (not the compiled routed kernels: {reason})"
-        return "gather", f"lists shared by blocks of {block_q} queries: {how}"
+        return "gather", f"lists shared by blocks of {block_q} queries: {key_block_path(q, k, v, causal)[1]}"
     if q.device.type != "cpu":
         return "gather", "off CPU the gather path is the default (memory linear in N x K)"
     if keys.shape[2] < KEY_DENSE_MIN_QUERIES:
@@ -208,14 +200,14 @@ def _check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Rout
 
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing, keep: torch.Tensor | None,
-          backend: str) -> tuple[str, str]:
+          backend: str, causal: bool) -> tuple[str, str]:
     """``(what runs, why)``: ``"reference"``, ``"gather"``, an :func:`attnzoo.attention` backend, or
     ``"auto"`` (:func:`attnzoo.attention`'s choice)."""
     if backend != "auto":
         return backend, "asked for"
     padded = keep is not None and not bool(keep.all())
     if routing.kind == "keys":
-        name, why = _key_backend(q, k, v, routing.index, routing.block_q)
+        name, why = _key_backend(q, k, v, routing.index, routing.block_q, causal)
         return ("gather", why) if name == "gather" else ("auto", why)
     if routing.kind == "queries":
         return "gather", ("query routing: the C routed queries attend all keys through torch's SDPA; under causal in "
@@ -256,7 +248,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
     returns zeros and zero gradients on every backend. Routings are indices: they have no gradient.
     """
     _check_call(q, k, v, routing, keep, backend, chunk)
-    name, _ = _plan(q, k, v, routing, keep, backend)
+    name, _ = _plan(q, k, v, routing, keep, backend, causal)
     n, m = q.shape[2], k.shape[2]
     if name == "reference":
         allow = routing.dense(n, m, causal)
@@ -272,14 +264,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing:
             keys = torch.where(kept, keys, torch.full_like(keys, -1))
         if routing.block_q == 1:
             return key_routed_gather(q, k, v, keys, causal=causal, scale=scale)
-        from attnzoo.ops.routed_blocks_native import key_block_native, native_routing_reason
-
-        if native_routing_reason(q, k, v, causal) is None:
-            return key_block_native(q, k, v, keys, block_q=routing.block_q, causal=causal, scale=scale)
-        if key_block_flash_ok(q, k, v):
-            return key_block_flash(q, k, v, keys, block_q=routing.block_q, causal=causal, scale=scale)
-        per_query = keys.repeat_interleave(routing.block_q, 2)[:, :, :n]
-        return key_routed_gather(q, k, v, per_query, causal=causal, scale=scale)
+        return key_block_gather(q, k, v, keys, block_q=routing.block_q, causal=causal, scale=scale)
     if routing.kind == "blocks":
         return block_routed_gather(q, k, v, routing.index, block_q=routing.block_q, block_k=routing.block_k,
                                    causal=causal, scale=scale)
@@ -302,11 +287,11 @@ def key_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
 
 
 def explain_key_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, *,
-                       block_q: int = 1) -> str:
+                       block_q: int = 1, causal: bool = False) -> str:
     """Which backend :func:`key_routed_attention` runs with ``backend="auto"``, and why (text)."""
     routing = Routing("keys", keys, block_q)
     _check_call(q, k, v, routing, None, "auto", None)
-    backend, why = _key_backend(q, k, v, keys, block_q)
+    backend, why = _key_backend(q, k, v, keys, block_q, causal)
     if backend == "gather":
         return f"backend: gather ({why})"
     return f"backend: dense mask through attnzoo.attention ({why})"
@@ -337,7 +322,7 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
     elif block_q is not None or block_k is not None:
         raise ValueError("block_q, block_k: they come with the Routing, got them as arguments too")
     _check_call(q, k, v, routing, keep, backend, chunk)
-    name, why = _plan(q, k, v, routing, keep, backend)
+    name, why = _plan(q, k, v, routing, keep, backend, causal)
     if name == "auto":
         from attnzoo.ops import explain
 
@@ -348,22 +333,9 @@ def explain_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: R
         how = "float64 softmax under the dense mask built from the routing"
     elif name != "gather":
         how = f"attnzoo.attention's {name} backend given the routing as a pattern ({why})"
-    elif routing.kind == "blocks" and routing.block_q == 1 and q.shape[2] < routing.block_k:
-        how = (f"{q.shape[2]} queries < block_k={routing.block_k}, a decoding step or a short chunk: each query "
-               "gathers the keys of its blocks (block_keys, key_routed_gather); tiles would be mostly empty slots")
     elif routing.kind == "blocks":
-        from attnzoo.ops.routed_blocks import flash_routing_ok
-        from attnzoo.ops.routed_blocks_native import native_routing_reason
-
-        reason = native_routing_reason(q, k, v, causal)
-        if reason is None:
-            how = why + ("; attnzoo's compiled routed kernels: each key block's queries read in place, online "
-                         "softmax per query, own block causal with its upper half skipped, fused backward")
-        elif flash_routing_ok(q, k, v, causal):
-            how = why + (f"; fused CPU flash tiles (not the compiled routed kernels: {reason}): own block causal, "
-                         "routed blocks batched by query count, fused backward")
-        else:
-            how = why + f"; autograd over sub-routes (not the compiled routed kernels: {reason})"
+        path, text = block_path(q, k, v, block_q=routing.block_q, block_k=routing.block_k, causal=causal)
+        how = text if path == "keys" else f"{why}; {text}"
     elif routing.kind == "queries":
         how = why + f" ({GATHER_CHUNK if chunk is None else chunk} slots per chunk)"
     else:

@@ -64,7 +64,7 @@ class RoutedMixer(MultiHeadAttention):
         if self.backend not in (None, "auto"):
             return f"{head}; backend forced to {self.backend!r} by the module"
         if routing.kind == "keys":
-            return f"{head}; " + explain_key_routed(q, k, v, routing.index, block_q=routing.block_q)
+            return f"{head}; " + explain_key_routed(q, k, v, routing.index, block_q=routing.block_q, causal=causal)
         return f"{head}; " + explain_routed(q, k, v, routing.index, block_q=routing.block_q,
                                             block_k=routing.block_k, causal=causal)
 

@@ -84,7 +84,8 @@ def pyramid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels:
         return out, pooled_token_weights(w, counts, m)
     lists = mask_lists(block_allow)
     # One list per query block: each block's keys are gathered once (fused flash tiles on CPU, which need the value
-    # width of the query: a zero column pads the values and is dropped).
+    # width of the query: a zero column pads the values and is dropped; the compiled routed kernels cannot take the
+    # folded width D + 1).
     vv = torch.cat([vv, vv.new_zeros(*vv.shape[:-1], 1)], -1)
     return key_routed_attention(qq, kk, vv, lists, scale=scale, backend="gather", block_q=block_size)[..., :-1]
 

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "kernels_exp.h"
 
@@ -100,5 +101,39 @@ inline double exp_row(double* p, int64_t width, double shift) {
 }
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// The largest of p[0 .. width) (width a multiple of Vec<T>::L).
+template <typename T>
+inline T row_max(const T* p, int64_t width) {
+  typedef typename Vec<T>::V V;
+  constexpr int L = Vec<T>::L;
+  V vmax = Vec<T>::splat(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < width; j += L) {
+    const V x = *reinterpret_cast<const V*>(p + j);
+    vmax = vmax > x ? vmax : x;
+  }
+  T mx = vmax[0];
+  for (int c = 1; c < L; ++c) mx = vmax[c] > mx ? vmax[c] : mx;
+  return mx;
+}
+
+// Column panel: dst[i * ld + j] = mul * rows[j][i] for j < count, i < width; zero columns from count to the next
+// multiple of two vectors. Blocks of 16 rows: each write fills a run of one output row while the 16 source rows
+// stay cached.
+template <typename T>
+void pack_columns(const T* const* rows, int64_t count, int64_t width, int64_t ld, T mul, T* dst) {
+  constexpr int64_t JB = 16;
+  const int64_t end = round_up(count, 2 * Vec<T>::L);
+  for (int64_t j0 = 0; j0 < end; j0 += JB) {
+    const T* src[JB];
+    const int64_t nj = count - j0 < JB ? (count > j0 ? count - j0 : 0) : JB;
+    for (int64_t j = 0; j < nj; ++j) src[j] = rows[j0 + j];
+    for (int64_t i = 0; i < width; ++i) {
+      T* o = dst + i * ld + j0;
+      for (int64_t j = 0; j < nj; ++j) o[j] = mul * src[j][i];
+      for (int64_t j = nj; j < JB && j0 + j < end; ++j) o[j] = T(0);
+    }
+  }
+}
 
 }  // namespace attnzoo_kernels

@@ -88,22 +88,9 @@ struct Work {
     }
   }
 
-  // dst[i * rp + j] = mul * rows[j][i] for j < klen; zero columns up to the panel. Blocks of 16 keys: each write
-  // fills a run of one output row while the 16 source rows stay cached.
+  // dst = mul * the rows transposed, a column panel of stride rp (pack_columns).
   void pack_t(const std::vector<const T*>& rows, int64_t klen, int64_t width, T mul, std::vector<T>& dst) {
-    constexpr int64_t JB = 16;
-    T* out = dst.data();
-    const int64_t end = round_up(klen, 2 * Vec<T>::L);
-    for (int64_t j0 = 0; j0 < end; j0 += JB) {
-      const T* src[JB];
-      const int64_t nj = klen - j0 < JB ? (klen > j0 ? klen - j0 : 0) : JB;
-      for (int64_t j = 0; j < nj; ++j) src[j] = rows[j0 + j];
-      for (int64_t i = 0; i < width; ++i) {
-        T* o = out + i * rp + j0;
-        for (int64_t j = 0; j < nj; ++j) o[j] = mul * src[j][i];
-        for (int64_t j = nj; j < JB && j0 + j < end; ++j) o[j] = T(0);
-      }
-    }
+    pack_columns(rows.data(), klen, width, rp, mul, dst.data());
   }
 
   // dst row j = rows[j] (width values) for j < count.
@@ -195,8 +182,6 @@ inline int64_t strip_keys(const Plan& p, int64_t u, const int64_t* qs, int64_t c
 template <typename T>
 void forward_group(const Plan& p, Work<T>& w, std::vector<T>& mrow, std::vector<T>& lrow, int64_t g, const T* q,
                    const T* k, const T* v, T* out, T* lse, T scale) {
-  typedef typename Vec<T>::V V;
-  constexpr int L = Vec<T>::L;
   const int64_t b = g / p.heads, h = g % p.heads;
   const Rows<const T> qr(q, p.coef, p.d), kr(k, p.coef + 3, p.d), vr(v, p.coef + 6, p.dv);
   const Rows<T> orow(out, p.coef + 9, p.dv);
@@ -224,13 +209,7 @@ void forward_group(const Plan& p, Work<T>& w, std::vector<T>& mrow, std::vector<
       const int64_t kcp = w.scores(w.qcp.data(), cnt, kc);
       for (int64_t r = 0; r < cnt; ++r) {
         T* row = w.scp[r];
-        V vmax = Vec<T>::splat(ninf);
-        for (int64_t j = 0; j < kcp; j += L) {
-          const V x = *reinterpret_cast<V*>(row + j);
-          vmax = vmax > x ? vmax : x;
-        }
-        T mx = vmax[0];
-        for (int c = 1; c < L; ++c) mx = vmax[c] > mx ? vmax[c] : mx;
+        const T mx = row_max(row, kcp);
         const int64_t i = qs[r];
         const T m_old = mrow[i], m_new = mx > m_old ? mx : m_old;
         if (m_new == ninf) {

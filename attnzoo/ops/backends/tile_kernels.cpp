@@ -66,15 +66,9 @@ struct TileWork {
     if (pack_v) pack(vp, s.dv, vt);
   }
 
-  // dst[i * rp + j] = rows[j][i]: row by row (each source row read once, in order), zero columns from R to rp.
+  // dst = the rows transposed, a column panel of stride rp, zero columns from R to rp (pack_columns).
   void pack(const std::vector<const T*>& rows, int64_t width, std::vector<T>& dst) {
-    T* out = dst.data();
-    for (int64_t j = 0; j < s.r; ++j) {
-      const T* src = rows[j];
-      for (int64_t i = 0; i < width; ++i) out[i * rp + j] = src[i];
-    }
-    for (int64_t i = 0; i < width; ++i)
-      for (int64_t j = s.r; j < rp; ++j) out[i * rp + j] = T(0);
+    pack_columns(rows.data(), s.r, width, rp, T(1), dst.data());
   }
 
   // The real query slots of tile t: count, with slot[] and token[] filled.
@@ -110,13 +104,7 @@ struct TileWork {
         for (int64_t j = 0; j < s.r; ++j) row[j] += bias_h[bi[j]];
       }
       for (int64_t j = s.r; j < rp; ++j) row[j] = ninf;
-      V vmax = Vec<T>::splat(ninf);
-      for (int64_t j = 0; j < rp; j += L) {
-        const V x = *reinterpret_cast<V*>(row + j);
-        vmax = vmax > x ? vmax : x;
-      }
-      T mx = vmax[0];
-      for (int u = 1; u < L; ++u) mx = vmax[u] > mx ? vmax[u] : mx;
+      const T mx = row_max(row, rp);
       const T shift = lse_out ? mx : lse_in[i];
       if (shift == ninf) {
         for (int64_t j = 0; j < rp; ++j) row[j] = T(0);

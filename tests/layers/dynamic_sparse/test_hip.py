@@ -9,6 +9,7 @@ from attnzoo.layers.base import Call
 from attnzoo.layers.dynamic_sparse.hip import hierarchical_top_k, visible_keys
 from attnzoo.layers.testing import random_tokens
 from attnzoo.registry import create
+from tests.helpers import assert_backends_equal_reference
 
 
 def _double(**kw):
@@ -22,13 +23,7 @@ def test_every_backend_equals_the_reference(causal, representative, query_block)
     m = _double(top_k=4, representative=representative, query_block=query_block)
     ref = _double(top_k=4, representative=representative, query_block=query_block, backend="reference")
     x = random_tokens(n=23).requires_grad_()
-    want = ref(x, causal=causal)
-    gx = torch.autograd.grad(want.square().sum(), x)[0]
-    for backend in ("gather", "sdpa"):
-        m.backend = backend
-        got = m(x, causal=causal)
-        assert (got - want).abs().max() < 1e-12, backend
-        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx).abs().max() < 1e-12, backend
+    assert_backends_equal_reference(m, ref, x, causal)
 
 
 def test_monotone_scores_find_the_exact_top_k():

@@ -9,6 +9,7 @@ from attnzoo.layers.cache import KVCache
 from attnzoo.layers.dynamic_sparse.superlinear_span import span_anchors, span_length
 from attnzoo.layers.testing import random_tokens
 from attnzoo.registry import create
+from tests.helpers import assert_backends_equal_reference
 
 
 def _double(**kw):
@@ -28,13 +29,7 @@ def test_every_backend_equals_the_reference(combine, causal):
     m = _double(top_k=2, combine=combine)
     ref = _double(top_k=2, combine=combine, backend="reference")
     x = random_tokens(n=21).requires_grad_()
-    want = ref(x, causal=causal)
-    gx = torch.autograd.grad(want.square().sum(), x)[0]
-    for backend in ("gather", "sdpa"):
-        m.backend = backend
-        got = m(x, causal=causal)
-        assert (got - want).abs().max() < 1e-12, backend
-        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx).abs().max() < 1e-12, backend
+    assert_backends_equal_reference(m, ref, x, causal)
 
 
 def test_gated_search_is_trained_by_the_gate():

@@ -10,6 +10,7 @@ from attnzoo.layers.dynamic_sparse.tidal_decode import TidalDecode, TidalDecodeA
 from attnzoo.layers.testing import random_tokens
 from attnzoo.ops.routed import key_routing_mask
 from attnzoo.registry import create
+from tests.helpers import assert_backends_equal_reference
 
 
 def _stack(**kw):
@@ -29,13 +30,7 @@ def test_every_backend_equals_the_reference(causal):
     ref = _stack(backend="reference")
     ref.load_state_dict(m.state_dict())
     x = random_tokens(n=13).double().requires_grad_()
-    want = ref(x, causal=causal)
-    gx_want = torch.autograd.grad(want.square().sum(), x)[0]
-    for backend in ("gather", "sdpa"):
-        m.backend = backend
-        got = m(x, causal=causal)
-        assert (got - want).abs().max() < 1e-12, backend
-        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx_want).abs().max() < 1e-12, backend
+    assert_backends_equal_reference(m, ref, x, causal)
 
 
 def test_decoding_with_reselection_equals_the_full_forward():

@@ -11,6 +11,7 @@ from attnzoo.layers.cache import KVCache
 from attnzoo.layers.dynamic_sparse import topk_attention as topk_module
 from attnzoo.layers.testing import mha_from, random_tokens
 from attnzoo.registry import create
+from tests.helpers import assert_backends_equal_reference
 
 
 def _topk(**kw):
@@ -70,13 +71,7 @@ def test_every_backend_equals_the_reference_with_the_predictor(causal):
     ref = _topk(rank=4, backend="reference")
     ref.load_state_dict(m.state_dict())
     x = random_tokens(n=23).double().requires_grad_()
-    want = ref(x, causal=causal)
-    gx_want = torch.autograd.grad(want.square().sum(), x)[0]
-    for backend in ("gather", "sdpa"):
-        m.backend = backend
-        got = m(x, causal=causal)
-        assert (got - want).abs().max() < 1e-12, backend
-        assert (torch.autograd.grad(got.square().sum(), x)[0] - gx_want).abs().max() < 1e-12, backend
+    assert_backends_equal_reference(m, ref, x, causal)
 
 
 def test_rows_have_at_most_k_nonzeros_summing_to_one_and_zero_outside():
